@@ -1,0 +1,106 @@
+"""The one exception tree of the plugin.
+
+Every error the library raises on purpose is a ``PluginError``; the command
+line, the web app and the sync job catch that root and show its message as
+one sentence.  Lower-level errors (``requests``, ``json``, pydantic) are
+translated at one boundary and chained with ``raise ... from``.
+
+    PluginError
+    ├── UsageError               the caller asked for something impossible (bad option, unknown profile)
+    ├── ProfileError             a condition profile under profiles/ is malformed
+    ├── InputError               a patient record is malformed (bad JSON, wrong resource type, R5 shape)
+    ├── TransportError           the FHIR server could not be reached or did not answer in time
+    ├── ServerError              the FHIR server answered with an error status
+    │   ├── NotFound             404 / 410: the patient or resource does not exist
+    │   ├── AuthError            401 / 403: token missing, expired, or lacking a scope
+    │   └── MultipleMatches      412: a conditional operation matched more than one resource
+    └── LaunchError              a SMART launch or token exchange failed (unknown iss, bad state, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "PluginError",
+    "UsageError",
+    "ProfileError",
+    "InputError",
+    "TransportError",
+    "ServerError",
+    "NotFound",
+    "AuthError",
+    "MultipleMatches",
+    "LaunchError",
+]
+
+
+class PluginError(Exception):
+    """Root of every error the plugin raises on purpose."""
+
+    #: process exit code the command line uses for this family of errors
+    exit_code: int = 1
+
+
+class UsageError(PluginError):
+    """Raised when a caller passes options or arguments that cannot work."""
+
+    exit_code = 2
+
+
+class ProfileError(PluginError):
+    """Raised when a profile folder is malformed; the message names the file and the field."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        where = ", ".join(x for x in (path and f"file {path}", field and f"field {field!r}") if x)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.path = path
+        self.field = field
+
+
+class InputError(PluginError):
+    """Raised when a patient record (a Bundle file or a server answer) is not usable R4 data."""
+
+    exit_code = 4
+
+
+class TransportError(PluginError):
+    """Raised when the server cannot be reached, the connection drops, or a request times out."""
+
+    exit_code = 5
+
+
+class ServerError(PluginError):
+    """Raised when the server answers with an error status; keeps the OperationOutcome."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 outcome: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+class NotFound(ServerError):
+    """Raised on 404 or 410: the resource (often the patient) does not exist on the server."""
+
+    exit_code = 7
+
+
+class AuthError(ServerError):
+    """Raised on 401 or 403: the token is missing, expired, refused, or lacks a scope."""
+
+    exit_code = 8
+
+
+class MultipleMatches(ServerError):
+    """Raised on 412: a conditional create or update matched more than one resource."""
+
+
+class LaunchError(PluginError):
+    """Raised when a SMART launch cannot go on: unknown issuer, bad state, failed token exchange."""
+
+    exit_code = 9
