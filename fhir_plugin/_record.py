@@ -1,0 +1,139 @@
+"""A patient's record as the check sees it: plain R4 JSON, validated once at the edge.
+
+The check reads plain dicts (fast, and what FHIRPath engines want); every
+resource is first validated against the R4 models of ``fhir.resources.R4B``
+(R4B equals R4 for every resource read here; the package's default R5 models
+would reject R4 Encounters).  Validation happens here, at the boundary, so a
+malformed record becomes an ``InputError`` naming the resource, never a crash
+deeper in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pydantic import ValidationError
+from fhir.resources.R4B import get_fhir_model_class
+
+from ._errors import InputError
+
+__all__ = ["PatientRecord", "CLINICAL_TYPES", "validate_resource", "records_from_bundle",
+           "load_bundle_file", "subject_patient_id"]
+
+#: resource types the check reads (SPEC §3); Patient is kept for the banner
+CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")
+_READ_TYPES = ("Patient",) + CLINICAL_TYPES
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One patient's resources, as plain R4 JSON dicts, each validated."""
+
+    patient_id: str
+    resources: tuple[dict[str, Any], ...] = field(default=())
+
+    def of_type(self, resource_type: str) -> list[dict[str, Any]]:
+        return [r for r in self.resources if r.get("resourceType") == resource_type]
+
+    @property
+    def patient(self) -> dict[str, Any] | None:
+        found = self.of_type("Patient")
+        return found[0] if found else None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.resources:
+            out[r["resourceType"]] = out.get(r["resourceType"], 0) + 1
+        return out
+
+
+def _label(resource: Mapping[str, Any]) -> str:
+    return f"{resource.get('resourceType', '?')}/{resource.get('id', '(no id)')}"
+
+
+def validate_resource(resource: Any) -> dict[str, Any]:
+    """Check one resource against the R4 model; return it unchanged (as a dict) or raise InputError."""
+    if not isinstance(resource, dict):
+        raise InputError(f"expected a FHIR resource (a JSON object), got {type(resource).__name__}")
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise InputError("a resource has no resourceType")
+    try:
+        model = get_fhir_model_class(rtype)
+    except KeyError as exc:
+        raise InputError(f"{rtype!r} is not an R4 resource type") from exc
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "root") or "(resource)"
+        raise InputError(f"{_label(resource)} is not valid FHIR R4 at {where}: {first.get('msg')}") from exc
+    return resource
+
+
+def subject_patient_id(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id a clinical resource belongs to (``subject`` or ``patient``), or None."""
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id")
+    ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
+    if not isinstance(ref, str):
+        return None
+    parts = ref.split("/")
+    if len(parts) >= 2 and parts[-2] == "Patient":
+        return parts[-1]
+    return None
+
+
+def records_from_bundle(bundle: Any) -> list[PatientRecord]:
+    """Group a Bundle's (or a bare resource list's) resources by patient, validating each.
+
+    Resource types the check does not read are ignored; a clinical resource
+    without a subject is an error, since the record it belongs to cannot be known.
+    """
+    if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle":
+        resources: Iterable[Any] = [e.get("resource") for e in bundle.get("entry", []) or []
+                                    if isinstance(e, dict) and e.get("resource") is not None]
+    elif isinstance(bundle, dict) and isinstance(bundle.get("resourceType"), str):
+        resources = [bundle]
+    elif isinstance(bundle, list):
+        resources = bundle
+    else:
+        raise InputError("expected a FHIR Bundle (a JSON object with resourceType 'Bundle')")
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    wrong_types: set[str] = set()
+    for res in resources:
+        if not isinstance(res, dict):
+            raise InputError("a Bundle entry's resource is not a JSON object")
+        rtype = res.get("resourceType")
+        if rtype not in _READ_TYPES:
+            wrong_types.add(str(rtype))
+            continue
+        validate_resource(res)
+        pid = subject_patient_id(res)
+        if pid is None:
+            raise InputError(f"{_label(res)} has no subject Patient reference, so it belongs to no record")
+        by_patient.setdefault(pid, []).append(res)
+    if not by_patient:
+        found = ", ".join(sorted(wrong_types)) or "nothing"
+        raise InputError(f"the Bundle holds no Patient, Condition, Observation or Encounter (found {found})")
+    return [PatientRecord(pid, tuple(items)) for pid, items in by_patient.items()]
+
+
+def load_bundle_file(path: str | Path) -> list[PatientRecord]:
+    """Read a Bundle JSON file into patient records; any problem is one InputError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    try:
+        return records_from_bundle(data)
+    except InputError as exc:
+        raise InputError(f"{p}: {exc}") from exc
