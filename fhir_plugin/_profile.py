@@ -1,0 +1,339 @@
+"""Condition profiles: the clinical content of a code, loaded from ``profiles/<code>/``.
+
+A profile is data (SPEC §2): the code, the documentation elements and their
+evidence rules, red flags, code-fit rules and the phased protocol as an R4
+PlanDefinition.  Adding a condition is adding a folder.  Loading validates
+everything once — every ICD-10-CM code against the code-set data, every rule
+kind against the kinds the check knows, the PlanDefinition against the R4
+model — so a bad profile fails at start with the file and the field named,
+never half-way through a patient.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from fhir.resources.R4B.plandefinition import PlanDefinition
+
+from . import _icd10cm as icd
+from ._errors import ProfileError, UsageError
+from ._text import Terms
+
+__all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root"]
+
+#: element kinds the check implements; an unknown kind is refused at load (fail closed)
+ELEMENT_KINDS = frozenset({"evidence", "site", "laterality", "excludes1", "red-flag-screen",
+                           "care-plan", "follow-up", "repeated-observation", "all-of"})
+SIDES = ("right", "left", "bilateral")
+_RULE_KEYS = {"keywords", "words", "codes", "loinc", "categories", "icd10cm", "condition_fields",
+              "resource_types", "with_value", "negated"}
+_CONDITION_FIELDS = {"onset", "onset-date", "severity"}
+_TYPES = ("Condition", "Observation", "Encounter")
+
+
+def profiles_root() -> Path:
+    """Where the profile folders are: inside the installed wheel, or at the top of a checkout."""
+    packaged = resources.files("fhir_plugin") / "profiles"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def available_profiles() -> list[str]:
+    root = profiles_root()
+    return sorted(p.name for p in root.iterdir() if (p / "profile.json").is_file()) if root.is_dir() else []
+
+
+class IcdSet:
+    """A set of ICD-10-CM codes written as "R32" (exact), "R15-" (and below) or "S00-T14" (category range)."""
+
+    def __init__(self, entries: list[str], *, where: str, path: str) -> None:
+        self.entries = tuple(entries)
+        self._exact: set[str] = set()
+        self._prefixes: list[str] = []
+        self._ranges: list[tuple[str, str]] = []
+        for raw in entries:
+            entry = str(raw).strip().upper()
+            if entry.endswith("-"):
+                code = icd.normalize(entry[:-1])
+                self._check(code, where, path)
+                self._prefixes.append(code.replace(".", ""))
+            elif "-" in entry:
+                low, high = (icd.normalize(x) for x in entry.split("-", 1))
+                self._check(low, where, path)
+                self._check(high, where, path)
+                self._ranges.append((low.replace(".", "")[:3], high.replace(".", "")[:3]))
+            else:
+                code = icd.normalize(entry)
+                self._check(code, where, path)
+                self._exact.add(code.replace(".", ""))
+
+    @staticmethod
+    def _check(code: str, where: str, path: str) -> None:
+        if not icd.is_valid(code):
+            raise ProfileError(f"{code} is not an ICD-10-CM code", path=path, field=where)
+
+    def __contains__(self, code: object) -> bool:
+        if not isinstance(code, str) or not code:
+            return False
+        bare = code.strip().upper().replace(".", "")
+        if bare in self._exact or any(bare.startswith(p) for p in self._prefixes):
+            return True
+        return any(low <= bare[:3] <= high for low, high in self._ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What documents an element or a red flag: any one of its matchers."""
+
+    terms: Terms
+    codes: frozenset[str] = frozenset()          # SNOMED (or other) codes in code/bodySite/value
+    loinc: frozenset[str] = frozenset()
+    categories: frozenset[str] = frozenset()     # Observation.category codes
+    icd10cm: IcdSet | None = None                # Condition.code in this set
+    condition_fields: tuple[str, ...] = ()       # onset / onset-date / severity on a Condition under review
+    resource_types: tuple[str, ...] = _TYPES     # where keywords are searched
+    with_value: bool = False                     # an Observation must carry a value
+    negated_counts: bool = True                  # does a negated mention still document it?
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One condition profile, validated; ``raw`` keeps the JSON for anything the engine passes through."""
+
+    code: str
+    display: str
+    folder: Path
+    raw: dict[str, Any]
+    family: IcdSet
+    excludes1: tuple[tuple[str, str, bool], ...]
+    elements: tuple[dict[str, Any], ...]
+    rules: dict[str, Rule]
+    red_flags: tuple[dict[str, Any], ...]
+    flag_rules: dict[str, Rule]
+    site_terms: dict[str, tuple[str, frozenset[str], Terms]]     # region -> (label, codes, terms)
+    side_terms: dict[str, tuple[frozenset[str], Terms]]
+    finding_terms: dict[str, tuple[frozenset[str], Terms]]
+    plan_definition: dict[str, Any] = field(repr=False)
+
+    @property
+    def region(self) -> str:
+        return self.raw["site"]["region"]
+
+    @property
+    def expected_side(self) -> str | None:
+        return self.raw["laterality"].get("expected")
+
+    @property
+    def expected_finding(self) -> str:
+        return self.raw["findings"]["expected"]
+
+    def excludes1_match(self, code: str) -> tuple[str, str] | None:
+        """(excluded code, note) when ``code`` falls under this profile's Excludes1 notes."""
+        bare = icd.normalize(code)
+        for excluded, note, subtree in self.excludes1:
+            if bare == excluded or (subtree and bare.startswith(excluded)):
+                return excluded, note
+        return None
+
+
+def _need(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, where: str = "") -> Any:
+    name = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise ProfileError("a required field is missing", path=path, field=name)
+    value = obj[key]
+    if not isinstance(value, kind):
+        wanted = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ProfileError(f"expected {wanted}, found {type(value).__name__}", path=path, field=name)
+    return value
+
+
+def _str_list(obj: dict[str, Any], key: str, path: str, where: str) -> list[str]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProfileError("expected a list of strings", path=path, field=f"{where}.{key}")
+    return value
+
+
+def _rule(spec: dict[str, Any], path: str, where: str) -> Rule:
+    unknown = set(spec) - _RULE_KEYS - {"id", "title", "required", "kind", "source", "threshold",
+                                        "recent_icd10cm", "onset_older_than_days", "min_days_after",
+                                        "due_after_days", "of"}
+    if unknown:
+        raise ProfileError(f"unknown rule field(s) {', '.join(sorted(unknown))}", path=path, field=where)
+    fields = _str_list(spec, "condition_fields", path, where)
+    bad = set(fields) - _CONDITION_FIELDS
+    if bad:
+        raise ProfileError(f"unknown condition field(s) {', '.join(sorted(bad))}", path=path,
+                           field=f"{where}.condition_fields")
+    types = _str_list(spec, "resource_types", path, where) or list(_TYPES)
+    if set(types) - set(_TYPES):
+        raise ProfileError("resource_types may name Condition, Observation, Encounter", path=path,
+                           field=f"{where}.resource_types")
+    negated = spec.get("negated", "counts")
+    if negated not in ("counts", "ignored"):
+        raise ProfileError("negated is 'counts' or 'ignored'", path=path, field=f"{where}.negated")
+    icd_entries = _str_list(spec, "icd10cm", path, where)
+    return Rule(
+        terms=Terms(_str_list(spec, "keywords", path, where), _str_list(spec, "words", path, where)),
+        codes=frozenset(_str_list(spec, "codes", path, where)),
+        loinc=frozenset(_str_list(spec, "loinc", path, where)),
+        categories=frozenset(_str_list(spec, "categories", path, where)),
+        icd10cm=IcdSet(icd_entries, where=f"{where}.icd10cm", path=path) if icd_entries else None,
+        condition_fields=tuple(fields),
+        resource_types=tuple(types),
+        with_value=bool(spec.get("with_value", False)),
+        negated_counts=negated == "counts",
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"cannot read the file: {exc.strerror or exc}", path=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                           path=str(path)) from exc
+    if not isinstance(data, dict):
+        raise ProfileError("expected a JSON object", path=str(path))
+    return data
+
+
+def _billable(code: str, path: str, where: str) -> str:
+    code = icd.normalize(code)
+    if not icd.is_valid(code):
+        raise ProfileError(f"{code} is not an ICD-10-CM code", path=path, field=where)
+    if not icd.is_billable(code):
+        raise ProfileError(f"{code} is a category header, not a billable (leaf) code", path=path, field=where)
+    return code
+
+
+def _plan_definition(folder: Path, name: str, path: str) -> dict[str, Any]:
+    pd_path = folder / name
+    plan = _read_json(pd_path)
+    try:
+        PlanDefinition.model_validate(plan)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "root")
+        raise ProfileError(f"not a valid R4 PlanDefinition: {first.get('msg')}", path=str(pd_path),
+                           field=where or None) from exc
+    goal_ids = {g.get("id") for g in plan.get("goal", [])}
+    phases = plan.get("action") or []
+    if not phases:
+        raise ProfileError("the protocol needs at least one phase", path=str(pd_path), field="action")
+    for i, phase in enumerate(phases):
+        for gid in phase.get("goalId", []):
+            if gid not in goal_ids:
+                raise ProfileError(f"goalId {gid!r} names no goal", path=str(pd_path), field=f"action[{i}].goalId")
+        if not phase.get("action"):
+            raise ProfileError("a phase needs its activities", path=str(pd_path), field=f"action[{i}].action")
+    return plan
+
+
+def _load(folder: Path) -> Profile:
+    path = str(folder / "profile.json")
+    raw = _read_json(folder / "profile.json")
+    code = _billable(_need(raw, "code", str, path), path, "code")
+    if folder.name != code:
+        raise ProfileError(f"the folder is named {folder.name} but the profile's code is {code}", path=path,
+                           field="code")
+    family = IcdSet(_str_list(raw, "family", path, ""), where="family", path=path)
+    excludes: list[tuple[str, str, bool]] = []
+    for source in _str_list(raw, "excludes1_from", path, ""):
+        if not icd.is_valid(source):
+            raise ProfileError(f"{source} is not an ICD-10-CM code", path=path, field="excludes1_from")
+        excludes.extend(icd.excludes1_codes(source))
+
+    site = _need(raw, "site", dict, path)
+    _need(site, "region", str, path, "site")
+    site_terms = {site["region"]: (site.get("label", site["region"]), frozenset(_str_list(site, "codes", path, "site")),
+                                   Terms(_str_list(site, "keywords", path, "site")))}
+    for i, other in enumerate(raw.get("other_sites", [])):
+        where = f"other_sites[{i}]"
+        region = _need(other, "region", str, path, where)
+        site_terms[region] = (other.get("label", region), frozenset(_str_list(other, "codes", path, where)),
+                              Terms(_str_list(other, "keywords", path, where)))
+    laterality = _need(raw, "laterality", dict, path)
+    side_terms = {side: (frozenset(_str_list(laterality.get(side, {}), "codes", path, f"laterality.{side}")),
+                         Terms(_str_list(laterality.get(side, {}), "keywords", path, f"laterality.{side}")))
+                  for side in SIDES}
+    if laterality.get("expected") not in (None, *SIDES):
+        raise ProfileError("expected is right, left, bilateral or null", path=path, field="laterality.expected")
+    findings = _need(raw, "findings", dict, path)
+    _need(findings, "expected", str, path, "findings")
+    finding_terms = {name: (frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
+                            Terms(_str_list(spec, "keywords", path, f"findings.{name}")))
+                     for name, spec in findings.items() if isinstance(spec, dict)}
+
+    elements = _need(raw, "elements", list, path)
+    rules: dict[str, Rule] = {}
+    seen: set[str] = set()
+    for i, element in enumerate(elements):
+        where = f"elements[{i}]"
+        if not isinstance(element, dict):
+            raise ProfileError("an element must be an object", path=path, field=where)
+        eid = _need(element, "id", str, path, where)
+        kind = _need(element, "kind", str, path, where)
+        _need(element, "required", bool, path, where)
+        if eid in seen:
+            raise ProfileError(f"element id {eid!r} appears twice", path=path, field=f"{where}.id")
+        seen.add(eid)
+        if kind not in ELEMENT_KINDS:
+            raise ProfileError(f"unknown element kind {kind!r}", path=path, field=f"{where}.kind")
+        if kind == "all-of":
+            for ref in _need(element, "of", list, path, where):
+                if ref not in seen:
+                    raise ProfileError(f"{ref!r} is not an element listed before this one", path=path,
+                                       field=f"{where}.of")
+        rules[eid] = _rule(element, path, where)
+
+    flags = _need(raw, "red_flags", list, path)
+    flag_rules: dict[str, Rule] = {}
+    for i, flag in enumerate(flags):
+        where = f"red_flags[{i}]"
+        fid = _need(flag, "id", str, path, where)
+        flag_rules[fid] = _rule(flag, path, where)
+        recent = flag.get("recent_icd10cm")
+        if recent is not None:
+            _need(recent, "days", int, path, f"{where}.recent_icd10cm")
+            IcdSet(_str_list(recent, "codes", path, f"{where}.recent_icd10cm"),
+                   where=f"{where}.recent_icd10cm.codes", path=path)
+
+    fit = _need(raw, "code_fit", dict, path)
+    for i, rule in enumerate(_need(fit, "rules", list, path, "code_fit")):
+        where = f"code_fit.rules[{i}]"
+        for j, suggested in enumerate(_need(rule, "suggest", list, path, where)):
+            _billable(suggested, path, f"{where}.suggest[{j}]")
+        _need(rule, "when", dict, path, where)
+
+    plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
+    return Profile(code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
+                   excludes1=tuple(excludes), elements=tuple(elements), rules=rules, red_flags=tuple(flags),
+                   flag_rules=flag_rules, site_terms=site_terms, side_terms=side_terms,
+                   finding_terms=finding_terms, plan_definition=plan)
+
+
+@lru_cache(maxsize=16)
+def _load_cached(folder: str) -> Profile:
+    return _load(Path(folder))
+
+
+def load_profile(code: str = "M62.561", *, root: Path | None = None) -> Profile:
+    """Load (once) and validate the profile of ``code``; an unknown code is a UsageError listing those there are."""
+    base = root or profiles_root()
+    folder = base / icd.normalize(code)
+    if not (folder / "profile.json").is_file():
+        known = ", ".join(available_profiles()) or "none"
+        raise UsageError(f"there is no profile for {code} (profiles available: {known})")
+    return _load_cached(str(folder))

@@ -1,0 +1,28 @@
+"""Identifiers and code systems the plugin itself mints, shared by the check and the drafts.
+
+The check must recognise the plugin's own drafts (SPEC §3: a draft CarePlan
+makes ``treatment-plan`` *proposed*, and a draft's gap note is never evidence),
+so the tag that marks them lives here rather than in the drafting module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+URI_IDENTIFIER = "urn:ietf:rfc:3986"
+
+#: meta.tag on every resource the plugin drafts: machine-drafted, awaiting clinician review
+DRAFT_TAG = {"system": "urn:fhir-plugin:tag", "code": "machine-drafted",
+             "display": "Drafted by fhir-plugin for clinician review"}
+#: extension on a CarePlan activity naming the protocol phase it belongs to
+PHASE_EXTENSION = "urn:fhir-plugin:StructureDefinition:careplan-phase"
+PLUGIN_NAME = "fhir-plugin"
+
+
+def is_plugin_draft(resource: Mapping[str, Any]) -> bool:
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return any(t.get("system") == DRAFT_TAG["system"] and t.get("code") == DRAFT_TAG["code"] for t in tags)
