@@ -1,0 +1,261 @@
+"""Drafting: a report and its profile in, one FHIR R4 transaction Bundle out (SPEC §7). Pure.
+
+Every entry is a conditional create keyed on an identifier derived from
+patient + encounter + code, so sending the same drafts twice writes nothing
+new.  The CarePlan carries the profile's PlanDefinition phases in order, one
+activity per protocol activity, each tagged with its phase; ``phases_of``
+reads them back from a CarePlan as the server returns it.
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+from fhir.resources.R4B import get_fhir_model_class
+
+from . import __version__
+from ._errors import InputError, UsageError
+from ._profile import Profile
+from ._report import Report
+from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER
+
+__all__ = ["build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused"]
+
+_NAMESPACE = uuid.UUID("6f1d8a52-3c0e-5b7e-9a51-2f4c8e1d0b37")
+_CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+_CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+_CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+_CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
+_WEEK_DAYS = {"wk": 7, "d": 1, "mo": 30}
+
+
+class DraftsRefused(UsageError):
+    """Raised when the record documents a different code: drafting this one would write a wrong code."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One protocol phase as read back from a CarePlan."""
+
+    number: int
+    title: str
+    goals: tuple[str, ...]
+    activities: tuple[str, ...]
+    start: str | None
+    end: str | None
+
+
+def _uuid(*parts: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "|".join(parts)))
+
+
+def draft_identifiers(report: Report, profile: Profile) -> dict[str, str]:
+    """The stable identifier value of every draft, keyed by draft name (condition, careplan, goal ids, provenance)."""
+    base = (report.patient, report.encounter or "-", profile.code)
+    names = ["condition", "careplan", "provenance"] + [g["id"] for g in profile.plan_definition.get("goal", [])]
+    return {name: f"urn:uuid:{_uuid(*base, name)}" for name in names}
+
+
+def _identifier(value: str) -> list[dict[str, str]]:
+    return [{"system": URI_IDENTIFIER, "value": value}]
+
+
+def _meta() -> dict[str, Any]:
+    return {"tag": [dict(DRAFT_TAG)]}
+
+
+def _entry(resource: dict[str, Any], full_url: str, identifier: str) -> dict[str, Any]:
+    return {"fullUrl": full_url, "resource": resource,
+            "request": {"method": "POST", "url": resource["resourceType"],
+                        "ifNoneExist": f"identifier={URI_IDENTIFIER}|{identifier}"}}
+
+
+def _offset(start: date, quantity: Mapping[str, Any] | None) -> date | None:
+    if not quantity or not isinstance(quantity.get("value"), (int, float)):
+        return None
+    days = _WEEK_DAYS.get(str(quantity.get("code") or quantity.get("unit")), 7)
+    return start + timedelta(days=int(quantity["value"] * days))
+
+
+def _narrative(title: str, lines: list[str]) -> dict[str, str]:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return {"status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p><b>{html.escape(title)}</b></p><ul>{items}</ul></div>'}
+
+
+def _gap_note(report: Report) -> str:
+    gaps = report.gaps()
+    if not gaps:
+        return "Machine-drafted for clinician review. The documentation check found no gaps."
+    listed = "; ".join(f"{g.id} ({g.status}: {g.detail})" for g in gaps)
+    return f"Machine-drafted for clinician review. Documentation gaps: {listed}."
+
+
+def _validate(resource: dict[str, Any]) -> None:
+    try:
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    except ValidationError as exc:  # a bug in drafting or in a profile, never the user's input
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "root")
+        raise InputError(f"the drafted {resource['resourceType']} is not valid R4 at {where}: {first.get('msg')}") from exc
+
+
+def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str, Any]:
+    """The transaction Bundle of SPEC §7 for one checked patient.
+
+    Refuses (DraftsRefused) when the code fit is a mismatch: the record then
+    supports another code, and a draft of this one would put a wrong code in
+    the chart.
+    """
+    if report.code_fit.status == "mismatch":
+        first = report.code_fit.suggested[0] if report.code_fit.suggested else None
+        why = first.reason if first else report.code_fit.detail
+        codes = ", ".join(s.code for s in report.code_fit.suggested) or "another code"
+        raise DraftsRefused(f"no drafts were made: {report.patient}'s documentation does not support "
+                            f"{profile.code} ({why}); suggested {codes}")
+    ids = draft_identifiers(report, profile)
+    urls = {name: f"urn:uuid:{_uuid(value, 'fullUrl')}" for name, value in ids.items()}
+    subject = {"reference": report.patient}
+    encounter = {"reference": report.encounter} if report.encounter else None
+    start = date.fromisoformat(report.reference_date) if report.reference_date else now.date()
+    recorded = now.isoformat(timespec="seconds")
+
+    evidence = sorted({ref for e in report.elements if e.status == "met" for ref in e.evidence})
+    condition: dict[str, Any] = {
+        "resourceType": "Condition", "meta": _meta(), "identifier": _identifier(ids["condition"]),
+        "clinicalStatus": {"coding": [{"system": _CONDITION_CLINICAL, "code": "active"}]},
+        "verificationStatus": {"coding": [{"system": _CONDITION_VERIFICATION, "code": "provisional"}]},
+        "category": [{"coding": [{"system": _CONDITION_CATEGORY, "code": "encounter-diagnosis",
+                                  "display": "Encounter Diagnosis"}]}],
+        "code": {"coding": [{"system": ICD10CM, "code": profile.code, "display": profile.display},
+                            {"system": SNOMED, **profile.raw["snomed"]}],
+                 "text": profile.display},
+        "bodySite": [{"coding": [dict(profile.raw["site"]["draft_body_site"])],
+                      "text": profile.raw["site"]["draft_body_site"]["display"]}],
+        "subject": subject, "recordedDate": recorded,
+        "note": [{"text": _gap_note(report)}],
+    }
+    if encounter:
+        condition["encounter"] = encounter
+    if report.onset_date:
+        condition["onsetDateTime"] = report.onset_date
+    if evidence:
+        condition["evidence"] = [{"detail": [{"reference": ref} for ref in evidence]}]
+
+    plan = profile.plan_definition
+    goals: list[tuple[str, dict[str, Any]]] = []
+    goal_urls: dict[str, str] = {}
+    for goal in plan.get("goal", []):
+        gid = goal["id"]
+        goal_urls[gid] = urls[gid]
+        resource = {
+            "resourceType": "Goal", "meta": _meta(), "identifier": _identifier(ids[gid]),
+            "lifecycleStatus": "proposed", "description": dict(goal["description"]), "subject": subject,
+            "addresses": [{"reference": urls["condition"]}], "startDate": start.isoformat(),
+            "note": [{"text": f"{(goal.get('category') or {}).get('text', gid)}. Drafted for clinician review."}],
+        }
+        if goal.get("target"):
+            resource["target"] = [dict(t) for t in goal["target"]]
+        goals.append((gid, resource))
+
+    activities: list[dict[str, Any]] = []
+    lines: list[str] = []
+    if report.referral_recommended:
+        present = ", ".join(f.id for f in report.red_flags if f.status == "present")
+        activities.append({"detail": {
+            "kind": "ServiceRequest", "code": {"text": "Referral to a specialist"}, "status": "not-started",
+            "description": f"Red flags present ({present}): referral recommended before conservative treatment.",
+            "scheduledPeriod": {"start": start.isoformat()}}})
+        lines.append(f"Referral recommended: red flags present ({present}).")
+    for index, phase in enumerate(plan.get("action", []), start=1):
+        number = int(phase.get("prefix") or index)
+        phase_start = _offset(start, (phase.get("timingRange") or {}).get("low")) or start
+        phase_end = _offset(start, (phase.get("timingRange") or {}).get("high"))
+        period = {"start": phase_start.isoformat(), **({"end": phase_end.isoformat()} if phase_end else {})}
+        phase_goals = [{"reference": goal_urls[g]} for g in phase.get("goalId", []) if g in goal_urls]
+        lines.append(f"Phase {number}: {phase['title']} ({period['start']} to {period.get('end', 'open')}) - "
+                     + "; ".join(a["title"] for a in phase.get("action", [])))
+        for act in phase.get("action", []):
+            source = "; ".join(d.get("display", "") for d in act.get("documentation", []) if d.get("display"))
+            extension = [{"url": "number", "valueInteger": number}, {"url": "title", "valueString": phase["title"]}]
+            if source:
+                extension.append({"url": "source", "valueString": source})
+            detail: dict[str, Any] = {"code": {"text": act["title"]}, "status": "not-started",
+                                      "scheduledPeriod": dict(period)}
+            if act.get("description"):
+                detail["description"] = act["description"]
+            if phase_goals:
+                detail["goal"] = phase_goals
+            activities.append({"extension": [{"url": PHASE_EXTENSION, "extension": extension}], "detail": detail})
+
+    title = f"Draft care plan: {profile.display}"
+    careplan: dict[str, Any] = {
+        "resourceType": "CarePlan", "meta": _meta(), "identifier": _identifier(ids["careplan"]),
+        "text": _narrative(title + " (needs clinician review)", lines),
+        "instantiatesCanonical": [f"{plan['url']}|{plan['version']}" if plan.get("version") else plan["url"]],
+        "status": "draft", "intent": "proposal",
+        "category": [{"coding": [{"system": _CAREPLAN_CATEGORY, "code": "assess-plan"}]}],
+        "title": title,
+        "description": "Phased treatment drafted by the documentation plugin from the condition profile; "
+                       "it needs clinician review before use.",
+        "subject": subject, "period": {"start": start.isoformat()}, "created": recorded,
+        "addresses": [{"reference": urls["condition"]}],
+        "goal": [{"reference": goal_urls[gid]} for gid, _ in goals],
+        "activity": activities,
+        "note": [{"text": "Machine-drafted; needs clinician review."}],
+    }
+    if encounter:
+        careplan["encounter"] = encounter
+
+    targets = [urls["condition"], urls["careplan"]] + [goal_urls[gid] for gid, _ in goals]
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance", "meta": {"tag": [dict(DRAFT_TAG),
+                                                       {"system": URI_IDENTIFIER, "code": ids["provenance"]}]},
+        "target": [{"reference": t} for t in targets], "recorded": recorded,
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE"}]},
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "author"}]},
+                   "who": {"display": f"{PLUGIN_NAME} {__version__}"}}],
+        "entity": [{"role": "source", "what": {"reference": ref}} for ref in evidence],
+    }
+    if not provenance["entity"]:
+        del provenance["entity"]
+
+    entries = [_entry(condition, urls["condition"], ids["condition"])]
+    entries += [_entry(resource, goal_urls[gid], ids[gid]) for gid, resource in goals]
+    entries.append(_entry(careplan, urls["careplan"], ids["careplan"]))
+    # Provenance has no identifier element in R4: its conditional create keys on a tag instead
+    entries.append({"fullUrl": urls["provenance"], "resource": provenance,
+                    "request": {"method": "POST", "url": "Provenance",
+                                "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}"}})
+    for entry in entries:
+        _validate(entry["resource"])
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    _validate(bundle)
+    return bundle
+
+
+def phases_of(careplan: Mapping[str, Any]) -> list[Phase]:
+    """Read the protocol phases back from a CarePlan, in order (the inverse of the drafting)."""
+    phases: dict[int, dict[str, Any]] = {}
+    for activity in careplan.get("activity") or []:
+        ext = next((e for e in activity.get("extension") or [] if e.get("url") == PHASE_EXTENSION), None)
+        if ext is None:
+            continue
+        parts = {e.get("url"): e for e in ext.get("extension") or []}
+        number = int(parts["number"]["valueInteger"])
+        detail = activity.get("detail") or {}
+        phase = phases.setdefault(number, {"title": parts.get("title", {}).get("valueString", ""), "goals": [],
+                                           "activities": [], "period": detail.get("scheduledPeriod") or {}})
+        phase["activities"].append((detail.get("code") or {}).get("text", ""))
+        for goal in detail.get("goal") or []:
+            if goal.get("reference") not in phase["goals"]:
+                phase["goals"].append(goal.get("reference"))
+    return [Phase(n, p["title"], tuple(p["goals"]), tuple(p["activities"]), p["period"].get("start"),
+                  p["period"].get("end")) for n, p in sorted(phases.items())]
