@@ -1,2 +1,181 @@
-def main():
-    pass
+"""The ``fhir-plugin`` command line: check, propose (and write) drafts.
+
+Errors are one sentence on stderr and an exit code, never a traceback
+(``--debug`` shows it).  Exit codes:
+
+  0   every record checked is complete (check) / drafts made or written (propose)
+  1   documentation gaps or a code mismatch found (check) / some patient's drafts refused (propose)
+  2   usage error (bad option, unknown profile or encounter, drafts refused for a mismatch)
+  3   a profile under profiles/ is malformed
+  4   a patient record is malformed (bad JSON, wrong resource types, not R4)
+  5   the FHIR server could not be reached or timed out
+  6   the FHIR server answered with an error
+  7   the patient (or resource) was not found
+  8   the server refused the token (401/403)
+  11  any other plugin error;  70  an internal error (a bug: please report it with --debug output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import date, datetime, timezone
+from typing import Any, Sequence
+
+from . import __version__
+from ._errors import PluginError, UsageError
+
+__all__ = ["main"]
+
+_EXIT_HELP = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
+log = logging.getLogger("fhir_plugin.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fhir-plugin",
+        description="Check a patient's FHIR R4 record for the documentation an ICD-10-CM code needs "
+                    "(default M62.561) and draft a provisional Condition and a phased CarePlan.",
+        epilog="Exit codes:" + _EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fhir-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_argument_group("where the records come from (neither: the embedded synthetic patients)")
+    source.add_argument("--server", metavar="URL", help="FHIR R4 base URL, e.g. http://127.0.0.1:8080/fhir")
+    source.add_argument("--bundle", metavar="FILE", action="append", default=[],
+                        help="a FHIR Bundle JSON file (repeatable)")
+    common.add_argument("--patient", metavar="ID", action="append", default=[],
+                        help="patient id to check (repeatable; required with --server)")
+    common.add_argument("--encounter", metavar="ID", help="encounter to check at (default: the latest)")
+    common.add_argument("--profile", metavar="CODE", default="M62.561", help="condition profile (default M62.561)")
+    common.add_argument("--token", metavar="TOKEN", help="bearer token for the server (or env FHIR_TOKEN)")
+    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
+    common.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
+    common.add_argument("--format", choices=("text", "json"), default="text", help="report format")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+
+    sub.add_parser("check", parents=[common], help="print the documentation report",
+                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
+    propose = sub.add_parser("propose", parents=[common], help="report plus draft Condition and CarePlan",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
+    propose.add_argument("--write", action="store_true",
+                         help="send the drafts to --server as one transaction (default: dry run, print the Bundle)")
+    return parser
+
+
+def _today(value: str | None) -> date:
+    if value is None:
+        return date.today()
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise UsageError(f"--today wants a date like 2026-11-26, not {value!r}") from exc
+
+
+def _checkables(args: argparse.Namespace, today: date) -> tuple[list[Any], Any]:
+    from ._sources import Checkable, from_embedded, from_files, require_patients
+
+    if args.server and args.bundle:
+        raise UsageError("give either --server or --bundle, not both")
+    if args.write and not args.server:
+        raise UsageError("--write needs --server: drafts are written to a FHIR server")
+    if args.encounter and len(args.patient) != 1:
+        raise UsageError("--encounter applies to one patient: name it with --patient")
+    if args.server:
+        from ._client import FhirClient
+
+        require_patients(args.patient)
+        client = FhirClient(args.server, token=args.token or os.environ.get("FHIR_TOKEN"), timeout=args.timeout)
+        items = [Checkable(client.read_patient_record(pid.split("/")[-1]), args.encounter) for pid in args.patient]
+        return items, client
+    if args.bundle:
+        items = from_files(args.bundle, args.patient)
+    else:
+        items = from_embedded(today, args.patient)
+    if args.encounter:
+        items = [Checkable(items[0].record, args.encounter)]
+    return items, None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._check import check
+    from ._profile import load_profile
+    from ._render import render_text
+
+    today = _today(args.today)
+    profile = load_profile(args.profile)
+    items, client = _checkables(args, today)
+    reports = [check(item.record, profile, today=today, encounter_id=item.encounter_id) for item in items]
+    if args.command == "check":
+        if args.format == "json":
+            data: Any = [r.to_json() for r in reports]
+            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        else:
+            print("\n\n".join(render_text(r) for r in reports))
+        return 0 if all(r.complete for r in reports) else 1
+    return _propose(args, profile, reports, client)
+
+
+def _propose(args: argparse.Namespace, profile: Any, reports: list[Any], client: Any) -> int:
+    from ._drafts import DraftsRefused, build_drafts
+    from ._write import write_drafts
+
+    now = datetime.now(timezone.utc)
+    outputs: list[dict[str, Any]] = []
+    refused = 0
+    for report in reports:
+        try:
+            bundle = build_drafts(report, profile, now=now)
+        except DraftsRefused as exc:
+            refused += 1
+            print(f"fhir-plugin: {exc}", file=sys.stderr)
+            outputs.append({"report": report.to_json(), "drafts": None, "refused": str(exc)})
+            continue
+        if args.write:
+            result = write_drafts(client, bundle)
+            outputs.append({"report": report.to_json(), "written": result.to_json()})
+            if args.format == "text":
+                print(f"{report.patient}: " + result.summary())
+        else:
+            outputs.append({"report": report.to_json(), "drafts": bundle})
+    if args.format == "json" or not args.write:
+        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2))
+    if refused:
+        return 2 if refused == len(reports) and len(reports) == 1 else 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "write"):
+        args.write = False
+    try:
+        return _run(args)
+    except PluginError as exc:
+        if args.debug:
+            raise
+        print(f"fhir-plugin: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fhir-plugin: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one sentence, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"fhir-plugin: internal error ({type(exc).__name__}); run again with --debug for details",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())
