@@ -1,4 +1,29 @@
 """fhir-plugin: checks a patient's FHIR R4 record for the documentation an ICD-10-CM code needs,
-and drafts a provisional Condition and a phased CarePlan for clinician review."""
+and drafts a provisional Condition and a phased CarePlan for clinician review.
+
+The public API is what this module names; the underscored modules are internal.
+"""
 
 __version__ = "0.1.0"
+
+from ._check import check
+from ._client import FhirClient
+from ._drafts import DraftsRefused, Phase, build_drafts, draft_identifiers, phases_of
+from ._errors import (AuthError, InputError, LaunchError, MultipleMatches, NotFound, PluginError, ProfileError,
+                      ServerError, TransportError, UsageError)
+from ._profile import Profile, available_profiles, load_profile
+from ._record import PatientRecord, load_bundle_file, records_from_bundle
+from ._render import render_text
+from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
+from ._write import WriteResult, write_drafts
+
+__all__ = [
+    "__version__",
+    "check", "load_profile", "available_profiles", "Profile",
+    "PatientRecord", "records_from_bundle", "load_bundle_file",
+    "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
+    "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
+    "FhirClient", "write_drafts", "WriteResult",
+    "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
+    "AuthError", "MultipleMatches", "LaunchError",
+]
