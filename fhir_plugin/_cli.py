@@ -104,7 +104,7 @@ def _checkables(args: argparse.Namespace, today: date) -> tuple[list[Any], Any]:
 def _run(args: argparse.Namespace) -> int:
     from ._check import check
     from ._profile import load_profile
-    from ._render import render_text
+    from ._render import render_summary, render_text
 
     today = _today(args.today)
     profile = load_profile(args.profile)
@@ -114,8 +114,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.format == "json":
             data: Any = [r.to_json() for r in reports]
             print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        elif len(reports) == 1:
+            print(render_text(reports[0]))
         else:
-            print("\n\n".join(render_text(r) for r in reports))
+            print(render_summary(reports))
         return 0 if all(r.complete for r in reports) else 1
     return _propose(args, profile, reports, client)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._report import Report
 
-__all__ = ["render_text"]
+__all__ = ["render_text", "render_summary"]
 
 _MARK = {"met": "ok", "missing": "--", "conflict": "!!", "not-yet-due": "..", "proposed": "~~"}
 
@@ -28,3 +28,16 @@ def render_text(report: Report) -> str:
     tail += [f"complete: {'yes' if report.complete else 'no'}   "
              f"referral recommended: {'YES' if report.referral_recommended else 'no'}"]
     return "\n".join(head + rows + flags + tail)
+
+
+def render_summary(reports: list[Report]) -> str:
+    """One line a patient, for runs over many records; ``--patient ID`` shows one in full."""
+    rows = [f"{'patient':<28} {'complete':<9} {'code fit':<13} {'referral':<9} gaps"]
+    for r in reports:
+        gaps = ", ".join(e.id for e in r.gaps()) or "-"
+        rows.append(f"{r.patient:<28} {'yes' if r.complete else 'no':<9} {r.code_fit.status:<13} "
+                    f"{'YES' if r.referral_recommended else 'no':<9} {gaps}")
+    done = sum(r.complete for r in reports)
+    rows.append(f"\n{len(reports)} patients checked against {reports[0].profile_code}: {done} complete, "
+                f"{len(reports) - done} with gaps. Show one in full with --patient ID.")
+    return "\n".join(rows)
