@@ -1,0 +1,106 @@
+"""Shared pytest fixtures.
+
+``fhir_base_url`` is the FHIR R4 base that tests marked ``@pytest.mark.server`` talk to:
+
+* ``FHIR_BASE_URL`` when set (any R4 server, e.g. a public HAPI sandbox);
+* otherwise the sandbox HAPI server (sandbox/hapi), started once per test session with
+  ``sandbox/hapi/run start --port P`` (P from ``SANDBOX_HAPI_PORT``, default 18080) and stopped
+  when the session ends. A sandbox server of ours already running on that port is reused and
+  left running.
+
+A failed build or start fails the tests that need the server, with the script's output and the
+server log's tail; it never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+SANDBOX_HAPI_RUN = REPO / "sandbox" / "hapi" / "run"
+DEFAULT_SANDBOX_PORT = 18080
+# A cold first build downloads HAPI FHIR from Maven Central; the script itself waits at most
+# 240 s for the server to answer once it is built.
+START_TIMEOUT_S = 1500
+
+
+def sandbox_hapi_port() -> int:
+    return int(os.environ.get("SANDBOX_HAPI_PORT", DEFAULT_SANDBOX_PORT))
+
+
+def run_sandbox_hapi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``sandbox/hapi/run ARGS...`` and return its result (output captured as text)."""
+    return subprocess.run(
+        [str(SANDBOX_HAPI_RUN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _log_tail(port: int, lines: int = 60) -> str:
+    log = REPO / "sandbox" / "hapi" / ".run" / f"hapi-{port}.log"
+    if not log.exists():
+        return "(no server log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wait_for_metadata(base_url: str, timeout_s: float) -> bool:
+    """True once GET BASE/metadata answers 200 (a reused server may still be starting)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base_url}/metadata", timeout=10).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    return False
+
+
+@pytest.fixture(scope="session")
+def fhir_base_url():
+    external = os.environ.get("FHIR_BASE_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+
+    port = sandbox_hapi_port()
+    base_url = f"http://127.0.0.1:{port}/fhir"
+    started_here = False
+    if run_sandbox_hapi("status", "--port", str(port)).returncode != 0:
+        try:
+            result = run_sandbox_hapi("start", "--port", str(port), timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            run_sandbox_hapi("stop", "--port", str(port))
+            pytest.fail(
+                f"sandbox/hapi/run start --port {port} took over {START_TIMEOUT_S} s.\n"
+                f"Server log tail:\n{_log_tail(port)}",
+                pytrace=False,
+            )
+        if result.returncode != 0:
+            pytest.fail(
+                f"sandbox/hapi/run start --port {port} failed (exit {result.returncode}):\n"
+                f"{result.stdout}{result.stderr}\nServer log tail:\n{_log_tail(port)}",
+                pytrace=False,
+            )
+        started_here = True
+    elif not _wait_for_metadata(base_url, timeout_s=240):
+        pytest.fail(
+            f"The sandbox HAPI server already running on port {port} does not answer "
+            f"{base_url}/metadata.\nServer log tail:\n{_log_tail(port)}",
+            pytrace=False,
+        )
+
+    try:
+        yield base_url
+    finally:
+        if started_here:
+            run_sandbox_hapi("stop", "--port", str(port))
