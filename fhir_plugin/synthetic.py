@@ -17,8 +17,9 @@ Readings of SPEC this oracle relies on (the check must agree):
 1. ``treatment-plan``: ``met`` when a CarePlan that is not ``entered-in-error`` (and is not the
    plugin's own draft) ``addresses`` a Condition under review; ``proposed`` when the only such
    CarePlan is the plugin's own draft, recognised by the shape SPEC §7 gives it (status
-   ``draft``, intent ``proposal``, ``instantiatesCanonical`` the profile's PlanDefinition,
-   tag ``machine-drafted``); a CarePlan ``entered-in-error`` counts for nothing.  ``proposed`` is
+   ``draft``, intent ``proposal``, ``instantiatesCanonical`` the profile's PlanDefinition, and
+   the plugin's ``machine-drafted`` tag from ``fhir_plugin._vocab``); a CarePlan
+   ``entered-in-error`` counts for nothing.  ``proposed`` is
    not ``met``, so a record whose only plan is the plugin's draft is not ``complete``.
 2. ``follow-up`` looks at every Encounter that references a Condition under review, whatever
    the reference encounter: the record is not cut at the reference date.  Only ``duration``,
@@ -52,6 +53,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ._vocab import DRAFT_TAG  # the tag the plugin puts on its own drafts (SPEC §7)
+
 __all__ = [
     "SyntheticCase",
     "generate_cases",
@@ -75,9 +78,6 @@ _ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 _CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 #: the canonical URL of the M62.561 profile's PlanDefinition (profiles/M62.561/plandefinition.json)
 PLAN_DEFINITION_URL = "urn:fhir-plugin:PlanDefinition:M62.561"
-#: the tag SPEC §7 puts on machine-drafted resources (as the synthetic plugin draft carries it)
-DRAFT_TAG = {"system": "urn:fhir-plugin", "code": "machine-drafted",
-             "display": "Drafted by fhir-plugin for clinician review"}
 
 
 @dataclass(frozen=True)

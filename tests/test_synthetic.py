@@ -12,6 +12,7 @@ import simple_icd_10_cm as cm
 
 from fhir_plugin._errors import ServerError, TransportError
 from fhir_plugin._record import load_bundle_file, records_from_bundle, subject_patient_id, validate_resource
+from fhir_plugin._vocab import is_plugin_draft
 from fhir_plugin.synthetic import (
     SyntheticCase,
     cases_bundle,
@@ -252,7 +253,8 @@ def test_follow_up_and_plan_statuses(by_key):
     assert by_key["missing-follow-up"].expected["elements"]["follow-up"] == "missing"
     assert by_key["plan-proposed"].expected["elements"]["treatment-plan"] == "proposed"
     draft = next(r for r in by_key["plan-proposed"].resources if r["resourceType"] == "CarePlan")
-    assert (draft["status"], draft["intent"]) == ("draft", "proposal")
+    assert (draft["status"], draft["intent"]) == ("draft", "proposal") and is_plugin_draft(draft)
+    assert not any(is_plugin_draft(r) for c in by_key.values() if c.key != "plan-proposed" for r in c.resources)
     retired = next(r for r in by_key["missing-treatment-plan"].resources if r["resourceType"] == "CarePlan")
     assert retired["status"] == "entered-in-error"
 
