@@ -1,0 +1,450 @@
+"""The SMART App Launch 2.x steps, as free functions, one per step (no web framework in here).
+
+    discover(iss, session)               -> SmartConfig      .well-known, else the CapabilityStatement
+    choose_scopes(config, standalone=)   -> str              v2 scopes, v1 when the EHR has only v1
+    build_authorize_url(config, ...)     -> AuthorizeRequest  URL + the state and PKCE verifier to keep
+    build_token_request(config, ...)     -> TokenRequest      pure: what to POST to the token endpoint
+    send_token_request(request, session) -> dict              the token response, checked
+    parse_launch_context(token)          -> LaunchContext     patient, encounter, banner, style, fhirContext
+    authorized_session(token, ...)       -> OAuth2Session     refreshes before expiry, reports new tokens
+
+Only ``discover`` and ``send_token_request`` do I/O.  Failures are
+``LaunchError`` with one sentence that never holds a token, a code or a
+verifier.  Section references are to SMART App Launch 2.x (app-launch.html,
+conformance.html, scopes-and-launch-context.html).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+from authlib.common.security import generate_token
+from authlib.integrations.requests_client import OAuth2Session
+from authlib.oauth2.rfc6749.wrappers import OAuth2Token
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+from fhir_plugin import LaunchError
+
+from ._settings import normalize_issuer
+
+__all__ = [
+    "SmartConfig", "AuthorizeRequest", "TokenRequest", "LaunchContext", "DiscoveryCache",
+    "discover", "choose_scopes", "build_authorize_url", "build_token_request", "send_token_request",
+    "parse_launch_context", "authorized_session", "granted_scopes", "can_write_drafts", "missing_write_scopes",
+    "SCOPES_V2", "SCOPES_V1", "DRAFT_TYPES", "OAUTH_URIS",
+]
+
+log = logging.getLogger("smart_launch.launch")
+
+#: the CapabilityStatement extension that lists the OAuth endpoints (conformance.html, pre-2.0 discovery)
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+#: resource types the drafts create (SPEC §7): writing needs create permission on each
+DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
+_READ_TYPES = ("Patient", "Condition", "Observation", "Encounter", "CarePlan")
+
+#: least privilege, SMART v2 (scopes-and-launch-context.html): read+search what the check reads,
+#: create what the drafts write. Patient.r is for the banner and the record's Patient.
+SCOPES_V2 = ("launch openid fhirUser patient/Patient.r patient/Condition.rs patient/Observation.rs "
+             "patient/Encounter.rs patient/CarePlan.rs patient/Condition.c patient/CarePlan.c "
+             "patient/Goal.c patient/Provenance.c")
+#: the same for an EHR that only speaks SMART v1 scopes
+SCOPES_V1 = ("launch openid fhirUser patient/*.read patient/Condition.write patient/CarePlan.write "
+             "patient/Goal.write patient/Provenance.write")
+
+
+# ---------------------------------------------------------------- discovery
+
+@dataclass(frozen=True)
+class SmartConfig:
+    """What the app needs to know about one EHR's authorization server."""
+
+    iss: str
+    authorization_endpoint: str
+    token_endpoint: str
+    capabilities: frozenset[str] = frozenset()
+    code_challenge_methods: tuple[str, ...] = ()
+    scopes_supported: tuple[str, ...] = ()
+    source: Literal["well-known", "capability-statement"] = "well-known"
+
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iss": self.iss, "authorization_endpoint": self.authorization_endpoint,
+                "token_endpoint": self.token_endpoint, "capabilities": sorted(self.capabilities),
+                "code_challenge_methods": list(self.code_challenge_methods),
+                "scopes_supported": list(self.scopes_supported), "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SmartConfig:
+        return cls(iss=data["iss"], authorization_endpoint=data["authorization_endpoint"],
+                   token_endpoint=data["token_endpoint"], capabilities=frozenset(data.get("capabilities", ())),
+                   code_challenge_methods=tuple(data.get("code_challenge_methods", ())),
+                   scopes_supported=tuple(data.get("scopes_supported", ())), source=data.get("source", "well-known"))
+
+
+class DiscoveryCache:
+    """Discovered configurations per issuer, kept ``ttl`` seconds (client-js caches the same way)."""
+
+    def __init__(self, ttl: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._items: dict[str, tuple[SmartConfig, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, iss: str) -> SmartConfig | None:
+        with self._lock:
+            item = self._items.get(iss)
+            if item and item[1] > self._clock():
+                return item[0]
+            self._items.pop(iss, None)
+            return None
+
+    def set(self, iss: str, config: SmartConfig) -> None:
+        with self._lock:
+            self._items[iss] = (config, self._clock() + self.ttl)
+
+    def unset(self, iss: str) -> None:
+        with self._lock:
+            self._items.pop(iss, None)
+
+
+_default_cache = DiscoveryCache()
+
+
+def _endpoint(value: Any, what: str, iss: str) -> str:
+    """An absolute http(s) endpoint; on an https issuer, https only (the code and verifier travel to it)."""
+    if not isinstance(value, str) or not value.strip():
+        raise LaunchError(f"the EHR at {iss} does not name its {what}, so the app cannot sign in there")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise LaunchError(f"the EHR at {iss} gives a {what} that is not an absolute http(s) URL")
+    if urlsplit(iss).scheme == "https" and parts.scheme != "https":
+        raise LaunchError(f"the EHR at {iss} gives a {what} over plain http; refusing to send credentials there")
+    return value.strip()
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def config_from_well_known(iss: str, data: Any) -> SmartConfig:
+    """Check a ``.well-known/smart-configuration`` document (conformance.html: the required fields)."""
+    if not isinstance(data, dict):
+        raise LaunchError(f"the EHR at {iss} published a smart-configuration that is not a JSON object")
+    methods = _strings(data.get("code_challenge_methods_supported"))
+    if "code_challenge_methods_supported" in data and "S256" not in methods:
+        # SMART 2.0 servers SHALL support S256; the app always uses it (PKCE, app-launch.html)
+        raise LaunchError(f"the EHR at {iss} does not support PKCE with S256, which this app requires")
+    return SmartConfig(
+        iss=iss,
+        authorization_endpoint=_endpoint(data.get("authorization_endpoint"), "authorization endpoint", iss),
+        token_endpoint=_endpoint(data.get("token_endpoint"), "token endpoint", iss),
+        capabilities=frozenset(_strings(data.get("capabilities"))),
+        code_challenge_methods=methods,
+        scopes_supported=_strings(data.get("scopes_supported")),
+        source="well-known")
+
+
+def config_from_capability_statement(iss: str, data: Any) -> SmartConfig:
+    """The OAuth endpoints from a CapabilityStatement's ``rest.security`` oauth-uris extension."""
+    if not isinstance(data, dict) or data.get("resourceType") != "CapabilityStatement":
+        raise LaunchError(f"the EHR at {iss} publishes neither a smart-configuration nor a CapabilityStatement")
+    uris: dict[str, Any] = {}
+    for rest in data.get("rest") or []:
+        for ext in ((rest or {}).get("security") or {}).get("extension") or []:
+            if isinstance(ext, dict) and ext.get("url") == OAUTH_URIS:
+                for sub in ext.get("extension") or []:
+                    if isinstance(sub, dict) and isinstance(sub.get("url"), str):
+                        uris.setdefault(sub["url"], sub.get("valueUri") or sub.get("valueUrl"))
+    if not uris:
+        raise LaunchError(f"the EHR at {iss} publishes no SMART endpoints (no smart-configuration, and no "
+                          "oauth-uris in its CapabilityStatement)")
+    return SmartConfig(iss=iss, authorization_endpoint=_endpoint(uris.get("authorize"), "authorization endpoint", iss),
+                       token_endpoint=_endpoint(uris.get("token"), "token endpoint", iss),
+                       source="capability-statement")
+
+
+def _get_json(session: requests.Session, url: str, accept: str, timeout: float) -> tuple[int, Any]:
+    """(status, parsed JSON or None); no redirects followed (they could leave the issuer)."""
+    response = session.get(url, headers={"Accept": accept}, timeout=timeout, allow_redirects=False)
+    try:
+        body = response.json() if response.content else None
+    except ValueError:
+        body = None
+    return response.status_code, body
+
+
+def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache | None = _default_cache,
+             timeout: float = 10.0) -> SmartConfig:
+    """The EHR's SMART configuration: ``{iss}/.well-known/smart-configuration``, else the CapabilityStatement.
+
+    The well-known document wins when it is there (200); a 200 that is not a
+    usable configuration is refused rather than papered over by the fallback.
+    Any other answer (404, 5xx, ...) falls back to ``{iss}/metadata``.
+    """
+    iss = normalize_issuer(iss)
+    if cache is not None and (hit := cache.get(iss)) is not None:
+        return hit
+    try:
+        status, body = _get_json(session, f"{iss}/.well-known/smart-configuration", "application/json", timeout)
+        if status == 200:
+            if body is None:
+                raise LaunchError(f"the EHR at {iss} published a smart-configuration that is not JSON")
+            config = config_from_well_known(iss, body)
+        else:
+            log.info("discovery: %s/.well-known/smart-configuration answered %d; trying the CapabilityStatement",
+                     iss, status)
+            status, body = _get_json(session, f"{iss}/metadata", "application/fhir+json", timeout)
+            if status != 200:
+                raise LaunchError(f"the EHR at {iss} publishes no SMART configuration "
+                                  f"(smart-configuration and metadata both failed, the last with {status})")
+            config = config_from_capability_statement(iss, body)
+    except requests.RequestException as exc:
+        raise LaunchError(f"the EHR at {iss} could not be reached to discover its sign-in endpoints "
+                          f"({type(exc).__name__})") from exc
+    if cache is not None:
+        cache.set(iss, config)
+    return config
+
+
+# ---------------------------------------------------------------- scopes
+
+def choose_scopes(config: SmartConfig, *, standalone: bool = False, override: str | None = None) -> str:
+    """The scopes to ask for: v2, or v1 when the EHR advertises ``permission-v1`` and not ``permission-v2``.
+
+    An EHR found only through its CapabilityStatement predates SMART 2.0 and
+    gets v1 scopes too.  A standalone launch asks for ``launch/patient`` (the
+    EHR lets the user pick the patient) instead of ``launch``.
+    """
+    if override:
+        scopes = override
+    else:
+        v1 = (config.supports("permission-v1") and not config.supports("permission-v2")) \
+            or config.source == "capability-statement"
+        scopes = SCOPES_V1 if v1 else SCOPES_V2
+    words = scopes.split()
+    if standalone:
+        words = ["launch/patient" if w == "launch" else w for w in words]
+    else:
+        words = ["launch" if w == "launch/patient" else w for w in words]
+    return " ".join(dict.fromkeys(words))
+
+
+def granted_scopes(token: Mapping[str, Any], requested: str) -> tuple[str, ...]:
+    """The scopes the token carries; RFC 6749 §5.1: an absent ``scope`` means the requested ones."""
+    scope = token.get("scope")
+    return tuple((scope if isinstance(scope, str) else requested).split())
+
+
+def _covers(scope: str, resource_type: str, action: Literal["c", "r"]) -> bool:
+    """Whether one SMART scope permits ``action`` (create, read) on ``resource_type`` in patient context."""
+    context, _, rest = scope.partition("/")
+    if context not in ("patient", "user") or not rest or "?" in rest:  # a query narrows it: not all resources
+        return False
+    rtype, _, perms = rest.partition(".")
+    if rtype not in (resource_type, "*"):
+        return False
+    if perms in ("*", "write" if action == "c" else "read"):  # v1
+        return True
+    return bool(perms) and set(perms) <= set("cruds") and action in perms  # v2, e.g. "rs", "c", "cruds"
+
+
+def missing_write_scopes(scopes: Iterable[str]) -> list[str]:
+    """The draft resource types the granted scopes do not let the app create."""
+    scopes = list(scopes)
+    return [t for t in DRAFT_TYPES if not any(_covers(s, t, "c") for s in scopes)]
+
+
+def can_write_drafts(scopes: Iterable[str]) -> bool:
+    return not missing_write_scopes(scopes)
+
+
+# ---------------------------------------------------------------- authorize
+
+@dataclass(frozen=True)
+class AuthorizeRequest:
+    """The redirect to the EHR, and what the app must keep to finish the launch (server-side only)."""
+
+    url: str
+    state: str
+    code_verifier: str
+    scope: str
+    redirect_uri: str
+
+
+def build_authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: str, scope: str,
+                        launch: str | None = None, state: str | None = None,
+                        code_verifier: str | None = None) -> AuthorizeRequest:
+    """The authorization request of app-launch.html §"Obtain authorization code". Pure.
+
+    PKCE S256 always; ``state`` is 43 random characters; ``aud`` is the FHIR
+    base (the issuer) so a token cannot be phished for another server;
+    ``launch`` is passed through in an EHR launch.
+    """
+    state = state or generate_token(43)
+    verifier = code_verifier or generate_token(64)  # RFC 7636 §4.1: 43-128 unreserved characters
+    params = [("response_type", "code"), ("client_id", client_id), ("redirect_uri", redirect_uri),
+              ("scope", scope), ("state", state), ("aud", config.iss),
+              ("code_challenge", create_s256_code_challenge(verifier)), ("code_challenge_method", "S256")]
+    if launch:
+        params.append(("launch", launch))
+    parts = urlsplit(config.authorization_endpoint)
+    query = urlencode(parse_qsl(parts.query, keep_blank_values=True) + params)
+    url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+    return AuthorizeRequest(url=url, state=state, code_verifier=verifier, scope=scope, redirect_uri=redirect_uri)
+
+
+# ---------------------------------------------------------------- token
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A token-endpoint POST, built and not yet sent.  ``repr`` hides the code and verifier."""
+
+    url: str
+    data: dict[str, str] = field(repr=False)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def build_token_request(config: SmartConfig, *, code: str, redirect_uri: str, code_verifier: str,
+                        client_id: str) -> TokenRequest:
+    """The authorization-code exchange (app-launch.html §"Obtain access token"), public client. Pure."""
+    return TokenRequest(
+        url=config.token_endpoint,
+        data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+              "code_verifier": code_verifier, "client_id": client_id},
+        headers={"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"})
+
+
+def _oauth_error(response: requests.Response) -> str:
+    """The OAuth error code of a refused token request (RFC 6749 §5.2), never the rest of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str) and error.replace("_", "").isalnum() and len(error) < 64:
+        return error
+    return f"HTTP {response.status_code}"
+
+
+def send_token_request(request: TokenRequest, session: requests.Session, *, timeout: float = 15.0) -> OAuth2Token:
+    """POST the token request; return the checked token response with ``expires_at`` worked out.
+
+    Nothing of the request or the answer is logged but the endpoint and the status.
+    """
+    started = time.monotonic()
+    try:
+        response = session.post(request.url, data=request.data, headers=request.headers, timeout=timeout,
+                                allow_redirects=False)
+    except requests.RequestException as exc:
+        raise LaunchError("the EHR's token endpoint could not be reached to finish signing in; "
+                          "please launch the app again") from exc
+    log.info("token: POST %s -> %d in %.3f s", urlsplit(request.url).path, response.status_code,
+             time.monotonic() - started)
+    if response.status_code != 200:
+        raise LaunchError(f"the EHR refused to issue an access token ({_oauth_error(response)}); "
+                          "please launch the app again")
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise LaunchError("the EHR's token endpoint answered with something that is not JSON") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
+        raise LaunchError("the EHR's token response has no access token")
+    if str(body.get("token_type", "")).lower() != "bearer":
+        raise LaunchError("the EHR issued a token that is not a bearer token")
+    if "expires_in" in body and not isinstance(body["expires_in"], (int, float)):
+        raise LaunchError("the EHR's token response has an unreadable expires_in")
+    return OAuth2Token(dict(body))
+
+
+# ---------------------------------------------------------------- launch context
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """The launch context parameters of the token response (scopes-and-launch-context.html)."""
+
+    patient: str | None
+    encounter: str | None
+    need_patient_banner: bool
+    smart_style_url: str | None
+    fhir_context: tuple[dict[str, Any], ...]
+    intent: str | None
+    tenant: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"patient": self.patient, "encounter": self.encounter,
+                "need_patient_banner": self.need_patient_banner, "smart_style_url": self.smart_style_url,
+                "fhirContext": list(self.fhir_context), "intent": self.intent, "tenant": self.tenant}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LaunchContext:
+        return parse_launch_context(data)
+
+
+def _id(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    parts = str(value).split("/")
+    if len(parts) == 2 and parts[0] == what.capitalize():  # "Patient/123" is read as "123"
+        parts = parts[1:]
+    text = parts[0] if len(parts) == 1 else ""
+    if not text or len(text) > 64 or not all(c.isalnum() or c in "-." for c in text):
+        raise LaunchError(f"the EHR gave a {what} context that is not a FHIR id")
+    return text
+
+
+def parse_launch_context(token: Mapping[str, Any]) -> LaunchContext:
+    """Read ``patient``, ``encounter``, ``need_patient_banner``, ``smart_style_url``, ``fhirContext``...
+
+    ``fhirContext`` (2.x) items are kept when they are objects with a
+    ``reference`` (or a canonical/identifier); an ``Encounter/...`` reference
+    there gives the encounter when the ``encounter`` parameter is absent.
+    """
+    items = token.get("fhirContext") or []
+    context = tuple(dict(i) for i in items if isinstance(i, dict)) if isinstance(items, list) else ()
+    encounter = token.get("encounter")
+    if encounter is None:
+        for item in context:
+            ref = item.get("reference")
+            if isinstance(ref, str) and ref.startswith("Encounter/"):
+                encounter = ref
+                break
+    banner = token.get("need_patient_banner")
+    style = token.get("smart_style_url")
+    return LaunchContext(
+        patient=_id(token.get("patient"), "patient"),
+        encounter=_id(encounter, "encounter"),
+        need_patient_banner=banner if isinstance(banner, bool) else str(banner).lower() == "true",
+        smart_style_url=style if isinstance(style, str) and style.startswith(("https://", "http://")) else None,
+        fhir_context=context,
+        intent=token.get("intent") if isinstance(token.get("intent"), str) else None,
+        tenant=token.get("tenant") if isinstance(token.get("tenant"), str) else None)
+
+
+# ---------------------------------------------------------------- using the token
+
+def authorized_session(token: Mapping[str, Any], *, client_id: str, token_endpoint: str,
+                       on_refresh: Callable[[dict[str, Any]], None], leeway: float = 30.0,
+                       timeout: float = 15.0) -> OAuth2Session:
+    """A ``requests`` session that sends the bearer token and refreshes it ``leeway`` s before it expires.
+
+    ``on_refresh`` gets the new token (to store server-side) each time authlib
+    refreshes; without a refresh token, an expired token fails with authlib's
+    InvalidTokenError, which ``FhirClient`` turns into AuthError.
+    """
+    def update_token(new: Mapping[str, Any], refresh_token: str | None = None,
+                     access_token: str | None = None) -> None:
+        log.info("token refreshed (expires at %s)", new.get("expires_at"))
+        on_refresh(dict(new))
+
+    session = OAuth2Session(client_id=client_id, token=dict(token), token_endpoint=token_endpoint,
+                            token_endpoint_auth_method="none", update_token=update_token,
+                            leeway=int(leeway), default_timeout=timeout)
+    return session

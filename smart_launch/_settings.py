@@ -1,0 +1,109 @@
+"""What the app is configured with: from code (``Settings(...)``) or the environment (``Settings.from_env``).
+
+Environment variables (for ``fhir-plugin serve`` and uvicorn workers):
+
+  SMART_CLIENT_ID          the client id registered with the EHR            (default fhir-plugin)
+  SMART_REDIRECT_URI       this app's /callback URL, as registered          (default http://127.0.0.1:8000/callback)
+  SMART_ALLOWED_ISSUERS    FHIR base URLs the app will follow, comma or space separated (required: none
+                           means every launch is refused)
+  SMART_FRAME_ANCESTORS    origins allowed to embed the app in a frame (default: the issuers' origins)
+  SMART_SESSION_STORE      the SQLite file for sessions, or "memory"         (default var/smart-sessions.sqlite)
+  SMART_PROFILE            the condition profile code                       (default M62.561)
+  SMART_SCOPES             scopes to ask for instead of the defaults (SMART v2, or v1 when the EHR has only v1)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from fhir_plugin import UsageError
+
+__all__ = ["Settings", "normalize_issuer", "origin_of"]
+
+
+def normalize_issuer(iss: str) -> str:
+    """An issuer (FHIR base URL) as compared against the allow-list: lower-case scheme and host, no trailing /."""
+    parts = urlsplit(iss.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.username or parts.password:
+        raise ValueError(f"not a FHIR base URL: {iss!r}")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme.lower()}://{host}{port}"
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(x for x in re.split(r"[\s,]+", value or "") if x)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``create_app`` needs; see the module docstring for the environment names."""
+
+    client_id: str = "fhir-plugin"
+    redirect_uri: str = "http://127.0.0.1:8000/callback"
+    allowed_issuers: tuple[str, ...] = ()
+    #: origins that may frame the app (CSP frame-ancestors); empty: the allowed issuers' origins
+    allowed_frame_ancestors: tuple[str, ...] = ()
+    #: SQLite file path, or "memory"
+    session_store: str = "var/smart-sessions.sqlite"
+    profile_code: str = "M62.561"
+    #: scopes to request instead of the defaults chosen from the EHR's capabilities
+    scopes: str | None = None
+    session_ttl: float = 8 * 3600
+    launch_ttl: float = 600
+    http_timeout: float = 15.0
+    #: refresh the access token this many seconds before it expires
+    refresh_leeway: float = 30.0
+    discovery_ttl: float = 300.0
+    issuers: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            normal = frozenset(normalize_issuer(i) for i in self.allowed_issuers)
+        except ValueError as exc:
+            raise UsageError(f"SMART_ALLOWED_ISSUERS: {exc}") from exc
+        object.__setattr__(self, "issuers", normal)
+        if urlsplit(self.redirect_uri).scheme not in ("http", "https"):
+            raise UsageError(f"the redirect URI must be an http(s) URL, got {self.redirect_uri!r}")
+        for origin in self.allowed_frame_ancestors:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise UsageError(f"a frame ancestor must be an origin like https://ehr.example.org, got {origin!r}")
+
+    def allows(self, iss: str) -> bool:
+        """Whether ``iss`` is on the allow-list (exact match after normalising case and a trailing /)."""
+        try:
+            return normalize_issuer(iss) in self.issuers
+        except ValueError:
+            return False
+
+    def frame_ancestors(self) -> tuple[str, ...]:
+        if self.allowed_frame_ancestors:
+            return tuple(dict.fromkeys(self.allowed_frame_ancestors))
+        return tuple(sorted({origin_of(i) for i in self.issuers}))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            client_id=env.get("SMART_CLIENT_ID", "fhir-plugin"),
+            redirect_uri=env.get("SMART_REDIRECT_URI", "http://127.0.0.1:8000/callback"),
+            allowed_issuers=_split(env.get("SMART_ALLOWED_ISSUERS")),
+            allowed_frame_ancestors=_split(env.get("SMART_FRAME_ANCESTORS")),
+            session_store=env.get("SMART_SESSION_STORE", "var/smart-sessions.sqlite"),
+            profile_code=env.get("SMART_PROFILE", "M62.561"),
+            scopes=env.get("SMART_SCOPES") or None,
+        )

@@ -1,0 +1,239 @@
+"""Running the app (or any ASGI app) on a free loopback port inside this process, for tests and benchmarks.
+
+Starlette's TestClient is not used: it needs ``httpx2``, which would switch
+authlib over to it.  A real uvicorn server on 127.0.0.1 is closer to
+production anyway (cookies, redirects and headers as a browser sees them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+import uvicorn
+
+__all__ = ["free_port", "LiveServer", "live_server"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn in a daemon thread; ``url`` is its base URL."""
+
+    def __init__(self, app: Any, port: int | None = None, *, log_level: str = "warning") -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level, access_log=False,
+                                lifespan="off", server_header=False)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def start(self, timeout: float = 20.0) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+
+@contextlib.contextmanager
+def live_server(app: Any, port: int | None = None) -> Iterator[LiveServer]:
+    server = LiveServer(app, port).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- a mocked EHR, for unit tests
+
+class FakeEhr:
+    """A SMART EHR and FHIR server made of ``responses`` callbacks, for tests that need branches on demand.
+
+    ``authorize(url)`` plays the user's browser at the authorization endpoint
+    and returns the redirect back to the app; the token endpoint checks the
+    code (once), the PKCE verifier and the redirect URI, and grants the asked
+    scopes (minus write scopes when ``read_only``).  FHIR reads are answered
+    from ``resources``, a transaction stores conditional creates once.
+    """
+
+    def __init__(self, rsps: Any, resources: list[dict[str, Any]], *, iss: str = "http://ehr.test/fhir",
+                 capabilities: tuple[str, ...] = ("launch-ehr", "launch-standalone", "client-public",
+                                                  "context-ehr-patient", "permission-v2", "permission-v1"),
+                 discovery: str = "well-known", read_only: bool = False, expires_in: int = 300,
+                 need_patient_banner: bool = True) -> None:
+        import itertools
+        import re
+
+        self.rsps = rsps
+        self.iss = iss
+        self.origin = iss.rsplit("/", 1)[0]
+        self.resources = {f"{r['resourceType']}/{r['id']}": r for r in resources}
+        self.read_only = read_only
+        self.expires_in = expires_in
+        self.need_patient_banner = need_patient_banner
+        self.codes: dict[str, dict[str, Any]] = {}
+        self.access_tokens: dict[str, dict[str, Any]] = {}
+        self.refresh_tokens: dict[str, dict[str, Any]] = {}
+        self.issued: list[str] = []          # every access and refresh token handed out
+        self.token_requests: list[dict[str, str]] = []
+        self.transactions: list[dict[str, Any]] = []
+        self.created: dict[str, str] = {}    # ifNoneExist -> reference
+        self._ids = itertools.count(1)
+        self._re = re
+        config = {"authorization_endpoint": f"{self.origin}/authorize", "token_endpoint": f"{self.origin}/token",
+                  "capabilities": list(capabilities), "code_challenge_methods_supported": ["S256"],
+                  "grant_types_supported": ["authorization_code", "refresh_token"]}
+        if discovery == "well-known":
+            rsps.get(f"{iss}/.well-known/smart-configuration", json=config)
+        else:
+            rsps.get(f"{iss}/.well-known/smart-configuration", status=404)
+            rsps.get(f"{iss}/metadata", json={
+                "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+                "rest": [{"mode": "server", "security": {"extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "authorize", "valueUri": config["authorization_endpoint"]},
+                                  {"url": "token", "valueUri": config["token_endpoint"]}]}]}}]})
+        rsps.add_callback("POST", f"{self.origin}/token", callback=self._token)
+        rsps.add_callback("POST", iss, callback=self._bundle)
+        rsps.add_callback("GET", re.compile(re.escape(iss) + r"/[A-Z][A-Za-z]+/[A-Za-z0-9.\-]+$"), callback=self._read)
+
+    # the user's browser at /authorize
+    def authorize(self, url: str, *, patient: str, encounter: str | None = None, error: str | None = None) -> str:
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        params = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        if error:
+            return f"{params['redirect_uri']}?{urlencode({'error': error, 'state': params['state']})}"
+        code = generate_code()
+        self.codes[code] = {**params, "patient": patient, "encounter": encounter}
+        return f"{params['redirect_uri']}?{urlencode({'code': code, 'state': params['state']})}"
+
+    def _json(self, status: int, body: Any) -> tuple[int, dict[str, str], str]:
+        import json
+
+        return status, {"Content-Type": "application/json"}, json.dumps(body)
+
+    def _token(self, request: Any) -> tuple[int, dict[str, str], str]:
+        from urllib.parse import parse_qsl
+
+        from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+        form = dict(parse_qsl(request.body if isinstance(request.body, str) else request.body.decode()))
+        self.token_requests.append(form)
+        if form.get("grant_type") == "refresh_token":
+            grant = self.refresh_tokens.get(form.get("refresh_token", ""))
+            if grant is None:
+                return self._json(400, {"error": "invalid_grant"})
+            return self._json(200, self._issue(grant))
+        grant = self.codes.pop(form.get("code", ""), None)  # single use
+        if grant is None:
+            return self._json(400, {"error": "invalid_grant", "error_description": "unknown or used code"})
+        if create_s256_code_challenge(form.get("code_verifier", "")) != grant["code_challenge"] \
+                or form.get("redirect_uri") != grant["redirect_uri"] or form.get("client_id") != grant["client_id"]:
+            return self._json(400, {"error": "invalid_grant"})
+        scopes = grant["scope"].split()
+        if self.read_only:
+            scopes = [s for s in scopes if not s.endswith((".c", ".write"))]
+        grant = {"scope": " ".join(scopes), "patient": grant["patient"], "encounter": grant["encounter"]}
+        return self._json(200, self._issue(grant))
+
+    def _issue(self, grant: dict[str, Any]) -> dict[str, Any]:
+        import time as _time
+
+        access, refresh = generate_code(40), generate_code(40)
+        self.access_tokens[access] = {**grant, "expires": _time.time() + self.expires_in}
+        self.refresh_tokens[refresh] = grant
+        self.issued += [access, refresh]
+        body = {"access_token": access, "token_type": "Bearer", "expires_in": self.expires_in,
+                "scope": grant["scope"], "refresh_token": refresh, "patient": grant["patient"],
+                "need_patient_banner": self.need_patient_banner, "smart_style_url": f"{self.origin}/style.json"}
+        if grant.get("encounter"):
+            body["encounter"] = grant["encounter"]
+        return body
+
+    def _grant(self, request: Any) -> dict[str, Any] | None:
+        import time as _time
+
+        auth = request.headers.get("Authorization", "")
+        grant = self.access_tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+        if grant is None or grant["expires"] < _time.time():
+            return None
+        return grant
+
+    def _outcome(self, status: int, text: str) -> tuple[int, dict[str, str], str]:
+        return self._json(status, {"resourceType": "OperationOutcome",
+                                   "issue": [{"severity": "error", "code": "security", "diagnostics": text}]})
+
+    def _read(self, request: Any) -> tuple[int, dict[str, str], str]:
+        grant = self._grant(request)
+        if grant is None:
+            return self._outcome(401, "no valid token")
+        ref = request.url.split(self.iss + "/", 1)[1]
+        resource = self.resources.get(ref)
+        if resource is None:
+            return self._outcome(404, f"{ref} not found")
+        return self._json(200, resource)
+
+    def _bundle(self, request: Any) -> tuple[int, dict[str, str], str]:
+        import json
+
+        grant = self._grant(request)
+        if grant is None:
+            return self._outcome(401, "no valid token")
+        bundle = json.loads(request.body)
+        if bundle.get("type") == "transaction":
+            scopes = set(grant["scope"].split())
+            types = {e["resource"]["resourceType"] for e in bundle["entry"]}
+            if not all(scopes & {f"patient/{t}.c", f"patient/{t}.write", "patient/*.write"} for t in types):
+                return self._outcome(403, "the token has no write scope for every entry")
+            self.transactions.append(bundle)
+            entries = []
+            for entry in bundle["entry"]:
+                key = entry["request"].get("ifNoneExist") or str(next(self._ids))
+                if key in self.created:
+                    entries.append({"response": {"status": "200 OK", "location": self.created[key]}})
+                else:
+                    ref = f"{entry['resource']['resourceType']}/d{next(self._ids)}"
+                    self.created[key] = ref
+                    entries.append({"response": {"status": "201 Created", "location": f"{ref}/_history/1"}})
+            return self._json(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+        entries = []
+        for entry in bundle["entry"]:
+            url = entry["request"]["url"]
+            if "?" not in url:
+                resource = self.resources.get(url)
+                entries.append({"resource": resource, "response": {"status": "200 OK"}} if resource else
+                               {"response": {"status": "404 Not Found"}})
+                continue
+            rtype, query = url.split("?", 1)
+            pid = self._re.search(r"patient=([^&]+)", query).group(1)  # type: ignore[union-attr]
+            if pid != grant["patient"]:
+                entries.append({"response": {"status": "403 Forbidden"}})
+                continue
+            found = [r for r in self.resources.values() if r["resourceType"] == rtype and
+                     (r.get("subject") or r.get("patient") or {}).get("reference") == f"Patient/{pid}"]
+            entries.append({"resource": {"resourceType": "Bundle", "type": "searchset", "total": len(found),
+                                         "entry": [{"resource": r, "search": {"mode": "match"}} for r in found]},
+                            "response": {"status": "200 OK"}})
+        return self._json(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
+
+def generate_code(length: int = 32) -> str:
+    from authlib.common.security import generate_token
+
+    return generate_token(length)
