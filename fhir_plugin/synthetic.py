@@ -30,9 +30,9 @@ Readings of SPEC this oracle relies on (the check must agree):
 4. Code fit ``insufficient`` (suggesting nothing) when the site or the finding is undocumented
    and nothing documented contradicts the code; ``mismatch`` when an Excludes1 condition is
    active, suggesting that condition's code.
-5. "No numbness" and "Denies weight loss" are documented negatives (``absent``); "Notes" and
-   "Nocturnal" are not the negation "no" (whole words only); "feedback" and "upright" are not
-   "back" and "right" (keywords match at the start of a word).  A red-flag Observation whose
+5. "No numbness" and "Denies weight loss" are documented negatives (``absent``); "Notes numbness"
+   is not negated ("no" is a whole word only), nor is a sentence after "Denies fever.";
+   "feedback" and "upright" are not "back" and "right" (keywords match at the start of a word).  A red-flag Observation whose
    code names the flag reads as ``absent`` with ``valueBoolean`` false or SNOMED 373067005 "No",
    and ``present`` with ``valueBoolean`` true or SNOMED 373066001 "Yes".
 6. Text in a CarePlan counts only for ``treatment-plan`` (the clinical example's "posture
