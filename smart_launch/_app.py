@@ -51,6 +51,7 @@ from ._store import SessionStore, open_store
 __all__ = ["create_app", "COOKIE"]
 
 log = logging.getLogger("smart_launch.app")
+access = logging.getLogger("smart_launch.access")
 
 COOKIE = "fp_sid"
 _HERE = Path(__file__).parent
@@ -203,6 +204,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
+        started = time.perf_counter()
         try:
             response = await call_next(request)
         except Exception as exc:  # a bug: one sentence for the user, the type in the log, never a traceback page
@@ -216,6 +218,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
         if not request.url.path.startswith("/static/"):
             response.headers["Cache-Control"] = "no-store"  # pages and API answers carry patient data
             response.headers["Pragma"] = "no-cache"
+        # our access log: the path without its query (a callback's query holds the authorization code)
+        access.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
+                    (time.perf_counter() - started) * 1000)
         return response
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:

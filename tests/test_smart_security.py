@@ -1,0 +1,322 @@
+"""Security properties of the SMART app, each asserting the refusal.
+
+Against a mocked EHR (``responses``) so every branch shows on demand; the same
+properties against the real sandbox EHR + HAPI are in test_smart_e2e.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import re
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+import responses
+
+from fhir_plugin.synthetic import generate_cases
+from smart_launch import COOKIE, MemoryStore, Settings, create_app
+from smart_launch._testing import FakeEhr, live_server
+
+ISS = "http://ehr.test/fhir"
+TODAY = dt.date.today()
+
+
+def _case(key: str):
+    return next(c for c in generate_cases(TODAY) if c.key == key)
+
+
+class Recorder(requests.Session):
+    """A browser that keeps every response it saw (bodies and headers are scanned for secrets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[requests.Response] = []
+
+    def request(self, *args, **kwargs):  # type: ignore[override]
+        response = super().request(*args, **kwargs)
+        self.seen.extend(response.history + [response])
+        return response
+
+
+@contextlib.contextmanager
+def _environment(**extra):
+    settings = Settings(**{"allowed_issuers": (ISS,), "session_store": "memory", "client_id": "app",
+                           "redirect_uri": "http://127.0.0.1:1/callback", **extra})
+    store = MemoryStore()
+    with live_server(create_app(settings, store=store)) as server, \
+            responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add_passthru(server.url)
+        yield {"base": server.url, "rsps": rsps, "store": store, "settings": settings}
+
+
+@pytest.fixture
+def env():
+    """The app on a free port, with a mocked EHR behind ``responses`` (the app's own URL passes through)."""
+    with _environment() as environment:
+        yield environment
+
+
+def _outbound(rsps, base: str) -> list[str]:
+    return [c.request.url for c in rsps.calls if not c.request.url.startswith(base)]
+
+
+def _start(env, browser, patient_case, launch="L1"):
+    started = browser.get(f"{env['base']}/launch", params={"iss": ISS, "launch": launch}, allow_redirects=False)
+    assert started.status_code == 302, started.text
+    return started.headers["Location"]
+
+
+def _callback(env, ehr_redirect: str) -> str:
+    return env["base"] + "/callback?" + urlsplit(ehr_redirect).query
+
+
+def _sign_in(env, ehr, browser, case) -> requests.Response:
+    back = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
+    return browser.get(_callback(env, back))
+
+
+# ---------------------------------------------------------------- issuer allow-list
+
+@pytest.mark.parametrize("iss", ["http://evil.test/fhir", "http://ehr.test/fhir/../evil", "http://ehr.test/fhirX",
+                                 "http://ehr.test.evil.test/fhir", "", "javascript:alert(1)"])
+def test_an_unknown_iss_is_refused_before_any_outbound_request_or_redirect(env, iss):
+    browser = requests.Session()
+    page = browser.get(f"{env['base']}/launch", params={"iss": iss, "launch": "x"}, allow_redirects=False)
+    assert page.status_code == 400
+    assert "Location" not in page.headers and "set-cookie" not in {k.lower() for k in page.headers}
+    assert "not configured to trust" in page.text
+    assert _outbound(env["rsps"], env["base"]) == []  # not even discovery was attempted
+
+
+# ---------------------------------------------------------------- state
+
+def test_missing_or_wrong_state_is_refused(env):
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    back = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
+    code = parse_qs(urlsplit(back).query)["code"][0]
+    no_state = browser.get(f"{env['base']}/callback", params={"code": code})
+    wrong = browser.get(f"{env['base']}/callback", params={"code": code, "state": "x" * 43})
+    assert no_state.status_code == 400 and "no state" in no_state.text
+    assert wrong.status_code == 400 and "does not belong to a launch" in wrong.text
+    assert ehr.token_requests == []  # refused before the code was spent
+    assert browser.get(_callback(env, back)).status_code == 200  # the real answer still works
+
+
+def test_a_callback_in_another_browser_is_refused(env):
+    """The state is bound to the session that started the launch (login CSRF)."""
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    victim, attacker = requests.Session(), requests.Session()
+    _start(env, victim, case)
+    back = ehr.authorize(_start(env, attacker, case), patient=case.patient_id)
+    page = victim.get(_callback(env, back))
+    assert page.status_code == 400 and ehr.token_requests == []
+
+
+def test_a_new_launch_clears_the_old_state(env):
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    first = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
+    old_sid = browser.cookies[COOKIE]
+    second = ehr.authorize(_start(env, browser, case, launch="L2"), patient=case.patient_id)
+    assert browser.cookies[COOKIE] != old_sid and env["store"].get(f"sid:{old_sid}") is None
+    assert browser.get(_callback(env, first)).status_code == 400
+    assert browser.get(_callback(env, second)).status_code == 200
+
+
+def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    back = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
+    pending = next(v for k in env["store"].keys() if k.startswith("state:") for v in [env["store"].get(k)])
+    assert browser.get(_callback(env, back)).status_code == 200
+    again = browser.get(_callback(env, back))
+    assert again.status_code == 400 and "already used" in again.text or "does not belong" in again.text
+    assert len(ehr.token_requests) == 1  # the app did not even try the code twice
+    code = parse_qs(urlsplit(back).query)["code"][0]
+    reuse = requests.post("http://ehr.test/token", data={
+        "grant_type": "authorization_code", "code": code, "code_verifier": pending["code_verifier"],
+        "redirect_uri": env["settings"].redirect_uri, "client_id": "app"})
+    assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
+
+
+# ---------------------------------------------------------------- session bound to its launch
+
+def test_a_session_from_launch_a_cannot_see_patient_b(env):
+    a, b = _case("complete"), _case("missing-severity")
+    ehr = FakeEhr(env["rsps"], a.resources + b.resources)
+    browser_a, browser_b = requests.Session(), requests.Session()
+    _sign_in(env, ehr, browser_a, a)
+    _sign_in(env, ehr, browser_b, b)
+    assert browser_a.get(env["base"] + "/api/report").json()["patient"] == f"Patient/{a.patient_id}"
+    assert browser_b.get(env["base"] + "/api/report").json()["patient"] == f"Patient/{b.patient_id}"
+    # no route takes a patient from the browser; the viewer refuses another patient's resource
+    assert browser_a.get(f"{env['base']}/resource/Patient/{b.patient_id}").status_code == 403
+    other_obs = next(r for r in b.resources if r["resourceType"] == "Observation")
+    assert browser_a.get(f"{env['base']}/resource/Observation/{other_obs['id']}").status_code == 403
+    own_obs = next(r for r in a.resources if r["resourceType"] == "Observation")
+    assert browser_a.get(f"{env['base']}/resource/Observation/{own_obs['id']}").status_code == 200
+    # query parameters naming another patient change nothing
+    assert browser_a.get(env["base"] + "/api/report", params={"patient": b.patient_id}).json()["patient"] == \
+        f"Patient/{a.patient_id}"
+    # B's callback delivered to A's browser is refused (the state belongs to B's session)
+    back = ehr.authorize(_start(env, browser_b, b), patient=b.patient_id)
+    assert browser_a.get(_callback(env, back)).status_code == 400
+    assert browser_a.get(env["base"] + "/api/report").json()["patient"] == f"Patient/{a.patient_id}"
+
+
+def test_no_cookie_or_a_forged_cookie_sees_nothing(env):
+    for cookies in ({}, {COOKIE: "forged-session-id"}):
+        for path in ("/review", "/api/report", "/api/drafts", "/resource/Patient/fp-complete"):
+            assert requests.get(env["base"] + path, cookies=cookies).status_code == 401
+        assert requests.post(env["base"] + "/api/write", cookies=cookies,
+                             headers={"X-CSRF-Token": "x"}).status_code == 401
+
+
+# ---------------------------------------------------------------- writing
+
+def test_write_without_write_scopes_is_403_and_nothing_is_written(env):
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources, read_only=True)
+    browser = requests.Session()
+    _sign_in(env, ehr, browser, case)
+    page = browser.get(env["base"] + "/review")
+    assert 'id="read-only"' in page.text and 'id="write-button"' not in page.text
+    csrf = browser.get(env["base"] + "/api/session").json()["csrf"]
+    form = browser.post(env["base"] + "/write", data={"csrf": csrf, "confirmed": "yes"})
+    api = browser.post(env["base"] + "/api/write", headers={"X-CSRF-Token": csrf})
+    assert form.status_code == 403 and "did not grant" in form.text
+    assert api.status_code == 403 and "Condition" in api.json()["error"]
+    assert ehr.transactions == [] and ehr.created == {}
+
+
+def test_write_needs_the_csrf_token_of_this_session(env):
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser, other = requests.Session(), requests.Session()
+    _sign_in(env, ehr, browser, case)
+    _sign_in(env, ehr, other, case)
+    other_csrf = other.get(env["base"] + "/api/session").json()["csrf"]
+    assert browser.post(env["base"] + "/write", data={"confirmed": "yes"}).status_code == 403
+    assert browser.post(env["base"] + "/write", data={"csrf": other_csrf, "confirmed": "yes"}).status_code == 403
+    assert browser.post(env["base"] + "/api/write").status_code == 403
+    assert browser.post(env["base"] + "/api/write", headers={"X-CSRF-Token": other_csrf}).status_code == 403
+    assert ehr.transactions == []
+
+
+def test_write_asks_for_confirmation_then_writes_once(env):
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    _sign_in(env, ehr, browser, case)
+    csrf = browser.get(env["base"] + "/api/session").json()["csrf"]
+    confirm = browser.post(env["base"] + "/write", data={"csrf": csrf})
+    assert confirm.status_code == 200 and 'id="confirm-write"' in confirm.text and ehr.transactions == []
+    written = browser.post(env["base"] + "/write", data={"csrf": csrf, "confirmed": "yes"})
+    assert written.status_code == 200 and "Drafts written" in written.text and len(ehr.transactions) == 1
+    again = browser.post(env["base"] + "/api/write", headers={"X-CSRF-Token": csrf}).json()
+    assert again["created"] == [] and len(again["existing"]) == len(ehr.transactions[0]["entry"])
+
+
+# ---------------------------------------------------------------- secrets never leave the server
+
+def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
+    caplog.set_level(logging.DEBUG)
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    browser = Recorder()
+    back = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
+    pending = [env["store"].get(k) for k in env["store"].keys() if k.startswith("state:")][0]
+    browser.get(_callback(env, back))
+    csrf = browser.get(env["base"] + "/api/session").json()["csrf"]
+    for path in ("/review", "/api/report", "/api/drafts", "/openapi.json", "/"):
+        assert browser.get(env["base"] + path).status_code == 200
+    obs = next(r for r in case.resources if r["resourceType"] == "Observation")
+    browser.get(f"{env['base']}/resource/Observation/{obs['id']}")
+    browser.post(env["base"] + "/write", data={"csrf": csrf})
+    browser.post(env["base"] + "/write", data={"csrf": csrf, "confirmed": "yes"})
+    time.sleep(2.2)  # past expiry: the next call refreshes, and the new tokens must not leak either
+    browser.post(env["base"] + "/api/write", headers={"X-CSRF-Token": csrf})
+    browser.get(env["base"] + "/callback", params={"code": "c", "state": "s"})
+    assert any(r["grant_type"] == "refresh_token" for r in ehr.token_requests)
+    code = parse_qs(urlsplit(back).query)["code"][0]
+    secrets = ehr.issued + [code, pending["code_verifier"]]
+    assert len(ehr.issued) >= 4 and len(browser.seen) >= 10
+    for response in browser.seen:
+        blob = response.text + "\n".join(f"{k}: {v}" for k, v in response.headers.items()) + response.url
+        for secret in secrets:
+            if secret == code and "/callback?" in response.url:
+                continue  # the EHR put the code in the redirect URL itself (single-use, already spent)
+            assert secret not in blob, f"a secret leaked into {response.url}"
+    # the server side's loggers (the test browser's own urllib3 debug lines show URLs it was sent to)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in
+                        ("smart_launch", "fhir_plugin", "uvicorn", "authlib", "fastapi", "starlette"))
+    assert "callback: signed in" in logged
+    for secret in secrets + [browser.cookies[COOKIE]]:
+        assert secret not in logged
+
+
+def test_an_expired_access_token_is_refreshed_transparently_and_stored(env):
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    browser = requests.Session()
+    _sign_in(env, ehr, browser, case)
+    sid = browser.cookies[COOKIE]
+    before = env["store"].get(f"sid:{sid}")["token"]["access_token"]
+    time.sleep(2.2)
+    assert browser.get(env["base"] + "/api/report").status_code == 200
+    after = env["store"].get(f"sid:{sid}")["token"]["access_token"]
+    assert after != before and after in ehr.access_tokens
+    assert [r["grant_type"] for r in ehr.token_requests].count("refresh_token") >= 1
+
+
+def test_an_expired_token_that_cannot_be_refreshed_asks_for_a_new_launch(env):
+    case = _case("missing-treatment-plan")
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    browser = requests.Session()
+    _sign_in(env, ehr, browser, case)
+    ehr.refresh_tokens.clear()  # the EHR revoked it
+    time.sleep(2.2)
+    page = browser.get(env["base"] + "/review")
+    assert page.status_code == 401 and "launch the app again" in page.text and "Traceback" not in page.text
+
+
+# ---------------------------------------------------------------- headers and cookies
+
+def test_security_headers_on_every_page_and_the_cookie_flags(env):
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    browser = Recorder()
+    started = browser.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
+    cookie = started.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Secure" not in cookie  # served over http here
+    browser.get(_callback(env, ehr.authorize(started.headers["Location"], patient=case.patient_id)))
+    for path in ("/review", "/api/report", "/", "/static/app.css", "/launch?iss=http://evil/fhir", "/nowhere"):
+        browser.get(env["base"] + path)
+    for response in browser.seen:
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors http://ehr.test" in csp
+        assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        if "/static/" not in response.url:
+            assert response.headers["Cache-Control"] == "no-store"
+        if response.headers.get("content-type", "").startswith("text/html"):
+            assert "<script>" not in response.text and " onclick=" not in response.text  # no inline script
+
+
+def test_the_cookie_is_secure_when_the_app_is_served_over_https():
+    with _environment(redirect_uri="https://app.example.org/callback",
+                      allowed_frame_ancestors=("https://ehr.example.org",)) as env:
+        FakeEhr(env["rsps"], _case("complete").resources)
+        started = requests.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
+        assert "Secure" in started.headers["set-cookie"]
+        assert "frame-ancestors https://ehr.example.org" in started.headers["Content-Security-Policy"]
