@@ -1,0 +1,395 @@
+"""SMART Backend Services: an access token for a job that runs with no user, and a Session that carries it.
+
+The flow (SMART App Launch 2.x, "Backend Services", and RFC 7523 §2.2):
+
+1. discovery — ``GET {fhir base}/.well-known/smart-configuration`` names the
+   ``token_endpoint`` (and, when it says, the auth methods and signing
+   algorithms it accepts);
+2. the client signs a JWT assertion with its private key: header ``alg``
+   RS384 or ES384 and the ``kid`` of the key registered at the EHR; claims
+   ``iss`` = ``sub`` = client id, ``aud`` = the token URL, ``exp`` no more than
+   five minutes ahead, and a ``jti`` never used before (the server refuses a
+   replayed one);
+3. ``POST`` to the token endpoint: ``grant_type=client_credentials``, the
+   scopes, ``client_assertion_type`` = jwt-bearer, ``client_assertion``;
+4. the answer's ``access_token`` is used as a Bearer token until shortly
+   before ``expires_in`` runs out, then a new one is fetched the same way (a
+   backend client gets no refresh token).
+
+Built and sent apart, as in SMART's client-js: ``client_assertion`` and
+``token_request_form`` are pure; ``fetch_token`` sends; ``TokenCache`` keeps
+the token and fetches a new one when it is near expiry or after the FHIR
+server answered 401; ``BearerAuth`` puts it on every request of a
+``requests.Session`` and repeats a request once with a new token on a 401.
+
+Neither the token nor the assertion is ever logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey, import_key
+
+from ._errors import LaunchError, UsageError
+
+__all__ = [
+    "ASSERTION_TYPE",
+    "MAX_ASSERTION_LIFETIME",
+    "SigningKey",
+    "Token",
+    "TokenCache",
+    "BearerAuth",
+    "load_signing_key",
+    "discover_token_endpoint",
+    "client_assertion",
+    "token_request_form",
+    "fetch_token",
+    "backend_session",
+]
+
+log = logging.getLogger("fhir_plugin.auth")
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: SMART Backend Services: the assertion's ``exp`` is "no more than five minutes in the future"
+MAX_ASSERTION_LIFETIME = 300
+#: the two algorithms SMART Backend Services asks servers to support, by key type
+_ALG_FOR_KEY = {"RSA": "RS384", "EC": "ES384"}
+#: ES384 is ECDSA on P-384 (RFC 7518 §3.4); another curve cannot sign it
+_EC_CURVE = "P-384"
+#: renew this long before the token runs out (capped at a fifth of its lifetime)
+_RENEW_MARGIN = 60.0
+#: assumed lifetime when the token response has no ``expires_in``
+_DEFAULT_LIFETIME = 300.0
+_TOKEN_TRIES = 3
+
+
+# ---------------------------------------------------------------- keys
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key that signs client assertions, with its algorithm and key id."""
+
+    key: RSAKey | ECKey = field(repr=False)
+    alg: str
+    kid: str
+
+    def public_jwk(self) -> dict[str, Any]:
+        """The public half as a JWK (with kid and alg), for registering the client at the EHR."""
+        return {**self.key.as_dict(private=False), "kid": self.kid, "alg": self.alg}
+
+
+def _signing_key(key: Any, kid: str | None, where: str) -> SigningKey:
+    if not isinstance(key, (RSAKey, ECKey)):
+        raise UsageError(f"{where} holds a {getattr(key, 'key_type', 'non-RSA/EC')} key; "
+                         "SMART Backend Services signs with an RSA (RS384) or EC P-384 (ES384) key")
+    if not key.is_private:
+        raise UsageError(f"{where} holds a public key; the job needs the private key to sign its assertions")
+    if isinstance(key, ECKey) and key.curve_name != _EC_CURVE:
+        raise UsageError(f"{where} holds an EC {key.curve_name} key; ES384 needs a P-384 key")
+    if isinstance(key, RSAKey) and key.raw_value.key_size < 2048:
+        raise UsageError(f"{where} holds a {key.raw_value.key_size}-bit RSA key; use 2048 bits or more")
+    # The kid must name the key the EHR has registered; a JWK file usually carries it,
+    # otherwise the RFC 7638 thumbprint is the conventional default.
+    return SigningKey(key, _ALG_FOR_KEY[key.key_type], kid or key.kid or key.thumbprint())
+
+
+def load_signing_key(path: str | Path, *, kid: str | None = None) -> SigningKey:
+    """Read a private key from a PEM file or a JWK JSON file (a single key, or a JWKS holding one private key).
+
+    The algorithm follows the key: RS384 for RSA, ES384 for EC P-384.  ``kid``
+    overrides the key id; else the JWK's own ``kid``, else its RFC 7638 thumbprint.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the private key file {p}: {exc.strerror or exc}") from exc
+    text = data.lstrip()
+    try:
+        if text.startswith(b"{"):
+            jwk = json.loads(text)
+            if isinstance(jwk, dict) and isinstance(jwk.get("keys"), list):
+                private = [k for k in jwk["keys"] if isinstance(k, dict) and "d" in k]
+                if len(private) != 1:
+                    raise UsageError(f"{p} is a JWKS with {len(private)} private keys; name a file with exactly one")
+                jwk = private[0]
+            if not isinstance(jwk, dict):
+                raise UsageError(f"{p} is not a JWK (a JSON object)")
+            key = import_key(jwk)
+        elif b"PRIVATE KEY-----" in text:
+            kind = "EC" if b"BEGIN EC PRIVATE KEY" in text else None
+            if kind is None:
+                try:
+                    key = import_key(data, "RSA")
+                except (JoseError, ValueError, TypeError):
+                    key = import_key(data, "EC")
+            else:
+                key = import_key(data, kind)
+        else:
+            raise UsageError(f"{p} is neither a PEM private key nor a JWK JSON file")
+    except UsageError:
+        raise
+    except (JoseError, ValueError, TypeError) as exc:
+        # not the exception text: it could quote key material
+        raise UsageError(f"{p} does not hold a usable RSA or EC private key ({type(exc).__name__})") from exc
+    return _signing_key(key, kid, str(p))
+
+
+# ---------------------------------------------------------------- pure parts: the assertion and the form
+
+def client_assertion(key: SigningKey, client_id: str, token_url: str, *, now: float | None = None,
+                     lifetime: int = MAX_ASSERTION_LIFETIME, jti: str | None = None) -> str:
+    """The signed JWT that authenticates the client at the token endpoint (SMART Backend Services, RFC 7523).
+
+    A fresh random ``jti`` every call unless one is given (tests only): the
+    server keeps the ones it saw until they expire and refuses a replay.
+    """
+    if not client_id:
+        raise UsageError("a backend-services client needs a client id")
+    if not 0 < lifetime <= MAX_ASSERTION_LIFETIME:
+        raise UsageError(f"the assertion lifetime must be 1-{MAX_ASSERTION_LIFETIME} seconds (SMART Backend Services)")
+    issued = int(time.time() if now is None else now)
+    header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
+    claims = {"iss": client_id, "sub": client_id, "aud": token_url, "iat": issued, "exp": issued + lifetime,
+              "jti": jti or secrets.token_urlsafe(24)}
+    # joserfc refuses RS384/ES384 unless the call names them
+    return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+
+
+def token_request_form(key: SigningKey, client_id: str, token_url: str, scope: str, *,
+                       now: float | None = None) -> dict[str, str]:
+    """The form body of the client_credentials token request, with a new assertion in it."""
+    return {"grant_type": "client_credentials", "scope": scope, "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": client_assertion(key, client_id, token_url, now=now)}
+
+
+def _check_endpoint_url(url: str, what: str) -> str:
+    """Refuse a token endpoint that would expose the assertion: https, or plain http on a loopback host only."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname:
+        host = parts.hostname
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            return url
+    raise LaunchError(f"the {what} {url!r} is not an https URL (plain http is allowed on loopback only)")
+
+
+# ---------------------------------------------------------------- sending
+
+def discover_token_endpoint(session: requests.Session, fhir_base: str, *, timeout: float = 30.0,
+                            alg: str | None = None) -> str:
+    """The token endpoint named by ``{fhir_base}/.well-known/smart-configuration``.
+
+    Refuses a server that says it does not take ``private_key_jwt``, or not
+    the key's algorithm, or the client_credentials grant, rather than failing
+    later with a less clear answer.
+    """
+    url = fhir_base.rstrip("/") + "/.well-known/smart-configuration"
+    try:
+        response = session.get(url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise LaunchError(f"could not read the SMART configuration at {url} ({type(exc).__name__})") from exc
+    if response.status_code != 200:
+        raise LaunchError(f"the SMART configuration at {url} answered {response.status_code}; "
+                          "the server does not seem to offer SMART Backend Services")
+    try:
+        config = response.json()
+    except ValueError as exc:
+        raise LaunchError(f"the SMART configuration at {url} is not JSON") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("token_endpoint"), str):
+        raise LaunchError(f"the SMART configuration at {url} names no token_endpoint")
+    methods = config.get("token_endpoint_auth_methods_supported")
+    if isinstance(methods, list) and "private_key_jwt" not in methods:
+        raise LaunchError(f"the token endpoint of {fhir_base} does not accept private_key_jwt client assertions")
+    grants = config.get("grant_types_supported")
+    if isinstance(grants, list) and "client_credentials" not in grants:
+        raise LaunchError(f"the authorization server of {fhir_base} does not offer the client_credentials grant")
+    algs = config.get("token_endpoint_auth_signing_alg_values_supported")
+    if alg and isinstance(algs, list) and alg not in algs:
+        raise LaunchError(f"the token endpoint of {fhir_base} does not accept {alg} assertions "
+                          f"(it names {', '.join(map(str, algs)) or 'none'})")
+    return _check_endpoint_url(config["token_endpoint"], "token endpoint")
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token and when it runs out (``time.monotonic()`` seconds); never shown in repr."""
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    lifetime: float
+    scope: str = ""
+
+    def fresh(self, now: float) -> bool:
+        """Still good for a while: not within the renewal margin of its expiry."""
+        margin = min(_RENEW_MARGIN, self.lifetime / 5)
+        return now < self.expires_at - margin
+
+
+def _token_error(response: requests.Response, token_url: str, client_id: str) -> LaunchError:
+    """One sentence for a refused token request: the OAuth error code and description, never the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    code = body.get("error") if isinstance(body, dict) else None
+    desc = body.get("error_description") if isinstance(body, dict) else None
+    text = f"{code}" + (f": {' '.join(str(desc).split())[:200]}" if desc else "") if code else \
+        f"status {response.status_code}"
+    return LaunchError(f"the token endpoint {token_url} refused client {client_id!r} ({text})")
+
+
+def fetch_token(session: requests.Session, token_url: str, key: SigningKey, client_id: str, scope: str, *,
+                timeout: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], None] = time.sleep) -> Token:
+    """Ask the token endpoint for an access token; a busy (429/5xx) or unreachable endpoint is tried 3 times.
+
+    Every try signs a new assertion: a ``jti`` is good for one request only.
+    """
+    last: Exception | None = None
+    for attempt in range(1, _TOKEN_TRIES + 1):
+        form = token_request_form(key, client_id, token_url, scope)
+        started = clock()
+        try:
+            response = session.post(token_url, data=form, headers={"Accept": "application/json"},
+                                    timeout=timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            last = exc
+            log.debug("token request for client %s failed: %s", client_id, type(exc).__name__)
+        else:
+            if response.status_code == 200:
+                return _read_token(response, token_url, started)
+            if response.status_code not in (429, 500, 502, 503, 504):
+                raise _token_error(response, token_url, client_id)
+            last = _token_error(response, token_url, client_id)
+            log.debug("token request for client %s answered %d", client_id, response.status_code)
+        if attempt < _TOKEN_TRIES:
+            sleep(0.5 * 2 ** (attempt - 1))
+    if isinstance(last, LaunchError):
+        raise LaunchError(f"{last} after {_TOKEN_TRIES} attempts") from last
+    raise LaunchError(f"could not reach the token endpoint {token_url} ({type(last).__name__}, "
+                      f"{_TOKEN_TRIES} attempts)") from last
+
+
+def _read_token(response: requests.Response, token_url: str, started: float) -> Token:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise LaunchError(f"the token endpoint {token_url} did not answer with JSON") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
+        raise LaunchError(f"the token endpoint {token_url} answered without an access_token")
+    if str(body.get("token_type", "")).lower() != "bearer":
+        raise LaunchError(f"the token endpoint {token_url} issued a {body.get('token_type')!r} token, not a bearer token")
+    try:
+        lifetime = float(body.get("expires_in", _DEFAULT_LIFETIME))
+    except (TypeError, ValueError):
+        lifetime = _DEFAULT_LIFETIME
+    lifetime = max(lifetime, 1.0)
+    # counted from when the request was sent, so network time only makes us renew earlier
+    return Token(body["access_token"], started + lifetime, lifetime, str(body.get("scope") or ""))
+
+
+class TokenCache:
+    """The current access token, fetched on first use, renewed near expiry, dropped on a 401. Thread-safe.
+
+    ``fetch`` is any callable returning a ``Token`` (``fetch_token`` with its
+    arguments bound).  Only one thread fetches; the others wait for its token.
+    """
+
+    def __init__(self, fetch: Callable[[], Token], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: Token | None = None
+        self.fetches = 0
+
+    def __repr__(self) -> str:
+        return f"TokenCache(fetches={self.fetches})"
+
+    def get(self) -> str:
+        """A token good for a while yet (fetching one if needed)."""
+        with self._lock:
+            if self._token is None or not self._token.fresh(self._clock()):
+                self._token = self._fetch()
+                self.fetches += 1
+                log.info("access token %d fetched; valid for %.0f s", self.fetches, self._token.lifetime)
+            return self._token.access_token
+
+    def invalidate(self, rejected: str) -> None:
+        """Forget the token the server rejected (if it is still the current one)."""
+        with self._lock:
+            if self._token is not None and secrets.compare_digest(self._token.access_token, rejected):
+                self._token = None
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """Puts the cache's token on a request; on a 401 renews it once and sends the request again.
+
+    A 401 means the server did not act on the request (RFC 9110 §15.5.2), so
+    repeating it is safe even for a transaction.  A second 401 is returned as
+    it is, and the FHIR client reports it as an AuthError.
+    """
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def __repr__(self) -> str:
+        return "BearerAuth(...)"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.cache.get()}"
+        request.register_hook("response", self._on_response)
+        return request
+
+    def _on_response(self, response: requests.Response, **send_kwargs: Any) -> requests.Response:
+        if response.status_code != 401:
+            return response
+        sent = response.request
+        header = str(sent.headers.get("Authorization", ""))
+        log.info("the server answered 401; renewing the access token once")
+        self.cache.invalidate(header[len("Bearer "):])
+        response.content  # read the body so the connection goes back to the pool
+        response.close()
+        again = sent.copy()
+        again.headers["Authorization"] = f"Bearer {self.cache.get()}"
+        again.hooks = {"response": []}  # the repeat is not repeated again
+        answer = response.connection.send(again, **send_kwargs)
+        answer.history.append(response)
+        answer.request = again
+        return answer
+
+
+def backend_session(fhir_base: str, client_id: str, key: SigningKey, scope: str, *,
+                    token_url: str | None = None, timeout: float = 30.0,
+                    session: requests.Session | None = None) -> tuple[requests.Session, TokenCache]:
+    """A Session that authenticates every request with a backend-services token, and the cache behind it.
+
+    The token endpoint is discovered from the FHIR base unless ``token_url``
+    is given.  Discovery and token requests go through their own plain session,
+    so no bearer token is ever sent to the authorization server.
+    """
+    auth_http = requests.Session()
+    url = _check_endpoint_url(token_url, "token endpoint") if token_url else \
+        discover_token_endpoint(auth_http, fhir_base, timeout=timeout, alg=key.alg)
+    cache = TokenCache(lambda: fetch_token(auth_http, url, key, client_id, scope, timeout=timeout))
+    out = session if session is not None else requests.Session()
+    out.auth = BearerAuth(cache)
+    return out, cache
