@@ -1,0 +1,59 @@
+"""The sandbox EHR's settings: one dataclass, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._clients import ClientRegistry
+
+
+@dataclass
+class EhrConfig:
+    """Settings of one sandbox EHR.
+
+    ``base_url`` is where the EHR is reached (``http://127.0.0.1:9090``); its
+    FHIR base, the SMART ``iss`` and the required ``aud``, is ``base_url + "/fhir"``.
+    ``fhir_upstream`` is the HAPI FHIR base the proxy forwards to.
+    """
+
+    base_url: str
+    fhir_upstream: str
+    clients: ClientRegistry = field(default_factory=ClientRegistry)
+    auto_approve: bool = False                # no approval page: approve everything asked and allowed
+    access_token_lifetime: int = 300          # seconds
+    refresh_token_lifetime: int = 24 * 3600
+    code_lifetime: int = 60                   # RFC 6749 §4.1.2: short-lived, 10 min at most
+    launch_lifetime: int = 600
+    assertion_max_lifetime: int = 300         # SMART Backend Services: exp no more than 5 min ahead
+    assertion_leeway: int = 10                # clock skew allowed on a client assertion's exp
+    permission_v1_only: bool = False          # advertise and grant only SMART v1 scopes
+    issue_id_token: bool = True               # with openid + fhirUser: an RS256 id_token
+    user_id: str = "Practitioner/sandbox-clinician"   # the one simulated EHR user
+    smart_style_url: str | None = None        # default: the sandbox's own style document
+    upstream_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        self.fhir_upstream = self.fhir_upstream.rstrip("/")
+        if self.access_token_lifetime <= 0 or self.refresh_token_lifetime <= 0:
+            raise ValueError("token lifetimes must be positive")
+
+    @property
+    def fhir_base_url(self) -> str:
+        return self.base_url + "/fhir"
+
+    @property
+    def authorize_url(self) -> str:
+        return self.base_url + "/authorize"
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "/token"
+
+    @property
+    def jwks_url(self) -> str:
+        return self.base_url + "/.well-known/jwks.json"
+
+    @property
+    def style_url(self) -> str:
+        return self.smart_style_url or self.base_url + "/smart-style.json"
