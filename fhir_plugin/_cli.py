@@ -1,10 +1,11 @@
-"""The ``fhir-plugin`` command line: check, propose (and write) drafts.
+"""The ``fhir-plugin`` command line: check, propose (and write) drafts, sync a server headless.
 
 Errors are one sentence on stderr and an exit code, never a traceback
 (``--debug`` shows it).  Exit codes:
 
   0   every record checked is complete (check) / drafts made or written (propose)
   1   documentation gaps or a code mismatch found (check) / some patient's drafts refused (propose)
+      / some patient failed (sync; its report line says why)
   2   usage error (bad option, unknown profile or encounter, drafts refused for a mismatch)
   3   a profile under profiles/ is malformed
   4   a patient record is malformed (bad JSON, wrong resource types, not R4)
@@ -12,6 +13,8 @@ Errors are one sentence on stderr and an exit code, never a traceback
   6   the FHIR server answered with an error
   7   the patient (or resource) was not found
   8   the server refused the token (401/403)
+  9   the token request failed (SMART Backend Services: discovery, client assertion, token endpoint)
+  10  another sync job is using the same --state file (sync)
   11  any other plugin error;  70  an internal error (a bug: please report it with --debug output)
 """
 
@@ -64,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
     propose.add_argument("--write", action="store_true",
                          help="send the drafts to --server as one transaction (default: dry run, print the Bundle)")
+    from ._sync import add_arguments as sync_arguments
+
+    sync = sub.add_parser("sync", help="headless job: check changed (or listed) patients, write drafts, resume",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
+    sync_arguments(sync)
     return parser
 
 
@@ -102,6 +110,10 @@ def _checkables(args: argparse.Namespace, today: date) -> tuple[list[Any], Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "sync":
+        from ._sync import sync_command
+
+        return sync_command(args)
     from ._check import check
     from ._profile import load_profile
     from ._render import render_summary, render_text

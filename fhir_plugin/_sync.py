@@ -1,0 +1,696 @@
+"""``fhir-plugin sync``: the headless job — find the patients to check, check each, write the drafts, resume.
+
+One run, in order:
+
+1. **Which patients.**  Those whose Condition, Observation, Encounter or
+   CarePlan changed since the checkpoint's high-water mark
+   (``_lastUpdated=gt<mark>``, every page, the plugin's own drafts left out
+   with ``_tag:not``), plus any patient that failed in an earlier run; or an
+   explicit ``--patient`` list, a ``--group``'s members, or ``--all``.  With
+   no mark yet, a changes run checks every patient.  The list is stored in
+   the state file before any patient is touched.
+2. **Each patient** (``--concurrency`` threads): read the record (one batch
+   round trip), check it, build the drafts, and with ``--write`` send them as
+   ONE transaction of conditional creates — all of a patient or nothing, and
+   sending it twice writes nothing new.  The outcome is committed to the state
+   file as soon as the patient is finished, and one JSON line is reported.
+3. **The mark** moves only when the run finishes (changes and ``--all``
+   runs): to the server's own time of the patient search (the searchset's
+   ``meta.lastUpdated``, else its ``Date`` header) minus a safety margin, so
+   a change committed while the search ran is seen next time.
+
+A killed job, started again with the same options, finds its unfinished run
+and does the patients not yet done (failed ones get another try); the lines of
+those done before are replayed into the report, so the report of the resumed
+run covers every patient once.  A patient whose transaction reached the
+server but whose outcome was not recorded is sent again: a no-op.
+
+Errors: a patient's own problem (malformed data, not found, a server error,
+no answer after the client's retries) is that patient's ``error`` line and the
+run goes on.  A refused token (``AuthError`` after one renewal,
+``LaunchError``) stops the run, as does a server that stops answering
+altogether (``--max-transport-errors`` patients in a row); the run stays
+unfinished, to be resumed.
+
+Report lines carry ids and statuses only — never names, birth dates or free text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
+
+import requests
+
+from ._check import check
+from ._checkpoint import DEFAULT_STATE, Checkpoint, Run
+from ._client import FhirClient
+from ._drafts import DraftsRefused, build_drafts
+from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
+from ._profile import Profile, load_profile
+from ._record import CLINICAL_TYPES, subject_patient_id
+from ._vocab import DRAFT_TAG
+from ._write import write_drafts
+
+__all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "sync_command", "add_arguments",
+           "patient_line", "changed_patients", "group_members", "all_patients", "sync_patient", "PatientOutcome",
+           "ServerClock"]
+
+log = logging.getLogger("fhir_plugin.sync")
+
+#: the mark is the server time of the search minus this, so a change whose transaction
+#: was still committing while we searched is not missed (re-checking is harmless)
+SAFETY_MARGIN = timedelta(minutes=2)
+#: page size for the patient searches (the server may cap it; ``next`` links are followed)
+SEARCH_PAGE = 500
+#: how many patients in a row may fail for want of an answer before the run stops
+DEFAULT_MAX_TRANSPORT_ERRORS = 10
+STATUSES = ("complete", "gaps", "refused", "error")
+
+
+# ---------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class Selection:
+    """Which patients a run checks: explicit ids, a Group, all, or (none of those) the changed ones."""
+
+    patients: tuple[str, ...] = ()
+    group: str | None = None
+    all: bool = False
+    since: str | None = None
+
+    def __post_init__(self) -> None:
+        given = sum((bool(self.patients), self.group is not None, self.all))
+        if given > 1:
+            raise UsageError("choose one of --patient, --group and --all")
+        if self.since is not None and given:
+            raise UsageError("--since applies to a changes run; leave out --patient, --group and --all")
+
+    @property
+    def mode(self) -> str:
+        if self.patients:
+            return "patients"
+        if self.group is not None:
+            return "group"
+        return "all" if self.all else "changed"
+
+    def signature(self) -> str:
+        """What makes two runs the same job (a resumed run must be asked for the same thing)."""
+        data: dict[str, Any] = {"mode": self.mode}
+        if self.patients:
+            data["patients"] = sorted(set(self.patients))
+        if self.group is not None:
+            data["group"] = self.group
+        if self.since is not None:
+            data["since"] = self.since
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    selection: Selection = field(default_factory=Selection)
+    write: bool = False
+    concurrency: int = 4
+    today: date | None = None
+    fresh: bool = False
+    max_transport_errors: int = DEFAULT_MAX_TRANSPORT_ERRORS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 64:
+            raise UsageError("--concurrency must be between 1 and 64")
+        if self.max_transport_errors < 1:
+            raise UsageError("--max-transport-errors must be at least 1")
+
+
+@dataclass
+class SyncResult:
+    """What a run did: counts per status, drafts written, and whether it finished."""
+
+    run: int
+    mode: str
+    total: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    created: int = 0
+    existing: int = 0
+    replayed: int = 0
+    elapsed: float = 0.0
+    finished: bool = False
+    mark: str | None = None
+
+    @property
+    def failed(self) -> int:
+        return self.counts["error"]
+
+    def add(self, line: Mapping[str, Any]) -> None:
+        self.counts[line["status"]] += 1
+        written = line.get("written") or {}
+        self.created += len(written.get("created") or [])
+        self.existing += len(written.get("existing") or [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": {"run": self.run, "mode": self.mode, "patients": self.total, **self.counts,
+                            "created": self.created, "existing": self.existing,
+                            "from_earlier_attempt": self.replayed, "finished": self.finished,
+                            "mark": self.mark, "elapsed_s": round(self.elapsed, 3)}}
+
+
+# ---------------------------------------------------------------- pure parts
+
+def patient_line(patient_id: str, *, status: str, report: Any = None, written: Mapping[str, Any] | None = None,
+                 error: str | None = None) -> dict[str, Any]:
+    """One report line: ids and statuses only (element ids for gaps, the code-fit status)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}")
+    return {"patient": f"Patient/{patient_id}", "status": status,
+            "gaps": [g.id for g in report.gaps()] if report is not None else [],
+            "code_fit": report.code_fit.status if report is not None else None,
+            "written": {"created": list(written.get("created") or []), "existing": list(written.get("existing") or [])}
+            if written is not None else None,
+            "error": error}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def format_instant(value: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds: sorts as text, and HAPI takes it in ``_lastUpdated``."""
+    return _utc(value).strftime("%Y-%m-%dT%H:%M:%S.") + f"{_utc(value).microsecond // 1000:03d}Z"
+
+
+def parse_instant(value: str, what: str = "--since") -> datetime:
+    """A FHIR dateTime (date alone means midnight UTC) as an aware UTC datetime; UsageError if it is not one."""
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise UsageError(f"{what} wants a time like 2026-11-26T08:00:00Z, not {value!r}") from exc
+    return _utc(parsed)
+
+
+def _bundle_time(bundle: Mapping[str, Any]) -> datetime | None:
+    stamp = (bundle.get("meta") or {}).get("lastUpdated")
+    if isinstance(stamp, str):
+        try:
+            return parse_instant(stamp, "meta.lastUpdated")
+        except UsageError:
+            return None
+    return None
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def _patient_id(reference: Any) -> str | None:
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] else None
+
+
+# ---------------------------------------------------------------- the server's clock
+
+class ServerClock:
+    """A ``requests`` response hook that remembers the latest ``Date`` header (the server's time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.latest: datetime | None = None
+
+    def __call__(self, response: requests.Response, **_: Any) -> requests.Response:
+        value = response.headers.get("Date")
+        if value:
+            try:
+                when = _utc(parsedate_to_datetime(value))
+            except (TypeError, ValueError, IndexError):
+                return response
+            with self._lock:
+                self.latest = when
+        return response
+
+
+# ---------------------------------------------------------------- which patients
+
+def _searched_pages(client: FhirClient, resource_type: str, params: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """Every page of a search, asking the server not to answer from a cached search (HAPI reuses them)."""
+    fresh = {"Cache-Control": "no-cache"}
+    page = client.request("GET", resource_type, params=params, headers=fresh)
+    seen: set[str] = set()
+    while True:
+        if page.get("resourceType") != "Bundle":
+            raise PluginError(f"a {resource_type} search answered with a {page.get('resourceType')}, not a Bundle")
+        yield page
+        link = _next_link(page)
+        if link is None or link in seen:
+            return
+        seen.add(link)
+        page = client.request("GET", link, headers=fresh)
+
+
+def _matches(page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    for entry in page.get("entry") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict) \
+                and (entry.get("search") or {}).get("mode", "match") == "match":
+            yield entry["resource"]
+
+
+def changed_patients(client: FhirClient, since: datetime, types: Sequence[str] = CLINICAL_TYPES,
+                     ) -> tuple[list[str], datetime | None]:
+    """Distinct ids of the patients with a resource of ``types`` updated after ``since``, and the server's time.
+
+    The plugin's own drafts are left out (``_tag:not``): writing them must not
+    make the patient "changed" for the next run.  The time returned is the
+    earliest ``meta.lastUpdated`` of the first pages (None if the server sets none).
+    """
+    found: dict[str, None] = {}
+    server_time: datetime | None = None
+    draft_tag = f"{DRAFT_TAG['system']}|{DRAFT_TAG['code']}"
+    for rtype in types:
+        params = [("_lastUpdated", f"gt{format_instant(since)}"), ("_tag:not", draft_tag),
+                  ("_elements", "subject,patient"), ("_count", str(SEARCH_PAGE))]
+        for number, page in enumerate(_searched_pages(client, rtype, params)):
+            if number == 0:
+                when = _bundle_time(page)
+                if when is not None and (server_time is None or when < server_time):
+                    server_time = when
+            for resource in _matches(page):
+                pid = subject_patient_id(resource)
+                if pid:
+                    found.setdefault(pid, None)
+    return list(found), server_time
+
+
+def all_patients(client: FhirClient) -> tuple[list[str], datetime | None]:
+    """Every Patient id on the server (ids only), and the server's time of the search."""
+    ids: dict[str, None] = {}
+    server_time: datetime | None = None
+    for number, page in enumerate(_searched_pages(client, "Patient", [("_elements", "id"),
+                                                                       ("_count", str(SEARCH_PAGE))])):
+        if number == 0:
+            server_time = _bundle_time(page)
+        for resource in _matches(page):
+            if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
+                ids.setdefault(resource["id"], None)
+    return list(ids), server_time
+
+
+def group_members(client: FhirClient, group_id: str) -> list[str]:
+    """The Patient ids among a Group's active members (FHIR Group.member.entity)."""
+    group = client.read("Group", group_id)
+    ids: dict[str, None] = {}
+    for member in group.get("member") or []:
+        if not isinstance(member, dict) or member.get("inactive") is True:
+            continue
+        pid = _patient_id((member.get("entity") or {}).get("reference"))
+        if pid:
+            ids.setdefault(pid, None)
+    return list(ids)
+
+
+# ---------------------------------------------------------------- one patient
+
+_RUN_FATAL = (AuthError, LaunchError)
+
+
+@dataclass(frozen=True)
+class PatientOutcome:
+    """A patient's report line, and whether its error was the server not answering at all."""
+
+    line: dict[str, Any]
+    no_answer: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.line["status"] == "error"
+
+
+def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today: date, write: bool,
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PatientOutcome:
+    """Read, check, draft and (with ``write``) send one patient's drafts; the outcome as a report line.
+
+    A problem of this patient's is its ``error`` line.  A refused token is
+    raised instead: no other patient would fare better.
+    """
+    try:
+        record = client.read_patient_record(patient_id)
+        report = check(record, profile, today=today)
+        try:
+            bundle = build_drafts(report, profile, now=now())
+        except DraftsRefused:
+            return PatientOutcome(patient_line(patient_id, status="refused", report=report))
+        written = write_drafts(client, bundle).to_json() if write else None
+        status = "complete" if report.complete else "gaps"
+        return PatientOutcome(patient_line(patient_id, status=status, report=report, written=written))
+    except _RUN_FATAL:
+        raise
+    except PluginError as exc:
+        return PatientOutcome(patient_line(patient_id, status="error", error=_sentence(str(exc))),
+                              no_answer=isinstance(exc, TransportError))
+    except Exception as exc:  # a bug: report it for this patient, never its data
+        log.debug("internal error on Patient/%s: %s", patient_id, type(exc).__name__)
+        return PatientOutcome(patient_line(patient_id, status="error",
+                                           error=f"internal error ({type(exc).__name__}); please report it."))
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    """A bar on a terminal, a plain line now and then otherwise; always on stderr, never with data."""
+
+    def __init__(self, total: int, done: int, stream: TextIO, *, every: float = 10.0) -> None:
+        self.total = total
+        self.done = done
+        self.failed = 0
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self._first = done
+        self._last_draw = 0.0
+        self._every = every
+        self._step = max(1, total // 20)
+
+    def _rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return (self.done - self._first) / elapsed if elapsed > 0 else 0.0
+
+    def advance(self, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        now = time.monotonic()
+        if self.tty:
+            if now - self._last_draw >= 0.1 or self.done == self.total:
+                self._last_draw = now
+                self.draw()
+        elif self.done == self.total or self.done % self._step == 0 or now - self._last_draw >= self._every:
+            self._last_draw = now
+            self.stream.write(f"fhir-plugin sync: {self.done} of {self.total} patients done"
+                              f"{f' ({self.failed} failed)' if self.failed else ''}, {self._rate():.1f}/s\n")
+            self.stream.flush()
+
+    def draw(self) -> None:
+        width = 30
+        filled = int(width * self.done / self.total) if self.total else width
+        bar = "#" * filled + "-" * (width - filled)
+        failed = f" {self.failed} failed" if self.failed else ""
+        self.stream.write(f"\r\x1b[Ksync [{bar}] {self.done}/{self.total} {self._rate():.1f}/s{failed}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------- the run
+
+def _scope(client: FhirClient, profile: Profile, write: bool) -> str:
+    return f"{client.base_url}|{profile.code}|{'write' if write else 'dry-run'}"
+
+
+def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: Selection,
+            clock: ServerClock | None) -> tuple[list[str], str | None, str | None]:
+    """The run's patients, the mark it started from, and the mark it will set (None: it sets none)."""
+    if selection.mode == "patients":
+        return [p.split("/")[-1] for p in selection.patients], None, None
+    if selection.mode == "group":
+        return group_members(client, selection.group or ""), None, None
+    since_text = selection.since if selection.since is not None else checkpoint.mark(scope)
+    if selection.mode == "all" or since_text is None:
+        ids, server_time = all_patients(client)
+        since = None
+    else:
+        since = parse_instant(since_text)
+        ids, server_time = changed_patients(client, since)
+        # patients that failed before get another try, even with nothing new in their record
+        ids = list(dict.fromkeys(ids + checkpoint.outstanding_failures(scope)))
+    if server_time is None:
+        server_time = clock.latest if clock is not None and clock.latest is not None else None
+    if server_time is None:
+        log.warning("the server gave no time with its search; the local clock sets the mark")
+        server_time = datetime.now(timezone.utc)
+    mark = server_time - SAFETY_MARGIN
+    if since is not None and mark < since:
+        mark = since  # never move the mark backwards
+    return ids, (format_instant(since) if since else None), format_instant(mark)
+
+
+def run_sync(client: FhirClient, checkpoint: Checkpoint, options: SyncOptions, *, profile: Profile,
+             out: TextIO, progress_stream: TextIO | None = None, clock: ServerClock | None = None) -> SyncResult:
+    """One sync run (new or resumed) against ``client``, remembered in ``checkpoint``, reported to ``out``."""
+    started = time.monotonic()
+    today = options.today or date.today()
+    scope = _scope(client, profile, options.write)
+    signature = options.selection.signature()
+    run = checkpoint.unfinished_run(scope)
+    if run is not None and run.signature != signature:
+        if not options.fresh:
+            left = checkpoint.counts(run)
+            raise UsageError(f"{checkpoint.path} holds an unfinished sync run ({run.signature}, started {run.started}, "
+                             f"{left['pending'] + left['failed']} patients left) that asked for other patients; "
+                             "run that command again to finish it, or add --fresh to drop it")
+        log.info("dropping unfinished run %d (--fresh)", run.id)
+        checkpoint.abandon(run)
+        run = None
+    elif run is not None and options.fresh:
+        log.info("dropping unfinished run %d (--fresh)", run.id)
+        checkpoint.abandon(run)
+        run = None
+    if run is None:
+        ids, since, mark = _select(client, checkpoint, scope, options.selection, clock)
+        run = checkpoint.start_run(scope, signature, ids, since=since, mark=mark)
+        log.info("sync run %d: %d patients to check (%s)", run.id, len(ids), options.selection.mode)
+    else:
+        log.info("resuming sync run %d", run.id)
+
+    result = SyncResult(run.id, options.selection.mode, mark=run.mark)
+    for line in checkpoint.done_lines(run):  # replay what an earlier attempt of this run finished
+        _emit(out, line, None)
+        result.add(line)
+        result.replayed += 1
+    todo = checkpoint.todo(run)
+    result.total = result.replayed + len(todo)
+    progress = Progress(result.total, result.replayed, progress_stream) if progress_stream is not None else None
+    fatal = _work(client, checkpoint, run, todo, options, profile, today, out, result, progress)
+    if progress is not None:
+        progress.close()
+    result.finished = fatal is None
+    if fatal is None:
+        checkpoint.finish_run(run, set_mark=options.selection.mode in ("changed", "all"))
+    result.elapsed = time.monotonic() - started
+    _emit(out, result.to_json(), None)
+    if fatal is not None:
+        raise fatal
+    return result
+
+
+def _emit(out: TextIO, line: Mapping[str, Any], progress: Progress | None) -> None:
+    if progress is not None and progress.tty and getattr(out, "isatty", lambda: False)():
+        progress.clear()
+    out.write(json.dumps(line, separators=(", ", ": ")) + "\n")
+    out.flush()
+
+
+def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str], options: SyncOptions,
+          profile: Profile, today: date, out: TextIO, result: SyncResult, progress: Progress | None,
+          ) -> PluginError | None:
+    """Check the ``todo`` patients on a bounded pool; record and report each as it finishes.
+
+    At most ``2 × concurrency`` patients are queued at a time, so memory stays
+    flat however long the list.  Returns the error that stopped the run, if any.
+    """
+    pending = iter(todo)
+    inflight: dict[Future[PatientOutcome], str] = {}
+    fatal: PluginError | None = None
+    interrupted = False
+    transport_streak = 0
+
+    def task(pid: str) -> PatientOutcome:
+        return sync_patient(client, profile, pid, today=today, write=options.write)
+
+    with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="fhir-plugin-sync") as pool:
+        def fill() -> None:
+            while fatal is None and not interrupted and len(inflight) < 2 * options.concurrency:
+                pid = next(pending, None)
+                if pid is None:
+                    return
+                inflight[pool.submit(task, pid)] = pid
+
+        fill()
+        while inflight:
+            try:
+                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                interrupted = True
+                for future in list(inflight):
+                    if future.cancel():
+                        del inflight[future]
+                continue
+            for future in finished:
+                pid = inflight.pop(future)
+                try:
+                    outcome = future.result()
+                except _RUN_FATAL as exc:  # this patient stays pending: the resumed run does it
+                    fatal = fatal or exc
+                    continue
+                transport_streak = transport_streak + 1 if outcome.no_answer else 0
+                checkpoint.record(run, pid, failed=outcome.failed, line=outcome.line)
+                _emit(out, outcome.line, progress)
+                result.add(outcome.line)
+                log.debug("Patient/%s: %s (%d gaps)", pid, outcome.line["status"], len(outcome.line["gaps"]))
+                if progress is not None:
+                    progress.advance(outcome.failed)
+                if transport_streak >= options.max_transport_errors and fatal is None:
+                    fatal = TransportError(f"stopped after {transport_streak} patients in a row got no answer from "
+                                           f"{client.base_url}; run the same command again to resume")
+            fill()
+    if interrupted:
+        raise KeyboardInterrupt
+    return fatal
+
+
+# ---------------------------------------------------------------- the command line
+
+def default_scope(selection: Selection, write: bool) -> str:
+    """SMART v2 system scopes for what the job reads and (with --write) creates: least privilege."""
+    read = ["Patient", "Condition", "Observation", "Encounter", "CarePlan"]
+    scopes = [f"system/{t}.rs" for t in read]
+    if selection.mode == "group":
+        scopes.append("system/Group.r")
+    if write:
+        # conditional creates search for the identifier first, so each written type needs c and s
+        scopes = [s.replace(".rs", ".crs") if s.split("/")[1].split(".")[0] in ("Condition", "CarePlan") else s
+                  for s in scopes]
+        scopes += ["system/Goal.cs", "system/Provenance.cs"]
+    return " ".join(scopes)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sync`` subcommand's options (the command line calls this when it builds its parser)."""
+    parser.add_argument("--server", metavar="URL", required=True, help="FHIR R4 base URL")
+    which = parser.add_argument_group("which patients (none of these: those changed since the last run)")
+    which.add_argument("--patient", metavar="ID", action="append", default=[], help="a patient id (repeatable)")
+    which.add_argument("--group", metavar="ID", help="the members of this FHIR Group")
+    which.add_argument("--all", action="store_true", help="every Patient on the server")
+    which.add_argument("--since", metavar="INSTANT",
+                       help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z")
+    parser.add_argument("--write", action="store_true",
+                        help="write each patient's drafts as one transaction (default: check only)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
+    parser.add_argument("--state", metavar="FILE", default=DEFAULT_STATE,
+                        help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})")
+    parser.add_argument("--report", metavar="FILE", default="-",
+                        help="JSON-lines report, one line per patient and a summary (default stdout)")
+    parser.add_argument("--fresh", action="store_true", help="drop an unfinished run in the state file and start anew")
+    parser.add_argument("--profile", metavar="CODE", default="M62.561", help="condition profile (default M62.561)")
+    parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
+    parser.add_argument("--max-transport-errors", type=int, default=DEFAULT_MAX_TRANSPORT_ERRORS, metavar="N",
+                        help="stop the run after N patients in a row get no answer (default %(default)s)")
+    auth = parser.add_argument_group("authentication (none: an open server)")
+    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
+    auth.add_argument("--client-id", metavar="ID",
+                      help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key")
+    auth.add_argument("--key", metavar="FILE",
+                      help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) "
+                           "(or env FHIR_CLIENT_KEY)")
+    auth.add_argument("--kid", metavar="KID", help="key id to put in the assertion header (default: the JWK's "
+                                                   "kid, else its RFC 7638 thumbprint)")
+    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes "
+                                                        "for what the run reads and writes)")
+    auth.add_argument("--token-url", metavar="URL",
+                      help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+
+
+def _today(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise UsageError(f"--today wants a date like 2026-11-26, not {value!r}") from exc
+
+
+def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
+             ) -> tuple[requests.Session, str | None]:
+    """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
+    from ._backend_auth import backend_session, load_signing_key
+
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, concurrency + 2))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
+    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
+    token = args.token or os.environ.get("FHIR_TOKEN")
+    if client_id or key_path:
+        if not (client_id and key_path):
+            raise UsageError("SMART Backend Services needs both --client-id and --key")
+        if args.token:
+            raise UsageError("give either --token or --client-id with --key, not both")
+        key = load_signing_key(key_path, kid=args.kid)
+        backend_session(args.server, client_id, key, args.scope or default_scope(selection, args.write),
+                        token_url=args.token_url, timeout=args.timeout, session=session)
+        return session, None
+    return session, token
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    """``fhir-plugin sync``: exit 0 when every patient went through, 1 when some failed."""
+    selection = Selection(tuple(args.patient), args.group, args.all, args.since)
+    if selection.since is not None:
+        parse_instant(selection.since)
+    options = SyncOptions(selection, args.write, args.concurrency, _today(args.today), args.fresh,
+                          args.max_transport_errors)
+    profile = load_profile(args.profile)
+    session, token = _session(args, selection, options.concurrency)
+    clock = ServerClock()
+    session.hooks["response"].append(clock)
+    try:
+        with Checkpoint(args.state) as checkpoint, \
+                FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client:
+            out = sys.stdout if args.report == "-" else _open_report(args.report)
+            try:
+                result = run_sync(client, checkpoint, options, profile=profile, out=out,
+                                  progress_stream=sys.stderr, clock=clock)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+    finally:
+        session.close()
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
+    print(f"fhir-plugin sync: {result.total} patients ({counts or 'none'}); {result.created} drafts created, "
+          f"{result.existing} already there; {result.elapsed:.1f} s", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _open_report(path: str) -> TextIO:
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
