@@ -137,7 +137,7 @@ class SandboxEhr:
     def list_patients(self, limit: int = 50) -> list[dict[str, str]]:
         """Patients on the upstream server for the picker (name and id; never logged)."""
         try:
-            answer = requests.get(f"{self.config.fhir_upstream}/Patient",
+            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Patient",
                                   params={"_count": str(limit), "_elements": "name"},
                                   headers={"Accept": FHIR_JSON}, timeout=10)
             bundle = answer.json() if answer.status_code == 200 else {}
@@ -152,7 +152,7 @@ class SandboxEhr:
 
     def list_encounters(self, limit: int = 200) -> dict[str, list[str]]:
         try:
-            answer = requests.get(f"{self.config.fhir_upstream}/Encounter",
+            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Encounter",
                                   params={"_count": str(limit), "_elements": "subject"},
                                   headers={"Accept": FHIR_JSON}, timeout=10)
             bundle = answer.json() if answer.status_code == 200 else {}

@@ -44,7 +44,7 @@ _CONSENT = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
   <ul>
   {% for s in read_scopes %}<li><code>{{ s }}</code></li>{% endfor %}
   {% for s in write_scopes %}<li><label><input type="checkbox" name="write_scope" value="{{ s }}" checked>
-    <code>{{ s }}</code> (write — untick to allow reading only)</label></li>{% endfor %}
+    <code>{{ s }}</code> (write — untick to refuse; any read in it stays)</label></li>{% endfor %}
   </ul>
  </fieldset>
  <button type="submit" name="decision" value="approve">Approve</button>

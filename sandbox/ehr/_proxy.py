@@ -100,7 +100,7 @@ class FhirProxy:
     def bases(self) -> tuple[str, str]:
         return (self.config.fhir_base_url, self.config.fhir_upstream)
 
-    def _session(self) -> requests.Session:
+    def session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
@@ -116,7 +116,7 @@ class FhirProxy:
             cached = self._metadata
         if cached is None:
             try:
-                answer = self._session().get(self.config.fhir_upstream + "/metadata",
+                answer = self.session().get(self.config.fhir_upstream + "/metadata",
                                              headers={"Accept": FHIR_JSON}, timeout=self.config.upstream_timeout)
             except requests.RequestException as exc:
                 return self._unreachable(exc)
@@ -256,7 +256,7 @@ class FhirProxy:
 
     def _fetch_existing(self, rtype: str, rid: str) -> dict[str, Any] | None:
         try:
-            answer = self._session().get(f"{self.config.fhir_upstream}/{rtype}/{rid}",
+            answer = self.session().get(f"{self.config.fhir_upstream}/{rtype}/{rid}",
                                          headers={"Accept": FHIR_JSON}, timeout=self.config.upstream_timeout)
         except requests.RequestException as exc:
             raise _UpstreamError(self._unreachable(exc)) from None
@@ -278,7 +278,7 @@ class FhirProxy:
         for name in _FORWARD_REQUEST_HEADERS:
             if name in headers:
                 out[name] = headers[name]
-        return self._session().request(method, url, headers=out, data=body or None,
+        return self.session().request(method, url, headers=out, data=body or None,
                                        timeout=self.config.upstream_timeout, allow_redirects=False)
 
 
