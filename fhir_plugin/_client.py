@@ -454,7 +454,9 @@ class FhirClient:
         logged = path + ("?" + "&".join(names) if names else "")  # names only: values may be patient data
         action = f"{method} {self.base_url}/{path}".rstrip("/")
         safe = method in _SAFE_METHODS if safe_to_retry is None else safe_to_retry
-        sent_headers = {"Accept": FHIR_JSON, **(headers or {})}
+        # no-cache: HAPI reuses a search's results for a minute by default, and a record read just
+        # after drafts were written must see them (the check would report a stale treatment-plan)
+        sent_headers = {"Accept": FHIR_JSON, "Cache-Control": "no-cache", **(headers or {})}
         data = None
         if body is not None:
             sent_headers["Content-Type"] = FHIR_JSON
