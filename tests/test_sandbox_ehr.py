@@ -424,6 +424,22 @@ def test_scopes_beyond_the_registration_are_not_granted(ehr):
     assert _query(answer.headers["Location"])["error"] == "invalid_scope"
 
 
+def test_confidential_symmetric_client_must_authenticate(ehr):
+    ehr.clients.register(Client("conf-app", redirect_uris=[REDIRECT], scope="launch/patient patient/*.rs online_access",
+                                token_endpoint_auth_method="client_secret_basic", client_secret="s3cret"))
+    verifier, challenge = pkce()
+    answer = authorize(ehr, client_id="conf-app", challenge=challenge, patient="p-1",
+                       scope="launch/patient patient/*.rs online_access")
+    code = _query(answer.headers["Location"])["code"]
+    data = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT, "code_verifier": verifier}
+    wrong = requests.post(ehr.config.token_url, data=data, auth=("conf-app", "wrong"), timeout=10)
+    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
+    as_public = requests.post(ehr.config.token_url, data={**data, "client_id": "conf-app"}, timeout=10)
+    assert as_public.json()["error"] == "invalid_client"
+    right = requests.post(ehr.config.token_url, data=data, auth=("conf-app", "s3cret"), timeout=10)
+    assert right.status_code == 200 and right.json()["patient"] == "p-1" and right.json()["refresh_token"]
+
+
 def test_approval_page_lets_the_user_untick_write_scopes():
     with running_ehr(UNREACHABLE) as server:          # no auto-approve: the page is shown
         server.clients.register(app_client())

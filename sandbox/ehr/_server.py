@@ -28,6 +28,7 @@ from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from authlib.oauth2.rfc7636 import CodeChallenge
 from joserfc import jwt
+from requests.structures import CaseInsensitiveDict
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -82,7 +83,8 @@ class SandboxRequest(OAuth2Request):
 
     def __init__(self, method: str, uri: str, headers: Mapping[str, str],
                  query: Iterable[tuple[str, str]] = (), form: Iterable[tuple[str, str]] = ()) -> None:
-        super().__init__(method, uri, headers=dict(headers))
+        # authlib looks headers up as "Authorization"; Starlette hands them over lower-cased.
+        super().__init__(method, uri, headers=CaseInsensitiveDict(dict(headers)))
         self._query = list(query)
         self._form = list(form)
         self.payload = _Payload(self._query + self._form)
