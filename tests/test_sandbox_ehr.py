@@ -545,6 +545,16 @@ def test_no_secret_reaches_the_logs(ehr, caplog):
     assert not [s for s in secrets_seen if s in text]
 
 
+def test_proxy_answers_with_an_operation_outcome_when_the_fhir_server_is_down(ehr):
+    token = sign_in(ehr, patient="p-1", scope="launch/patient patient/*.rs")["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    down = requests.get(ehr.fhir_base_url + "/Condition", params={"patient": "p-1"}, headers=headers, timeout=10)
+    assert down.status_code == 502 and down.json()["resourceType"] == "OperationOutcome"
+    xml = requests.get(ehr.fhir_base_url + "/Condition", params={"patient": "p-1", "_format": "xml"},
+                       headers=headers, timeout=10)
+    assert xml.status_code == 406
+
+
 # ------------------------------------------------------------------ the proxy, against HAPI
 
 def _hapi_transaction(base: str, entries: list[dict]) -> requests.Response:
