@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping
 
 from . import _icd10cm as icd
@@ -16,7 +17,7 @@ from ._errors import UsageError
 from ._profile import IcdSet, Profile, Rule
 from ._record import PatientRecord
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
-from ._text import Terms
+from ._text import Terms, WordIndex
 from ._vocab import ICD10CM, LOINC, is_plugin_draft
 
 __all__ = ["check"]
@@ -163,6 +164,10 @@ class _Doc:
     def type(self) -> str:
         return self.resource["resourceType"]
 
+    @cached_property
+    def index(self) -> WordIndex:
+        return WordIndex(self.text)
+
 
 class _Context:
     """What every element reads: the documents, the conditions under review, the dates."""
@@ -192,6 +197,8 @@ class _Context:
         self.site_docs = [_Doc(d.ref, d.resource, _site_texts(d.resource)) for d in self.under_review]
         self.site_docs += [_Doc(d.ref, d.resource, _site_texts(d.resource)) for d in self.observations
                            if d.resource.get("bodySite")]
+        self.sites: dict[str, list[str]] | None = None   # filled once by _sites / _sides
+        self.sides: dict[str, list[str]] | None = None
 
     def _under_review(self, condition: Mapping[str, Any], site_codes: frozenset[str], site_terms: Terms) -> bool:
         for code in _codes(condition, system=ICD10CM):
@@ -246,7 +253,7 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context) -> bool:
         if rule.categories and any(c.get("code") in rule.categories
                                    for cat in res.get("category") or [] for c in cat.get("coding") or []):
             return True
-    if rule.terms and doc.type in rule.resource_types and value_ok and rule.terms.search(doc.text):
+    if rule.terms and doc.type in rule.resource_types and value_ok and rule.terms.may_occur(doc.index):
         mentions = rule.terms.mentions(doc.text)
         return any(rule.negated_counts or not m.negated for m in mentions)
     return False
@@ -261,7 +268,7 @@ def _found(docs: Iterable[_Doc], codes: frozenset[str], terms: Terms, *, site_co
     out = []
     for doc in docs:
         have = _site_codes(doc.resource) if site_codes_only else _codes(doc.resource)
-        if have & codes or any(not m.negated for m in terms.mentions(doc.text)):
+        if have & codes or (terms.may_occur(doc.index) and any(not m.negated for m in terms.mentions(doc.text))):
             out.append(doc.ref)
     return out
 
@@ -284,20 +291,26 @@ def _evidence_element(element: Mapping[str, Any], ctx: _Context, done: dict[str,
 
 
 def _sites(ctx: _Context) -> dict[str, list[str]]:
+    if ctx.sites is not None:
+        return ctx.sites
     out: dict[str, list[str]] = {}
     for region, (_label, codes, terms) in ctx.profile.site_terms.items():
         refs = _found(ctx.site_docs, codes, terms, site_codes_only=True)
         if refs:
             out[region] = refs
+    ctx.sites = out
     return out
 
 
 def _sides(ctx: _Context) -> dict[str, list[str]]:
+    if ctx.sides is not None:
+        return ctx.sides
     out: dict[str, list[str]] = {}
     for side, (codes, terms) in ctx.profile.side_terms.items():
         refs = _found(ctx.site_docs, codes, terms, site_codes_only=False)
         if refs:
             out[side] = refs
+    ctx.sides = out
     return out
 
 
@@ -477,7 +490,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
         if doc.type == "Condition" and rule.icd10cm is not None and any(c in rule.icd10cm for c in _icd_codes(doc)):
             (present if _condition_counts(doc) else absent).append(doc.ref)
             continue
-        if rule.terms and rule.terms.search(doc.text):
+        if rule.terms and rule.terms.may_occur(doc.index):
             mentions = rule.terms.mentions(doc.text, trailing_negative=True)
             answer = _observation_answer(doc.resource) if doc.type == "Observation" else None
             if answer is not None:

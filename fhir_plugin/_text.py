@@ -12,10 +12,11 @@ numbness" negates only the fever.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
-__all__ = ["Terms", "Mention", "compile_terms"]
+__all__ = ["Terms", "Mention", "WordIndex", "compile_terms"]
 
 _WORD_CHAR = r"0-9A-Za-z"
 _SENTENCE_BREAK = re.compile(r"[.;!?\n]+(?:\s|$)|\n")
@@ -33,6 +34,34 @@ class Mention:
     negated: bool
 
 
+_TOKEN = re.compile(r"[0-9a-z]+")
+
+
+class WordIndex:
+    """The sorted distinct words of a text: a cheap test of whether a term can occur at all.
+
+    Built once per resource; a term whose first word starts no word of the text
+    is skipped without running its regular expression over the whole text (a
+    1 MB note would otherwise be scanned once per element).
+    """
+
+    def __init__(self, text: str) -> None:
+        self.words: list[str] = sorted(set(_TOKEN.findall(text.lower())))
+
+    def has_prefix(self, prefix: str) -> bool:
+        i = bisect_left(self.words, prefix)
+        return i < len(self.words) and self.words[i].startswith(prefix)
+
+    def has_word(self, word: str) -> bool:
+        i = bisect_left(self.words, word)
+        return i < len(self.words) and self.words[i] == word
+
+
+def _first_token(term: str) -> str:
+    found = _TOKEN.findall(term.lower())
+    return found[0] if found else ""
+
+
 def _phrase(term: str) -> str:
     # a multi-word keyword tolerates any run of white space between its words
     return r"\s+".join(re.escape(part) for part in term.split())
@@ -42,9 +71,18 @@ class Terms:
     """A compiled set of keywords (word-start) and whole words, searched in one pass."""
 
     def __init__(self, keywords: Iterable[str] = (), words: Iterable[str] = ()) -> None:
+        keywords, words = list(keywords), list(words)
         parts = [rf"(?<![{_WORD_CHAR}]){_phrase(k)}" for k in keywords]
         parts += [rf"(?<![{_WORD_CHAR}]){_phrase(w)}(?![{_WORD_CHAR}])" for w in words]
         self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+        # a one-word whole-word term must equal a word; anything else must start one
+        self._prefixes: Sequence[str] = [_first_token(t) for t in keywords] + \
+            [_first_token(w) for w in words if len(_TOKEN.findall(w.lower())) > 1]
+        self._words: Sequence[str] = [_first_token(w) for w in words if len(_TOKEN.findall(w.lower())) == 1]
+
+    def may_occur(self, index: WordIndex) -> bool:
+        """False when no term can occur in the indexed text (no regex needed)."""
+        return any(index.has_prefix(p) for p in self._prefixes) or any(index.has_word(w) for w in self._words)
 
     def __bool__(self) -> bool:
         return self._pattern is not None
