@@ -60,13 +60,17 @@ def _per_patient(base: str, cases: list, profile, today: date) -> dict[str, list
     return out
 
 
-def _throughput(record, profile, today: date, encounter_id, seconds: float = 2.0) -> float:
+def _throughput(record, profile, today: date, encounter_id, seconds: float = 3.0) -> tuple[float, float]:
+    """Checks per wall second and per CPU second of this (single-threaded) process.
+
+    The CPU figure is the one-core rate even when other work shares the machine.
+    """
     check(record, profile, today=today, encounter_id=encounter_id)  # warm caches (ICD-10-CM data)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds or n < 3:
         check(record, profile, today=today, encounter_id=encounter_id)
         n += 1
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def main() -> int:
@@ -101,10 +105,12 @@ def main() -> int:
         f"Speed-up per patient: **{speedup:.1f}x** (target >= 3x). "
         f"Max round trips, ours: read {max(figures['ours_read_rt']):.0f}, write {max(figures['ours_write_rt']):.0f}.",
         "",
-        "| check in memory, one core | patients/s |",
-        "|---|---|",
-        f"| typical record ({len(typical.resources)} resources) | {typical_rate:.0f} |",
-        f"| large record ({len(big.resources)} resources, 2,000 Observations) | {big_rate:.1f} |",
+        "| check in memory, one thread | patients per CPU second (one core) | patients per wall second |",
+        "|---|---|---|",
+        f"| typical record ({len(typical.resources)} resources) | {typical_rate[1]:.0f} | {typical_rate[0]:.0f} |",
+        f"| large record ({len(big.resources)} resources, 2,000 Observations) | {big_rate[1]:.1f} | {big_rate[0]:.1f} |",
+        "",
+        "Target: >= 200 typical patients/s on one core.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -17,7 +17,7 @@ from ._errors import UsageError
 from ._profile import IcdSet, Profile, Rule
 from ._record import PatientRecord
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
-from ._text import Terms, WordIndex
+from ._text import Terms, Vocabulary
 from ._vocab import ICD10CM, LOINC, is_plugin_draft
 
 __all__ = ["check"]
@@ -159,14 +159,32 @@ class _Doc:
     ref: str
     resource: Mapping[str, Any]
     text: str
+    vocabulary: Vocabulary
 
-    @property
+    @cached_property
     def type(self) -> str:
         return self.resource["resourceType"]
 
     @cached_property
-    def index(self) -> WordIndex:
-        return WordIndex(self.text)
+    def index(self) -> frozenset[str]:
+        """The first words of the profile's terms that occur in this resource's text."""
+        return self.vocabulary.scan(self.text)
+
+    @cached_property
+    def codes(self) -> frozenset[str]:
+        return frozenset(_codes(self.resource))
+
+    @cached_property
+    def loinc(self) -> frozenset[str]:
+        return frozenset(_codes(self.resource, system=LOINC))
+
+    @cached_property
+    def categories(self) -> frozenset[str]:
+        return frozenset(c.get("code") for cat in self.resource.get("category") or [] for c in cat.get("coding") or [])
+
+    @cached_property
+    def has_value(self) -> bool:
+        return _has_value(self.resource)
 
 
 class _Context:
@@ -178,7 +196,8 @@ class _Context:
         usable = [r for r in record.resources if not _entered_in_error(r)]
         self.drafts = [r for r in usable if is_plugin_draft(r)]
         clinical = [r for r in usable if not is_plugin_draft(r)]
-        self.docs = [_Doc(_ref(r), r, _texts(r)) for r in clinical
+        vocab = profile.vocabulary
+        self.docs = [_Doc(_ref(r), r, _texts(r), vocab) for r in clinical
                      if r["resourceType"] in ("Condition", "Observation", "Encounter")]
         self.conditions = [d for d in self.docs if d.type == "Condition"]
         self.observations = [d for d in self.docs if d.type == "Observation"]
@@ -194,8 +213,8 @@ class _Context:
         onsets = [o for o in (_onset_date(d.resource) for d in self.under_review) if o]
         self.onset = min(onsets) if onsets else None
         # site and side are read from the conditions under review and observations with a bodySite
-        self.site_docs = [_Doc(d.ref, d.resource, _site_texts(d.resource)) for d in self.under_review]
-        self.site_docs += [_Doc(d.ref, d.resource, _site_texts(d.resource)) for d in self.observations
+        self.site_docs = [_Doc(d.ref, d.resource, _site_texts(d.resource), vocab) for d in self.under_review]
+        self.site_docs += [_Doc(d.ref, d.resource, _site_texts(d.resource), vocab) for d in self.observations
                            if d.resource.get("bodySite")]
         self.sites: dict[str, list[str]] | None = None   # filled once by _sites / _sides
         self.sides: dict[str, list[str]] | None = None
@@ -244,14 +263,13 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context) -> bool:
     if rule.icd10cm is not None and doc.type == "Condition" and _condition_counts(doc):
         if any(code in rule.icd10cm for code in _icd_codes(doc)):
             return True
-    value_ok = not rule.with_value or _has_value(res)
-    if rule.codes and _codes(res) & rule.codes:
+    value_ok = not rule.with_value or doc.has_value
+    if rule.codes and not doc.codes.isdisjoint(rule.codes):
         return True
     if doc.type == "Observation" and value_ok:
-        if rule.loinc and _codes(res, system=LOINC) & rule.loinc:
+        if rule.loinc and not doc.loinc.isdisjoint(rule.loinc):
             return True
-        if rule.categories and any(c.get("code") in rule.categories
-                                   for cat in res.get("category") or [] for c in cat.get("coding") or []):
+        if rule.categories and not doc.categories.isdisjoint(rule.categories):
             return True
     if rule.terms and doc.type in rule.resource_types and value_ok and rule.terms.may_occur(doc.index):
         mentions = rule.terms.mentions(doc.text)
@@ -267,7 +285,7 @@ def _found(docs: Iterable[_Doc], codes: frozenset[str], terms: Terms, *, site_co
     """Refs of documents that document a site/side/finding by code or by an un-negated keyword."""
     out = []
     for doc in docs:
-        have = _site_codes(doc.resource) if site_codes_only else _codes(doc.resource)
+        have = _site_codes(doc.resource) if site_codes_only else doc.codes
         if have & codes or (terms.may_occur(doc.index) and any(not m.negated for m in terms.mentions(doc.text))):
             out.append(doc.ref)
     return out
@@ -510,7 +528,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
     threshold = flag.get("threshold")
     if threshold:
         for doc in ctx.observations:
-            if threshold["loinc"] in _codes(doc.resource, system=LOINC):
+            if threshold["loinc"] in doc.loinc:
                 value = _quantity_celsius(doc.resource)
                 if value is not None:
                     (present if value >= float(threshold["at_least"]) else absent).append(doc.ref)

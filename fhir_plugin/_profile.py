@@ -23,7 +23,7 @@ from fhir.resources.R4B.plandefinition import PlanDefinition
 
 from . import _icd10cm as icd
 from ._errors import ProfileError, UsageError
-from ._text import Terms
+from ._text import Terms, Vocabulary
 
 __all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root"]
 
@@ -124,6 +124,7 @@ class Profile:
     side_terms: dict[str, tuple[frozenset[str], Terms]]
     finding_terms: dict[str, tuple[frozenset[str], Terms]]
     plan_definition: dict[str, Any] = field(repr=False)
+    vocabulary: Vocabulary = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
     def region(self) -> str:
@@ -318,7 +319,10 @@ def _load(folder: Path) -> Profile:
         _need(rule, "when", dict, path, where)
 
     plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
-    return Profile(code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
+    vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]
+                            + [t for _l, _c, t in site_terms.values()] + [t for _c, t in side_terms.values()]
+                            + [t for _c, t in finding_terms.values()])
+    return Profile(vocabulary=vocabulary, code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
                    excludes1=tuple(excludes), elements=tuple(elements), rules=rules, red_flags=tuple(flags),
                    flag_rules=flag_rules, site_terms=site_terms, side_terms=side_terms,
                    finding_terms=finding_terms, plan_definition=plan)

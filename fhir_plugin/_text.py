@@ -12,11 +12,12 @@ numbness" negates only the fever.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from functools import lru_cache
+from typing import Iterable
 
-__all__ = ["Terms", "Mention", "WordIndex", "compile_terms"]
+__all__ = ["Terms", "Mention", "Vocabulary", "compile_terms"]
 
 _WORD_CHAR = r"0-9A-Za-z"
 _SENTENCE_BREAK = re.compile(r"[.;!?\n]+(?:\s|$)|\n")
@@ -37,24 +38,42 @@ class Mention:
 _TOKEN = re.compile(r"[0-9a-z]+")
 
 
-class WordIndex:
-    """The sorted distinct words of a text: a cheap test of whether a term can occur at all.
+@lru_cache(maxsize=8192)
+def _sentence_breaks(text: str) -> tuple[list[int], list[int]]:
+    """Start and end offsets of the sentence breaks in ``text`` (cached: several terms read one text)."""
+    starts, ends = [], []
+    for m in _SENTENCE_BREAK.finditer(text):
+        starts.append(m.start())
+        ends.append(m.end())
+    return starts, ends
 
-    Built once per resource; a term whose first word starts no word of the text
-    is skipped without running its regular expression over the whole text (a
-    1 MB note would otherwise be scanned once per element).
+
+def _sentence_around(text: str, start: int, end: int) -> tuple[int, int]:
+    starts, ends = _sentence_breaks(text)
+    i = bisect_right(ends, start)            # breaks that end at or before the match
+    j = bisect_left(starts, end)             # the first break after the match
+    return (ends[i - 1] if i else 0), (starts[j] if j < len(starts) else len(text))
+
+
+class Vocabulary:
+    """The first words of every term a profile uses, found in a text by one scan.
+
+    A term whose first word does not start a word of the text cannot occur, so
+    its regular expression is never run on that text: one scan per resource
+    instead of one per element (a 1 MB note would otherwise be read ~40 times).
     """
 
-    def __init__(self, text: str) -> None:
-        self.words: list[str] = sorted(set(_TOKEN.findall(text.lower())))
+    def __init__(self, terms: Iterable["Terms"]) -> None:
+        tokens = sorted(set().union(*(t.first_tokens for t in terms)), key=len, reverse=True)
+        self._pattern = re.compile(r"(?<![0-9a-z])(?:" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
+        # a longer token found at a position also shows every token that is its prefix
+        self._covers = {t: frozenset(u for u in tokens if t.startswith(u)) for t in tokens}
 
-    def has_prefix(self, prefix: str) -> bool:
-        i = bisect_left(self.words, prefix)
-        return i < len(self.words) and self.words[i].startswith(prefix)
-
-    def has_word(self, word: str) -> bool:
-        i = bisect_left(self.words, word)
-        return i < len(self.words) and self.words[i] == word
+    def scan(self, text: str) -> frozenset[str]:
+        if self._pattern is None or not text:
+            return frozenset()
+        found = {m.group(0) for m in self._pattern.finditer(text.lower())}
+        return frozenset().union(*(self._covers[f] for f in found)) if found else frozenset()
 
 
 def _first_token(term: str) -> str:
@@ -75,14 +94,11 @@ class Terms:
         parts = [rf"(?<![{_WORD_CHAR}]){_phrase(k)}" for k in keywords]
         parts += [rf"(?<![{_WORD_CHAR}]){_phrase(w)}(?![{_WORD_CHAR}])" for w in words]
         self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
-        # a one-word whole-word term must equal a word; anything else must start one
-        self._prefixes: Sequence[str] = [_first_token(t) for t in keywords] + \
-            [_first_token(w) for w in words if len(_TOKEN.findall(w.lower())) > 1]
-        self._words: Sequence[str] = [_first_token(w) for w in words if len(_TOKEN.findall(w.lower())) == 1]
+        self.first_tokens = frozenset(filter(None, (_first_token(t) for t in keywords + words)))
 
-    def may_occur(self, index: WordIndex) -> bool:
-        """False when no term can occur in the indexed text (no regex needed)."""
-        return any(index.has_prefix(p) for p in self._prefixes) or any(index.has_word(w) for w in self._words)
+    def may_occur(self, found: frozenset[str]) -> bool:
+        """False when none of the terms' first words was found by a ``Vocabulary`` scan."""
+        return not self.first_tokens.isdisjoint(found)
 
     def __bool__(self) -> bool:
         return self._pattern is not None
@@ -96,18 +112,18 @@ class Terms:
         if self._pattern is None or not text:
             return []
         found: list[Mention] = []
-        for sentence in _SENTENCE_BREAK.split(text):
-            for match in self._pattern.finditer(sentence):
-                before = sentence[: match.start()]
-                breaks = [m.end() for m in _CLAUSE_BREAK.finditer(before)]
-                scope = before[breaks[-1]:] if breaks else before
-                negated = bool(_NEGATION.search(scope))
-                if not negated and trailing_negative:
-                    # "Saddle anesthesia: negative" / "fever absent" — a documented negative after the term
-                    after = sentence[match.end():]
-                    cut = _CLAUSE_BREAK.search(after)
-                    negated = bool(_TRAILING_NEGATIVE.search(after[: cut.start()] if cut else after))
-                found.append(Mention(match.group(0), negated))
+        for match in self._pattern.finditer(text):
+            first, last = _sentence_around(text, match.start(), match.end())
+            before = text[first: match.start()]
+            breaks = [m.end() for m in _CLAUSE_BREAK.finditer(before)]
+            scope = before[breaks[-1]:] if breaks else before
+            negated = bool(_NEGATION.search(scope))
+            if not negated and trailing_negative:
+                # "Saddle anesthesia: negative" / "fever absent" — a documented negative after the term
+                after = text[match.end(): last]
+                cut = _CLAUSE_BREAK.search(after)
+                negated = bool(_TRAILING_NEGATIVE.search(after[: cut.start()] if cut else after))
+            found.append(Mention(match.group(0), negated))
         return found
 
     def search(self, text: str) -> bool:
