@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
     propose.add_argument("--write", action="store_true",
                          help="send the drafts to --server as one transaction (default: dry run, print the Bundle)")
+    synthetic = sub.add_parser("synthetic", help="save the synthetic patients as Bundle files, or load them into a server")
+    synthetic.add_argument("--out", metavar="DIR", help="write one Bundle per patient plus expected.json here")
+    synthetic.add_argument("--server", metavar="URL", help="load them into this FHIR server by one transaction")
+    synthetic.add_argument("--today", metavar="YYYY-MM-DD", help="the date the records are dated back from")
+    synthetic.add_argument("--debug", action="store_true", help="show tracebacks")
     from ._sync import add_arguments as sync_arguments
 
     sync = sub.add_parser("sync", help="headless job: check changed (or listed) patients, write drafts, resume",
@@ -109,7 +114,24 @@ def _checkables(args: argparse.Namespace, today: date) -> tuple[list[Any], Any]:
     return items, None
 
 
+def _synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import generate_cases, load_into_server, save_cases
+
+    if not args.out and not args.server:
+        raise UsageError("say where the synthetic patients go: --out DIR and/or --server URL")
+    cases = generate_cases(_today(args.today))
+    if args.out:
+        written = save_cases(cases, args.out)
+        print(f"wrote {len(written)} files ({len(cases)} patients) to {args.out}")
+    if args.server:
+        load_into_server(args.server, cases)
+        print(f"loaded {len(cases)} patients into {args.server} (ids start with fp-)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "synthetic":
+        return _synthetic(args)
     if args.command == "sync":
         from ._sync import sync_command
 
