@@ -1,0 +1,92 @@
+"""Drafting is pure: same report, same Bundle; every entry a conditional create (SPEC §7)."""
+
+from datetime import datetime, timezone
+
+import pytest
+
+from fhir_plugin import DraftsRefused, build_drafts, check, load_profile, phases_of, records_from_bundle
+from fhir_plugin._vocab import DRAFT_TAG
+from test_check_cases import CASES, TODAY
+
+NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
+PROFILE = load_profile("M62.561")
+
+
+def _report(key):
+    case = next(c for c in CASES if c.key == key)
+    [record] = records_from_bundle(case.resources)
+    return check(record, PROFILE, today=TODAY, encounter_id=case.encounter_id)
+
+
+def _by_type(bundle):
+    out = {}
+    for entry in bundle["entry"]:
+        out.setdefault(entry["resource"]["resourceType"], []).append(entry)
+    return out
+
+
+def test_one_transaction_of_conditional_creates_with_urn_references():
+    bundle = build_drafts(_report("missing-onset"), PROFILE, now=NOW)
+    assert bundle["type"] == "transaction"
+    kinds = _by_type(bundle)
+    assert {k: len(v) for k, v in kinds.items()} == {"Condition": 1, "Goal": 4, "CarePlan": 1, "Provenance": 1}
+    for entry in bundle["entry"]:
+        assert entry["fullUrl"].startswith("urn:uuid:")
+        assert entry["request"]["method"] == "POST" and entry["request"]["ifNoneExist"]
+        assert DRAFT_TAG["code"] in [t["code"] for t in entry["resource"]["meta"]["tag"]]
+    condition_url = kinds["Condition"][0]["fullUrl"]
+    plan = kinds["CarePlan"][0]["resource"]
+    assert plan["addresses"] == [{"reference": condition_url}]
+    assert (plan["status"], plan["intent"]) == ("draft", "proposal")
+    assert plan["instantiatesCanonical"] == ["urn:fhir-plugin:PlanDefinition:M62.561|1.0.0"]
+    assert {g["reference"] for g in plan["goal"]} == {e["fullUrl"] for e in kinds["Goal"]}
+    assert set(kinds["Provenance"][0]["resource"]["target"][0].values()) == {condition_url}
+
+
+def test_condition_is_provisional_coded_from_the_code_set_and_notes_the_gaps():
+    condition = _by_type(build_drafts(_report("missing-onset"), PROFILE, now=NOW))["Condition"][0]["resource"]
+    assert condition["verificationStatus"]["coding"][0]["code"] == "provisional"
+    assert condition["clinicalStatus"]["coding"][0]["code"] == "active"
+    assert condition["category"][0]["coding"][0]["code"] == "encounter-diagnosis"
+    icd = condition["code"]["coding"][0]
+    assert icd["code"] == "M62.561" and icd["display"] == PROFILE.display
+    assert {"system": "http://snomed.info/sct", "code": "88092000"}.items() <= condition["code"]["coding"][1].items()
+    assert "onset" in condition["note"][0]["text"]
+    assert condition["encounter"]["reference"].startswith("Encounter/")
+    assert all(d["reference"].count("/") == 1 for d in condition["evidence"][0]["detail"])
+
+
+def test_same_report_gives_the_same_identifiers_and_a_new_encounter_new_ones():
+    first = build_drafts(_report("missing-onset"), PROFILE, now=NOW)
+    again = build_drafts(_report("missing-onset"), PROFILE, now=datetime(2027, 1, 1, tzinfo=timezone.utc))
+    assert [e["request"]["ifNoneExist"] for e in first["entry"]] == [e["request"]["ifNoneExist"] for e in again["entry"]]
+    other = build_drafts(_report("complete"), PROFILE, now=NOW)
+    assert not {e["request"]["ifNoneExist"] for e in first["entry"]} & {e["request"]["ifNoneExist"] for e in other["entry"]}
+
+
+def test_the_four_phases_read_back_in_order():
+    plan = _by_type(build_drafts(_report("missing-onset"), PROFILE, now=NOW))["CarePlan"][0]["resource"]
+    phases = phases_of(plan)
+    assert [(p.number, p.title) for p in phases] == [
+        (1, "Acute management"), (2, "Recovery"), (3, "Strengthening"), (4, "Functional")]
+    assert "Isometric calf contractions and ankle pumps" in phases[0].activities
+    assert "Seated heel raises" in phases[1].activities
+    assert all(len(p.goals) == 1 for p in phases)
+    assert [p.start for p in phases] == sorted(p.start for p in phases)
+    assert "needs clinician review" in plan["text"]["div"]
+
+
+def test_a_present_red_flag_adds_a_referral_activity():
+    report = _report("flag-fever")
+    assert report.referral_recommended
+    plan = _by_type(build_drafts(report, PROFILE, now=NOW))["CarePlan"][0]["resource"]
+    referral = plan["activity"][0]["detail"]
+    assert referral["kind"] == "ServiceRequest" and "fever" in referral["description"]
+    assert len(phases_of(plan)) == 4
+
+
+@pytest.mark.parametrize("key, code", [("clinical-example", "M62.830"), ("left-lower-leg", "M62.562"),
+                                       ("excludes1", "M62.84")])
+def test_a_record_that_supports_another_code_gets_no_drafts(key, code):
+    with pytest.raises(DraftsRefused, match=code):
+        build_drafts(_report(key), PROFILE, now=NOW)
