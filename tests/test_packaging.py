@@ -1,0 +1,33 @@
+"""What people with Docker, and an installed wheel, rely on."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_file_is_valid_and_pins_hapi_r4():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"hapi", "sandbox-ehr", "app"} <= set(services)
+    image = services["hapi"]["image"]
+    assert image.startswith("hapiproject/hapi:v8.") and not image.endswith(":latest")
+    assert services["hapi"]["environment"]["hapi.fhir.fhir_version"] == "R4"
+    for name in ("sandbox-ehr", "app"):
+        assert services[name]["build"] == "."
+        assert isinstance(services[name]["command"], list)
+
+
+def test_wheel_carries_the_profiles(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("fhir_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for code in ("M62.561", "M62.830"):
+        assert f"fhir_plugin/profiles/{code}/profile.json" in names
+        assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
+    assert "sandbox/ehr/clients.example.json" in names
