@@ -246,6 +246,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
         if isinstance(exc, LaunchError):
             upstream = isinstance(exc.__cause__, (requests.RequestException, TransportError))
             return refusal(request, 502 if upstream else 400, "The launch could not be completed", message)
+        if isinstance(exc, AuthError) and exc.status == 403:  # the token is fine but does not reach that far
+            return refusal(request, 403, "The EHR refused this request", message)
         if isinstance(exc, AuthError):
             return refusal(request, 401, "The EHR refused the app's access",
                            message + " Please launch the app again from the EHR.")

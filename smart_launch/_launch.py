@@ -49,12 +49,14 @@ DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 _READ_TYPES = ("Patient", "Condition", "Observation", "Encounter", "CarePlan")
 
 #: least privilege, SMART v2 (scopes-and-launch-context.html): read+search what the check reads,
-#: create what the drafts write. Patient.r is for the banner and the record's Patient.
-SCOPES_V2 = ("launch openid fhirUser patient/Patient.r patient/Condition.rs patient/Observation.rs "
+#: create what the drafts write. ``patient/Patient.r`` is for the banner and the record's Patient;
+#: ``online_access`` asks for a refresh token that lives while the user is online, so the app can
+#: renew the access token before it expires (SMART issues refresh tokens only with it or offline_access).
+SCOPES_V2 = ("launch openid fhirUser online_access patient/Patient.r patient/Condition.rs patient/Observation.rs "
              "patient/Encounter.rs patient/CarePlan.rs patient/Condition.c patient/CarePlan.c "
              "patient/Goal.c patient/Provenance.c")
 #: the same for an EHR that only speaks SMART v1 scopes
-SCOPES_V1 = ("launch openid fhirUser patient/*.read patient/Condition.write patient/CarePlan.write "
+SCOPES_V1 = ("launch openid fhirUser online_access patient/*.read patient/Condition.write patient/CarePlan.write "
              "patient/Goal.write patient/Provenance.write")
 
 
@@ -447,4 +449,8 @@ def authorized_session(token: Mapping[str, Any], *, client_id: str, token_endpoi
     session = OAuth2Session(client_id=client_id, token=dict(token), token_endpoint=token_endpoint,
                             token_endpoint_auth_method="none", update_token=update_token,
                             leeway=int(leeway), default_timeout=timeout)
+    # A review must show the record as it is now: servers such as HAPI reuse a repeated search's
+    # results for a while unless asked not to (RFC 9111 §5.2.1.4 no-cache), which would hide the
+    # drafts just written from the next look.
+    session.headers["Cache-Control"] = "no-cache"
     return session

@@ -237,3 +237,85 @@ def generate_code(length: int = 32) -> str:
     from authlib.common.security import generate_token
 
     return generate_token(length)
+
+
+# ---------------------------------------------------------------- the real sandbox: EHR + app
+
+#: what the sandbox EHR lets the app be granted (a read-only registration drops the writes)
+APP_CLIENT_SCOPES = ["launch", "launch/patient", "openid", "fhirUser", "online_access", "offline_access",
+                     "patient/*.cruds", "patient/*.read", "patient/*.write"]
+READ_ONLY_CLIENT_SCOPES = ["launch", "launch/patient", "openid", "fhirUser", "online_access", "patient/*.rs",
+                           "patient/*.read"]
+
+
+class SandboxStack:
+    """The sandbox EHR (auto-approve) in front of a HAPI base, and this app registered with it."""
+
+    def __init__(self, ehr: Any, app_server: LiveServer, app: Any, client_id: str) -> None:
+        self.ehr = ehr
+        self.app_server = app_server
+        self.app = app
+        self.client_id = client_id
+
+    @property
+    def app_url(self) -> str:
+        return self.app_server.url
+
+    @property
+    def iss(self) -> str:
+        return self.ehr.fhir_base_url
+
+    def launch_url(self, patient: str, encounter: str | None = None) -> str:
+        from urllib.parse import urlencode
+
+        params = {"patient": patient, "client_id": self.client_id, **({"encounter": encounter} if encounter else {})}
+        return f"{self.ehr.base_url}/ehr/launch?{urlencode(params)}"
+
+
+@contextlib.contextmanager
+def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
+                  access_token_lifetime: int = 300, store: Any = None, **app_settings: Any) -> Iterator[SandboxStack]:
+    """Start the sandbox EHR and the app on free ports, the app registered as a public client."""
+    from sandbox.ehr import Client, running_ehr
+
+    from ._app import create_app
+    from ._settings import Settings
+
+    port = free_port()
+    app_url = f"http://127.0.0.1:{port}"
+    with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime) as ehr:
+        ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
+                                    launch_url=f"{app_url}/launch", name="M62.561 documentation check",
+                                    scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))
+        settings = Settings(**{"client_id": client_id, "redirect_uri": f"{app_url}/callback",
+                               "allowed_issuers": (ehr.fhir_base_url,), "session_store": "memory", **app_settings})
+        from ._store import MemoryStore
+
+        app = create_app(settings, store=store if store is not None else MemoryStore())
+        with live_server(app, port) as server:
+            yield SandboxStack(ehr, server, app, client_id)
+
+
+def renamed_case(case: Any, suffix: str) -> tuple[str, str | None, list[dict[str, Any]]]:
+    """A synthetic case under new ids (``fp-<key>`` -> ``fp-<key>-<suffix>``), so a test that writes
+    drafts for it never changes what another test reads for the original patient."""
+    import json
+
+    old = case.patient_id
+    new = f"{old}-{suffix}"
+    text = json.dumps(case.resources).replace(f'"{old}', f'"{new}').replace(f'/{old}', f'/{new}')
+    encounter = case.encounter_id.replace(old, new, 1) if case.encounter_id else None
+    return new, encounter, json.loads(text)
+
+
+def put_resources(fhir_base: str, resources: list[dict[str, Any]], timeout: float = 60.0) -> None:
+    """Load resources straight into HAPI (not through the EHR) as one transaction of PUTs."""
+    import requests
+
+    bundle = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                        for r in sorted(resources, key=lambda r: r["resourceType"] != "Patient")]}
+    answer = requests.post(fhir_base, json=bundle, headers={"Content-Type": "application/fhir+json"},
+                           timeout=timeout)
+    if answer.status_code >= 300:
+        raise RuntimeError(f"loading the test patients failed with {answer.status_code}: {answer.text[:300]}")

@@ -139,7 +139,7 @@ def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
     pending = next(v for k in env["store"].keys() if k.startswith("state:") for v in [env["store"].get(k)])
     assert browser.get(_callback(env, back)).status_code == 200
     again = browser.get(_callback(env, back))
-    assert again.status_code == 400 and "already used" in again.text or "does not belong" in again.text
+    assert again.status_code == 400 and ("already used" in again.text or "does not belong" in again.text)
     assert len(ehr.token_requests) == 1  # the app did not even try the code twice
     code = parse_qs(urlsplit(back).query)["code"][0]
     reuse = requests.post("http://ehr.test/token", data={
@@ -320,3 +320,124 @@ def test_the_cookie_is_secure_when_the_app_is_served_over_https():
         started = requests.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
         assert "Secure" in started.headers["set-cookie"]
         assert "frame-ancestors https://ehr.example.org" in started.headers["Content-Security-Policy"]
+
+
+# ---------------------------------------------------------------- the same against the real sandbox EHR + HAPI
+
+@pytest.fixture(scope="module")
+def sandbox_patients(fhir_base_url):
+    """Two synthetic patients under fresh ids, loaded into HAPI: (patient id, encounter id, resources)."""
+    import uuid
+
+    from smart_launch._testing import put_resources, renamed_case
+
+    out = []
+    for key in ("missing-treatment-plan", "missing-severity"):
+        pid, _, resources = renamed_case(_case(key), uuid.uuid4().hex[:8])
+        put_resources(fhir_base_url, resources)
+        out.append((pid, resources))
+    return out
+
+
+def _hapi_drafts(base: str, patient: str) -> int:
+    total = 0
+    for rtype in ("Condition", "CarePlan", "Goal"):
+        total += requests.get(f"{base}/{rtype}", params={"patient": patient, "_summary": "count",
+                                                         "_tag": "urn:fhir-plugin:tag|machine-drafted"},
+                              headers={"Cache-Control": "no-cache"}, timeout=30).json().get("total", 0)
+    return total
+
+
+def _walk_to_callback(stack, browser, patient):
+    """EHR launch -> app /launch -> EHR /authorize (auto-approve): stop at the redirect back to the app."""
+    url = stack.launch_url(patient)
+    for _ in range(4):
+        response = browser.get(url, allow_redirects=False)
+        assert response.status_code in (302, 303), response.text[:300]
+        url = response.headers["Location"]
+        if url.startswith(stack.app_url + "/callback"):
+            return url
+    raise AssertionError("the launch never came back to the app")
+
+
+@pytest.mark.server
+def test_sandbox_replayed_code_is_refused_by_the_app_and_by_the_ehr(fhir_base_url, sandbox_patients):
+    from smart_launch._testing import sandbox_stack
+
+    pid, _ = sandbox_patients[0]
+    store = MemoryStore()
+    with sandbox_stack(fhir_base_url, store=store) as stack:
+        browser = Recorder()
+        callback = _walk_to_callback(stack, browser, pid)
+        pending = [store.get(k) for k in store.keys() if k.startswith("state:")][0]
+        assert browser.get(callback).url == stack.app_url + "/review"
+        again = browser.get(callback, allow_redirects=False)
+        assert again.status_code == 400 and ("already used" in again.text or "does not belong" in again.text)
+        code = parse_qs(urlsplit(callback).query)["code"][0]
+        reuse = requests.post(stack.ehr.base_url + "/token", data={
+            "grant_type": "authorization_code", "code": code, "code_verifier": pending["code_verifier"],
+            "redirect_uri": f"{stack.app_url}/callback", "client_id": stack.client_id})
+        assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.server
+def test_sandbox_a_launch_for_a_cannot_reach_patient_b(fhir_base_url, sandbox_patients):
+    from smart_launch._testing import sandbox_stack
+
+    (a, _), (b, b_resources) = sandbox_patients
+    store = MemoryStore()
+    with sandbox_stack(fhir_base_url, store=store) as stack:
+        browser = requests.Session()
+        browser.get(stack.launch_url(a))
+        assert browser.get(stack.app_url + "/api/report").json()["patient"] == f"Patient/{a}"
+        # the app refuses, whatever the EHR would say
+        assert browser.get(f"{stack.app_url}/resource/Patient/{b}").status_code == 403
+        obs = next(r for r in b_resources if r["resourceType"] == "Observation")
+        assert browser.get(f"{stack.app_url}/resource/Observation/{obs['id']}").status_code == 403
+        # and the token of launch A, used directly on patient B, is refused by the EHR's proxy
+        token = store.get(f"sid:{browser.cookies[COOKIE]}")["token"]["access_token"]
+        for path in (f"Patient/{b}", f"Observation/{obs['id']}", f"Condition?patient={b}"):
+            answer = requests.get(f"{stack.iss}/{path}", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 403, path
+
+
+@pytest.mark.server
+def test_sandbox_write_without_write_scopes_is_403_and_hapi_holds_nothing(fhir_base_url, sandbox_patients):
+    from smart_launch._testing import sandbox_stack
+
+    pid, _ = sandbox_patients[1]
+    with sandbox_stack(fhir_base_url, read_only=True) as stack:
+        browser = requests.Session()
+        page = browser.get(stack.launch_url(pid))
+        assert page.url == stack.app_url + "/review" and 'id="read-only"' in page.text
+        assert 'id="write-button"' not in page.text
+        session = browser.get(stack.app_url + "/api/session").json()
+        assert session["write_allowed"] is False and not any(s.endswith(".c") for s in session["scopes"])
+        assert browser.post(stack.app_url + "/write", data={"csrf": session["csrf"], "confirmed": "yes"}
+                            ).status_code == 403
+        assert browser.post(stack.app_url + "/api/write", headers={"X-CSRF-Token": session["csrf"]}
+                            ).status_code == 403
+    assert _hapi_drafts(fhir_base_url, pid) == 0
+
+
+@pytest.mark.server
+def test_sandbox_short_lived_token_is_refreshed_and_no_secret_reaches_the_browser(fhir_base_url, sandbox_patients):
+    from smart_launch._testing import sandbox_stack
+
+    pid, _ = sandbox_patients[0]
+    store = MemoryStore()
+    with sandbox_stack(fhir_base_url, store=store, access_token_lifetime=3, refresh_leeway=1) as stack:
+        browser = Recorder()
+        browser.get(stack.launch_url(pid))
+        first = store.get(f"sid:{browser.cookies[COOKIE]}")["token"]
+        assert first.get("refresh_token"), "the EHR issued no refresh token (online_access)"
+        time.sleep(3.2)
+        assert browser.get(stack.app_url + "/api/report").status_code == 200
+        second = store.get(f"sid:{browser.cookies[COOKIE]}")["token"]
+        assert second["access_token"] != first["access_token"]
+        assert browser.get(stack.app_url + "/review").status_code == 200
+        for response in browser.seen:
+            blob = response.text + str(dict(response.headers)) + response.url
+            for secret in (first["access_token"], first["refresh_token"], second["access_token"],
+                           second["refresh_token"]):
+                assert secret not in blob, f"a token reached the browser in {response.url}"

@@ -1,0 +1,154 @@
+"""End to end in headless Chromium: the sandbox EHR launches the app for a patient with gaps, the
+review page shows what ``check()`` says about the same record, the clinician writes the drafts, HAPI
+holds them, and a second launch and write creates nothing new.
+
+Servers: HAPI from the ``fhir_base_url`` fixture; the sandbox EHR and this app in this process on
+free ports.  Screenshots go to test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from fhir_plugin import FhirClient, build_drafts, check, load_profile
+from fhir_plugin.synthetic import generate_cases
+from smart_launch._testing import put_resources, renamed_case, sandbox_stack
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _statuses(page) -> dict[str, str]:
+    rows = page.locator("tr.element")
+    return {rows.nth(i).get_attribute("data-element"): rows.nth(i).get_attribute("data-status")
+            for i in range(rows.count())}
+
+
+def _drafts_in_hapi(base: str, patient: str) -> dict[str, int]:
+    counts = {}
+    for rtype in ("Condition", "Goal", "CarePlan"):
+        # no-cache: HAPI reuses an identical search's results for a minute otherwise
+        bundle = requests.get(f"{base}/{rtype}", params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
+                              headers={"Cache-Control": "no-cache"}, timeout=30).json()
+        counts[rtype] = bundle.get("total", 0)
+    return counts
+
+
+def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    today = dt.date.today()
+    case = next(c for c in generate_cases(today) if c.key == "missing-treatment-plan")
+    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
+    put_resources(fhir_base_url, resources)
+    encounters = sorted((r for r in resources if r["resourceType"] == "Encounter"),
+                        key=lambda r: r["period"]["start"])
+    encounter = encounters[-1]["id"]
+    profile = load_profile("M62.561")
+    with FhirClient(fhir_base_url) as hapi:
+        expected = check(hapi.read_patient_record(pid), profile, today=today, encounter_id=encounter)
+    entries = len(build_drafts(expected, profile, now=dt.datetime.now(dt.timezone.utc))["entry"])
+    assert {e.id: e.status for e in expected.elements}["treatment-plan"] == "missing"
+
+    with sandbox_stack(fhir_base_url) as stack:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+        # 1. the EHR launches the app for the patient and encounter; the review page shows the check
+        page.goto(stack.launch_url(pid, encounter))
+        page.wait_for_selector("#summary")
+        assert page.url == f"{stack.app_url}/review"
+        page.screenshot(path=str(ARTIFACTS / "smart-review.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "smart-review-top.png"))
+        page.locator("#drafts").screenshot(path=str(ARTIFACTS / "smart-review-drafts.png"))
+        assert _statuses(page) == {e.id: e.status for e in expected.elements}
+        banner = page.locator("#patient-banner").inner_text()
+        patient = next(r for r in resources if r["resourceType"] == "Patient")
+        assert patient["name"][0]["family"] in banner and patient["birthDate"] in banner
+        assert page.locator("#code-fit .fit").inner_text() == expected.code_fit.status
+        assert page.locator("li.phase").count() == 4
+        flags = page.locator("tr.flag")
+        assert {flags.nth(i).get_attribute("data-flag"): flags.nth(i).get_attribute("data-status")
+                for i in range(flags.count())} == {f.id: f.status for f in expected.red_flags}
+
+        # evidence links open our JSON viewer on the patient's own resource
+        link = page.locator("a.ev").first
+        ref = link.inner_text()
+        link.click()
+        page.wait_for_selector("pre.json")
+        assert f'"id": "{ref.split("/")[1]}"' in page.locator("pre.json").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "smart-evidence.png"))
+        page.go_back()
+        page.wait_for_selector("#write-button")
+
+        # 2. write: a confirmation step, then one transaction
+        page.click("#write-button")
+        page.wait_for_selector("#confirm-write")
+        page.screenshot(path=str(ARTIFACTS / "smart-confirm.png"))
+        assert _drafts_in_hapi(fhir_base_url, pid) == {"Condition": 0, "Goal": 0, "CarePlan": 0}
+        page.click("#confirm-write")
+        page.wait_for_selector("#write-result")
+        page.screenshot(path=str(ARTIFACTS / "smart-written.png"))
+        assert page.locator("#created li").count() == entries
+        after_first = _drafts_in_hapi(fhir_base_url, pid)
+        assert after_first == {"Condition": 1, "Goal": entries - 3, "CarePlan": 1}
+
+        # 3. a second launch and write creates nothing new (conditional creates match the first drafts)
+        page.goto(stack.launch_url(pid, encounter))
+        page.wait_for_selector("#summary")
+        page.screenshot(path=str(ARTIFACTS / "smart-review-again.png"), full_page=True)
+        page.click("#write-button")
+        page.click("#confirm-write")
+        page.wait_for_selector("#write-result")
+        page.screenshot(path=str(ARTIFACTS / "smart-written-again.png"))
+        assert "Nothing new written" in page.locator("h1").inner_text()
+        assert page.locator("#existing li").count() == entries
+        assert _drafts_in_hapi(fhir_base_url, pid) == after_first
+        assert errors == []  # no CSP violation or script error in the console
+        context.close()
+
+
+def test_refusals_render_in_chromium(fhir_base_url, browser):
+    """What a user sees for an untrusted EHR, a mismatch, and a read-only grant (screenshots)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    today = dt.date.today()
+    case = next(c for c in generate_cases(today) if c.key == "spasm-calf")
+    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
+    put_resources(fhir_base_url, resources)
+    with sandbox_stack(fhir_base_url, read_only=True) as stack:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        response = page.goto(f"{stack.app_url}/launch?iss=https://evil.example/fhir&launch=x")
+        assert response.status == 400
+        page.screenshot(path=str(ARTIFACTS / "smart-untrusted-iss.png"))
+        page.goto(stack.launch_url(pid))
+        page.wait_for_selector("#summary")
+        page.screenshot(path=str(ARTIFACTS / "smart-mismatch-readonly.png"), full_page=True)
+        assert page.locator("#drafts-refused").count() == 1 and page.locator("#write-button").count() == 0
+        context.close()
