@@ -98,7 +98,8 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
                 for i in range(flags.count())} == {f.id: f.status for f in expected.red_flags}
 
         # evidence links open our JSON viewer on the patient's own resource
-        link = page.locator("a.ev").first
+        page.click("#group-met > summary")  # met elements are folded away under the gaps
+        link = page.locator("#group-met a.ev").first
         ref = link.inner_text()
         link.click()
         page.wait_for_selector("pre.json")
