@@ -3,10 +3,11 @@
 Errors are one sentence on stderr and an exit code, never a traceback
 (``--debug`` shows it).  Exit codes:
 
-  0   every record checked is complete (check) / drafts made or written (propose)
+  0   every record checked is complete (check) / drafts made or written (propose) / stopped cleanly (serve)
   1   documentation gaps or a code mismatch found (check) / some patient's drafts refused (propose)
       / some patient failed (sync; its report line says why)
-  2   usage error (bad option, unknown profile or encounter, drafts refused for a mismatch)
+  2   usage error (bad option, unknown profile or encounter, drafts refused for a mismatch,
+      serve without SMART_ALLOWED_ISSUERS)
   3   a profile under profiles/ is malformed
   4   a patient record is malformed (bad JSON, wrong resource types, not R4)
   5   the FHIR server could not be reached or timed out
@@ -77,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="headless job: check changed (or listed) patients, write drafts, resume",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
     sync_arguments(sync)
+    serve = sub.add_parser("serve", help="run the SMART app (settings from SMART_* environment variables)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Exit codes:" + _EXIT_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes; they share the SQLite session store")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
     return parser
 
 
@@ -136,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         from ._sync import sync_command
 
         return sync_command(args)
+    if args.command == "serve":
+        from smart_launch import serve
+
+        return serve(args.host, args.port, workers=args.workers, log_level="debug" if args.debug else "info")
     from ._check import check
     from ._profile import load_profile
     from ._render import render_summary, render_text
