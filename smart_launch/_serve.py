@@ -23,7 +23,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
     # each worker is its own process: set up logging here (ids and paths only are ever logged)
     logging.basicConfig(level=os.environ.get("SMART_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     return create_app(Settings.from_env())
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,9 +23,8 @@ import requests
 
 from fhir_plugin import FhirClient, build_drafts, check, load_profile
 from fhir_plugin.synthetic import generate_cases
-from smart_launch._testing import put_resources, renamed_case, sandbox_stack
+from smart_launch._testing import APP_CLIENT_SCOPES, free_port, put_resources, renamed_case, sandbox_stack
 
-pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -59,6 +63,8 @@ def _drafts_in_hapi(base: str, patient: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     today = dt.date.today()
@@ -135,6 +141,8 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         context.close()
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_refusals_render_in_chromium(fhir_base_url, browser):
     """What a user sees for an untrusted EHR, a mismatch, and a read-only grant (screenshots)."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -153,3 +161,67 @@ def test_refusals_render_in_chromium(fhir_base_url, browser):
         page.screenshot(path=str(ARTIFACTS / "smart-mismatch-readonly.png"), full_page=True)
         assert page.locator("#drafts-refused").count() == 1 and page.locator("#write-button").count() == 0
         context.close()
+
+
+@pytest.mark.server
+def test_fhir_plugin_serve_with_two_workers_shares_sessions_and_logs_no_secret(fhir_base_url, tmp_path):
+    """``fhir-plugin serve --workers 2``: a launch started on one worker finishes on the other
+    (state and tokens in the SQLite store), and the log holds no token, code or session id."""
+    from sandbox.ehr import Client, running_ehr
+
+    case = next(c for c in generate_cases(dt.date.today()) if c.key == "complete")
+    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
+    put_resources(fhir_base_url, resources)
+    port = free_port()
+    app_url = f"http://127.0.0.1:{port}"
+    store = tmp_path / "sessions.sqlite"
+    with running_ehr(fhir_base_url, auto_approve=True) as ehr:
+        ehr.clients.register(Client("fhir-plugin", redirect_uris=[f"{app_url}/callback"],
+                                    launch_url=f"{app_url}/launch", scope=list(APP_CLIENT_SCOPES)))
+        env = {**os.environ, "SMART_ALLOWED_ISSUERS": ehr.fhir_base_url, "SMART_REDIRECT_URI": f"{app_url}/callback",
+               "SMART_SESSION_STORE": str(store), "SMART_CLIENT_ID": "fhir-plugin", "SMART_LOG_LEVEL": "DEBUG"}
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "fhir_plugin._cli", "serve", "--port", str(port),
+                                     "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                    stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if requests.get(f"{app_url}/healthz", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.3)
+            launch = f"{ehr.base_url}/ehr/launch?patient={pid}&client_id=fhir-plugin"
+            cookies = []
+            for _ in range(6):
+                browser = requests.Session()
+                browser.headers["Connection"] = "close"  # a new connection per request: either worker may answer
+                page = browser.get(launch)
+                assert page.status_code == 200 and page.url == f"{app_url}/review", page.text[:300]
+                assert f"Patient/{pid}" in page.text
+                cookies.append(browser.cookies["fp_sid"])
+            with sqlite3.connect(store) as db:
+                tokens = [v for (v,) in db.execute("SELECT value FROM smart_state WHERE key LIKE 'sid:%'")]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    import json
+
+    secrets = cookies + [json.loads(v)["token"][k] for v in tokens for k in ("access_token", "refresh_token")]
+    output = log_path.read_text()
+    assert output.count("Started server process") == 2, output[-2000:]
+    assert "callback: signed in" in output and "GET /callback 303" in output
+    assert "code=" not in output
+    # the launches were served by both workers: the access-log lines carry two process ids
+    import re
+
+    assert len(set(re.findall(r"\[(\d+)\] INFO smart_launch.access", output))) == 2, output[-2000:]
+    for secret in secrets:
+        assert secret not in output
