@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -45,7 +46,7 @@ from fhir_plugin import (AuthError, DraftsRefused, FhirClient, InputError, Launc
                          phases_of, write_drafts)
 
 from . import _launch as smart
-from ._settings import Settings, normalize_issuer
+from ._settings import Settings, normalize_issuer, origin_of
 from ._store import SessionStore, open_store
 
 __all__ = ["create_app", "COOKIE"]
@@ -159,6 +160,41 @@ def _draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
                                            "description": d.get("description", "")} for d in extra]},
         "counts": counts,
     }
+
+
+_COLOUR = re.compile(r"#[0-9A-Fa-f]{3,8}|rgba?\([0-9., %]{5,40}\)")
+_FONT = re.compile(r"[A-Za-z0-9 ,\-\"']{1,120}")
+#: SMART style keys (scopes-and-launch-context.html, "Styling") -> our CSS variables
+_STYLE_VARS = {"color_background": "--bg", "color_text": "--text", "color_highlight": "--accent",
+               "color_modal_backdrop": None, "color_error": "--bad", "color_success": "--ok",
+               "dim_border": "--line", "font_family": "font-family"}
+
+
+def _fetch_style(http: requests.Session, url: str | None, iss: str) -> dict[str, str]:
+    """The style document's safe values, or {} (it is optional: any problem means our own look)."""
+    if not url or origin_of(url) != origin_of(iss):
+        return {}
+    try:
+        answer = http.get(url, timeout=3, allow_redirects=False, headers={"Accept": "application/json"})
+        doc = answer.json() if answer.status_code == 200 else {}
+    except (requests.RequestException, ValueError):
+        return {}
+    out = {}
+    for key, var in _STYLE_VARS.items():
+        value = doc.get(key) if isinstance(doc, dict) else None
+        if var and isinstance(value, str):
+            pattern = _FONT if key == "font_family" else _COLOUR
+            if pattern.fullmatch(value.strip()):
+                out[var] = value.strip()
+    return out
+
+
+def _style_css(style: Mapping[str, str]) -> str:
+    variables = "".join(f"{k}: {v}; " for k, v in style.items() if k.startswith("--"))
+    css = f":root {{ {variables}}}\n" if variables else ""
+    if style.get("font-family"):
+        css += f"body {{ font-family: {style['font-family']}; }}\n"
+    return css
 
 
 def _evidence_link(ref: str) -> str | None:
@@ -427,7 +463,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
                 "need_patient_banner") else None,
             "drafts": _draft_view(loaded.drafts) if loaded.drafts else None, "refused": loaded.refused,
             "write_allowed": sess.write_allowed, "missing_write": smart.missing_write_scopes(sess.scopes),
-            "csrf": sess.data["csrf"],
+            "csrf": sess.data["csrf"], "ehr_style": bool(sess.data["context"].get("smart_style_url")),
         }
 
     @app.get("/review", response_class=HTMLResponse, summary="The review page for the launched patient")
@@ -509,6 +545,23 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
             result = write_drafts(client, loaded.drafts)
         log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
         return JSONResponse({**result.to_json(), "summary": result.summary()})
+
+    @app.get("/style.css", include_in_schema=False)
+    def style(request: Request) -> Response:
+        """The EHR's look (SMART ``smart_style_url``), as CSS variables over our stylesheet.
+
+        Fetched once per session, server-side, only from the issuer's own origin; only values that
+        are plainly colours or font names are kept, so the EHR's document cannot inject CSS.
+        """
+        sid = request.cookies.get(COOKIE)
+        data = store.get(f"sid:{sid}") if sid else None
+        css = ""
+        if data and data.get("token"):
+            if "style" not in data:
+                data["style"] = _fetch_style(http, (data.get("context") or {}).get("smart_style_url"), data["iss"])
+                store.set(f"sid:{sid}", data, ttl=settings.session_ttl)
+            css = _style_css(data["style"])
+        return Response(css, media_type="text/css")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -336,3 +336,42 @@ def test_drafts_refused_for_a_mismatch_show_a_message_and_no_write_button(mocked
 def test_openapi_document_lists_the_api(mocked):
     doc = requests.get(mocked["server"].url + "/openapi.json").json()
     assert {"/api/report", "/api/drafts", "/api/write", "/launch", "/callback", "/review"} <= set(doc["paths"])
+
+
+def test_the_ehr_style_is_applied_with_safe_values_only(mocked):
+    base, case = mocked["server"].url, mocked["case"]
+    ehr = FakeEhr(mocked["rsps"], case.resources)
+    mocked["rsps"].get("http://ehr.test/style.json", json={
+        "color_background": "#f6f8fa", "color_highlight": "#0969da",
+        "color_text": "red; } body { display: none", "font_family": "Inter, sans-serif"})
+    browser = requests.Session()
+    browser.get(_back_to_app(base, ehr.authorize(_start(base, browser).headers["Location"], patient=case.patient_id)))
+    assert '<link rel="stylesheet" href="/style.css">' in browser.get(base + "/review").text
+    css = browser.get(base + "/style.css")
+    assert css.headers["content-type"].startswith("text/css")
+    assert "--bg: #f6f8fa;" in css.text and "--accent: #0969da;" in css.text and "Inter, sans-serif" in css.text
+    assert "display" not in css.text and "red" not in css.text
+    browser.get(base + "/style.css")
+    assert sum(c.request.url.endswith("/style.json") for c in mocked["rsps"].calls) == 1  # fetched once a session
+
+
+def test_a_style_url_off_the_issuer_is_not_fetched():
+    from smart_launch._app import _fetch_style
+
+    with responses.RequestsMock() as rsps:
+        assert _fetch_style(requests.Session(), "http://elsewhere.test/style.json", ISS) == {}
+        assert _fetch_style(requests.Session(), None, ISS) == {}
+        assert len(rsps.calls) == 0
+
+
+def test_a_present_red_flag_shows_the_referral_banner_and_the_referral_activity(mocked):
+    base = mocked["server"].url
+    case = _case("flag-fever")
+    ehr = FakeEhr(mocked["rsps"], case.resources, need_patient_banner=False)
+    browser = requests.Session()
+    browser.get(_back_to_app(base, ehr.authorize(_start(base, browser).headers["Location"], patient=case.patient_id)))
+    page = browser.get(base + "/review").text
+    assert 'id="referral"' in page and "Referral recommended" in page
+    assert 'data-flag="fever" data-status="present"' in page
+    assert "Referral to a specialist" in page  # the draft CarePlan's extra activity
+    assert 'id="patient-banner"' not in page  # the EHR shows its own banner
