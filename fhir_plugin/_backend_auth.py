@@ -297,7 +297,8 @@ def _read_token(response: requests.Response, token_url: str, started: float) -> 
     if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
         raise LaunchError(f"the token endpoint {token_url} answered without an access_token")
     if str(body.get("token_type", "")).lower() != "bearer":
-        raise LaunchError(f"the token endpoint {token_url} issued a {body.get('token_type')!r} token, not a bearer token")
+        raise LaunchError(f"the token endpoint {token_url} issued a {body.get('token_type')!r} token, "
+                          "not a bearer token")
     try:
         lifetime = float(body.get("expires_in", _DEFAULT_LIFETIME))
     except (TypeError, ValueError):

@@ -221,7 +221,8 @@ class Checkpoint:
             db.execute("UPDATE runs SET finished = ?, abandoned = 1 WHERE id = ?", (_now(), run.id))
 
     def finish_run(self, run: Run, *, set_mark: bool) -> None:
-        """Close the run; with ``set_mark``, its mark becomes the scope's high-water mark, in the same commit."""
+        """Close the run; with ``set_mark``, its mark becomes the scope's high-water mark (never moving back),
+        in the same commit."""
         with self._transaction() as db:
             db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_now(), run.id))
             # keep the report lines of the last few runs; older runs keep only their failures
@@ -230,7 +231,7 @@ class Checkpoint:
                        "ORDER BY id DESC LIMIT ?))", (run.scope, run.scope, _KEEP_RUNS))
             if set_mark and run.mark:
                 db.execute("INSERT INTO marks (scope, mark, updated) VALUES (?, ?, ?) "
-                           "ON CONFLICT (scope) DO UPDATE SET mark = excluded.mark, updated = excluded.updated",
+                           "ON CONFLICT (scope) DO UPDATE SET mark = max(mark, excluded.mark), updated = excluded.updated",
                            (run.scope, run.mark, _now()))
 
     def mark(self, scope: str) -> str | None:

@@ -439,7 +439,8 @@ def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: S
         return [p.split("/")[-1] for p in selection.patients], None, None
     if selection.mode == "group":
         return group_members(client, selection.group or ""), None, None
-    since_text = selection.since if selection.since is not None else checkpoint.mark(scope)
+    stored = checkpoint.mark(scope)
+    since_text = selection.since if selection.since is not None else stored
     if selection.mode == "all" or since_text is None:
         ids, server_time = all_patients(client)
         since = None
@@ -455,7 +456,10 @@ def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: S
         server_time = datetime.now(timezone.utc)
     mark = server_time - SAFETY_MARGIN
     if since is not None and mark < since:
-        mark = since  # never move the mark backwards
+        mark = since
+    if since is not None and stored is not None and since > parse_instant(stored, "the stored mark"):
+        # --since later than the mark skipped the changes in between: the mark must not pass over them
+        return ids, format_instant(since), None
     return ids, (format_instant(since) if since else None), format_instant(mark)
 
 

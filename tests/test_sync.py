@@ -160,8 +160,8 @@ def test_changed_patients_follows_pages_skips_drafts_and_takes_the_servers_time(
     responses.get(f"{BASE}/Condition", json=_page([subj("Condition", "a"), subj("Condition", "b")],
                                                   next_url=f"{BASE}?_getpages=x1", stamp="2026-11-26T10:00:05Z"))
     responses.get(f"{BASE}?_getpages=x1", json=_page([subj("Condition", "c"), subj("Condition", "a")]))
-    responses.get(f"{BASE}/Observation", json=_page([subj("Observation", "d"),
-                                                     {"resourceType": "Observation", "subject": {"reference": "Group/1"}}],
+    not_a_patient = {"resourceType": "Observation", "subject": {"reference": "Group/1"}}
+    responses.get(f"{BASE}/Observation", json=_page([subj("Observation", "d"), not_a_patient],
                                                     stamp="2026-11-26T10:00:04.5Z"))
     responses.get(f"{BASE}/Encounter", json=_page([], stamp="2026-11-26T10:00:06Z"))
     responses.get(f"{BASE}/CarePlan", json=_page([subj("CarePlan", "b")], stamp="2026-11-26T10:00:06Z"))
@@ -356,3 +356,58 @@ def test_progress_goes_to_stderr_and_report_lines_carry_no_names(cases, tmp_path
         patient = next(r for r in case.resources if r["resourceType"] == "Patient")
         assert patient["name"][0]["family"] not in text
         assert patient["birthDate"] not in text
+
+
+# ---------------------------------------------------------------- the high-water mark
+
+class HttpFakeServer(FakeServer):
+    """The fake's records, with the patient searches answered over (mocked) HTTP by a real FhirClient."""
+
+    def __init__(self, cases) -> None:
+        super().__init__(cases)
+        self.http = FhirClient(BASE)
+
+    def request(self, *args, **kwargs):
+        return self.http.request(*args, **kwargs)
+
+
+def _changes_run(server, state, since=None):
+    out = io.StringIO()
+    with Checkpoint(state) as checkpoint:
+        run_sync(server, checkpoint, SyncOptions(Selection(since=since), True, 2, AS_OF),
+                 profile=load_profile("M62.561"), out=out)
+        mark = checkpoint.mark(f"{BASE}|M62.561|write")
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    return [x["patient"] for x in lines[:-1]], lines[-1]["summary"], mark
+
+
+@responses.activate
+def test_the_mark_is_the_servers_time_less_a_margin_and_moves_only_forward(cases, tmp_path):
+    server = HttpFakeServer(cases[:4])
+    state = tmp_path / "s.sqlite"
+    patients = [{"resourceType": "Patient", "id": c.patient_id} for c in cases[:4]]
+    responses.get(f"{BASE}/Patient", json=_page(patients, stamp="2026-11-26T10:00:00Z"))
+    ids, summary, mark = _changes_run(server, state)  # no mark yet: every patient
+    assert len(ids) == 4 and summary["mode"] == "changed"
+    assert mark == "2026-11-26T09:58:00.000Z"  # two minutes before the server's time
+
+    def changed(stamp, pid=None):
+        responses.reset()
+        for rtype in ("Condition", "Observation", "Encounter", "CarePlan"):
+            found = [{"resourceType": rtype, "subject": {"reference": f"Patient/{pid}"}}] if pid and \
+                rtype == "Observation" else []
+            responses.get(f"{BASE}/{rtype}", json=_page(found, stamp=stamp))
+
+    changed("2026-11-26T11:00:00Z", cases[2].patient_id)
+    ids, _, mark = _changes_run(server, state)
+    assert ids == [f"Patient/{cases[2].patient_id}"]
+    assert "_lastUpdated=gt2026-11-26T09%3A58%3A00.000Z" in responses.calls[0].request.url
+    assert mark == "2026-11-26T10:58:00.000Z"
+
+    changed("2026-11-26T12:00:00Z")  # --since later than the mark skipped changes: the mark stays
+    ids, _, mark = _changes_run(server, state, since="2026-11-26T11:30:00Z")
+    assert ids == [] and mark == "2026-11-26T10:58:00.000Z"
+
+    changed("2026-11-26T12:00:00Z")  # --since earlier than the mark: checked more, the mark moves on
+    _, _, mark = _changes_run(server, state, since="2026-11-26T08:00:00Z")
+    assert mark == "2026-11-26T11:58:00.000Z"
