@@ -79,7 +79,7 @@ def fhir_base_url():
         try:
             result = run_sandbox_hapi("start", "--port", str(port), timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            run_sandbox_hapi("stop", "--port", str(port))
+            run_sandbox_hapi("stop", "--port", str(port), timeout=180)
             pytest.fail(
                 f"sandbox/hapi/run start --port {port} took over {START_TIMEOUT_S} s.\n"
                 f"Server log tail:\n{_log_tail(port)}",
@@ -103,4 +103,5 @@ def fhir_base_url():
         yield base_url
     finally:
         if started_here:
-            run_sandbox_hapi("stop", "--port", str(port))
+            # Up to 90 s: the first server after a build writes its class-data-sharing archive.
+            run_sandbox_hapi("stop", "--port", str(port), timeout=180)
