@@ -23,6 +23,7 @@ never a token, a code, a verifier or the session id itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import requests
 from fastapi import FastAPI, Form, Header, Request
@@ -317,7 +318,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
                               "open the app from the EHR again")
         return Session(sid, data)
 
-    def fhir(sess: Session) -> FhirClient:
+    @contextlib.contextmanager
+    def fhir(sess: Session) -> Iterator[FhirClient]:
         """A FHIR client on the session's issuer whose token refreshes itself and is saved back."""
         def save(new_token: dict[str, Any]) -> None:
             sess.data["token"] = new_token
@@ -326,7 +328,10 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
         oauth = smart.authorized_session(sess.data["token"], client_id=settings.client_id,
                                          token_endpoint=sess.data["config"]["token_endpoint"], on_refresh=save,
                                          leeway=settings.refresh_leeway, timeout=settings.http_timeout)
-        return FhirClient(sess.data["iss"], session=oauth, timeout=settings.http_timeout, retries=2)
+        try:
+            yield FhirClient(sess.data["iss"], session=oauth, timeout=settings.http_timeout, retries=2)
+        finally:
+            oauth.close()
 
     def check_csrf(sess: Session, sent: str | None) -> None:
         expected = sess.data.get("csrf") or ""
