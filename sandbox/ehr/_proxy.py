@@ -31,8 +31,10 @@ log = logging.getLogger("sandbox.ehr")
 FHIR_JSON = "application/fhir+json"
 MAX_BODY = 20 * 1024 * 1024
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+# cache-control passes through: HAPI reuses a search's results for a minute unless told no-cache,
+# and an app reading just after its own write must see what it wrote
 _FORWARD_REQUEST_HEADERS = ("content-type", "if-none-exist", "if-match", "if-none-match", "if-modified-since",
-                            "prefer")
+                            "prefer", "cache-control")
 _FORWARD_RESPONSE_HEADERS = ("content-type", "location", "content-location", "etag", "last-modified",
                              "retry-after")
 
