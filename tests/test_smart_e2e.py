@@ -36,7 +36,8 @@ DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from playwright import sync_api as playwright_api  # a test extra: missing means a broken set-up, not a skip
+
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
     with playwright_api.sync_playwright() as pw:
@@ -130,6 +131,8 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         page.goto(stack.launch_url(pid, encounter))
         page.wait_for_selector("#summary")
         page.screenshot(path=str(ARTIFACTS / "smart-review-again.png"), full_page=True)
+        # the record now holds the plugin's draft plan, read at once (no cached search): proposed
+        assert _statuses(page)["treatment-plan"] == "proposed"
         page.click("#write-button")
         page.click("#confirm-write")
         page.wait_for_selector("#write-result")
