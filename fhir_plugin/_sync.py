@@ -471,16 +471,12 @@ def run_sync(client: FhirClient, checkpoint: Checkpoint, options: SyncOptions, *
     scope = _scope(client, profile, options.write)
     signature = options.selection.signature()
     run = checkpoint.unfinished_run(scope)
-    if run is not None and run.signature != signature:
-        if not options.fresh:
-            left = checkpoint.counts(run)
-            raise UsageError(f"{checkpoint.path} holds an unfinished sync run ({run.signature}, started {run.started}, "
-                             f"{left['pending'] + left['failed']} patients left) that asked for other patients; "
-                             "run that command again to finish it, or add --fresh to drop it")
-        log.info("dropping unfinished run %d (--fresh)", run.id)
-        checkpoint.abandon(run)
-        run = None
-    elif run is not None and options.fresh:
+    if run is not None and run.signature != signature and not options.fresh:
+        left = checkpoint.counts(run)
+        raise UsageError(f"{checkpoint.path} holds an unfinished sync run ({run.signature}, started {run.started}, "
+                         f"{left['pending'] + left['failed']} patients left) that asked for other patients; "
+                         "run that command again to finish it, or add --fresh to drop it")
+    if run is not None and options.fresh:
         log.info("dropping unfinished run %d (--fresh)", run.id)
         checkpoint.abandon(run)
         run = None
