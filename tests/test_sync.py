@@ -411,3 +411,29 @@ def test_the_mark_is_the_servers_time_less_a_margin_and_moves_only_forward(cases
     changed("2026-11-26T12:00:00Z")  # --since earlier than the mark: checked more, the mark moves on
     _, _, mark = _changes_run(server, state, since="2026-11-26T08:00:00Z")
     assert mark == "2026-11-26T11:58:00.000Z"
+
+
+def test_progress_bar_on_a_terminal_and_the_servers_clock():
+    from email.utils import formatdate
+
+    import requests
+
+    from fhir_plugin._sync import Progress, ServerClock
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    progress = Progress(4, 0, stream)
+    for failed in (False, True, False, False):
+        progress.advance(failed)
+    progress.close()
+    text = stream.getvalue()
+    assert text.startswith("\r\x1b[Ksync [") and "4/4" in text and "1 failed" in text and text.endswith("\n")
+
+    clock = ServerClock()
+    response = requests.Response()
+    response.headers["Date"] = formatdate(1_795_000_000, usegmt=True)
+    clock(response)
+    assert clock.latest is not None and clock.latest.timestamp() == 1_795_000_000
