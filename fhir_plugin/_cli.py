@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes; they share the SQLite session store")
     serve.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+    demo = sub.add_parser("sandbox", help="try the app: sandbox HAPI + synthetic patients + sandbox EHR + the app")
+    demo.add_argument("--hapi-port", type=int, default=8080, help="sandbox HAPI port (default 8080)")
+    demo.add_argument("--ehr-port", type=int, default=9090, help="sandbox EHR port (default 9090)")
+    demo.add_argument("--app-port", type=int, default=8000, help="SMART app port (default 8000)")
+    demo.add_argument("--auto-approve", action="store_true", help="skip the EHR's approval page")
+    demo.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -143,6 +149,11 @@ def _run(args: argparse.Namespace) -> int:
         from ._sync import sync_command
 
         return sync_command(args)
+    if args.command == "sandbox":
+        from sandbox.demo import run_sandbox
+
+        return run_sandbox(hapi_port=args.hapi_port, ehr_port=args.ehr_port, app_port=args.app_port,
+                           auto_approve=args.auto_approve)
     if args.command == "serve":
         from smart_launch import serve
 

@@ -1,0 +1,94 @@
+"""``fhir-plugin sandbox``: the whole demo on one machine, in one command.
+
+Starts the sandbox HAPI (unless one of ours already runs on the port), loads
+the synthetic patients, starts the sandbox EHR in front of it and the SMART
+app, and prints the URL that launches the app for a synthetic patient.
+Ctrl-C stops what it started.  Runs from a checkout: the HAPI module is
+built from ``sandbox/hapi`` with Maven.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from urllib.parse import urlencode
+
+from fhir_plugin import PluginError, UsageError
+
+__all__ = ["run_sandbox"]
+
+HAPI_RUN = Path(__file__).resolve().parent / "hapi" / "run"
+DEMO_PATIENT = "fp-missing-onset"
+
+
+def _hapi(command: str, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HAPI_RUN), command, "--port", str(port)], text=True, capture_output=command != "start")
+
+
+def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
+                auto_approve: bool = False) -> int:
+    """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
+    import uvicorn
+
+    from fhir_plugin.synthetic import generate_cases, load_into_server
+    from smart_launch._app import create_app
+    from smart_launch._settings import Settings
+
+    from .ehr import Client, ClientRegistry, start_in_thread
+    from .ehr.__main__ import EXAMPLE_CLIENTS
+
+    if not HAPI_RUN.exists():
+        raise UsageError(f"the sandbox HAPI module is not here ({HAPI_RUN}): run fhir-plugin sandbox from a checkout")
+    started_hapi = _hapi("status", hapi_port).returncode != 0
+    if started_hapi and _hapi("start", hapi_port).returncode != 0:
+        raise PluginError(f"the sandbox HAPI did not start on port {hapi_port} (see the lines above)")
+    hapi_base = f"http://127.0.0.1:{hapi_port}/fhir"
+    ehr = None
+    try:
+        cases = generate_cases(date.today())
+        load_into_server(hapi_base, cases)
+        app_url = f"http://127.0.0.1:{app_port}"
+        # the app's registration from the example registry, at the ports chosen here
+        example = json.loads(EXAMPLE_CLIENTS.read_text(encoding="utf-8"))
+        entry = next(c for c in example["clients"] if c["client_id"] == "fhir-plugin")
+        entry.update(redirect_uris=[f"{app_url}/callback"], launch_url=f"{app_url}/launch")
+        clients = ClientRegistry()
+        clients.register(Client.from_dict(entry, base_dir=EXAMPLE_CLIENTS.parent))
+        ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve)
+        settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",
+                            allowed_issuers=(ehr.fhir_base_url,), session_store="memory")
+        case = next(c for c in cases if c.patient_id == DEMO_PATIENT)
+        query = {"patient": case.patient_id, "app": f"{app_url}/launch"}
+        if case.encounter_id:
+            query["encounter"] = case.encounter_id
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=app_port,
+                                               access_log=False, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="smart-app", daemon=True)
+        thread.start()
+        while not server.started:       # print the URLs only once the app answers
+            if not thread.is_alive():
+                raise PluginError(f"the SMART app could not start on port {app_port}")
+            time.sleep(0.1)
+        print(f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
+              f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
+              f"SMART app      {app_url}\n\n"
+              f"Launch the app for {case.patient_id} ({case.title}):\n"
+              f"  {ehr.base_url}/ehr/launch?{urlencode(query)}\n\nCtrl-C stops everything.", flush=True)
+        try:
+            while thread.is_alive():
+                thread.join(0.5)
+        except KeyboardInterrupt:
+            server.should_exit = True
+            thread.join(10)
+        return 0
+    finally:
+        if ehr is not None:
+            ehr.stop()
+        if started_hapi:
+            _hapi("stop", hapi_port)
+            print("sandbox HAPI stopped", file=sys.stderr)

@@ -1,0 +1,43 @@
+"""`fhir-plugin sandbox` (README "try the app"): one command, and the URL it prints launches the app."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from smart_launch._testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.server,
+              pytest.mark.skipif(bool(os.environ.get("FHIR_BASE_URL")), reason="needs the sandbox HAPI of this checkout")]
+
+
+def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url):
+    hapi_port = urlsplit(fhir_base_url).port  # already running: the command reuses it and leaves it running
+    ehr_port, app_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_plugin._cli", "sandbox", "--hapi-port", str(hapi_port),
+                             "--ehr-port", str(ehr_port), "--app-port", str(app_port), "--auto-approve"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C" in line or not line:
+                break
+        launch = next(l.strip() for l in lines if "/ehr/launch?" in l)
+        assert launch.startswith(f"http://127.0.0.1:{ehr_port}/ehr/launch?patient=fp-missing-onset")
+        page = requests.get(launch, timeout=60)   # auto-approve: EHR -> app -> EHR authorize -> app callback
+        assert page.status_code == 200 and page.url == f"http://127.0.0.1:{app_port}/review"
+        assert "Documentation review" in page.text and "fp-missing-onset" in page.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert requests.get(f"{fhir_base_url}/metadata", timeout=10).status_code == 200  # not ours to stop
