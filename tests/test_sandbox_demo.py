@@ -32,12 +32,21 @@ def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url
             lines.append(line)
             if "Ctrl-C" in line or not line:
                 break
-        launch = next(l.strip() for l in lines if "/ehr/launch?" in l)
+        launch = next((l.strip() for l in lines if "/ehr/launch?" in l), None)
+        assert launch, "no launch URL printed:\n" + "".join(lines)
         assert launch.startswith(f"http://127.0.0.1:{ehr_port}/ehr/launch?patient=fp-missing-onset")
         page = requests.get(launch, timeout=60)   # auto-approve: EHR -> app -> EHR authorize -> app callback
         assert page.status_code == 200 and page.url == f"http://127.0.0.1:{app_port}/review"
         assert "Documentation review" in page.text and "fp-missing-onset" in page.text
     finally:
+        started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        try:
+            rest, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+            pytest.fail("fhir-plugin sandbox did not stop within 90 s of Ctrl-C:\n" + "".join(lines) + rest)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert time.monotonic() - started < 60
     assert requests.get(f"{fhir_base_url}/metadata", timeout=10).status_code == 200  # not ours to stop

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from fhir_plugin.synthetic import generate_cases, load_into_server
+from fresh import fresh_cases
 
 pytestmark = pytest.mark.server
 
@@ -49,7 +50,8 @@ def _case_counts(case) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def loaded(fhir_base_url):
     base = fhir_base_url.rstrip("/")
-    cases = generate_cases(AS_OF)
+    # fresh ids: other tests (sync --all, the app) write drafts for the shared fp- patients
+    cases = fresh_cases(generate_cases(AS_OF))
     answer = load_into_server(base, cases)
     return base, cases, answer
 
