@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _hapi import fhir_server  # noqa: E402
+from _latency import delayed  # noqa: E402
 
 from fhir_plugin import DraftsRefused, FhirClient, build_drafts, check, load_profile, write_drafts  # noqa: E402
 from fhir_plugin._naive_client import NaiveClient  # noqa: E402
@@ -60,6 +61,20 @@ def _per_patient(base: str, cases: list, profile, today: date) -> dict[str, list
     return out
 
 
+def _fresh(cases: list, tag: str) -> list:
+    """The cases under new ids, so each run writes to patients that have no drafts yet."""
+    import dataclasses
+    import json
+
+    out = []
+    for case in cases:
+        text = json.dumps(case.resources).replace('"fp-', f'"fp-{tag}-').replace("/fp-", f"/fp-{tag}-")
+        out.append(dataclasses.replace(
+            case, resources=json.loads(text), patient_id=case.patient_id.replace("fp-", f"fp-{tag}-", 1),
+            encounter_id=case.encounter_id.replace("fp-", f"fp-{tag}-", 1) if case.encounter_id else None))
+    return out
+
+
 def _throughput(record, profile, today: date, encounter_id, seconds: float = 3.0) -> tuple[float, float]:
     """Checks per wall second and per CPU second of this (single-threaded) process.
 
@@ -77,33 +92,43 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", help="FHIR base URL (default: start the sandbox HAPI)")
     parser.add_argument("--port", type=int, default=18095, help="port for the sandbox HAPI")
+    parser.add_argument("--latency", type=float, action="append", default=[], metavar="MS",
+                        help="also run behind a proxy adding MS milliseconds per request (repeatable)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args()
     today = date.today()
     profile = load_profile("M62.561")
     cases = generate_cases(today)
+    runs: list[tuple[float, dict[str, list[float]]]] = []
     with fhir_server(args.server, args.port) as base:
-        load_into_server(base, cases)
-        figures = _per_patient(base, cases, profile, today)
+        for latency in [0.0] + args.latency:
+            fresh = _fresh(cases, f"b{int(latency)}")   # new patients per run: nothing written before
+            load_into_server(base, fresh)
+            with delayed(base, latency) as url:
+                runs.append((latency, _per_patient(url, fresh, profile, today)))
     typical = next(c for c in cases if c.key == "complete")
     big = large_record(today, n_observations=2000)
     typical_rate = _throughput(records_from_bundle(typical.resources)[0], profile, today, typical.encounter_id)
     big_rate = _throughput(records_from_bundle(big.resources)[0], profile, today, big.encounter_id)
 
-    med = {k: statistics.median(v) for k, v in figures.items()}
-    speedup = med["naive_s"] / med["ours_s"]
     lines = [
         f"Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.python_implementation()} {platform.python_version()}), server {'given' if args.server else 'sandbox HAPI'}; "
-        f"{len(figures['ours_s'])} patients written (records whose code does not fit are skipped).",
+        f"{len(runs[0][1]['ours_s'])} patients written per run (records whose code does not fit are skipped).",
         "",
-        "| per patient (median) | read round trips | write round trips | wall time (read+check+write) |",
-        "|---|---|---|---|",
-        f"| ours (batch read, one transaction) | {med['ours_read_rt']:.0f} | {med['ours_write_rt']:.0f} | {med['ours_s'] * 1000:.1f} ms |",
-        f"| naive (search per type, POST per resource) | {med['naive_read_rt']:.0f} | {med['naive_write_rt']:.0f} | {med['naive_s'] * 1000:.1f} ms |",
-        "",
-        f"Speed-up per patient: **{speedup:.1f}x** (target >= 3x). "
-        f"Max round trips, ours: read {max(figures['ours_read_rt']):.0f}, write {max(figures['ours_write_rt']):.0f}.",
+        "| added latency per request | client | read round trips | write round trips | wall time per patient (median) | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for latency, figures in runs:
+        med = {k: statistics.median(v) for k, v in figures.items()}
+        where = "none (loopback)" if latency == 0 else f"{latency:.0f} ms"
+        lines.append(f"| {where} | ours (batch read, one transaction) | {med['ours_read_rt']:.0f} "
+                     f"(max {max(figures['ours_read_rt']):.0f}) | {med['ours_write_rt']:.0f} "
+                     f"(max {max(figures['ours_write_rt']):.0f}) | {med['ours_s'] * 1000:.1f} ms | "
+                     f"**{med['naive_s'] / med['ours_s']:.1f}x** |")
+        lines.append(f"| {where} | naive (search per type, POST per resource) | {med['naive_read_rt']:.0f} | "
+                     f"{med['naive_write_rt']:.0f} | {med['naive_s'] * 1000:.1f} ms | 1.0x |")
+    lines += [
         "",
         "| check in memory, one thread | patients per CPU second (one core) | patients per wall second |",
         "|---|---|---|",
