@@ -26,7 +26,7 @@ from _latency import delayed  # noqa: E402
 from fhir_plugin import DraftsRefused, FhirClient, build_drafts, check, load_profile, write_drafts  # noqa: E402
 from fhir_plugin._naive_client import NaiveClient  # noqa: E402
 from fhir_plugin._record import records_from_bundle  # noqa: E402
-from fhir_plugin.synthetic import generate_cases, large_record, load_into_server  # noqa: E402
+from fhir_plugin.synthetic import generate_cases, large_record, load_into_server, renamed_case  # noqa: E402
 
 
 def _per_patient(base: str, cases: list, profile, today: date) -> dict[str, list[float]]:
@@ -61,20 +61,6 @@ def _per_patient(base: str, cases: list, profile, today: date) -> dict[str, list
     return out
 
 
-def _fresh(cases: list, tag: str) -> list:
-    """The cases under new ids, so each run writes to patients that have no drafts yet."""
-    import dataclasses
-    import json
-
-    out = []
-    for case in cases:
-        text = json.dumps(case.resources).replace('"fp-', f'"fp-{tag}-').replace("/fp-", f"/fp-{tag}-")
-        out.append(dataclasses.replace(
-            case, resources=json.loads(text), patient_id=case.patient_id.replace("fp-", f"fp-{tag}-", 1),
-            encounter_id=case.encounter_id.replace("fp-", f"fp-{tag}-", 1) if case.encounter_id else None))
-    return out
-
-
 def _throughput(record, profile, today: date, encounter_id, seconds: float = 3.0) -> tuple[float, float]:
     """Checks per wall second and per CPU second of this (single-threaded) process.
 
@@ -102,7 +88,7 @@ def main() -> int:
     runs: list[tuple[float, dict[str, list[float]]]] = []
     with fhir_server(args.server, args.port) as base:
         for latency in [0.0] + args.latency:
-            fresh = _fresh(cases, f"b{int(latency)}")   # new patients per run: nothing written before
+            fresh = [renamed_case(c, f"b{int(latency)}") for c in cases]   # new patients per run: nothing written before
             load_into_server(base, fresh)
             with delayed(base, latency) as url:
                 runs.append((latency, _per_patient(url, fresh, profile, today)))

@@ -46,6 +46,7 @@ Readings of SPEC this oracle relies on (the check must agree):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ __all__ = [
     "case_bundle",
     "save_cases",
     "load_into_server",
+    "renamed_case",
 ]
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -833,6 +835,15 @@ def _renamed(resources: Iterable[dict[str, Any]], old: str, new: str) -> list[di
             copy_["id"] = new + copy_["id"][len(old):]
         renamed.append(copy_)
     return renamed
+
+
+def renamed_case(case: SyntheticCase, tag: str) -> SyntheticCase:
+    """The case under new ids (``fp-x`` -> ``fp-<tag>-x``), for a writer that must not touch the original."""
+    def move(value: str | None) -> str | None:
+        return value.replace("fp-", f"fp-{tag}-", 1) if value else value
+
+    return dataclasses.replace(case, patient_id=move(case.patient_id), encounter_id=move(case.encounter_id),
+                               resources=_renamed(case.resources, "fp-", f"fp-{tag}-"))
 
 
 def many_patients(as_of: dt.date, n: int) -> Iterator[list[dict[str, Any]]]:
