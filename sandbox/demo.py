@@ -10,6 +10,7 @@ built from ``sandbox/hapi`` with Maven.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -79,12 +80,15 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
               f"SMART app      {app_url}\n\n"
               f"Launch the app for {case.patient_id} ({case.title}):\n"
               f"  {ehr.base_url}/ehr/launch?{urlencode(query)}\n\nCtrl-C stops everything.", flush=True)
-        try:
-            while thread.is_alive():
-                thread.join(0.5)
-        except KeyboardInterrupt:
-            server.should_exit = True
-            thread.join(10)
+        stop = threading.Event()
+        # Ctrl-C or a service manager's SIGTERM; set explicitly, since a shell starting us in the
+        # background leaves SIGINT ignored
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+        server.should_exit = True
+        thread.join(10)
         return 0
     finally:
         if ehr is not None:

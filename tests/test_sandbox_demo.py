@@ -40,13 +40,13 @@ def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url
         assert "Documentation review" in page.text and "fp-missing-onset" in page.text
     finally:
         started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             rest, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             rest, _ = proc.communicate()
-            pytest.fail("fhir-plugin sandbox did not stop within 90 s of Ctrl-C:\n" + "".join(lines) + rest)
+            pytest.fail("fhir-plugin sandbox did not stop within 90 s of SIGTERM:\n" + "".join(lines) + rest)
     assert proc.returncode == 0, "".join(lines) + rest
     assert time.monotonic() - started < 60
     assert requests.get(f"{fhir_base_url}/metadata", timeout=10).status_code == 200  # not ours to stop
