@@ -477,6 +477,9 @@ def test_killed_with_sigkill_and_restarted_ends_like_an_uninterrupted_run(fhir_b
     wanted = [t for searches in expected_drafts(killed).values() for t, _ in searches]
     expected = {rtype: wanted.count(rtype) for rtype in written}
     assert written == expected  # and nothing beyond the expected drafts
+    print(f"\nkill: {len(done_before)} of {len(KILL_KEYS)} patients recorded before SIGKILL; resumed run replayed "
+          f"{summary['from_earlier_attempt']}, created {summary['created']}, found {summary['existing']} existing; "
+          f"drafts per type {written}")
 
 
 # ---------------------------------------------------------------- acceptance: faults, with backend auth
@@ -536,6 +539,7 @@ def test_faults_are_survived_and_the_end_state_is_the_same(fhir_base_url, proxy,
         person = next(r for r in resources if r["resourceType"] == "Patient")
         assert person["name"][0]["family"] not in text and person["name"][0]["given"][0] not in text
         assert person["birthDate"] not in text
+    print(f"\nfaults: {proxy.applied}; tokens issued {len(proxy.issued)}; summary {summary}")
     report_text = (tmp_path / "r.jsonl").read_text()
     assert not any(s in report_text for s in proxy.issued)
 
