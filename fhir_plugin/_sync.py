@@ -556,6 +556,9 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
                     outcome = future.result()
                 except _RUN_FATAL as exc:  # this patient stays pending: the resumed run does it
                     fatal = fatal or exc
+                    for queued in list(inflight):  # those not started yet stay pending too
+                        if queued.cancel():
+                            del inflight[queued]
                     continue
                 transport_streak = transport_streak + 1 if outcome.no_answer else 0
                 checkpoint.record(run, pid, failed=outcome.failed, line=outcome.line)

@@ -260,7 +260,8 @@ def test_a_refused_token_stops_the_run_and_resume_finishes_it(cases, tmp_path):
         _run(server, tmp_path / "s.sqlite", concurrency=1)
     with Checkpoint(tmp_path / "s.sqlite") as cp:
         run = cp.unfinished_run(f"{BASE}|M62.561|write")
-        assert victim in cp.todo(run) and cp.counts(run)["done"] == 10
+        # the ten before it are done; the one queued behind it may have started before the run stopped
+        assert victim in cp.todo(run) and cp.counts(run)["done"] in (10, 11)
     del server.fail[victim]
     result, lines, summary = _run(server, tmp_path / "s.sqlite", concurrency=1)
     assert result.finished and summary["patients"] == len(cases) and summary["error"] == 0
