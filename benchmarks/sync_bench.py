@@ -5,8 +5,8 @@
 
 What it does:
 
-1. loads synthetic patients (``synthetic.many_patients``, ids moved under a
-   prefix per set) in sets of ``--patients``, one Group per set; a set whose
+1. loads synthetic patients (the cases over and over, as ``many_patients``
+   does, ids moved under a prefix per set with ``renamed_case``) in sets of ``--patients``, one Group per set; a set whose
    Group is already on the server is not loaded again;
 2. for each concurrency level, a ``--write`` run over its own fresh set, so
    every level does the same work (read, check, draft, one transaction that
@@ -68,8 +68,9 @@ def load_set(base: str, prefix: str, n: int, chunk: int = 50) -> str:
         synthetic.load_into_server(base, cases, timeout=900)
         batch.clear()
 
-    for resources in synthetic.many_patients(AS_OF, n):
-        resources = synthetic._renamed(resources, "fp-", f"fp-{prefix}-")  # each set its own ids
+    cases = synthetic.generate_cases(AS_OF)
+    for i in range(n):  # as synthetic.many_patients does, with each set under its own ids
+        resources = synthetic.renamed_case(cases[i % len(cases)], f"{prefix}-{i + 1:04d}").resources
         ids.append(next(r["id"] for r in resources if r["resourceType"] == "Patient"))
         batch.append(resources)
         if len(batch) == chunk:

@@ -59,7 +59,7 @@ def prefixed(prefix: str, keys: list[str] | None = None) -> list[list[dict[str, 
     """The synthetic cases (or those named), with ids moved to ``fp-<prefix><session>-...``: each test its own."""
     cases = synthetic.generate_cases(AS_OF)
     chosen = [c for c in cases if keys is None or c.key in keys]
-    return [synthetic._renamed(c.resources, "fp-", f"fp-{prefix}{SESSION}-") for c in chosen]
+    return [synthetic.renamed_case(c, f"{prefix}{SESSION}").resources for c in chosen]
 
 
 def load(base: str, patients: list[list[dict[str, Any]]], group: str | None = None) -> list[str]:
