@@ -14,7 +14,8 @@ translated at one boundary and chained with ``raise ... from``.
     │   ├── NotFound             404 / 410: the patient or resource does not exist
     │   ├── AuthError            401 / 403: token missing, expired, or lacking a scope
     │   └── MultipleMatches      412: a conditional operation matched more than one resource
-    └── LaunchError              a SMART launch or token exchange failed (unknown iss, bad state, ...)
+    ├── LaunchError              a SMART launch or token exchange failed (unknown iss, bad state, ...)
+    └── StateLocked              another sync job holds the state file (defined in _checkpoint)
 """
 
 from __future__ import annotations
