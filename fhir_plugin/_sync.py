@@ -54,7 +54,7 @@ import requests
 
 from ._check import check
 from ._checkpoint import DEFAULT_STATE, Checkpoint, Run
-from ._client import FhirClient
+from ._client import FhirClient, _next_link
 from ._drafts import DraftsRefused, build_drafts
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
 from ._profile import Profile, load_profile
@@ -205,13 +205,6 @@ def _bundle_time(bundle: Mapping[str, Any]) -> datetime | None:
             return parse_instant(stamp, "meta.lastUpdated")
         except UsageError:
             return None
-    return None
-
-
-def _next_link(bundle: Mapping[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-            return str(link["url"])
     return None
 
 
