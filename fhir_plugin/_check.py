@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import _icd10cm as icd
 from ._errors import UsageError
-from ._profile import IcdSet, Profile, Rule
+from ._profile import Profile, Rule
 from ._record import PatientRecord
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._text import Terms, Vocabulary
@@ -350,7 +350,7 @@ def _site_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, Ele
             f"the record documents a site other than the {ctx.profile.site_terms[own][0]}: {names}"
     if own in sites:
         return "met", sites[own], f"{ctx.profile.site_terms[own][0]} documented"
-    return "missing", [], f"no body site documented on the condition or a site-bearing observation"
+    return "missing", [], "no body site documented on the condition or a site-bearing observation"
 
 
 def _laterality_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
@@ -519,7 +519,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
                 absent.append(doc.ref)
     recent = flag.get("recent_icd10cm")
     if recent:
-        codes = IcdSet(recent["codes"], where="", path="")
+        codes = ctx.profile.recent_codes[flag["id"]]
         for doc in ctx.conditions:
             if _condition_counts(doc) and any(c in codes for c in _icd_codes(doc)):
                 when = _onset_date(doc.resource) or _date(doc.resource.get("recordedDate"))
@@ -617,5 +617,4 @@ def check(record: PatientRecord, profile: Profile, *, today: date, encounter_id:
         red_flags=tuple(flags),
         code_fit=_code_fit(ctx),
         onset_date=ctx.onset.isoformat() if ctx.onset else None,
-        site_evidence=tuple(sorted({r for refs in _sites(ctx).values() for r in refs})),
     )

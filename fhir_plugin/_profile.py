@@ -125,6 +125,8 @@ class Profile:
     finding_terms: dict[str, tuple[frozenset[str], Terms]]
     plan_definition: dict[str, Any] = field(repr=False)
     vocabulary: Vocabulary = field(repr=False, default=None)  # type: ignore[assignment]
+    #: per red flag with a time window, its ICD-10-CM codes (parsed once, here, not per check)
+    recent_codes: dict[str, IcdSet] = field(repr=False, default_factory=dict)
 
     @property
     def region(self) -> str:
@@ -301,6 +303,7 @@ def _load(folder: Path) -> Profile:
 
     flags = _need(raw, "red_flags", list, path)
     flag_rules: dict[str, Rule] = {}
+    recent_codes: dict[str, IcdSet] = {}
     for i, flag in enumerate(flags):
         where = f"red_flags[{i}]"
         fid = _need(flag, "id", str, path, where)
@@ -308,8 +311,8 @@ def _load(folder: Path) -> Profile:
         recent = flag.get("recent_icd10cm")
         if recent is not None:
             _need(recent, "days", int, path, f"{where}.recent_icd10cm")
-            IcdSet(_str_list(recent, "codes", path, f"{where}.recent_icd10cm"),
-                   where=f"{where}.recent_icd10cm.codes", path=path)
+            recent_codes[fid] = IcdSet(_str_list(recent, "codes", path, f"{where}.recent_icd10cm"),
+                                       where=f"{where}.recent_icd10cm.codes", path=path)
 
     fit = _need(raw, "code_fit", dict, path)
     for i, rule in enumerate(_need(fit, "rules", list, path, "code_fit")):
@@ -322,7 +325,7 @@ def _load(folder: Path) -> Profile:
     vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]
                             + [t for _l, _c, t in site_terms.values()] + [t for _c, t in side_terms.values()]
                             + [t for _c, t in finding_terms.values()])
-    return Profile(vocabulary=vocabulary, code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
+    return Profile(vocabulary=vocabulary, recent_codes=recent_codes, code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
                    excludes1=tuple(excludes), elements=tuple(elements), rules=rules, red_flags=tuple(flags),
                    flag_rules=flag_rules, site_terms=site_terms, side_terms=side_terms,
                    finding_terms=finding_terms, plan_definition=plan)

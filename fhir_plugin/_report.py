@@ -6,7 +6,7 @@ command line and the review page in the web app render these same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = ["ElementResult", "RedFlagResult", "Suggestion", "CodeFit", "Report", "ELEMENT_STATUSES",
@@ -82,7 +82,6 @@ class Report:
     red_flags: tuple[RedFlagResult, ...]
     code_fit: CodeFit
     onset_date: str | None = None
-    site_evidence: tuple[str, ...] = field(default=())
 
     @property
     def complete(self) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
-__all__ = ["Terms", "Mention", "Vocabulary", "compile_terms"]
+__all__ = ["Terms", "Mention", "Vocabulary"]
 
 _WORD_CHAR = r"0-9A-Za-z"
 _SENTENCE_BREAK = re.compile(r"[.;!?\n]+(?:\s|$)|\n")
@@ -130,6 +130,3 @@ class Terms:
         """True when any term occurs, negated or not (cheap pre-check)."""
         return bool(self._pattern and text and self._pattern.search(text))
 
-
-def compile_terms(keywords: Iterable[str] = (), words: Iterable[str] = ()) -> Terms:
-    return Terms(keywords, words)

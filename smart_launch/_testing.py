@@ -297,15 +297,12 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
 
 
 def renamed_case(case: Any, suffix: str) -> tuple[str, str | None, list[dict[str, Any]]]:
-    """A synthetic case under new ids (``fp-<key>`` -> ``fp-<key>-<suffix>``), so a test that writes
-    drafts for it never changes what another test reads for the original patient."""
-    import json
+    """A synthetic case under new ids (``synthetic.renamed_case``), so a test that writes drafts for it
+    never changes what another test reads for the original patient: (patient id, encounter id, resources)."""
+    from fhir_plugin.synthetic import renamed_case as rename
 
-    old = case.patient_id
-    new = f"{old}-{suffix}"
-    text = json.dumps(case.resources).replace(f'"{old}', f'"{new}').replace(f'/{old}', f'/{new}')
-    encounter = case.encounter_id.replace(old, new, 1) if case.encounter_id else None
-    return new, encounter, json.loads(text)
+    moved = rename(case, suffix)
+    return moved.patient_id, moved.encounter_id, moved.resources
 
 
 def put_resources(fhir_base: str, resources: list[dict[str, Any]], timeout: float = 60.0) -> None:
