@@ -30,7 +30,7 @@ from . import _pages, _scopes
 from ._access import ID_RE
 from ._config import EhrConfig
 from ._proxy import FHIR_JSON, FhirProxy, ProxyResponse
-from ._server import SandboxAuthorizationServer, SandboxRequest, safe_description
+from ._server import SandboxAuthorizationServer, SandboxRequest
 from ._store import Approval, LaunchContext, Store
 
 log = logging.getLogger("sandbox.ehr")
