@@ -7,11 +7,13 @@ import ca.uhn.fhir.jpa.api.config.ThreadPoolFactoryConfig;
 import ca.uhn.fhir.jpa.batch2.JpaBatch2Config;
 import ca.uhn.fhir.jpa.binary.api.IBinaryStorageSvc;
 import ca.uhn.fhir.jpa.binstore.MemoryBinaryStorageSvcImpl;
+import ca.uhn.fhir.jpa.api.svc.IIdHelperService;
 import ca.uhn.fhir.jpa.config.HapiJpaConfig;
 import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
+import ca.uhn.fhir.jpa.model.dao.JpaPid;
 import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
 import ca.uhn.fhir.jpa.subscription.channel.config.SubscriptionChannelConfig;
 import jakarta.persistence.EntityManagerFactory;
@@ -121,6 +123,13 @@ public class SandboxJpaConfig {
 		s.setEnableTaskBulkExportJobExecution(false);
 		s.setEnableTaskBulkImportJobExecution(false);
 		return s;
+	}
+
+	/** H2 scans the resource table for HAPI's multi-id lookup; see {@link OneByOneIdHelperService}. */
+	@Bean
+	@Primary
+	public IIdHelperService<JpaPid> oneByOneIdHelperService() {
+		return new OneByOneIdHelperService();
 	}
 
 	@Bean
