@@ -90,3 +90,14 @@ def test_a_present_red_flag_adds_a_referral_activity():
 def test_a_record_that_supports_another_code_gets_no_drafts(key, code):
     with pytest.raises(DraftsRefused, match=code):
         build_drafts(_report(key), PROFILE, now=NOW)
+
+
+def test_a_profile_that_drafts_invalid_r4_is_refused_before_anything_is_sent():
+    import copy
+
+    from fhir_plugin import InputError
+
+    broken = copy.deepcopy(PROFILE)
+    broken.plan_definition["goal"][0]["target"] = [{"measure": "not a CodeableConcept"}]
+    with pytest.raises(InputError, match=r"drafted Goal is not valid R4 at target\.0\.measure"):
+        build_drafts(_report("missing-onset"), broken, now=NOW)
