@@ -35,9 +35,14 @@ from fhir_plugin.synthetic import generate_cases, large_record, load_into_server
 SERVER_JAVA_OPTS = "-Xms512m -Xmx2g -XX:+UseSerialGC"
 
 
-def _ours(base: str, case, profile, today: date, now: datetime) -> dict[str, float] | None:
-    """One patient through our client: batch read, check and drafts, one transaction."""
-    with FhirClient(base) as client:
+def _flow(who: str, base: str, case, profile, today: date, now: datetime) -> dict[str, float] | None:
+    """One patient through one client: read, check and drafts, write; None when the drafts are refused.
+
+    ``who`` is "ours" (batch read, one transaction) or "naive" (a request per
+    type to read, per resource to write).
+    """
+    with FhirClient(base) as inner:
+        client = inner if who == "ours" else NaiveClient(inner)
         t0 = time.perf_counter()
         record = client.read_patient_record(case.patient_id)
         t1 = time.perf_counter()
@@ -48,27 +53,10 @@ def _ours(base: str, case, profile, today: date, now: datetime) -> dict[str, flo
         except DraftsRefused:
             return None  # no write to compare for a record whose code does not fit
         t2 = time.perf_counter()
-        write_drafts(client, bundle)
-        t3 = time.perf_counter()
-        return {"read_rt": read_rt, "write_rt": client.round_trips - read_rt,
-                "io_s": (t1 - t0) + (t3 - t2), "cpu_s": t2 - t1, "total_s": t3 - t0}
-
-
-def _naive(base: str, case, profile, today: date, now: datetime) -> dict[str, float] | None:
-    """The same patient through the naive client: a request per type to read, per resource to write."""
-    with FhirClient(base) as inner:
-        client = NaiveClient(inner)
-        t0 = time.perf_counter()
-        record = client.read_patient_record(case.patient_id)
-        t1 = time.perf_counter()
-        read_rt = client.round_trips
-        report = check(record, profile, today=today, encounter_id=case.encounter_id)
-        try:
-            bundle = build_drafts(report, profile, now=now)
-        except DraftsRefused:
-            return None
-        t2 = time.perf_counter()
-        client.write_bundle(bundle)
+        if who == "ours":
+            write_drafts(inner, bundle)
+        else:
+            client.write_bundle(bundle)
         t3 = time.perf_counter()
         return {"read_rt": read_rt, "write_rt": client.round_trips - read_rt,
                 "io_s": (t1 - t0) + (t3 - t2), "cpu_s": t2 - t1, "total_s": t3 - t0}
@@ -80,11 +68,11 @@ def _per_patient(base: str, ours_cases: list, naive_cases: list, profile, today:
     now = datetime.now(timezone.utc)
     for i, (mine, theirs) in enumerate(zip(ours_cases, naive_cases)):
         if i % 2:
-            naive = _naive(base, theirs, profile, today, now)
-            ours = _ours(base, mine, profile, today, now) if naive else None
+            naive = _flow("naive", base, theirs, profile, today, now)
+            ours = _flow("ours", base, mine, profile, today, now) if naive else None
         else:
-            ours = _ours(base, mine, profile, today, now)
-            naive = _naive(base, theirs, profile, today, now) if ours else None
+            ours = _flow("ours", base, mine, profile, today, now)
+            naive = _flow("naive", base, theirs, profile, today, now) if ours else None
         if ours is None or naive is None:
             continue
         for who, figures in (("ours", ours), ("naive", naive)):
