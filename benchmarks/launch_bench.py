@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from smart_launch._testing import put_resources, renamed_case, sandbox_stack  # noqa: E402
+from smart_launch._testing import load_fresh_case, sandbox_stack  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -82,8 +82,8 @@ def _in_chromium(url: str, app_url: str, launches: int, executable: str, record)
 
 def run(fhir_base: str, launches: int, case_key: str, browser_path: str | None = None) -> dict:
     case = next(c for c in generate_cases(dt.date.today()) if c.key == case_key)
-    pid, _, resources = renamed_case(case, "bench" + uuid.uuid4().hex[:6])
-    put_resources(fhir_base, resources)
+    case = load_fresh_case(fhir_base, case, "bench" + uuid.uuid4().hex[:6])
+    pid, resources = case.patient_id, case.resources
     encounter = sorted((r for r in resources if r["resourceType"] == "Encounter"),
                        key=lambda r: r["period"]["start"])[-1]["id"]
     totals, shares, parts = [], [], {"read": [], "check": [], "drafts": []}

@@ -296,23 +296,15 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
             yield SandboxStack(ehr, server, app, client_id)
 
 
-def renamed_case(case: Any, suffix: str) -> tuple[str, str | None, list[dict[str, Any]]]:
-    """A synthetic case under new ids (``synthetic.renamed_case``), so a test that writes drafts for it
-    never changes what another test reads for the original patient: (patient id, encounter id, resources)."""
-    from fhir_plugin.synthetic import renamed_case as rename
+def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
+    """``case`` under new ids (``synthetic.renamed_case``), loaded straight into HAPI, not through the EHR.
 
-    moved = rename(case, suffix)
-    return moved.patient_id, moved.encounter_id, moved.resources
+    A test that writes drafts for it never changes what another test reads for the original patient.
+    """
+    import uuid
 
+    from fhir_plugin.synthetic import load_into_server, renamed_case
 
-def put_resources(fhir_base: str, resources: list[dict[str, Any]], timeout: float = 60.0) -> None:
-    """Load resources straight into HAPI (not through the EHR) as one transaction of PUTs."""
-    import requests
-
-    bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                        for r in sorted(resources, key=lambda r: r["resourceType"] != "Patient")]}
-    answer = requests.post(fhir_base, json=bundle, headers={"Content-Type": "application/fhir+json"},
-                           timeout=timeout)
-    if answer.status_code >= 300:
-        raise RuntimeError(f"loading the test patients failed with {answer.status_code}: {answer.text[:300]}")
+    moved = renamed_case(case, tag or uuid.uuid4().hex[:8])
+    load_into_server(fhir_base, [moved])
+    return moved

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import responses
 
 from fhir_plugin._cli import main

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import requests
 
 from fhir_plugin import FhirClient, build_drafts, check, load_profile
 from fhir_plugin.synthetic import generate_cases
-from smart_launch._testing import APP_CLIENT_SCOPES, free_port, put_resources, renamed_case, sandbox_stack
+from smart_launch._testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,8 +70,8 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
     ARTIFACTS.mkdir(exist_ok=True)
     today = dt.date.today()
     case = next(c for c in generate_cases(today) if c.key == "missing-treatment-plan")
-    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
-    put_resources(fhir_base_url, resources)
+    case = load_fresh_case(fhir_base_url, case)
+    pid, resources = case.patient_id, case.resources
     encounters = sorted((r for r in resources if r["resourceType"] == "Encounter"),
                         key=lambda r: r["period"]["start"])
     encounter = encounters[-1]["id"]
@@ -152,8 +151,8 @@ def test_refusals_render_in_chromium(fhir_base_url, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     today = dt.date.today()
     case = next(c for c in generate_cases(today) if c.key == "spasm-calf")
-    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
-    put_resources(fhir_base_url, resources)
+    case = load_fresh_case(fhir_base_url, case)
+    pid = case.patient_id
     with sandbox_stack(fhir_base_url, read_only=True) as stack:
         context = browser.new_context(viewport={"width": 1200, "height": 900})
         page = context.new_page()
@@ -179,8 +178,8 @@ def test_fhir_plugin_serve_with_two_workers_shares_sessions_and_logs_no_secret(f
     from sandbox.ehr import Client, running_ehr
 
     case = next(c for c in generate_cases(dt.date.today()) if c.key == "complete")
-    pid, _, resources = renamed_case(case, uuid.uuid4().hex[:8])
-    put_resources(fhir_base_url, resources)
+    case = load_fresh_case(fhir_base_url, case)
+    pid = case.patient_id
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
     store = tmp_path / "sessions.sqlite"

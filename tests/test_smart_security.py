@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import re
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -326,16 +325,13 @@ def test_the_cookie_is_secure_when_the_app_is_served_over_https():
 
 @pytest.fixture(scope="module")
 def sandbox_patients(fhir_base_url):
-    """Two synthetic patients under fresh ids, loaded into HAPI: (patient id, encounter id, resources)."""
-    import uuid
-
-    from smart_launch._testing import put_resources, renamed_case
+    """Two synthetic patients under fresh ids, loaded into HAPI: (patient id, resources)."""
+    from smart_launch._testing import load_fresh_case
 
     out = []
     for key in ("missing-treatment-plan", "missing-severity"):
-        pid, _, resources = renamed_case(_case(key), uuid.uuid4().hex[:8])
-        put_resources(fhir_base_url, resources)
-        out.append((pid, resources))
+        case = load_fresh_case(fhir_base_url, _case(key))
+        out.append((case.patient_id, case.resources))
     return out
 
 
