@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 
 from ._check import check
 from ._client import FhirClient
-from ._drafts import DraftsRefused, Phase, build_drafts, draft_identifiers, phases_of
-from ._errors import (AuthError, InputError, LaunchError, MultipleMatches, NotFound, PluginError, ProfileError,
-                      ServerError, TransportError, UsageError)
+from ._drafts import Phase, build_drafts, draft_identifiers, phases_of
+from ._errors import (AuthError, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
+                      NotLaunched, PluginError, ProfileError, ServerError, StateLocked, TransportError, UsageError)
 from ._profile import Profile, available_profiles, load_profile
 from ._record import PatientRecord, load_bundle_file, records_from_bundle
 from ._render import render_text
@@ -25,5 +25,5 @@ __all__ = [
     "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
     "FhirClient", "write_drafts", "WriteResult",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
-    "AuthError", "MultipleMatches", "LaunchError",
+    "AuthError", "MultipleMatches", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
 ]

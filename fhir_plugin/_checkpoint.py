@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ._errors import PluginError, UsageError
+from ._errors import PluginError, StateLocked, UsageError
 
 __all__ = ["Checkpoint", "Run", "StateLocked", "DEFAULT_STATE"]
 
@@ -70,11 +70,6 @@ CREATE TABLE IF NOT EXISTS patients (
 CREATE INDEX IF NOT EXISTS patients_by_status ON patients (run, status, position);
 """
 
-
-class StateLocked(PluginError):
-    """Raised when another sync job holds the state file: two jobs must not work the same run at once."""
-
-    exit_code = 10
 
 
 @dataclass(frozen=True)

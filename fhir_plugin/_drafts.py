@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from fhir.resources.R4B import get_fhir_model_class
 
 from . import __version__
-from ._errors import InputError, UsageError
+from ._errors import DraftsRefused, InputError, UsageError
 from ._profile import Profile
 from ._report import Report
 from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER
@@ -33,9 +33,6 @@ _CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 _CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 _WEEK_DAYS = {"wk": 7, "d": 1, "mo": 30}
 
-
-class DraftsRefused(UsageError):
-    """Raised when the record documents a different code: drafting this one would write a wrong code."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ translated at one boundary and chained with ``raise ... from``.
 
     PluginError
     ├── UsageError               the caller asked for something impossible (bad option, unknown profile)
+    │   └── DraftsRefused        the record documents another code: drafting this one would write a wrong code
     ├── ProfileError             a condition profile under profiles/ is malformed
     ├── InputError               a patient record is malformed (bad JSON, wrong resource type, R5 shape)
     ├── TransportError           the FHIR server could not be reached or did not answer in time
@@ -15,7 +16,13 @@ translated at one boundary and chained with ``raise ... from``.
     │   ├── AuthError            401 / 403: token missing, expired, or lacking a scope
     │   └── MultipleMatches      412: a conditional operation matched more than one resource
     ├── LaunchError              a SMART launch or token exchange failed (unknown iss, bad state, ...)
-    └── StateLocked              another sync job holds the state file (defined in _checkpoint)
+    ├── NotLaunched              a page needs a finished SMART launch and this browser has none
+    ├── Forbidden                the session may not do what it asked (CSRF, no write scope, another patient)
+    └── StateLocked              another sync job holds the state file
+
+Each class carries what every entry point needs to show it: ``exit_code`` for
+the command line, ``http_status`` and ``title`` for the web app, so both map
+an error with one attribute look-up instead of an ``isinstance`` chain.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ __all__ = [
     "AuthError",
     "MultipleMatches",
     "LaunchError",
+    "DraftsRefused",
+    "NotLaunched",
+    "Forbidden",
+    "StateLocked",
 ]
 
 
@@ -42,18 +53,25 @@ class PluginError(Exception):
     #: process exit code the command line uses for this family of errors
     #: (0 and 1 are the check's own answers: complete / documentation gaps)
     exit_code: int = 11
+    #: HTTP status and page title the web app answers with
+    http_status: int = 500
+    title: str = "Something went wrong"
 
 
 class UsageError(PluginError):
     """Raised when a caller passes options or arguments that cannot work."""
 
     exit_code = 2
+    http_status = 400
+    title = "Request refused"
 
 
 class ProfileError(PluginError):
     """Raised when a profile folder is malformed; the message names the file and the field."""
 
     exit_code = 3
+    http_status = 500
+    title = "The condition profile is malformed"
 
     def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
         where = ", ".join(x for x in (path and f"file {path}", field and f"field {field!r}") if x)
@@ -66,18 +84,24 @@ class InputError(PluginError):
     """Raised when a patient record (a Bundle file or a server answer) is not usable R4 data."""
 
     exit_code = 4
+    http_status = 502
+    title = "The FHIR server could not be used"
 
 
 class TransportError(PluginError):
     """Raised when the server cannot be reached, the connection drops, or a request times out."""
 
     exit_code = 5
+    http_status = 502
+    title = "The FHIR server could not be used"
 
 
 class ServerError(PluginError):
     """Raised when the server answers with an error status; keeps the OperationOutcome."""
 
     exit_code = 6
+    http_status = 502
+    title = "The FHIR server could not be used"
 
     def __init__(self, message: str, *, status: int | None = None,
                  outcome: dict[str, Any] | None = None) -> None:
@@ -90,12 +114,16 @@ class NotFound(ServerError):
     """Raised on 404 or 410: the resource (often the patient) does not exist on the server."""
 
     exit_code = 7
+    http_status = 404
+    title = "Not found"
 
 
 class AuthError(ServerError):
     """Raised on 401 or 403: the token is missing, expired, refused, or lacks a scope."""
 
     exit_code = 8
+    http_status = 401
+    title = "The EHR refused the app's access"
 
 
 class MultipleMatches(ServerError):
@@ -106,3 +134,29 @@ class LaunchError(PluginError):
     """Raised when a SMART launch cannot go on: unknown issuer, bad state, failed token exchange."""
 
     exit_code = 9
+    http_status = 400
+    title = "The launch could not be completed"
+
+
+class DraftsRefused(UsageError):
+    """Raised when the record documents a different code: drafting this one would write a wrong code."""
+
+
+class NotLaunched(PluginError):
+    """Raised when a page needs a finished launch and this browser has none (or it expired)."""
+
+    http_status = 401
+    title = "No active launch"
+
+
+class Forbidden(PluginError):
+    """Raised when the session may not do what it asked (bad CSRF token, no write scopes, another patient)."""
+
+    http_status = 403
+    title = "Not allowed"
+
+
+class StateLocked(PluginError):
+    """Raised when another sync job holds the state file: two jobs must not work the same run at once."""
+
+    exit_code = 10

@@ -42,8 +42,8 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from authlib.common.security import generate_token
 
-from fhir_plugin import (AuthError, DraftsRefused, FhirClient, InputError, LaunchError, NotFound, PluginError,
-                         ServerError, TransportError, UsageError, __version__, build_drafts, check, load_profile,
+from fhir_plugin import (AuthError, DraftsRefused, FhirClient, Forbidden, LaunchError, NotLaunched, PluginError,
+                         TransportError, UsageError, __version__, build_drafts, check, load_profile,
                          phases_of, write_drafts)
 
 from . import _launch as smart
@@ -61,13 +61,6 @@ _VIEWABLE = ("Patient", "Condition", "Observation", "Encounter", "CarePlan", "Go
 _GROUPS = (("conflict", "Conflicts"), ("missing", "Missing"), ("not-yet-due", "Not yet due"),
            ("proposed", "Proposed"), ("met", "Met"))
 
-
-class NotLaunched(PluginError):
-    """Raised when a page needs a finished launch and this browser has none (or it expired)."""
-
-
-class Forbidden(PluginError):
-    """Raised when the session may not do what it asked (bad CSRF token, no write scopes, another patient)."""
 
 
 def _tag(sid: str) -> str:
@@ -276,25 +269,14 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
     async def plugin_error(request: Request, exc: PluginError) -> Response:
         message = str(exc).rstrip(".") + "."
         message = message[0].upper() + message[1:]
-        if isinstance(exc, NotLaunched):
-            return refusal(request, 401, "No active launch", message)
-        if isinstance(exc, Forbidden):
-            return refusal(request, 403, "Not allowed", message)
-        if isinstance(exc, LaunchError):
-            upstream = isinstance(exc.__cause__, (requests.RequestException, TransportError))
-            return refusal(request, 502 if upstream else 400, "The launch could not be completed", message)
+        status, title = exc.http_status, exc.title
+        if isinstance(exc, LaunchError) and isinstance(exc.__cause__, (requests.RequestException, TransportError)):
+            status = 502  # the EHR's server failed us, not the browser
         if isinstance(exc, AuthError) and exc.status == 403:  # the token is fine but does not reach that far
-            return refusal(request, 403, "The EHR refused this request", message)
-        if isinstance(exc, AuthError):
-            return refusal(request, 401, "The EHR refused the app's access",
-                           message + " Please launch the app again from the EHR.")
-        if isinstance(exc, NotFound):
-            return refusal(request, 404, "Not found", message)
-        if isinstance(exc, (TransportError, ServerError, InputError)):
-            return refusal(request, 502, "The FHIR server could not be used", message)
-        if isinstance(exc, UsageError):
-            return refusal(request, 400, "Request refused", message)
-        return refusal(request, 500, "Something went wrong", message)
+            status, title = 403, "The EHR refused this request"
+        elif isinstance(exc, AuthError):
+            message += " Please launch the app again from the EHR."
+        return refusal(request, status, title, message)
 
     def set_cookie(request: Request, response: Response, sid: str) -> None:
         secure = request.url.scheme == "https" or settings.redirect_uri.startswith("https://")
