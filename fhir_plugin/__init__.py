@@ -15,7 +15,10 @@ from ._profile import Profile, available_profiles, load_profile
 from ._record import PatientRecord, load_bundle_file, records_from_bundle
 from ._render import render_text
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
-from ._write import WriteResult, write_drafts
+from ._read import BatchReader, PerTypeReader, RecordReader
+from ._review import Review, review
+from ._strategies import Strategies, strategies_for
+from ._write import DraftWriter, PerResourceWriter, TransactionWriter, WriteResult
 
 __all__ = [
     "__version__",
@@ -23,7 +26,9 @@ __all__ = [
     "PatientRecord", "records_from_bundle", "load_bundle_file",
     "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
     "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
-    "FhirClient", "write_drafts", "WriteResult",
+    "review", "Review",
+    "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
+    "DraftWriter", "TransactionWriter", "PerResourceWriter", "WriteResult", "Strategies", "strategies_for",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
     "AuthError", "MultipleMatches", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
 ]

@@ -413,6 +413,15 @@ class FhirClient:
             raise InputError(f"the server answered a transaction with a {answer.get('resourceType')}, not a Bundle")
         return answer
 
+    def send_resource(self, method: str, url: str, resource: Mapping[str, Any], *,
+                      headers: Mapping[str, str] | None = None,
+                      safe_to_retry: bool | None = None) -> tuple[int, dict[str, Any]]:
+        """POST or PUT one resource; the status (201 created, 200 matched or updated) and the body."""
+        answer = self._send(method, url, body=dict(resource), headers=headers, safe_to_retry=safe_to_retry)
+        if answer.response.status_code >= 300:
+            raise self._error(answer, self._body(answer, strict=False))
+        return answer.response.status_code, self._body(answer, strict=True)
+
     def validate(self, resource: Mapping[str, Any]) -> dict[str, Any]:
         """The server's OperationOutcome for ``POST {type}/$validate``, whether it passed or not.
 

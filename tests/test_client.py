@@ -21,7 +21,7 @@ from fhir_plugin._client import (FhirClient, backoff_delay, error_for_status, is
                                  resolve_url, retry_after_seconds)
 from fhir_plugin._errors import (AuthError, InputError, MultipleMatches, NotFound, ServerError, TransportError,
                                  UsageError)
-from fhir_plugin._naive_client import NaiveClient
+from fhir_plugin import PerResourceWriter, PerTypeReader, strategies_for, BatchReader, TransactionWriter
 
 BASE = "http://fhir.test:8080/fhir"
 TOKEN = "tok-3f9c-SECRET-a81e"
@@ -647,23 +647,22 @@ def test_an_oauth2_session_sends_its_own_bearer_token(mock):
     assert TOKEN not in str(caught.value)
 
 
-# ---------------------------------------------------------------- the naive baseline
+# ---------------------------------------------------------------- the per-type reader and per-resource writer
 
-def test_naive_client_reads_with_one_request_per_type(mock, client):
+def test_per_type_reader_reads_with_one_request_per_type(mock, client):
     mock.get(f"{BASE}/Patient/p1", json=patient())
     for rtype, resource in (("Condition", condition("c1")), ("Observation", observation("o1")),
                             ("Encounter", encounter("e1")), ("CarePlan", careplan("cp1"))):
         mock.get(f"{BASE}/{rtype}", json=searchset([resource]),
                  match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})])
 
-    naive = NaiveClient(client)
-    record = naive.read_patient_record("p1")
+    record = PerTypeReader(client).read("p1")
 
-    assert naive.round_trips == 5
+    assert client.round_trips == 5
     assert record.counts() == {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
 
 
-def test_naive_client_writes_one_request_per_resource_and_resolves_urn_references(mock, client):
+def test_per_resource_writer_writes_one_request_per_resource_and_resolves_urn_references(mock, client):
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
          "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
@@ -678,19 +677,48 @@ def test_naive_client_writes_one_request_per_resource_and_resolves_urn_reference
                                               "Prefer": "return=representation"})])
     mock.post(f"{BASE}/CarePlan", status=201, json=careplan("cp9"))
 
-    assigned = NaiveClient(client).write_bundle(bundle)
+    result = PerResourceWriter(client).write(bundle)
 
-    assert assigned == {"urn:uuid:0c7e1f2a-0000-4000-8000-000000000001": "Condition/c9",
-                        "urn:uuid:0c7e1f2a-0000-4000-8000-000000000002": "CarePlan/cp9"}
+    assert result.created == ("Condition/c9", "CarePlan/cp9")
     assert client.round_trips == 2
     assert sent_json(mock.calls[1])["addresses"] == [{"reference": "Condition/c9"}]
 
 
-def test_naive_client_refuses_a_forward_reference(client):
+def test_per_resource_writer_refuses_a_forward_reference(client):
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"request": {"method": "POST", "url": "CarePlan"},
          "resource": {"resourceType": "CarePlan", "addresses": [{"reference": "urn:uuid:later"}]}}]}
 
     with pytest.raises(UsageError, match="urn:uuid:later"):
-        NaiveClient(client).write_bundle(bundle)
+        PerResourceWriter(client).write(bundle)
     assert client.round_trips == 0
+
+
+def test_per_resource_writer_reports_a_matched_conditional_create_as_existing(mock, client):
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
+         "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
+         "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}}}]}
+    mock.post(f"{BASE}/Condition", status=200, json=condition("c9"))
+
+    result = PerResourceWriter(client).write(bundle)
+
+    assert result.created == () and result.existing == ("Condition/c9",)
+    assert not result.wrote_anything
+
+
+@pytest.mark.parametrize("interactions, reader, writer", [
+    (None, BatchReader, TransactionWriter),
+    (["batch", "transaction"], BatchReader, TransactionWriter),
+    (["transaction"], PerTypeReader, TransactionWriter),
+    (["batch"], BatchReader, PerResourceWriter),
+    ([], PerTypeReader, PerResourceWriter),
+])
+def test_strategies_follow_what_the_server_declares(client, interactions, reader, writer):
+    capabilities = None if interactions is None else {
+        "resourceType": "CapabilityStatement",
+        "rest": [{"mode": "server", "interaction": [{"code": code} for code in interactions]}]}
+
+    chosen = strategies_for(client, capabilities)
+
+    assert type(chosen.reader) is reader and type(chosen.writer) is writer

@@ -1,0 +1,49 @@
+"""The one review pipeline: a patient's record in, the report and the drafts (or why not) out. Pure.
+
+Every way in — the command line, the sync job, the SMART app, and the jobs
+to come — calls ``review`` and decides only what to do with its answer: show
+it, write the drafts through a writer strategy, or both.  So a record is
+judged, and drafts are refused, the same way whatever the way in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from ._check import check
+from ._drafts import build_drafts
+from ._errors import DraftsRefused
+from ._profile import Profile
+from ._record import PatientRecord
+from ._report import Report
+
+__all__ = ["Review", "review"]
+
+
+@dataclass(frozen=True)
+class Review:
+    """The report of one patient, and either the draft transaction Bundle or the sentence saying why none."""
+
+    report: Report
+    drafts: dict[str, Any] | None
+    refused: str | None = None
+
+    @property
+    def drafts_allowed(self) -> bool:
+        return self.drafts is not None
+
+
+def review(record: PatientRecord, profile: Profile, *, today: date, now: datetime,
+           encounter_id: str | None = None) -> Review:
+    """Check ``record`` against ``profile`` at ``today`` and draft what SPEC §7 writes back, dated ``now``.
+
+    A code mismatch refuses the drafts (SPEC §5, §7): the refusal is part of
+    the answer, not an error, since the report is still worth showing.
+    """
+    report = check(record, profile, today=today, encounter_id=encounter_id)
+    try:
+        return Review(report, build_drafts(report, profile, now=now))
+    except DraftsRefused as exc:
+        return Review(report, None, str(exc))
