@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hapi import RUN, fhir_server  # noqa: E402
 from _latency import delayed  # noqa: E402
 
-from fhir_plugin import DraftsRefused, FhirClient, build_drafts, check, load_profile, write_drafts  # noqa: E402
-from fhir_plugin._naive_client import NaiveClient  # noqa: E402
+from fhir_plugin import (BatchReader, FhirClient, PerResourceWriter, PerTypeReader, TransactionWriter,  # noqa: E402
+                         check, load_profile, review)
 from fhir_plugin._record import records_from_bundle  # noqa: E402
 from fhir_plugin.synthetic import generate_cases, large_record, load_into_server, renamed_case  # noqa: E402
 
@@ -38,22 +38,21 @@ SERVER_JAVA_OPTS = "-Xms512m -Xmx2g -XX:+UseSerialGC"
 def _flow(who: str, base: str, case, profile, today: date, now: datetime) -> dict[str, float]:
     """One patient through one client: read, check and drafts, write.
 
-    ``who`` is "ours" (batch read, one transaction) or "naive" (a request per
-    type to read, per resource to write).  ``case`` is one whose code fits
+    ``who`` is "ours" (batch reader, transaction writer) or "naive" (the per-type reader and
+    per-resource writer).  ``case`` is one whose code fits
     (``_writable``), so there are drafts to write.
     """
-    with FhirClient(base) as inner:
-        client = inner if who == "ours" else NaiveClient(inner)
+    with FhirClient(base) as client:
+        reader = BatchReader(client) if who == "ours" else PerTypeReader(client)
+        writer = TransactionWriter(client) if who == "ours" else PerResourceWriter(client)
         t0 = time.perf_counter()
-        record = client.read_patient_record(case.patient_id)
+        record = reader.read(case.patient_id)
         t1 = time.perf_counter()
         read_rt = client.round_trips
-        bundle = build_drafts(check(record, profile, today=today, encounter_id=case.encounter_id), profile, now=now)
+        drafts = review(record, profile, today=today, now=now, encounter_id=case.encounter_id).drafts
+        assert drafts is not None, "only cases whose code fits are measured"
         t2 = time.perf_counter()
-        if who == "ours":
-            write_drafts(inner, bundle)
-        else:
-            client.write_bundle(bundle)
+        writer.write(drafts)
         t3 = time.perf_counter()
         return {"read_rt": read_rt, "write_rt": client.round_trips - read_rt,
                 "io_s": (t1 - t0) + (t3 - t2), "cpu_s": t2 - t1, "total_s": t3 - t0}
@@ -105,12 +104,9 @@ def _writable(cases: list, profile, today: date) -> list:
     out = []
     for case in cases:
         [record] = records_from_bundle(case.resources)
-        try:
-            build_drafts(check(record, profile, today=today, encounter_id=case.encounter_id), profile,
-                         now=datetime.now(timezone.utc))
-        except DraftsRefused:
-            continue
-        out.append(case)
+        if review(record, profile, today=today, now=datetime.now(timezone.utc),
+                  encounter_id=case.encounter_id).drafts_allowed:
+            out.append(case)
     return out
 
 

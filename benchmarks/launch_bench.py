@@ -6,8 +6,8 @@ the first launch, as in production), the EHR's ``/authorize`` (auto-approve), th
 ``/callback`` (token exchange), to the fully rendered ``/review`` page (one batch read of the
 record through the EHR's scope-checking proxy, the check, the drafts, the template).
 
-The check's own share comes from the review page's ``Server-Timing`` header (read / check /
-drafts durations measured inside the app) divided by the whole launch.
+The check's own share comes from the review page's ``Server-Timing`` header (read / review
+(check and drafts) durations measured inside the app) divided by the whole launch.
 
 With ``--browser`` each launch runs in a fresh headless Chromium context and is timed until the
 review page's ``load`` event (stylesheet and script included); without it, plain HTTP requests
@@ -86,12 +86,12 @@ def run(fhir_base: str, launches: int, case_key: str, browser_path: str | None =
     pid, resources = case.patient_id, case.resources
     encounter = sorted((r for r in resources if r["resourceType"] == "Encounter"),
                        key=lambda r: r["period"]["start"])[-1]["id"]
-    totals, shares, parts = [], [], {"read": [], "check": [], "drafts": []}
+    totals, shares, parts = [], [], {"read": [], "review": []}
 
     def record(elapsed: float, server_timing: str) -> None:
         timing = _server_timing(server_timing)
         totals.append(elapsed)
-        shares.append(timing.get("check", 0.0) / elapsed)
+        shares.append(timing.get("review", 0.0) / elapsed)
         for name in parts:
             parts[name].append(timing.get(name, 0.0))
 
@@ -114,8 +114,7 @@ def run(fhir_base: str, launches: int, case_key: str, browser_path: str | None =
         "launches": launches, "patient_resources": len(resources), "client": "chromium" if browser_path else "requests",
         "median_s": statistics.median(totals), "p95_s": _percentile(totals, 0.95), "max_s": max(totals),
         "check_share_median": statistics.median(shares), "check_share_p95": _percentile(shares, 0.95),
-        "median_read_s": statistics.median(parts["read"]), "median_check_s": statistics.median(parts["check"]),
-        "median_drafts_s": statistics.median(parts["drafts"]),
+        "median_read_s": statistics.median(parts["read"]), "median_review_s": statistics.median(parts["review"]),
     }
 
 
@@ -151,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  median {result['median_s'] * 1000:.0f} ms   p95 {result['p95_s'] * 1000:.0f} ms   "
               f"max {result['max_s'] * 1000:.0f} ms   (target p95 <= 1000 ms)")
         print(f"  inside the review request (medians): read {result['median_read_s'] * 1000:.1f} ms, "
-              f"check {result['median_check_s'] * 1000:.1f} ms, drafts {result['median_drafts_s'] * 1000:.1f} ms")
-        print(f"  the check's share of a launch: median {result['check_share_median']:.1%}, "
+              f"review (check + drafts) {result['median_review_s'] * 1000:.1f} ms")
+        print(f"  the review's (check + drafts) share of a launch: median {result['check_share_median']:.1%}, "
               f"p95 {result['check_share_p95']:.1%}   (target < 10%)")
     return 0 if result["p95_s"] <= 1.0 else 1
 

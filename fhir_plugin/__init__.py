@@ -4,14 +4,14 @@ and drafts a provisional Condition and a phased CarePlan for clinician review.
 The public API is what this module names; the underscored modules are internal.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from ._check import check
 from ._client import FhirClient
 from ._drafts import Phase, build_drafts, draft_identifiers, phases_of
 from ._errors import (AuthError, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
                       NotLaunched, PluginError, ProfileError, ServerError, StateLocked, TransportError, UsageError)
-from ._profile import Profile, available_profiles, load_profile
+from ._profile import DEFAULT_PROFILE, Profile, available_profiles, load_profile
 from ._record import PatientRecord, load_bundle_file, records_from_bundle
 from ._render import render_text
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
@@ -22,7 +22,7 @@ from ._write import DraftWriter, PerResourceWriter, TransactionWriter, WriteResu
 
 __all__ = [
     "__version__",
-    "check", "load_profile", "available_profiles", "Profile",
+    "check", "load_profile", "available_profiles", "Profile", "DEFAULT_PROFILE",
     "PatientRecord", "records_from_bundle", "load_bundle_file",
     "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
     "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 from fhir.resources.R4B import get_fhir_model_class
 
-from . import __version__
+from ._version import __version__
 from ._errors import DraftsRefused, InputError, UsageError
 from ._profile import Profile
 from ._report import Report

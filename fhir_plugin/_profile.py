@@ -25,7 +25,7 @@ from . import _icd10cm as icd
 from ._errors import ProfileError, UsageError
 from ._text import Terms, Vocabulary
 
-__all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root"]
+__all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root", "DEFAULT_PROFILE"]
 
 #: element kinds the check implements; an unknown kind is refused at load (fail closed)
 ELEMENT_KINDS = frozenset({"evidence", "site", "laterality", "excludes1", "red-flag-screen",
@@ -35,6 +35,10 @@ _RULE_KEYS = {"keywords", "words", "codes", "loinc", "categories", "icd10cm", "c
               "resource_types", "with_value", "negated"}
 _CONDITION_FIELDS = {"onset", "onset-date", "severity"}
 _TYPES = ("Condition", "Observation", "Encounter")
+
+
+#: the profile every way in uses when none is named: the plugin's mission code
+DEFAULT_PROFILE = "M62.561"
 
 
 def profiles_root() -> Path:
@@ -336,7 +340,7 @@ def _load_cached(folder: str) -> Profile:
     return _load(Path(folder))
 
 
-def load_profile(code: str = "M62.561", *, root: Path | None = None) -> Profile:
+def load_profile(code: str = DEFAULT_PROFILE, *, root: Path | None = None) -> Profile:
     """Load (once) and validate the profile of ``code``; an unknown code is a UsageError listing those there are."""
     base = root or profiles_root()
     folder = base / icd.normalize(code)

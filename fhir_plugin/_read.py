@@ -9,7 +9,7 @@ in ``_strategies``.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from ._client import PAGE_SIZE, FhirClient
 from ._record import CLINICAL_TYPES, PatientRecord, validate_resource
@@ -26,24 +26,22 @@ class RecordReader(Protocol):
 class BatchReader:
     """The record in one round trip: a batch of the Patient read and one search per type."""
 
-    def __init__(self, client: FhirClient, types: Sequence[str] = CLINICAL_TYPES) -> None:
+    def __init__(self, client: FhirClient) -> None:
         self.client = client
-        self.types = tuple(types)
 
     def read(self, patient_id: str) -> PatientRecord:
-        return self.client.read_patient_record(patient_id, types=self.types)
+        return self.client.read_patient_record(patient_id)
 
 
 class PerTypeReader:
     """GET the Patient, then one search per type (1 + len(types) round trips, more for long searchsets)."""
 
-    def __init__(self, client: FhirClient, types: Sequence[str] = CLINICAL_TYPES) -> None:
+    def __init__(self, client: FhirClient) -> None:
         self.client = client
-        self.types = tuple(types)
 
     def read(self, patient_id: str) -> PatientRecord:
         resources: list[dict[str, Any]] = [validate_resource(self.client.read("Patient", patient_id))]
-        for rtype in self.types:
+        for rtype in CLINICAL_TYPES:
             found = self.client.search(rtype, {"patient": patient_id, "_count": PAGE_SIZE})
             resources += [validate_resource(r) for r in found if r.get("resourceType") == rtype]
         return PatientRecord(patient_id, tuple(resources))

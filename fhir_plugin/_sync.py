@@ -37,11 +37,8 @@ Report lines carry ids and statuses only — never names, birth dates or free te
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -52,17 +49,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 import requests
 
-from ._check import check
-from ._checkpoint import DEFAULT_STATE, Checkpoint, Run
+from ._checkpoint import Checkpoint, Run
 from ._client import FhirClient, _next_link
-from ._drafts import DraftsRefused, build_drafts
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
-from ._profile import Profile, load_profile
+from ._profile import Profile
 from ._record import CLINICAL_TYPES, subject_patient_id
+from ._review import review
+from ._strategies import strategies_for
 from ._vocab import DRAFT_TAG
-from ._write import write_drafts
 
-__all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "sync_command", "add_arguments",
+__all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "default_scope", "parse_instant",
            "patient_line", "changed_patients", "group_members", "all_patients", "sync_patient", "PatientOutcome",
            "ServerClock"]
 
@@ -339,15 +335,13 @@ def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today
     raised instead: no other patient would fare better.
     """
     try:
-        record = client.read_patient_record(patient_id)
-        report = check(record, profile, today=today)
-        try:
-            bundle = build_drafts(report, profile, now=now())
-        except DraftsRefused:
-            return PatientOutcome(patient_line(patient_id, status="refused", report=report))
-        written = write_drafts(client, bundle).to_json() if write else None
-        status = "complete" if report.complete else "gaps"
-        return PatientOutcome(patient_line(patient_id, status=status, report=report, written=written))
+        strategies = strategies_for(client)
+        result = review(strategies.reader.read(patient_id), profile, today=today, now=now())
+        if not result.drafts_allowed:
+            return PatientOutcome(patient_line(patient_id, status="refused", report=result.report))
+        written = strategies.writer.write(result.drafts).to_json() if write and result.drafts else None
+        status = "complete" if result.report.complete else "gaps"
+        return PatientOutcome(patient_line(patient_id, status=status, report=result.report, written=written))
     except _RUN_FATAL:
         raise
     except PluginError as exc:
@@ -583,110 +577,3 @@ def default_scope(selection: Selection, write: bool) -> str:
                   for s in scopes]
         scopes += ["system/Goal.cs", "system/Provenance.cs"]
     return " ".join(scopes)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``sync`` subcommand's options (the command line calls this when it builds its parser)."""
-    parser.add_argument("--server", metavar="URL", required=True, help="FHIR R4 base URL")
-    which = parser.add_argument_group("which patients (none of these: those changed since the last run)")
-    which.add_argument("--patient", metavar="ID", action="append", default=[], help="a patient id (repeatable)")
-    which.add_argument("--group", metavar="ID", help="the members of this FHIR Group")
-    which.add_argument("--all", action="store_true", help="every Patient on the server")
-    which.add_argument("--since", metavar="INSTANT",
-                       help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z")
-    parser.add_argument("--write", action="store_true",
-                        help="write each patient's drafts as one transaction (default: check only)")
-    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
-    parser.add_argument("--state", metavar="FILE", default=DEFAULT_STATE,
-                        help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})")
-    parser.add_argument("--report", metavar="FILE", default="-",
-                        help="JSON-lines report, one line per patient and a summary (default stdout)")
-    parser.add_argument("--fresh", action="store_true", help="drop an unfinished run in the state file and start anew")
-    parser.add_argument("--profile", metavar="CODE", default="M62.561", help="condition profile (default M62.561)")
-    parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
-    parser.add_argument("--max-transport-errors", type=int, default=DEFAULT_MAX_TRANSPORT_ERRORS, metavar="N",
-                        help="stop the run after N patients in a row get no answer (default %(default)s)")
-    auth = parser.add_argument_group("authentication (none: an open server)")
-    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
-    auth.add_argument("--client-id", metavar="ID",
-                      help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key")
-    auth.add_argument("--key", metavar="FILE",
-                      help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) "
-                           "(or env FHIR_CLIENT_KEY)")
-    auth.add_argument("--kid", metavar="KID", help="key id to put in the assertion header (default: the JWK's "
-                                                   "kid, else its RFC 7638 thumbprint)")
-    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes "
-                                                        "for what the run reads and writes)")
-    auth.add_argument("--token-url", metavar="URL",
-                      help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
-
-
-def _today(value: str | None) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError as exc:
-        raise UsageError(f"--today wants a date like 2026-11-26, not {value!r}") from exc
-
-
-def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
-             ) -> tuple[requests.Session, str | None]:
-    """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
-    from ._backend_auth import backend_session, load_signing_key
-
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, concurrency + 2))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
-    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
-    token = args.token or os.environ.get("FHIR_TOKEN")
-    if client_id or key_path:
-        if not (client_id and key_path):
-            raise UsageError("SMART Backend Services needs both --client-id and --key")
-        if args.token:
-            raise UsageError("give either --token or --client-id with --key, not both")
-        key = load_signing_key(key_path, kid=args.kid)
-        backend_session(args.server, client_id, key, args.scope or default_scope(selection, args.write),
-                        token_url=args.token_url, timeout=args.timeout, session=session)
-        return session, None
-    return session, token
-
-
-def sync_command(args: argparse.Namespace) -> int:
-    """``fhir-plugin sync``: exit 0 when every patient went through, 1 when some failed."""
-    selection = Selection(tuple(args.patient), args.group, args.all, args.since)
-    if selection.since is not None:
-        parse_instant(selection.since)
-    options = SyncOptions(selection, args.write, args.concurrency, _today(args.today), args.fresh,
-                          args.max_transport_errors)
-    profile = load_profile(args.profile)
-    session, token = _session(args, selection, options.concurrency)
-    clock = ServerClock()
-    session.hooks["response"].append(clock)
-    try:
-        with Checkpoint(args.state) as checkpoint, \
-                FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client:
-            out = sys.stdout if args.report == "-" else _open_report(args.report)
-            try:
-                result = run_sync(client, checkpoint, options, profile=profile, out=out,
-                                  progress_stream=sys.stderr, clock=clock)
-            finally:
-                if out is not sys.stdout:
-                    out.close()
-    finally:
-        session.close()
-    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
-    print(f"fhir-plugin sync: {result.total} patients ({counts or 'none'}); {result.created} drafts created, "
-          f"{result.existing} already there; {result.elapsed:.1f} s", file=sys.stderr)
-    return 1 if result.failed else 0
-
-
-def _open_report(path: str) -> TextIO:
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from fhir_plugin import UsageError
+from fhir_plugin import DEFAULT_PROFILE, UsageError
 
 __all__ = ["Settings", "normalize_issuer", "origin_of"]
 
@@ -60,7 +60,7 @@ class Settings:
     allowed_frame_ancestors: tuple[str, ...] = ()
     #: SQLite file path, or "memory"
     session_store: str = "var/smart-sessions.sqlite"
-    profile_code: str = "M62.561"
+    profile_code: str = DEFAULT_PROFILE
     #: scopes to request instead of the defaults chosen from the EHR's capabilities
     scopes: str | None = None
     session_ttl: float = 8 * 3600
@@ -104,6 +104,6 @@ class Settings:
             allowed_issuers=_split(env.get("SMART_ALLOWED_ISSUERS")),
             allowed_frame_ancestors=_split(env.get("SMART_FRAME_ANCESTORS")),
             session_store=env.get("SMART_SESSION_STORE", "var/smart-sessions.sqlite"),
-            profile_code=env.get("SMART_PROFILE", "M62.561"),
+            profile_code=env.get("SMART_PROFILE", DEFAULT_PROFILE),
             scopes=env.get("SMART_SCOPES") or None,
         )

@@ -1,0 +1,78 @@
+"""What several commands share: the source options, ``--today``, and reading the records to check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import date
+from typing import Any
+
+from .._errors import UsageError
+from .._profile import DEFAULT_PROFILE
+from .._sources import Checkable, from_embedded, from_files, require_patients
+
+__all__ = ["source_options", "parse_today", "checkables", "subparser"]
+
+
+def subparser(sub: Any, name: str, epilog: str | None, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser that shows the exit codes under its help when given them."""
+    if epilog:
+        kwargs.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    return parser
+
+
+def source_options() -> argparse.ArgumentParser:
+    """The options ``check`` and ``propose`` share: where the records come from and how to report."""
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_argument_group("where the records come from (neither: the embedded synthetic patients)")
+    source.add_argument("--server", metavar="URL", help="FHIR R4 base URL, e.g. http://127.0.0.1:8080/fhir")
+    source.add_argument("--bundle", metavar="FILE", action="append", default=[],
+                        help="a FHIR Bundle JSON file (repeatable)")
+    common.add_argument("--patient", metavar="ID", action="append", default=[],
+                        help="patient id to check (repeatable; required with --server)")
+    common.add_argument("--encounter", metavar="ID", help="encounter to check at (default: the latest)")
+    common.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
+                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    common.add_argument("--token", metavar="TOKEN", help="bearer token for the server (or env FHIR_TOKEN)")
+    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
+    common.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
+    common.add_argument("--format", choices=("text", "json"), default="text", help="report format")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+    return common
+
+
+def parse_today(value: str | None) -> date | None:
+    """``--today`` as a date (None when not given: the caller decides what today is)."""
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise UsageError(f"--today wants a date like 2026-11-26, not {value!r}") from exc
+
+
+def checkables(args: argparse.Namespace, today: date, *, write: bool = False) -> tuple[list[Checkable], Any]:
+    """The records the options name, and the FHIR client they came through (None for files)."""
+    if args.server and args.bundle:
+        raise UsageError("give either --server or --bundle, not both")
+    if write and not args.server:
+        raise UsageError("--write needs --server: drafts are written to a FHIR server")
+    if args.encounter and len(args.patient) != 1:
+        raise UsageError("--encounter applies to one patient: name it with --patient")
+    if args.server:
+        from .._client import FhirClient
+        from .._strategies import strategies_for
+
+        require_patients(args.patient)
+        client = FhirClient(args.server, token=args.token or os.environ.get("FHIR_TOKEN"), timeout=args.timeout)
+        reader = strategies_for(client).reader
+        items = [Checkable(reader.read(pid.split("/")[-1]), args.encounter) for pid in args.patient]
+        return items, client
+    if args.bundle:
+        items = from_files(args.bundle, args.patient)
+    else:
+        items = from_embedded(today, args.patient)
+    if args.encounter:
+        items = [Checkable(items[0].record, args.encounter)]
+    return items, None

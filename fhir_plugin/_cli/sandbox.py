@@ -1,0 +1,25 @@
+"""``fhir-plugin sandbox``: the whole demo — sandbox HAPI, synthetic patients, sandbox EHR, the app."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._common import subparser
+
+
+def add_parser(sub: Any, epilog: str) -> None:
+    parser = subparser(sub, "sandbox", None,
+                       help="try the app: sandbox HAPI + synthetic patients + sandbox EHR + the app")
+    parser.add_argument("--hapi-port", type=int, default=8080, help="sandbox HAPI port (default 8080)")
+    parser.add_argument("--ehr-port", type=int, default=9090, help="sandbox EHR port (default 9090)")
+    parser.add_argument("--app-port", type=int, default=8000, help="SMART app port (default 8000)")
+    parser.add_argument("--auto-approve", action="store_true", help="skip the EHR's approval page")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sandbox.demo import run_sandbox
+
+    return run_sandbox(hapi_port=args.hapi_port, ehr_port=args.ehr_port, app_port=args.app_port,
+                       auto_approve=args.auto_approve)

@@ -1,0 +1,123 @@
+"""``fhir-plugin sync``: the headless job's options, its authentication, and the run (see ``_sync``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+import requests
+
+from .._checkpoint import DEFAULT_STATE, Checkpoint
+from .._client import FhirClient
+from .._errors import UsageError
+from .._profile import DEFAULT_PROFILE, load_profile
+from .._sync import (DEFAULT_MAX_TRANSPORT_ERRORS, Selection, ServerClock, SyncOptions, default_scope, parse_instant,
+                     run_sync)
+from ._common import parse_today, subparser
+
+
+def add_parser(sub: Any, epilog: str) -> None:
+    parser = subparser(sub, "sync", epilog,
+                       help="headless job: check changed (or listed) patients, write drafts, resume")
+    add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sync`` subcommand's options (the command line calls this when it builds its parser)."""
+    parser.add_argument("--server", metavar="URL", required=True, help="FHIR R4 base URL")
+    which = parser.add_argument_group("which patients (none of these: those changed since the last run)")
+    which.add_argument("--patient", metavar="ID", action="append", default=[], help="a patient id (repeatable)")
+    which.add_argument("--group", metavar="ID", help="the members of this FHIR Group")
+    which.add_argument("--all", action="store_true", help="every Patient on the server")
+    which.add_argument("--since", metavar="INSTANT",
+                       help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z")
+    parser.add_argument("--write", action="store_true",
+                        help="write each patient's drafts as one transaction (default: check only)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
+    parser.add_argument("--state", metavar="FILE", default=DEFAULT_STATE,
+                        help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})")
+    parser.add_argument("--report", metavar="FILE", default="-",
+                        help="JSON-lines report, one line per patient and a summary (default stdout)")
+    parser.add_argument("--fresh", action="store_true", help="drop an unfinished run in the state file and start anew")
+    parser.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
+                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
+    parser.add_argument("--max-transport-errors", type=int, default=DEFAULT_MAX_TRANSPORT_ERRORS, metavar="N",
+                        help="stop the run after N patients in a row get no answer (default %(default)s)")
+    auth = parser.add_argument_group("authentication (none: an open server)")
+    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
+    auth.add_argument("--client-id", metavar="ID",
+                      help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key")
+    auth.add_argument("--key", metavar="FILE",
+                      help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) "
+                           "(or env FHIR_CLIENT_KEY)")
+    auth.add_argument("--kid", metavar="KID", help="key id to put in the assertion header (default: the JWK's "
+                                                   "kid, else its RFC 7638 thumbprint)")
+    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes "
+                                                        "for what the run reads and writes)")
+    auth.add_argument("--token-url", metavar="URL",
+                      help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+
+
+def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
+             ) -> tuple[requests.Session, str | None]:
+    """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
+    from .._backend_auth import backend_session, load_signing_key
+
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, concurrency + 2))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
+    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
+    token = args.token or os.environ.get("FHIR_TOKEN")
+    if client_id or key_path:
+        if not (client_id and key_path):
+            raise UsageError("SMART Backend Services needs both --client-id and --key")
+        if args.token:
+            raise UsageError("give either --token or --client-id with --key, not both")
+        key = load_signing_key(key_path, kid=args.kid)
+        backend_session(args.server, client_id, key, args.scope or default_scope(selection, args.write),
+                        token_url=args.token_url, timeout=args.timeout, session=session)
+        return session, None
+    return session, token
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fhir-plugin sync``: exit 0 when every patient went through, 1 when some failed."""
+    selection = Selection(tuple(args.patient), args.group, args.all, args.since)
+    if selection.since is not None:
+        parse_instant(selection.since)
+    options = SyncOptions(selection, args.write, args.concurrency, parse_today(args.today), args.fresh,
+                          args.max_transport_errors)
+    profile = load_profile(args.profile)
+    session, token = _session(args, selection, options.concurrency)
+    clock = ServerClock()
+    session.hooks["response"].append(clock)
+    try:
+        with Checkpoint(args.state) as checkpoint, \
+                FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client:
+            out = sys.stdout if args.report == "-" else _open_report(args.report)
+            try:
+                result = run_sync(client, checkpoint, options, profile=profile, out=out,
+                                  progress_stream=sys.stderr, clock=clock)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+    finally:
+        session.close()
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
+    print(f"fhir-plugin sync: {result.total} patients ({counts or 'none'}); {result.created} drafts created, "
+          f"{result.existing} already there; {result.elapsed:.1f} s", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _open_report(path: str) -> TextIO:
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
