@@ -47,6 +47,7 @@ __all__ = [
     "error_for_status",
     "is_safe_to_repeat",
     "record_batch",
+    "search_matches",
     "resolve_url",
     "retry_after_seconds",
     "backoff_delay",
@@ -287,7 +288,7 @@ def _entry_status(entry: Mapping[str, Any]) -> int:
     return int(status)
 
 
-def _matches(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def search_matches(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """A searchset page's matching resources (not ``include`` or ``outcome`` entries)."""
     for entry in bundle.get("entry") or []:
         entry = entry if isinstance(entry, dict) else {}
@@ -367,7 +368,7 @@ class FhirClient:
 
     def search(self, resource_type: str, params: Params | None = None) -> list[dict[str, Any]]:
         """Every matching resource of a search, over all pages (not validated: any type may come back)."""
-        return [res for page in self.search_bundle_pages(resource_type, params) for res in _matches(page)]
+        return [res for page in self.search_bundle_pages(resource_type, params) for res in search_matches(page)]
 
     def read_patient_record(self, patient_id: str, *, types: Sequence[str] = CLINICAL_TYPES) -> PatientRecord:
         """One patient's record in one round trip: a batch of the Patient read and one search per type.
@@ -388,7 +389,7 @@ class FhirClient:
         seen: set[tuple[str, str]] = {("Patient", patient_id)}
         for rtype, entry, sent in zip(types, entries[1:], batch["entry"][1:]):
             for page in self._pages(self._entry_resource(entry, sent)):
-                for resource in _matches(page):
+                for resource in search_matches(page):
                     key = (str(resource.get("resourceType")), str(resource.get("id")))
                     if key[0] != rtype or key in seen:  # skip stray types, and repeats across pages
                         continue

@@ -45,12 +45,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import requests
 
 from ._checkpoint import Checkpoint, Run
-from ._client import FhirClient, _next_link
+from ._client import FhirClient, search_matches
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
 from ._profile import Profile
 from ._record import CLINICAL_TYPES, subject_patient_id
@@ -234,29 +234,6 @@ class ServerClock:
 
 # ---------------------------------------------------------------- which patients
 
-def _searched_pages(client: FhirClient, resource_type: str, params: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
-    """Every page of a search, asking the server not to answer from a cached search (HAPI reuses them)."""
-    fresh = {"Cache-Control": "no-cache"}
-    page = client.request("GET", resource_type, params=params, headers=fresh)
-    seen: set[str] = set()
-    while True:
-        if page.get("resourceType") != "Bundle":
-            raise PluginError(f"a {resource_type} search answered with a {page.get('resourceType')}, not a Bundle")
-        yield page
-        link = _next_link(page)
-        if link is None or link in seen:
-            return
-        seen.add(link)
-        page = client.request("GET", link, headers=fresh)
-
-
-def _matches(page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    for entry in page.get("entry") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict) \
-                and (entry.get("search") or {}).get("mode", "match") == "match":
-            yield entry["resource"]
-
-
 def changed_patients(client: FhirClient, since: datetime, types: Sequence[str] = CLINICAL_TYPES,
                      ) -> tuple[list[str], datetime | None]:
     """Distinct ids of the patients with a resource of ``types`` updated after ``since``, and the server's time.
@@ -271,12 +248,12 @@ def changed_patients(client: FhirClient, since: datetime, types: Sequence[str] =
     for rtype in types:
         params = [("_lastUpdated", f"gt{format_instant(since)}"), ("_tag:not", draft_tag),
                   ("_elements", "subject,patient"), ("_count", str(SEARCH_PAGE))]
-        for number, page in enumerate(_searched_pages(client, rtype, params)):
+        for number, page in enumerate(client.search_bundle_pages(rtype, params)):
             if number == 0:
                 when = _bundle_time(page)
                 if when is not None and (server_time is None or when < server_time):
                     server_time = when
-            for resource in _matches(page):
+            for resource in search_matches(page):
                 pid = subject_patient_id(resource)
                 if pid:
                     found.setdefault(pid, None)
@@ -287,11 +264,11 @@ def all_patients(client: FhirClient) -> tuple[list[str], datetime | None]:
     """Every Patient id on the server (ids only), and the server's time of the search."""
     ids: dict[str, None] = {}
     server_time: datetime | None = None
-    for number, page in enumerate(_searched_pages(client, "Patient", [("_elements", "id"),
-                                                                       ("_count", str(SEARCH_PAGE))])):
+    for number, page in enumerate(client.search_bundle_pages("Patient", [("_elements", "id"),
+                                                                              ("_count", str(SEARCH_PAGE))])):
         if number == 0:
             server_time = _bundle_time(page)
-        for resource in _matches(page):
+        for resource in search_matches(page):
             if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
                 ids.setdefault(resource["id"], None)
     return list(ids), server_time

@@ -371,6 +371,9 @@ class HttpFakeServer(FakeServer):
     def request(self, *args, **kwargs):
         return self.http.request(*args, **kwargs)
 
+    def search_bundle_pages(self, *args, **kwargs):
+        return self.http.search_bundle_pages(*args, **kwargs)
+
 
 def _changes_run(server, state, since=None):
     out = io.StringIO()
