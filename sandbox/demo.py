@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from datetime import date
 from pathlib import Path
 from urllib.parse import urlencode
@@ -34,10 +33,9 @@ def _hapi(command: str, port: int) -> subprocess.CompletedProcess:
 def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
                 auto_approve: bool = False) -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
-    import uvicorn
-
     from fhir_plugin.synthetic import generate_cases, load_into_server
     from smart_launch._app import create_app
+    from smart_launch._serve import LiveServer
     from smart_launch._settings import Settings
 
     from .ehr import Client, ClientRegistry, start_in_thread
@@ -67,14 +65,10 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         query = {"patient": case.patient_id, "app": f"{app_url}/launch"}
         if case.encounter_id:
             query["encounter"] = case.encounter_id
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=app_port,
-                                               access_log=False, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="smart-app", daemon=True)
-        thread.start()
-        while not server.started:       # print the URLs only once the app answers
-            if not thread.is_alive():
-                raise PluginError(f"the SMART app could not start on port {app_port}")
-            time.sleep(0.1)
+        try:  # print the URLs only once the app answers
+            server = LiveServer(create_app(settings), app_port, name="smart-app").start()
+        except RuntimeError as exc:
+            raise PluginError(f"the SMART app could not start on port {app_port}") from exc
         print(f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
               f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
               f"SMART app      {app_url}\n\n"
@@ -85,10 +79,9 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         # background leaves SIGINT ignored
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        while thread.is_alive() and not stop.wait(0.5):
+        while server.running and not stop.wait(0.5):
             pass
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
         return 0
     finally:
         if ehr is not None:

@@ -8,46 +8,11 @@ production anyway (cookies, redirects and headers as a browser sees them).
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 from typing import Any, Iterator
 
-import uvicorn
+from ._serve import LiveServer, free_port
 
 __all__ = ["free_port", "LiveServer", "live_server"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class LiveServer:
-    """An ASGI app served by uvicorn in a daemon thread; ``url`` is its base URL."""
-
-    def __init__(self, app: Any, port: int | None = None, *, log_level: str = "warning") -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level, access_log=False,
-                                lifespan="off", server_header=False)
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
-        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    def start(self, timeout: float = 20.0) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the test server on port {self.port} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout)
 
 
 @contextlib.contextmanager

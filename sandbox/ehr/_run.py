@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import requests
-import uvicorn
+from smart_launch._serve import LiveServer, free_port
 
 from ._app import create_app
 from ._clients import ClientRegistry
@@ -20,21 +16,13 @@ from ._config import EhrConfig
 log = logging.getLogger("sandbox.ehr")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the usual bind-to-0 trick; tiny race accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class RunningEhr:
     """A sandbox EHR serving in a thread of this process."""
 
     config: EhrConfig
     app: Any
-    server: uvicorn.Server
-    thread: threading.Thread
+    server: LiveServer
 
     @property
     def base_url(self) -> str:
@@ -53,8 +41,7 @@ class RunningEhr:
         return self.app.state.ehr.store
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
+        self.server.stop(timeout)
 
 
 def start_in_thread(fhir_upstream: str, *, host: str = "127.0.0.1", port: int | None = None,
@@ -67,24 +54,11 @@ def start_in_thread(fhir_upstream: str, *, host: str = "127.0.0.1", port: int | 
     port = port or free_port(host)
     config = EhrConfig(base_url=f"http://{host}:{port}", fhir_upstream=fhir_upstream, **settings)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, name=f"sandbox-ehr-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if server.started:
-            try:
-                requests.get(config.base_url + "/.well-known/smart-configuration", timeout=2)
-                return RunningEhr(config, app, server, thread)
-            except requests.RequestException:
-                pass
-        if not thread.is_alive():
-            break
-        time.sleep(0.05)
-    server.should_exit = True
-    thread.join(5)
-    raise RuntimeError(f"the sandbox EHR did not start on {host}:{port}")
+    try:
+        server = LiveServer(app, port, host=host, name="sandbox-ehr").start(startup_timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the sandbox EHR did not start on {host}:{port}") from exc
+    return RunningEhr(config, app, server)
 
 
 @contextmanager
