@@ -56,7 +56,7 @@ from ._profile import Profile
 from ._record import CLINICAL_TYPES, subject_patient_id
 from ._review import review
 from ._strategies import strategies_for
-from ._vocab import DRAFT_TAG
+from ._vocab import DRAFT_TAG, DRAFT_TYPES, READ_TYPES
 
 __all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "default_scope", "parse_instant",
            "patient_line", "changed_patients", "group_members", "all_patients", "sync_patient", "PatientOutcome",
@@ -544,13 +544,10 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
 
 def default_scope(selection: Selection, write: bool) -> str:
     """SMART v2 system scopes for what the job reads and (with --write) creates: least privilege."""
-    read = ["Patient", "Condition", "Observation", "Encounter", "CarePlan"]
-    scopes = [f"system/{t}.rs" for t in read]
+    # conditional creates search for the identifier first, so each written type needs c and s
+    created = DRAFT_TYPES if write else ()
+    scopes = [f"system/{t}.{'crs' if t in created else 'rs'}" for t in READ_TYPES]
+    scopes += [f"system/{t}.cs" for t in created if t not in READ_TYPES]
     if selection.mode == "group":
         scopes.append("system/Group.r")
-    if write:
-        # conditional creates search for the identifier first, so each written type needs c and s
-        scopes = [s.replace(".rs", ".crs") if s.split("/")[1].split(".")[0] in ("Condition", "CarePlan") else s
-                  for s in scopes]
-        scopes += ["system/Goal.cs", "system/Provenance.cs"]
     return " ".join(scopes)

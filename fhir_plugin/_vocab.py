@@ -22,6 +22,13 @@ DRAFT_TAG = {"system": "urn:fhir-plugin:tag", "code": "machine-drafted",
 PHASE_EXTENSION = "urn:fhir-plugin:StructureDefinition:careplan-phase"
 PLUGIN_NAME = "fhir-plugin"
 
+#: the resource types the check reads beside the Patient (SPEC §3: evidence, and CarePlan for the plan)
+CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")
+#: everything a review reads: the Patient and its clinical resources
+READ_TYPES = ("Patient",) + CLINICAL_TYPES
+#: the resource types the drafts create (SPEC §7), in the order they are written
+DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
+
 
 def is_plugin_draft(resource: Mapping[str, Any]) -> bool:
     tags = (resource.get("meta") or {}).get("tag") or []
