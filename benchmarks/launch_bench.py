@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from smart_launch._testing import load_fresh_case, sandbox_stack  # noqa: E402
+from sandbox.testing import load_fresh_case, sandbox_stack  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:

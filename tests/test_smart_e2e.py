@@ -23,7 +23,7 @@ import requests
 
 from fhir_plugin import FhirClient, build_drafts, check, load_profile
 from fhir_plugin.synthetic import generate_cases
-from smart_launch._testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
+from sandbox.testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
 
 
 REPO = Path(__file__).resolve().parent.parent

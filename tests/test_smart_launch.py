@@ -18,7 +18,7 @@ from smart_launch import (DiscoveryCache, MemoryStore, Settings, SmartConfig, Sq
                           build_token_request, can_write_drafts, choose_scopes, create_app, discover,
                           missing_write_scopes, parse_launch_context, send_token_request)
 from smart_launch._launch import SCOPES_V1, SCOPES_V2, config_from_capability_statement
-from smart_launch._testing import FakeEhr, live_server
+from sandbox.testing import FakeEhr, live_server
 
 ISS = "http://ehr.test/fhir"
 TODAY = dt.date.today()

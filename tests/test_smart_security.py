@@ -18,7 +18,7 @@ import responses
 
 from fhir_plugin.synthetic import generate_cases
 from smart_launch import COOKIE, MemoryStore, Settings, create_app
-from smart_launch._testing import FakeEhr, live_server
+from sandbox.testing import FakeEhr, live_server
 
 ISS = "http://ehr.test/fhir"
 TODAY = dt.date.today()
@@ -326,7 +326,7 @@ def test_the_cookie_is_secure_when_the_app_is_served_over_https():
 @pytest.fixture(scope="module")
 def sandbox_patients(fhir_base_url):
     """Two synthetic patients under fresh ids, loaded into HAPI: (patient id, resources)."""
-    from smart_launch._testing import load_fresh_case
+    from sandbox.testing import load_fresh_case
 
     out = []
     for key in ("missing-treatment-plan", "missing-severity"):
@@ -358,7 +358,7 @@ def _walk_to_callback(stack, browser, patient):
 
 @pytest.mark.server
 def test_sandbox_replayed_code_is_refused_by_the_app_and_by_the_ehr(fhir_base_url, sandbox_patients):
-    from smart_launch._testing import sandbox_stack
+    from sandbox.testing import sandbox_stack
 
     pid, _ = sandbox_patients[0]
     store = MemoryStore()
@@ -378,7 +378,7 @@ def test_sandbox_replayed_code_is_refused_by_the_app_and_by_the_ehr(fhir_base_ur
 
 @pytest.mark.server
 def test_sandbox_a_launch_for_a_cannot_reach_patient_b(fhir_base_url, sandbox_patients):
-    from smart_launch._testing import sandbox_stack
+    from sandbox.testing import sandbox_stack
 
     (a, _), (b, b_resources) = sandbox_patients
     store = MemoryStore()
@@ -399,7 +399,7 @@ def test_sandbox_a_launch_for_a_cannot_reach_patient_b(fhir_base_url, sandbox_pa
 
 @pytest.mark.server
 def test_sandbox_write_without_write_scopes_is_403_and_hapi_holds_nothing(fhir_base_url, sandbox_patients):
-    from smart_launch._testing import sandbox_stack
+    from sandbox.testing import sandbox_stack
 
     pid, _ = sandbox_patients[1]
     with sandbox_stack(fhir_base_url, read_only=True) as stack:
@@ -418,7 +418,7 @@ def test_sandbox_write_without_write_scopes_is_403_and_hapi_holds_nothing(fhir_b
 
 @pytest.mark.server
 def test_sandbox_short_lived_token_is_refreshed_and_no_secret_reaches_the_browser(fhir_base_url, sandbox_patients):
-    from smart_launch._testing import sandbox_stack
+    from sandbox.testing import sandbox_stack
 
     pid, _ = sandbox_patients[0]
     store = MemoryStore()

@@ -1,5 +1,6 @@
-"""Running the app (or any ASGI app) on a free loopback port inside this process, for tests and benchmarks.
+"""The app under test: served on a free loopback port in this process, a mocked EHR, the sandbox stack.
 
+For the tests and the benchmarks; production code never imports it.
 Starlette's TestClient is not used: it needs ``httpx2``, which would switch
 authlib over to it.  A real uvicorn server on 127.0.0.1 is closer to
 production anyway (cookies, redirects and headers as a browser sees them).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from ._serve import LiveServer, free_port
+from smart_launch._serve import LiveServer, free_port
 
 __all__ = ["free_port", "LiveServer", "live_server"]
 
@@ -243,8 +244,8 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     """Start the sandbox EHR and the app on free ports, the app registered as a public client."""
     from sandbox.ehr import Client, running_ehr
 
-    from ._app import create_app
-    from ._settings import Settings
+    from smart_launch._app import create_app
+    from smart_launch._settings import Settings
 
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
