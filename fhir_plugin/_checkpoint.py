@@ -202,7 +202,7 @@ class Checkpoint:
                              (scope, signature, started, since, mark))
             run_id = int(cur.lastrowid or 0)
             seen: set[str] = set()
-            rows = []
+            rows: list[tuple[int, int, str]] = []
             for pid in patients:
                 if pid not in seen:
                     seen.add(pid)

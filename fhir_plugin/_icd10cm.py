@@ -24,7 +24,7 @@ _CODE_IN_NOTE = re.compile(r"\(([A-Z][0-9][0-9A-Z](?:\.[0-9A-Z]{1,4})?)(-?)\)")
 def _data() -> ModuleType:
     import simple_icd_10_cm as cm  # deferred: the data load is slow
 
-    return cm
+    return cm  # type: ignore[no-any-return]  # the package ships no type hints
 
 
 def normalize(code: str) -> str:
@@ -47,7 +47,7 @@ def is_billable(code: str) -> bool:
 @lru_cache(maxsize=4096)
 def title(code: str) -> str:
     """The official title of a code, as the tabular list spells it."""
-    return _data().get_description(normalize(code))
+    return str(_data().get_description(normalize(code)))
 
 
 @lru_cache(maxsize=256)
@@ -67,7 +67,7 @@ def excludes1_codes(code: str) -> tuple[tuple[str, str, bool], ...]:
 @lru_cache(maxsize=1)
 def release() -> str:
     """The data release, read from the package's own tabular file name (e.g. "April-1-2026")."""
-    folder = Path(_data().__file__).parent / "data"
+    folder = Path(str(_data().__file__)).parent / "data"
     for path in sorted(folder.glob("icd10c*-tabular-*.xml")):
         found = re.search(r"tabular-(.+)\.xml$", path.name)
         if found:

@@ -301,7 +301,7 @@ class PatientOutcome:
 
     @property
     def failed(self) -> bool:
-        return self.line["status"] == "error"
+        return bool(self.line["status"] == "error")
 
 
 def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today: date, write: bool,

@@ -26,7 +26,7 @@ HAPI_RUN = Path(__file__).resolve().parent / "hapi" / "run"
 DEMO_PATIENT = "fp-missing-onset"
 
 
-def _hapi(command: str, port: int) -> subprocess.CompletedProcess:
+def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(HAPI_RUN), command, "--port", str(port)], text=True, capture_output=command != "start")
 
 

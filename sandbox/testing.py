@@ -168,7 +168,7 @@ class FakeEhr:
             if not all(scopes & {f"patient/{t}.c", f"patient/{t}.write", "patient/*.write"} for t in types):
                 return self._outcome(403, "the token has no write scope for every entry")
             self.transactions.append(bundle)
-            entries = []
+            entries: list[dict[str, Any]] = []
             for entry in bundle["entry"]:
                 key = entry["request"].get("ifNoneExist") or str(next(self._ids))
                 if key in self.created:
@@ -202,7 +202,7 @@ class FakeEhr:
 def generate_code(length: int = 32) -> str:
     from authlib.common.security import generate_token
 
-    return generate_token(length)
+    return str(generate_token(length))
 
 
 # ---------------------------------------------------------------- the real sandbox: EHR + app
@@ -229,7 +229,7 @@ class SandboxStack:
 
     @property
     def iss(self) -> str:
-        return self.ehr.fhir_base_url
+        return str(self.ehr.fhir_base_url)
 
     def launch_url(self, patient: str, encounter: str | None = None) -> str:
         from urllib.parse import urlencode

@@ -70,7 +70,7 @@ class LiveServer:
         config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False,
                                 lifespan="off", server_header=False)
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+        self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # not the main thread
         self._thread = threading.Thread(target=self._server.run, name=f"{name}-{self.port}", daemon=True)
 
     def start(self, timeout: float = 20.0) -> LiveServer:

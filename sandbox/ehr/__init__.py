@@ -17,7 +17,9 @@ Command line: ``python -m sandbox.ehr --port 9090 --fhir-upstream http://127.0.0
 from ._app import create_app, smart_configuration
 from ._clients import Client, ClientConfigError, ClientRegistry
 from ._config import EhrConfig
-from ._run import RunningEhr, free_port, running_ehr, start_in_thread
+from smart_launch._serve import free_port
+
+from ._run import RunningEhr, running_ehr, start_in_thread
 
 __all__ = ["Client", "ClientConfigError", "ClientRegistry", "EhrConfig", "RunningEhr", "create_app",
            "free_port", "running_ehr", "smart_configuration", "start_in_thread"]

@@ -37,7 +37,7 @@ class RunningEhr:
         return self.config.clients
 
     @property
-    def store(self):
+    def store(self) -> Any:
         return self.app.state.ehr.store
 
     def stop(self, timeout: float = 10.0) -> None:
