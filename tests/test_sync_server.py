@@ -36,6 +36,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, import_key
 
 from fhir_plugin import synthetic
+from fhir_plugin._sync import parse_instant
 from fhir_plugin._check import check
 from fhir_plugin._cli import main
 from fhir_plugin._drafts import draft_identifiers
@@ -376,10 +377,16 @@ def test_a_changes_run_picks_the_changed_patient_and_not_its_own_drafts(fhir_bas
                 "--report", str(tmp_path / "r0.jsonl")) == 0
     stamp = requests.get(f"{fhir_base_url}/Patient?_count=1", headers={"Cache-Control": "no-cache"},
                          timeout=60).json()["meta"]["lastUpdated"]  # the server's now; drafts are older
-    time.sleep(1.1)
     obs = next(r for r in patients[1] if r["resourceType"] == "Observation")
-    obs = {**obs, "note": [{"text": "re-measured"}]}
-    requests.put(f"{fhir_base_url}/Observation/{obs['id']}", json=obs, timeout=60).raise_for_status()
+    # edit until the server stamps the edit after ``stamp`` (same-millisecond writes are possible): the
+    # server's own clock decides, so nothing waits on ours
+    for attempt in range(1, 50):
+        edited = {**obs, "note": [{"text": f"re-measured ({attempt})"}]}
+        answer = requests.put(f"{fhir_base_url}/Observation/{obs['id']}", json=edited, timeout=60,
+                              headers={"Prefer": "return=representation"})
+        answer.raise_for_status()
+        if parse_instant(answer.json()["meta"]["lastUpdated"]) > parse_instant(stamp):
+            break
 
     assert sync("--server", fhir_base_url, "--since", stamp, "--write", "--state", str(state),
                 "--report", str(tmp_path / "r1.jsonl")) == 0
