@@ -30,4 +30,5 @@ def test_wheel_carries_the_profiles(tmp_path):
     for code in ("M62.561", "M62.830"):
         assert f"fhir_plugin/profiles/{code}/profile.json" in names
         assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
+    assert "fhir_plugin/profiles/profile.schema.json" in names   # validated at load
     assert "sandbox/ehr/clients.example.json" in names

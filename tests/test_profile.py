@@ -1,14 +1,19 @@
 """Profiles are data: validated at load, with the file and the field named when they are wrong."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import simple_icd_10_cm as cm
+from jsonschema import Draft202012Validator
 
 from fhir_plugin import ProfileError, UsageError, available_profiles, load_profile
-from fhir_plugin._profile import profiles_root
+from fhir_plugin._check import _KINDS
+from fhir_plugin._profile import ELEMENT_KINDS, PROFILES_ENV, profiles_root
 
 
 def _copy(tmp_path: Path, code: str = "M62.561", as_code: str | None = None) -> Path:
@@ -85,3 +90,91 @@ def test_broken_json_and_bad_plan_definition(tmp_path):
 def test_unknown_profile_lists_the_known_ones():
     with pytest.raises(UsageError, match="M62.561"):
         load_profile("Z99.89")
+
+
+# --- the JSON Schema (profiles/profile.schema.json): every key the engine reads, unknown keys fail closed ----
+
+def _element_index(data: dict, kind: str) -> int:
+    return next(i for i, e in enumerate(data["elements"]) if e["kind"] == kind)
+
+
+def _pop_follow_up_window(data: dict) -> None:
+    data["elements"][_element_index(data, "follow-up")].pop("due_after_days")
+
+
+@pytest.mark.parametrize("change, field, message", [
+    (lambda d: d.pop("snomed"), "snomed", "a required field is missing"),
+    (lambda d: d["site"].pop("draft_body_site"), "site.draft_body_site", "a required field is missing"),
+    (lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"), "code_fit.rules[2].when.sitee",
+     "unknown field"),
+    (lambda d: d.update(red_flag=[]), "red_flag", "unknown field"),
+    (lambda d: d["red_flags"][5]["threshold"].update(unit="[degF]"), "red_flags[5].threshold.unit",
+     'expected one of "Cel"'),
+    (lambda d: d["red_flags"][0].update(loinc=["8310-5"]), "red_flags[0].loinc", "unknown field"),
+    (lambda d: d.update(snomed="88092000"), "snomed", "expected an object, found a string"),
+    (lambda d: d["laterality"].update(expected="up"), "laterality.expected", "expected one of"),
+    (lambda d: d["code_fit"]["rules"][0].update(when={}), "code_fit.rules[0].when", "must not be empty"),
+    (_pop_follow_up_window, "due_after_days", "a required field is missing"),
+    # what a schema cannot say: a when value must name something the profile defines
+    (lambda d: d["code_fit"]["rules"][0]["when"].update(finding="spasmm"), "code_fit.rules[0].when.finding",
+     "not one of the profile's findings"),
+    (lambda d: d["code_fit"]["rules"][2]["when"].update(region="knee"), "code_fit.rules[2].when.region",
+     "not the profile's site"),
+])
+def test_a_profile_that_breaks_the_schema_names_file_and_field_in_one_sentence(tmp_path, change, field, message):
+    folder = _copy(tmp_path)
+    _edit(folder, change)
+    with pytest.raises(ProfileError) as err:
+        load_profile("M62.561", root=tmp_path)
+    text = str(err.value)
+    assert err.value.exit_code == 3
+    assert str(folder / "profile.json") in text and field in text and message in text
+    assert "\n" not in text
+
+
+def test_a_misspelt_when_key_no_longer_matches_every_record(tmp_path):
+    # before the schema, {"sitee": ...} was ignored and {"finding": "spasm", "sitee": ...} matched any spasm
+    folder = _copy(tmp_path)
+    _edit(folder, lambda d: d["code_fit"]["rules"][0]["when"].update(sitee="back"))
+    with pytest.raises(ProfileError, match=r"code_fit\.rules\[0\]\.when\.sitee"):
+        load_profile("M62.561", root=tmp_path)
+
+
+def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FHIR_PLUGIN_PROFILES=str(tmp_path))
+    script = Path(sys.executable).parent / "fhir-plugin"   # the installed console script
+    return subprocess.run([str(script), *argv], env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.pop("snomed"), "'snomed'"),                                            # was exit 70 at drafting
+    (lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"), "'code_fit.rules[2].when.sitee'"),
+])
+def test_the_command_line_refuses_a_malformed_profile_with_exit_3(tmp_path, change, field):
+    folder = _copy(tmp_path)
+    _edit(folder, change)
+    done = _cli(tmp_path, "check", "--profile", "M62.561", "--patient", "fp-complete")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("fhir-plugin: ") and str(folder / "profile.json") in line and field in line
+    assert "Traceback" not in done.stderr
+
+
+def test_the_profiles_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    _copy(tmp_path, as_code="M62.561")
+    monkeypatch.setenv(PROFILES_ENV, str(tmp_path))
+    assert available_profiles() == ["M62.561"]
+    assert load_profile("M62.561").folder == tmp_path / "M62.561"
+    monkeypatch.setenv(PROFILES_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match=PROFILES_ENV):
+        load_profile("M62.561")
+
+
+def test_the_shipped_schemas_are_draft_2020_12_and_name_the_kinds_the_check_implements():
+    schema = json.loads((profiles_root() / "profile.schema.json").read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    Draft202012Validator.check_schema(schema)
+    kinds = set(schema["$defs"]["element"]["properties"]["kind"]["enum"])
+    assert kinds == ELEMENT_KINDS == set(_KINDS) | {"red-flag-screen"}
