@@ -11,9 +11,10 @@ import pytest
 import simple_icd_10_cm as cm
 from jsonschema import Draft202012Validator
 
-from fhir_plugin import ProfileError, UsageError, available_profiles, load_profile
+from fhir_plugin import ProfileError, UsageError, available_profiles, check, load_profile, records_from_bundle
 from fhir_plugin._check import _KINDS
 from fhir_plugin._profile import ELEMENT_KINDS, PROFILES_ENV, profiles_root
+from test_check_cases import CASES, TODAY
 
 
 def _copy(tmp_path: Path, code: str = "M62.561", as_code: str | None = None) -> Path:
@@ -178,3 +179,21 @@ def test_the_shipped_schemas_are_draft_2020_12_and_name_the_kinds_the_check_impl
     Draft202012Validator.check_schema(schema)
     kinds = set(schema["$defs"]["element"]["properties"]["kind"]["enum"])
     assert kinds == ELEMENT_KINDS == set(_KINDS) | {"red-flag-screen"}
+
+
+# --- clinical defaults are profile data --------------------------------------------------------------
+
+def _case_report(key: str, profile):
+    case = next(c for c in CASES if c.key == key)
+    [record] = records_from_bundle(case.resources)
+    return check(record, profile, today=TODAY, encounter_id=case.encounter_id)
+
+
+def test_the_follow_up_window_is_read_from_the_profile(tmp_path):
+    # one visit 10 days before today: not yet due under the shipped 42-day window (SPEC §3)
+    shipped = _case_report("follow-up-not-yet-due", load_profile("M62.561")).element("follow-up")
+    assert shipped.status == "not-yet-due" and "due by day 42" in shipped.detail
+    folder = _copy(tmp_path)
+    _edit(folder, lambda d: d["elements"][_element_index(d, "follow-up")].update(due_after_days=7))
+    shortened = _case_report("follow-up-not-yet-due", load_profile("M62.561", root=tmp_path)).element("follow-up")
+    assert shortened.status == "missing"
