@@ -8,7 +8,8 @@ key the engine reads; an unknown or misspelt key fails closed), every
 ICD-10-CM code against the code-set data, every rule kind against the kinds
 the check knows, the PlanDefinition against the R4 model — so a bad profile
 fails at start with the file and the field named, never half-way through a
-patient.
+patient.  Clinical defaults are profile data too (follow-up windows, the
+referral).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaViolation, best_match
@@ -30,7 +31,7 @@ from . import _icd10cm as icd
 from ._errors import ProfileError, UsageError
 from ._text import Terms, Vocabulary
 
-__all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root",
+__all__ = ["Profile", "Rule", "IcdSet", "Referral", "load_profile", "available_profiles", "profiles_root",
            "DEFAULT_PROFILE", "PROFILES_ENV"]
 
 #: element kinds the check implements; an unknown kind is refused at load (fail closed)
@@ -203,6 +204,26 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Referral:
+    """The referral the draft CarePlan leads with when red flags hold the protocol (SPEC §4, §7.1)."""
+
+    when: str            # the rule; "any-red-flag-present" is the one the engine implements (SPEC §4)
+    activity: str        # the activity's code.text
+    description: str     # the activity's description; "{red_flags}" becomes the flags present
+    narrative: str       # the CarePlan narrative's line; "{red_flags}" as above
+
+    def applies(self, present: Sequence[str]) -> bool:
+        """Whether the red flags present (their ids) recommend a referral."""
+        if self.when != "any-red-flag-present":   # the schema admits no other rule: fail closed
+            raise ProfileError(f"unknown referral rule {self.when!r}", field="referral.when")
+        return bool(present)
+
+    def text(self, template: str, present: Sequence[str]) -> str:
+        """``template`` with the red flags present written in (plain replace: no format-string surprises)."""
+        return template.replace("{red_flags}", ", ".join(present))
+
+
+@dataclass(frozen=True)
 class Profile:
     """One condition profile, validated; ``raw`` keeps the JSON for anything the engine passes through."""
 
@@ -235,6 +256,10 @@ class Profile:
     @property
     def expected_finding(self) -> str:
         return self.raw["findings"]["expected"]
+
+    @property
+    def referral(self) -> Referral:
+        return Referral(**self.raw["referral"])
 
     def excludes1_match(self, code: str) -> tuple[str, str] | None:
         """(excluded code, note) when ``code`` falls under this profile's Excludes1 notes."""

@@ -5,16 +5,20 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import simple_icd_10_cm as cm
 from jsonschema import Draft202012Validator
 
-from fhir_plugin import ProfileError, UsageError, available_profiles, check, load_profile, records_from_bundle
+from fhir_plugin import (ProfileError, UsageError, available_profiles, build_drafts, check, load_profile,
+                         records_from_bundle)
 from fhir_plugin._check import _KINDS
 from fhir_plugin._profile import ELEMENT_KINDS, PROFILES_ENV, profiles_root
 from test_check_cases import CASES, TODAY
+
+NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
 
 
 def _copy(tmp_path: Path, code: str = "M62.561", as_code: str | None = None) -> Path:
@@ -115,6 +119,8 @@ def _pop_follow_up_window(data: dict) -> None:
     (lambda d: d.update(snomed="88092000"), "snomed", "expected an object, found a string"),
     (lambda d: d["laterality"].update(expected="up"), "laterality.expected", "expected one of"),
     (lambda d: d["code_fit"]["rules"][0].update(when={}), "code_fit.rules[0].when", "must not be empty"),
+    (lambda d: d["referral"].update(when="some-red-flag-present"), "referral.when", "expected one of"),
+    (lambda d: d.pop("referral"), "referral", "a required field is missing"),
     (_pop_follow_up_window, "due_after_days", "a required field is missing"),
     # what a schema cannot say: a when value must name something the profile defines
     (lambda d: d["code_fit"]["rules"][0]["when"].update(finding="spasmm"), "code_fit.rules[0].when.finding",
@@ -197,3 +203,23 @@ def test_the_follow_up_window_is_read_from_the_profile(tmp_path):
     _edit(folder, lambda d: d["elements"][_element_index(d, "follow-up")].update(due_after_days=7))
     shortened = _case_report("follow-up-not-yet-due", load_profile("M62.561", root=tmp_path)).element("follow-up")
     assert shortened.status == "missing"
+
+
+def test_the_referral_wording_is_read_from_the_profile(tmp_path):
+    folder = _copy(tmp_path)
+    _edit(folder, lambda d: d["referral"].update(activity="Urgent specialist referral",
+                                                 narrative="Referral first: {red_flags}."))
+    profile = load_profile("M62.561", root=tmp_path)
+    bundle = build_drafts(_case_report("flag-fever", profile), profile, now=NOW)
+    [plan] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan"]
+    first = plan["activity"][0]["detail"]
+    assert first["code"]["text"] == "Urgent specialist referral"
+    assert first["description"].startswith("Red flags present (fever)")
+    assert "Referral first: fever." in plan["text"]["div"]
+
+
+def test_no_red_flag_present_means_no_referral_activity():
+    profile = load_profile("M62.561")
+    bundle = build_drafts(_case_report("complete", profile), profile, now=NOW)
+    [plan] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan"]
+    assert all(a["detail"].get("kind") != "ServiceRequest" for a in plan["activity"])
