@@ -9,7 +9,7 @@ ICD-10-CM code against the code-set data, every rule kind against the kinds
 the check knows, the PlanDefinition against the R4 model — so a bad profile
 fails at start with the file and the field named, never half-way through a
 patient.  Clinical defaults are profile data too (follow-up windows, the
-referral).
+referral), and the default profile is ``profiles/profiles.json``'s.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _TYPES = ("Condition", "Observation", "Encounter")
 
 
 #: names a folder of profile folders to load instead of the shipped ones (a site's own profiles, tests);
-#: the schemas always come from the shipped folder
+#: the schemas and the default profile always come from the shipped folder
 PROFILES_ENV = "FHIR_PLUGIN_PROFILES"
 
 
@@ -138,8 +138,16 @@ def _validate(data: dict[str, Any], schema_name: str, path: Path) -> None:
         raise ProfileError(message, path=str(path), field=where or None)
 
 
-#: the profile every way in uses when none is named: the plugin's mission code
-DEFAULT_PROFILE = "M62.561"
+def _default_profile() -> str:
+    """The default code, from profiles/profiles.json (shipped data, checked by its own schema)."""
+    path = _shipped_root() / "profiles.json"
+    index = _read_json(path)
+    _validate(index, "profiles.schema.json", path)
+    return str(index["default"])
+
+
+#: the profile every way in uses when none is named: the plugin's mission code (profiles/profiles.json)
+DEFAULT_PROFILE = _default_profile()
 
 
 def available_profiles() -> list[str]:

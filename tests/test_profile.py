@@ -12,8 +12,9 @@ import pytest
 import simple_icd_10_cm as cm
 from jsonschema import Draft202012Validator
 
-from fhir_plugin import (ProfileError, UsageError, available_profiles, build_drafts, check, load_profile,
-                         records_from_bundle)
+from fhir_plugin import (DEFAULT_PROFILE, ProfileError, UsageError, available_profiles, build_drafts, check,
+                         load_profile, records_from_bundle)
+from fhir_plugin import _profile as profile_module
 from fhir_plugin._check import _KINDS
 from fhir_plugin._profile import ELEMENT_KINDS, PROFILES_ENV, profiles_root
 from test_check_cases import CASES, TODAY
@@ -180,9 +181,11 @@ def test_the_profiles_folder_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_the_shipped_schemas_are_draft_2020_12_and_name_the_kinds_the_check_implements():
+    for name in ("profile.schema.json", "profiles.schema.json"):
+        schema = json.loads((profiles_root() / name).read_text())
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        Draft202012Validator.check_schema(schema)
     schema = json.loads((profiles_root() / "profile.schema.json").read_text())
-    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    Draft202012Validator.check_schema(schema)
     kinds = set(schema["$defs"]["element"]["properties"]["kind"]["enum"])
     assert kinds == ELEMENT_KINDS == set(_KINDS) | {"red-flag-screen"}
 
@@ -223,3 +226,19 @@ def test_no_red_flag_present_means_no_referral_activity():
     bundle = build_drafts(_case_report("complete", profile), profile, now=NOW)
     [plan] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan"]
     assert all(a["detail"].get("kind") != "ServiceRequest" for a in plan["activity"])
+
+
+def test_the_default_profile_is_read_from_profiles_json():
+    index = json.loads((profiles_root() / "profiles.json").read_text())
+    assert DEFAULT_PROFILE == index["default"] == "M62.561"
+    assert load_profile().code == DEFAULT_PROFILE
+
+
+def test_a_malformed_profiles_json_names_its_file_and_field(tmp_path, monkeypatch):
+    for name in ("profiles.schema.json", "profile.schema.json"):
+        shutil.copy(profiles_root() / name, tmp_path / name)
+    (tmp_path / "profiles.json").write_text(json.dumps({"defualt": "M62.561"}))   # misspelt: fails closed
+    monkeypatch.setattr(profile_module, "_shipped_root", lambda: tmp_path)
+    with pytest.raises(ProfileError) as err:
+        profile_module._default_profile()
+    assert str(tmp_path / "profiles.json") in str(err.value) and "'defualt'" in str(err.value)
