@@ -425,8 +425,9 @@ def _follow_up_element(element: Mapping[str, Any], ctx: _Context, done: dict[str
             if start:
                 for_condition.append((start, doc.ref))
     for_condition.sort()
-    min_days = int(element.get("min_days_after", 1))
-    due_days = int(element.get("due_after_days", 42))
+    # the windows are profile data (SPEC §3.1: two calendar days; not-yet-due under 42 days), required by the schema
+    min_days = int(element["min_days_after"])
+    due_days = int(element["due_after_days"])
     if for_condition:
         first_date, first_ref = for_condition[0]
         later = [(d, r) for d, r in for_condition[1:] if (d - first_date).days >= min_days]

@@ -164,13 +164,15 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
 
     activities: list[dict[str, Any]] = []
     lines: list[str] = []
-    if report.referral_recommended:
-        present = ", ".join(f.id for f in report.red_flags if f.status == "present")
+    # the referral's rule and wording are profile data (SPEC §4, §7.1: it leads the plan)
+    present = [f.id for f in report.red_flags if f.status == "present"]
+    referral = profile.referral
+    if referral.applies(present):
         activities.append({"detail": {
-            "kind": "ServiceRequest", "code": {"text": "Referral to a specialist"}, "status": "not-started",
-            "description": f"Red flags present ({present}): referral recommended before conservative treatment.",
+            "kind": "ServiceRequest", "code": {"text": referral.activity}, "status": "not-started",
+            "description": referral.text(referral.description, present),
             "scheduledPeriod": {"start": start.isoformat()}}})
-        lines.append(f"Referral recommended: red flags present ({present}).")
+        lines.append(referral.text(referral.narrative, present))
     for index, phase in enumerate(plan.get("action", []), start=1):
         number = int(phase.get("prefix") or index)
         phase_start = _offset(start, (phase.get("timingRange") or {}).get("low")) or start

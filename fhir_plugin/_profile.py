@@ -3,21 +3,27 @@
 A profile is data (SPEC §2): the code, the documentation elements and their
 evidence rules, red flags, code-fit rules and the phased protocol as an R4
 PlanDefinition.  Adding a condition is adding a folder.  Loading validates
-everything once — every ICD-10-CM code against the code-set data, every rule
-kind against the kinds the check knows, the PlanDefinition against the R4
-model — so a bad profile fails at start with the file and the field named,
-never half-way through a patient.
+everything once — the shape against ``profiles/profile.schema.json`` (every
+key the engine reads; an unknown or misspelt key fails closed), every
+ICD-10-CM code against the code-set data, every rule kind against the kinds
+the check knows, the PlanDefinition against the R4 model — so a bad profile
+fails at start with the file and the field named, never half-way through a
+patient.  Clinical defaults are profile data too (follow-up windows, the
+referral), and the default profile is ``profiles/profiles.json``'s.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaViolation, best_match
 from pydantic import ValidationError
 from fhir.resources.R4B.plandefinition import PlanDefinition
 
@@ -25,28 +31,123 @@ from . import _icd10cm as icd
 from ._errors import ProfileError, UsageError
 from ._text import Terms, Vocabulary
 
-__all__ = ["Profile", "Rule", "IcdSet", "load_profile", "available_profiles", "profiles_root", "DEFAULT_PROFILE"]
+__all__ = ["Profile", "Rule", "IcdSet", "Referral", "load_profile", "available_profiles", "profiles_root",
+           "DEFAULT_PROFILE", "PROFILES_ENV"]
 
 #: element kinds the check implements; an unknown kind is refused at load (fail closed)
 ELEMENT_KINDS = frozenset({"evidence", "site", "laterality", "excludes1", "red-flag-screen",
                            "care-plan", "follow-up", "repeated-observation", "all-of"})
 SIDES = ("right", "left", "bilateral")
-_RULE_KEYS = {"keywords", "words", "codes", "loinc", "categories", "icd10cm", "condition_fields",
-              "resource_types", "with_value", "negated"}
 _CONDITION_FIELDS = {"onset", "onset-date", "severity"}
 _TYPES = ("Condition", "Observation", "Encounter")
 
 
-#: the profile every way in uses when none is named: the plugin's mission code
-DEFAULT_PROFILE = "M62.561"
+#: names a folder of profile folders to load instead of the shipped ones (a site's own profiles, tests);
+#: the schemas and the default profile always come from the shipped folder
+PROFILES_ENV = "FHIR_PLUGIN_PROFILES"
 
 
-def profiles_root() -> Path:
-    """Where the profile folders are: inside the installed wheel, or at the top of a checkout."""
+def _shipped_root() -> Path:
+    """Where the shipped profiles are: inside the installed wheel, or at the top of a checkout."""
     packaged = resources.files("fhir_plugin") / "profiles"
     if packaged.is_dir():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def profiles_root() -> Path:
+    """Where the profile folders are: ``$FHIR_PLUGIN_PROFILES`` when set, else the shipped ones."""
+    override = os.environ.get(PROFILES_ENV)
+    if not override:
+        return _shipped_root()
+    root = Path(override)
+    if not root.is_dir():
+        raise UsageError(f"{PROFILES_ENV} is set to {override}, which is not a folder")
+    return root
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"cannot read the file: {exc.strerror or exc}", path=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                           path=str(path)) from exc
+    if not isinstance(data, dict):
+        raise ProfileError("expected a JSON object", path=str(path))
+    return data
+
+
+# --- the JSON Schemas: every key the engine reads, unknown keys fail closed (SPEC §2) -------------
+
+_TYPE_NAMES = {"object": "an object", "array": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+@lru_cache(maxsize=4)
+def _validator(schema_name: str) -> Draft202012Validator:
+    """The validator of one shipped schema (profiles/<schema_name>), built once."""
+    return Draft202012Validator(_read_json(_shipped_root() / schema_name))
+
+
+def _field_path(parts: Iterable[str | int]) -> str:
+    """A JSON path as the messages write it: ``code_fit.rules[2].when.sitee``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _json_type(value: Any) -> str:
+    for name, kind in (("true or false", bool), ("an integer", int), ("a number", float), ("a string", str),
+                       ("a list", list), ("an object", dict)):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _problem(error: SchemaViolation) -> tuple[str, str]:
+    """(what is wrong, the field's path) for one schema violation, in words a profile author reads."""
+    path: list[str | int] = list(error.absolute_path)
+    instance, expected = error.instance, error.validator_value
+    if error.validator == "required" and isinstance(instance, dict):
+        missing = [k for k in expected if k not in instance]
+        return "a required field is missing", _field_path(path + missing[:1])
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        unknown = sorted(k for k in instance if k not in known)
+        return "unknown field (the schema does not define it)", _field_path(path + unknown[:1])
+    if error.validator == "type":
+        wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in ([expected] if isinstance(expected, str) else expected))
+        return f"expected {wanted}, found {_json_type(instance)}", _field_path(path)
+    if error.validator in ("enum", "const"):
+        allowed = expected if error.validator == "enum" else [expected]
+        found = json.dumps(instance) if isinstance(instance, (str, int, float, type(None))) else _json_type(instance)
+        return f"expected one of {', '.join(json.dumps(v) for v in allowed)}, found {found}", _field_path(path)
+    if error.validator == "minProperties":
+        return "must not be empty", _field_path(path)
+    return error.message, _field_path(path)
+
+
+def _validate(data: dict[str, Any], schema_name: str, path: Path) -> None:
+    """Raise ProfileError naming the file and the field when ``data`` breaks the shipped schema."""
+    error = best_match(_validator(schema_name).iter_errors(data))
+    if error is not None:
+        message, where = _problem(error)
+        raise ProfileError(message, path=str(path), field=where or None)
+
+
+def _default_profile() -> str:
+    """The default code, from profiles/profiles.json (shipped data, checked by its own schema)."""
+    path = _shipped_root() / "profiles.json"
+    index = _read_json(path)
+    _validate(index, "profiles.schema.json", path)
+    return str(index["default"])
+
+
+#: the profile every way in uses when none is named: the plugin's mission code (profiles/profiles.json)
+DEFAULT_PROFILE = _default_profile()
 
 
 def available_profiles() -> list[str]:
@@ -111,6 +212,26 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Referral:
+    """The referral the draft CarePlan leads with when red flags hold the protocol (SPEC §4, §7.1)."""
+
+    when: str            # the rule; "any-red-flag-present" is the one the engine implements (SPEC §4)
+    activity: str        # the activity's code.text
+    description: str     # the activity's description; "{red_flags}" becomes the flags present
+    narrative: str       # the CarePlan narrative's line; "{red_flags}" as above
+
+    def applies(self, present: Sequence[str]) -> bool:
+        """Whether the red flags present (their ids) recommend a referral."""
+        if self.when != "any-red-flag-present":   # the schema admits no other rule: fail closed
+            raise ProfileError(f"unknown referral rule {self.when!r}", field="referral.when")
+        return bool(present)
+
+    def text(self, template: str, present: Sequence[str]) -> str:
+        """``template`` with the red flags present written in (plain replace: no format-string surprises)."""
+        return template.replace("{red_flags}", ", ".join(present))
+
+
+@dataclass(frozen=True)
 class Profile:
     """One condition profile, validated; ``raw`` keeps the JSON for anything the engine passes through."""
 
@@ -144,6 +265,10 @@ class Profile:
     def expected_finding(self) -> str:
         return self.raw["findings"]["expected"]
 
+    @property
+    def referral(self) -> Referral:
+        return Referral(**self.raw["referral"])
+
     def excludes1_match(self, code: str) -> tuple[str, str] | None:
         """(excluded code, note) when ``code`` falls under this profile's Excludes1 notes."""
         bare = icd.normalize(code)
@@ -172,11 +297,7 @@ def _str_list(obj: dict[str, Any], key: str, path: str, where: str) -> list[str]
 
 
 def _rule(spec: dict[str, Any], path: str, where: str) -> Rule:
-    unknown = set(spec) - _RULE_KEYS - {"id", "title", "required", "kind", "source", "threshold",
-                                        "recent_icd10cm", "onset_older_than_days", "min_days_after",
-                                        "due_after_days", "of"}
-    if unknown:
-        raise ProfileError(f"unknown rule field(s) {', '.join(sorted(unknown))}", path=path, field=where)
+    # which keys a rule may carry is the schema's to say (profiles/profile.schema.json)
     fields = _str_list(spec, "condition_fields", path, where)
     bad = set(fields) - _CONDITION_FIELDS
     if bad:
@@ -201,19 +322,6 @@ def _rule(spec: dict[str, Any], path: str, where: str) -> Rule:
         with_value=bool(spec.get("with_value", False)),
         negated_counts=negated == "counts",
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"cannot read the file: {exc.strerror or exc}", path=str(path)) from exc
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-                           path=str(path)) from exc
-    if not isinstance(data, dict):
-        raise ProfileError("expected a JSON object", path=str(path))
-    return data
 
 
 def _billable(code: str, path: str, where: str) -> str:
@@ -251,6 +359,8 @@ def _plan_definition(folder: Path, name: str, path: str) -> dict[str, Any]:
 def _load(folder: Path) -> Profile:
     path = str(folder / "profile.json")
     raw = _read_json(folder / "profile.json")
+    # shape first (every key known, every type right), then what a schema cannot say: codes, references
+    _validate(raw, "profile.schema.json", folder / "profile.json")
     code = _billable(_need(raw, "code", str, path), path, "code")
     if folder.name != code:
         raise ProfileError(f"the folder is named {folder.name} but the profile's code is {code}", path=path,
@@ -282,6 +392,9 @@ def _load(folder: Path) -> Profile:
     finding_terms = {name: (frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
                             Terms(_str_list(spec, "keywords", path, f"findings.{name}")))
                      for name, spec in findings.items() if isinstance(spec, dict)}
+    if findings["expected"] not in finding_terms:
+        raise ProfileError(f"{findings['expected']!r} is not one of the profile's findings", path=path,
+                           field="findings.expected")
 
     elements = _need(raw, "elements", list, path)
     rules: dict[str, Rule] = {}
@@ -323,7 +436,14 @@ def _load(folder: Path) -> Profile:
         where = f"code_fit.rules[{i}]"
         for j, suggested in enumerate(_need(rule, "suggest", list, path, where)):
             _billable(suggested, path, f"{where}.suggest[{j}]")
-        _need(rule, "when", dict, path, where)
+        when = _need(rule, "when", dict, path, where)
+        # a value that names nothing would make the rule never match (SPEC §5): refuse it
+        if "finding" in when and when["finding"] not in finding_terms:
+            raise ProfileError(f"finding {when['finding']!r} is not one of the profile's findings", path=path,
+                               field=f"{where}.when.finding")
+        if "region" in when and when["region"] not in site_terms:
+            raise ProfileError(f"region {when['region']!r} is not the profile's site or one of its other_sites",
+                               path=path, field=f"{where}.when.region")
 
     plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
     vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]

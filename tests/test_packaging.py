@@ -30,4 +30,6 @@ def test_wheel_carries_the_profiles(tmp_path):
     for code in ("M62.561", "M62.830"):
         assert f"fhir_plugin/profiles/{code}/profile.json" in names
         assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
+    for name in ("profile.schema.json", "profiles.json", "profiles.schema.json"):   # validated at load
+        assert f"fhir_plugin/profiles/{name}" in names
     assert "sandbox/ehr/clients.example.json" in names
