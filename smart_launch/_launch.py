@@ -8,7 +8,10 @@
     parse_launch_context(token)          -> LaunchContext     patient, encounter, banner, style, fhirContext
     authorized_session(token, ...)       -> OAuth2Session     refreshes before expiry, reports new tokens
 
-Only ``discover`` and ``send_token_request`` do I/O.  Failures are
+Only ``discover`` and ``send_token_request`` do I/O.  The checks of the
+smart-configuration and of the token response are ``fhir_plugin._smart``'s,
+shared with backend services; this module gives them the app's endpoint rule
+(follow the issuer's scheme) and the app's sentences (``_SAY``).  Failures are
 ``LaunchError`` with one sentence that never holds a token, a code or a
 verifier.  Section references are to SMART App Launch 2.x (app-launch.html,
 conformance.html, scopes-and-launch-context.html).
@@ -28,8 +31,7 @@ from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc6749.wrappers import OAuth2Token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from fhir_plugin import LaunchError
-from fhir_plugin import _smart
+from fhir_plugin import LaunchError, _smart
 
 from ._settings import normalize_issuer
 
@@ -410,10 +412,11 @@ class _ClockedSession(OAuth2Session):
         self._on_refresh = on_refresh
 
     def ensure_active_token(self, token: Any = None) -> bool:
-        token = self.token if token is None else token
-        if not _smart.token_expired(token, self._clock(), self.leeway):
+        # authlib ships no type hints, so mypy cannot see the type of its ``token`` property
+        current: Mapping[str, Any] = self.token if token is None else token  # type: ignore[has-type]
+        if not _smart.token_expired(current, self._clock(), self.leeway):
             return True
-        refresh_token, url = token.get("refresh_token"), self.metadata.get("token_endpoint")
+        refresh_token, url = current.get("refresh_token"), self.metadata.get("token_endpoint")
         if not (refresh_token and url):
             return False  # authlib raises InvalidTokenError, which FhirClient turns into AuthError
         fresh = _smart.stamp_expiry(self.refresh_token(url, refresh_token=refresh_token), self._clock())

@@ -61,8 +61,9 @@ def draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
     """What the preview shows of the drafts: the Condition, the phases of the CarePlan, the counts."""
     entries = bundle.get("entry") or []
     by_url = {e.get("fullUrl"): e.get("resource") or {} for e in entries}
-    condition = next((e["resource"] for e in entries if e["resource"]["resourceType"] == "Condition"), {})
-    careplan = next((e["resource"] for e in entries if e["resource"]["resourceType"] == "CarePlan"), {})
+    resources: list[Mapping[str, Any]] = [e["resource"] for e in entries]
+    condition = next((r for r in resources if r["resourceType"] == "Condition"), {})
+    careplan = next((r for r in resources if r["resourceType"] == "CarePlan"), {})
     codings = (condition.get("code") or {}).get("coding") or []
 
     def goal_text(ref: str) -> str:

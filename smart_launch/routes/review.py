@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 from fhir_plugin import Forbidden, UsageError, strategies_for
 
 from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep
-from ..views import VIEWABLE, draft_view, subject_of, review_context
+from ..views import VIEWABLE, draft_view, review_context, subject_of
 
 __all__ = ["router"]
 
