@@ -17,9 +17,10 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from fhir_plugin import __version__, phases_of
+from fhir_plugin import PatientRecord, Report, __version__, phases_of
 
 from ._settings import origin_of
+from .state import LaunchSession
 
 __all__ = ["Pages", "VIEWABLE", "GROUPS", "review_context", "draft_view", "subject_of", "_fetch_style", "style_css"]
 
@@ -137,7 +138,7 @@ def _evidence_link(ref: str) -> str | None:
     return None
 
 
-def review_context(sess: Any, report: Any, record: Any, drafts: Mapping[str, Any] | None,
+def review_context(sess: LaunchSession, report: Report, record: PatientRecord, drafts: Mapping[str, Any] | None,
                    refused: str | None) -> dict[str, Any]:
     """What review.html shows for one launch: the grouped checklist, the banner, the drafts or the refusal."""
     context = sess.context

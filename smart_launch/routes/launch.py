@@ -27,7 +27,7 @@ from fhir_plugin import LaunchError
 from .. import _launch as smart
 from .._settings import Settings, normalize_issuer
 from ..deps import COOKIE, CacheDep, ClockDep, HttpDep, PagesDep, SessionsDep, SettingsDep
-from ..state import LaunchState, PendingAuthorization
+from ..state import LaunchState, PendingAuthorization, Sessions
 
 __all__ = ["router", "tag"]
 
@@ -79,14 +79,8 @@ def launch(request: Request, settings: SettingsDep, sessions: SessionsDep, http:
     return response
 
 
-@router.get("/callback", response_class=HTMLResponse, summary="The EHR's redirect back with the authorization code")
-def callback(request: Request, settings: SettingsDep, sessions: SessionsDep, http: HttpDep, clock: ClockDep,
-             code: str | None = None, state: str | None = None, error: str | None = None,
-             error_description: str | None = None) -> Response:
-    sid = request.cookies.get(COOKIE)
-    if error:
-        reason = error if error.replace("_", "").isalnum() and len(error) < 64 else "an error"
-        raise LaunchError(f"the EHR did not authorize the app ({reason})")
+def _spend_state(sessions: Sessions, sid: str | None, state: str | None) -> tuple[LaunchState, PendingAuthorization]:
+    """The launch this ``state`` belongs to, once: it must be this browser's, and only one caller may spend it."""
     if not state:
         raise LaunchError("the EHR's answer has no state parameter, so it cannot be matched to a launch")
     pending = sessions.pending(state)
@@ -100,6 +94,19 @@ def callback(request: Request, settings: SettingsDep, sessions: SessionsDep, htt
     launched = sessions.get(sid)
     if not launched or launched.state != state:
         raise LaunchError("the launch this answer belongs to has expired; please launch the app again")
+    return launched, pending
+
+
+@router.get("/callback", response_class=HTMLResponse, summary="The EHR's redirect back with the authorization code")
+def callback(request: Request, settings: SettingsDep, sessions: SessionsDep, http: HttpDep, clock: ClockDep,
+             code: str | None = None, state: str | None = None, error: str | None = None,
+             error_description: str | None = None) -> Response:
+    sid = request.cookies.get(COOKIE)
+    if error:
+        reason = error if error.replace("_", "").isalnum() and len(error) < 64 else "an error"
+        raise LaunchError(f"the EHR did not authorize the app ({reason})")
+    launched, pending = _spend_state(sessions, sid, state)
+    assert sid is not None  # _spend_state matched it
     if not code:
         raise LaunchError("the EHR's answer has no authorization code")
     exchange = smart.build_token_request(launched.config, code=code, redirect_uri=pending.redirect_uri,
