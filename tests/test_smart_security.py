@@ -45,7 +45,7 @@ def _environment(**extra):
     settings = Settings(**{"allowed_issuers": (ISS,), "session_store": "memory", "client_id": "app",
                            "redirect_uri": "http://127.0.0.1:1/callback", **extra})
     store = MemoryStore()
-    clock = ManualClock()  # the app's and the fake EHR's time: tests move it instead of sleeping
+    clock = ManualClock()  # the app's and the fake EHR's time: a test moves it forward to expire tokens
     with live_server(create_app(settings, store=store, clock=clock)) as server, \
             responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         rsps.add_passthru(server.url)
