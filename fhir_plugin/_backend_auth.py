@@ -4,7 +4,8 @@ The flow (SMART App Launch 2.x, "Backend Services", and RFC 7523 §2.2):
 
 1. discovery — ``GET {fhir base}/.well-known/smart-configuration`` names the
    ``token_endpoint`` (and, when it says, the auth methods and signing
-   algorithms it accepts);
+   algorithms it accepts) — read and checked by ``_smart``, shared with the
+   SMART app; the https-or-loopback endpoint rule and the sentences are ours;
 2. the client signs a JWT assertion with its private key: header ``alg``
    RS384 or ES384 and the ``kid`` of the key registered at the EHR; claims
    ``iss`` = ``sub`` = client id, ``aud`` = the token URL, ``exp`` no more than
@@ -27,7 +28,6 @@ Neither the token nor the assertion is ever logged or put in a message.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import secrets
@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import requests
 from joserfc import jwt
@@ -44,6 +43,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey, import_key
 
 from ._errors import LaunchError, UsageError
+from ._smart import (EndpointRule, Wording, check_endpoint, check_token_response, configuration_object,
+                     configuration_url, fetch_configuration)
 
 __all__ = [
     "ASSERTION_TYPE",
@@ -74,6 +75,19 @@ _RENEW_MARGIN = 60.0
 #: assumed lifetime when the token response has no ``expires_in``
 _DEFAULT_LIFETIME = 300.0
 _TOKEN_TRIES = 3
+_HTTPS_ONLY = "the {what} {url!r} is not an https URL (plain http is allowed on loopback only)"
+#: this module's sentences for the shared SMART checks (``_smart``): they name the URL and the client
+_SAY = Wording(
+    unreachable="could not read the SMART configuration at {url} ({error})",
+    bad_status="the SMART configuration at {url} answered {status}; "
+               "the server does not seem to offer SMART Backend Services",
+    not_json="the SMART configuration at {url} is not JSON",
+    not_object="the SMART configuration at {url} names no token_endpoint",
+    missing_endpoint=_HTTPS_ONLY, not_absolute=_HTTPS_ONLY, plain_http=_HTTPS_ONLY,
+    token_not_json="the token endpoint {url} did not answer with JSON",
+    no_access_token="the token endpoint {url} answered without an access_token",
+    not_bearer="the token endpoint {url} issued a {token_type!r} token, not a bearer token",
+    bad_expires_in=None)  # a backend token without a readable lifetime gets _DEFAULT_LIFETIME
 
 
 # ---------------------------------------------------------------- keys
@@ -178,18 +192,7 @@ def token_request_form(key: SigningKey, client_id: str, token_url: str, scope: s
 
 def _check_endpoint_url(url: str, what: str) -> str:
     """Refuse a token endpoint that would expose the assertion: https, or plain http on a loopback host only."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and parts.hostname:
-        host = parts.hostname
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if loopback:
-            return url
-    raise LaunchError(f"the {what} {url!r} is not an https URL (plain http is allowed on loopback only)")
+    return check_endpoint(url, what, rule=EndpointRule.HTTPS_OR_LOOPBACK, say=_SAY)
 
 
 # ---------------------------------------------------------------- sending
@@ -202,20 +205,10 @@ def discover_token_endpoint(session: requests.Session, fhir_base: str, *, timeou
     the key's algorithm, or the client_credentials grant, rather than failing
     later with a less clear answer.
     """
-    url = fhir_base.rstrip("/") + "/.well-known/smart-configuration"
-    try:
-        response = session.get(url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as exc:
-        raise LaunchError(f"could not read the SMART configuration at {url} ({type(exc).__name__})") from exc
-    if response.status_code != 200:
-        raise LaunchError(f"the SMART configuration at {url} answered {response.status_code}; "
-                          "the server does not seem to offer SMART Backend Services")
-    try:
-        config = response.json()
-    except ValueError as exc:
-        raise LaunchError(f"the SMART configuration at {url} is not JSON") from exc
-    if not isinstance(config, dict) or not isinstance(config.get("token_endpoint"), str):
-        raise LaunchError(f"the SMART configuration at {url} names no token_endpoint")
+    status, body = fetch_configuration(session, fhir_base, say=_SAY, timeout=timeout)
+    config = configuration_object(status, body, base=fhir_base, say=_SAY)
+    if not isinstance(config.get("token_endpoint"), str):
+        raise _SAY.error(_SAY.not_object, url=configuration_url(fhir_base))
     methods = config.get("token_endpoint_auth_methods_supported")
     if isinstance(methods, list) and "private_key_jwt" not in methods:
         raise LaunchError(f"the token endpoint of {fhir_base} does not accept private_key_jwt client assertions")
@@ -290,15 +283,7 @@ def fetch_token(session: requests.Session, token_url: str, key: SigningKey, clie
 
 
 def _read_token(response: requests.Response, token_url: str, started: float) -> Token:
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise LaunchError(f"the token endpoint {token_url} did not answer with JSON") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
-        raise LaunchError(f"the token endpoint {token_url} answered without an access_token")
-    if str(body.get("token_type", "")).lower() != "bearer":
-        raise LaunchError(f"the token endpoint {token_url} issued a {body.get('token_type')!r} token, "
-                          "not a bearer token")
+    body = check_token_response(response, say=_SAY, url=token_url)
     try:
         lifetime = float(body.get("expires_in", _DEFAULT_LIFETIME))
     except (TypeError, ValueError):

@@ -9,11 +9,12 @@ production anyway (cookies, redirects and headers as a browser sees them).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 from smart_launch._serve import LiveServer, free_port
 
-__all__ = ["free_port", "LiveServer", "live_server"]
+__all__ = ["free_port", "LiveServer", "live_server", "ManualClock"]
 
 
 @contextlib.contextmanager
@@ -23,6 +24,25 @@ def live_server(app: Any, port: int | None = None) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- a clock tests move by hand
+
+class ManualClock:
+    """Epoch seconds that stand still until a test calls ``advance`` (for ``create_app(clock=)`` and ``FakeEhr``).
+
+    A test that needs a token to expire moves this clock past the expiry
+    instead of sleeping; it starts at the real time so dates stay plausible.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 # ---------------------------------------------------------------- a mocked EHR, for unit tests
@@ -41,7 +61,7 @@ class FakeEhr:
                  capabilities: tuple[str, ...] = ("launch-ehr", "launch-standalone", "client-public",
                                                   "context-ehr-patient", "permission-v2", "permission-v1"),
                  discovery: str = "well-known", read_only: bool = False, expires_in: int = 300,
-                 need_patient_banner: bool = True) -> None:
+                 need_patient_banner: bool = True, clock: Callable[[], float] = time.time) -> None:
         import itertools
         import re
 
@@ -52,6 +72,7 @@ class FakeEhr:
         self.read_only = read_only
         self.expires_in = expires_in
         self.need_patient_banner = need_patient_banner
+        self.clock = clock
         self.codes: dict[str, dict[str, Any]] = {}
         self.access_tokens: dict[str, dict[str, Any]] = {}
         self.refresh_tokens: dict[str, dict[str, Any]] = {}
@@ -119,10 +140,8 @@ class FakeEhr:
         return self._json(200, self._issue(grant))
 
     def _issue(self, grant: dict[str, Any]) -> dict[str, Any]:
-        import time as _time
-
         access, refresh = generate_code(40), generate_code(40)
-        self.access_tokens[access] = {**grant, "expires": _time.time() + self.expires_in}
+        self.access_tokens[access] = {**grant, "expires": self.clock() + self.expires_in}
         self.refresh_tokens[refresh] = grant
         self.issued += [access, refresh]
         body = {"access_token": access, "token_type": "Bearer", "expires_in": self.expires_in,
@@ -133,11 +152,9 @@ class FakeEhr:
         return body
 
     def _grant(self, request: Any) -> dict[str, Any] | None:
-        import time as _time
-
         auth = request.headers.get("Authorization", "")
         grant = self.access_tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
-        if grant is None or grant["expires"] < _time.time():
+        if grant is None or grant["expires"] < self.clock():
             return None
         return grant
 
@@ -240,8 +257,12 @@ class SandboxStack:
 
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
-                  access_token_lifetime: int = 300, store: Any = None, **app_settings: Any) -> Iterator[SandboxStack]:
-    """Start the sandbox EHR and the app on free ports, the app registered as a public client."""
+                  access_token_lifetime: int = 300, store: Any = None, clock: Callable[[], float] = time.time,
+                  **app_settings: Any) -> Iterator[SandboxStack]:
+    """Start the sandbox EHR and the app on free ports, the app registered as a public client.
+
+    ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
+    """
     from sandbox.ehr import Client, running_ehr
 
     from smart_launch._app import create_app
@@ -257,7 +278,7 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
                                "allowed_issuers": (ehr.fhir_base_url,), "session_store": "memory", **app_settings})
         from ._store import MemoryStore
 
-        app = create_app(settings, store=store if store is not None else MemoryStore())
+        app = create_app(settings, store=store if store is not None else MemoryStore(), clock=clock)
         with live_server(app, port) as server:
             yield SandboxStack(ehr, server, app, client_id)
 

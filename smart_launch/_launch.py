@@ -8,7 +8,10 @@
     parse_launch_context(token)          -> LaunchContext     patient, encounter, banner, style, fhirContext
     authorized_session(token, ...)       -> OAuth2Session     refreshes before expiry, reports new tokens
 
-Only ``discover`` and ``send_token_request`` do I/O.  Failures are
+Only ``discover`` and ``send_token_request`` do I/O.  The checks of the
+smart-configuration and of the token response are ``fhir_plugin._smart``'s,
+shared with backend services; this module gives them the app's endpoint rule
+(follow the issuer's scheme) and the app's sentences (``_SAY``).  Failures are
 ``LaunchError`` with one sentence that never holds a token, a code or a
 verifier.  Section references are to SMART App Launch 2.x (app-launch.html,
 conformance.html, scopes-and-launch-context.html).
@@ -17,7 +20,6 @@ conformance.html, scopes-and-launch-context.html).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -29,7 +31,7 @@ from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc6749.wrappers import OAuth2Token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from fhir_plugin import LaunchError
+from fhir_plugin import LaunchError, _smart
 
 from ._settings import normalize_issuer
 
@@ -91,45 +93,28 @@ class SmartConfig:
                    scopes_supported=tuple(data.get("scopes_supported", ())), source=data.get("source", "well-known"))
 
 
-class DiscoveryCache:
-    """Discovered configurations per issuer, kept ``ttl`` seconds (client-js caches the same way)."""
+#: discovered configurations per issuer (the shared TTL cache of ``fhir_plugin._smart``)
+DiscoveryCache = _smart.DiscoveryCache
+_default_cache: DiscoveryCache[SmartConfig] = DiscoveryCache()
 
-    def __init__(self, ttl: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl = ttl
-        self._clock = clock
-        self._items: dict[str, tuple[SmartConfig, float]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, iss: str) -> SmartConfig | None:
-        with self._lock:
-            item = self._items.get(iss)
-            if item and item[1] > self._clock():
-                return item[0]
-            self._items.pop(iss, None)
-            return None
-
-    def set(self, iss: str, config: SmartConfig) -> None:
-        with self._lock:
-            self._items[iss] = (config, self._clock() + self.ttl)
-
-    def unset(self, iss: str) -> None:
-        with self._lock:
-            self._items.pop(iss, None)
-
-
-_default_cache = DiscoveryCache()
+#: the app's sentences for the shared SMART checks: they speak of "the EHR at <issuer>"
+_SAY = _smart.Wording(
+    unreachable="the EHR at {base} could not be reached to discover its sign-in endpoints ({error})",
+    bad_status="the EHR at {base} answered {status} for its smart-configuration",
+    not_json="the EHR at {base} published a smart-configuration that is not JSON",
+    not_object="the EHR at {base} published a smart-configuration that is not a JSON object",
+    missing_endpoint="the EHR at {base} does not name its {what}, so the app cannot sign in there",
+    not_absolute="the EHR at {base} gives a {what} that is not an absolute http(s) URL",
+    plain_http="the EHR at {base} gives a {what} over plain http; refusing to send credentials there",
+    token_not_json="the EHR's token endpoint answered with something that is not JSON",
+    no_access_token="the EHR's token response has no access token",
+    not_bearer="the EHR issued a token that is not a bearer token",
+    bad_expires_in="the EHR's token response has an unreadable expires_in")
 
 
 def _endpoint(value: Any, what: str, iss: str) -> str:
     """An absolute http(s) endpoint; on an https issuer, https only (the code and verifier travel to it)."""
-    if not isinstance(value, str) or not value.strip():
-        raise LaunchError(f"the EHR at {iss} does not name its {what}, so the app cannot sign in there")
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
-        raise LaunchError(f"the EHR at {iss} gives a {what} that is not an absolute http(s) URL")
-    if urlsplit(iss).scheme == "https" and parts.scheme != "https":
-        raise LaunchError(f"the EHR at {iss} gives a {what} over plain http; refusing to send credentials there")
-    return value.strip()
+    return _smart.check_endpoint(value, what, rule=_smart.EndpointRule.FOLLOW_ISSUER, say=_SAY, base=iss)
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -138,8 +123,7 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 def config_from_well_known(iss: str, data: Any) -> SmartConfig:
     """Check a ``.well-known/smart-configuration`` document (conformance.html: the required fields)."""
-    if not isinstance(data, dict):
-        raise LaunchError(f"the EHR at {iss} published a smart-configuration that is not a JSON object")
+    data = _smart.configuration_object(200, data, base=iss, say=_SAY)
     methods = _strings(data.get("code_challenge_methods_supported"))
     if "code_challenge_methods_supported" in data and "S256" not in methods:
         # SMART 2.0 servers SHALL support S256; the app always uses it (PKCE, app-launch.html)
@@ -173,17 +157,7 @@ def config_from_capability_statement(iss: str, data: Any) -> SmartConfig:
                        source="capability-statement")
 
 
-def _get_json(session: requests.Session, url: str, accept: str, timeout: float) -> tuple[int, Any]:
-    """(status, parsed JSON or None); no redirects followed (they could leave the issuer)."""
-    response = session.get(url, headers={"Accept": accept}, timeout=timeout, allow_redirects=False)
-    try:
-        body = response.json() if response.content else None
-    except ValueError:
-        body = None
-    return response.status_code, body
-
-
-def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache | None = _default_cache,
+def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache[SmartConfig] | None = _default_cache,
              timeout: float = 10.0) -> SmartConfig:
     """The EHR's SMART configuration: ``{iss}/.well-known/smart-configuration``, else the CapabilityStatement.
 
@@ -195,15 +169,14 @@ def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache | Non
     if cache is not None and (hit := cache.get(iss)) is not None:
         return hit
     try:
-        status, body = _get_json(session, f"{iss}/.well-known/smart-configuration", "application/json", timeout)
+        status, body = _smart.fetch_configuration(session, iss, say=_SAY, timeout=timeout)
         if status == 200:
-            if body is None:
-                raise LaunchError(f"the EHR at {iss} published a smart-configuration that is not JSON")
             config = config_from_well_known(iss, body)
         else:
             log.info("discovery: %s/.well-known/smart-configuration answered %d; trying the CapabilityStatement",
                      iss, status)
-            status, body = _get_json(session, f"{iss}/metadata", "application/fhir+json", timeout)
+            status, body = _smart.get_json(session, f"{iss}/metadata", accept="application/fhir+json",
+                                           timeout=timeout)
             if status != 200:
                 raise LaunchError(f"the EHR at {iss} publishes no SMART configuration "
                                   f"(smart-configuration and metadata both failed, the last with {status})")
@@ -336,8 +309,9 @@ def _oauth_error(response: requests.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
-def send_token_request(request: TokenRequest, session: requests.Session, *, timeout: float = 15.0) -> OAuth2Token:
-    """POST the token request; return the checked token response with ``expires_at`` worked out.
+def send_token_request(request: TokenRequest, session: requests.Session, *, timeout: float = 15.0,
+                       clock: Callable[[], float] = time.time) -> OAuth2Token:
+    """POST the token request; return the checked token response with ``expires_at`` worked out on ``clock``.
 
     Nothing of the request or the answer is logged but the endpoint and the status.
     """
@@ -353,17 +327,8 @@ def send_token_request(request: TokenRequest, session: requests.Session, *, time
     if response.status_code != 200:
         raise LaunchError(f"the EHR refused to issue an access token ({_oauth_error(response)}); "
                           "please launch the app again")
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise LaunchError("the EHR's token endpoint answered with something that is not JSON") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
-        raise LaunchError("the EHR's token response has no access token")
-    if str(body.get("token_type", "")).lower() != "bearer":
-        raise LaunchError("the EHR issued a token that is not a bearer token")
-    if "expires_in" in body and not isinstance(body["expires_in"], (int, float)):
-        raise LaunchError("the EHR's token response has an unreadable expires_in")
-    return OAuth2Token(dict(body))
+    body = _smart.check_token_response(response, say=_SAY, url=request.url)
+    return OAuth2Token(_smart.stamp_expiry(body, clock()))
 
 
 # ---------------------------------------------------------------- launch context
@@ -432,23 +397,48 @@ def parse_launch_context(token: Mapping[str, Any]) -> LaunchContext:
 
 # ---------------------------------------------------------------- using the token
 
+class _ClockedSession(OAuth2Session):
+    """authlib's session, except that "is the token about to expire?" asks the app's clock, not ``time.time``.
+
+    So the refresh follows the same clock the app stamped ``expires_at`` with,
+    and a test moves that clock instead of sleeping.  A refreshed token is
+    stamped on the clock too, then handed to ``on_refresh`` to be stored.
+    """
+
+    def __init__(self, *args: Any, clock: Callable[[], float], on_refresh: Callable[[dict[str, Any]], None],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = clock
+        self._on_refresh = on_refresh
+
+    def ensure_active_token(self, token: Any = None) -> bool:
+        # authlib ships no type hints, so mypy cannot see the type of its ``token`` property
+        current: Mapping[str, Any] = self.token if token is None else token  # type: ignore[has-type]
+        if not _smart.token_expired(current, self._clock(), self.leeway):
+            return True
+        refresh_token, url = current.get("refresh_token"), self.metadata.get("token_endpoint")
+        if not (refresh_token and url):
+            return False  # authlib raises InvalidTokenError, which FhirClient turns into AuthError
+        fresh = _smart.stamp_expiry(self.refresh_token(url, refresh_token=refresh_token), self._clock())
+        self.token = fresh
+        log.info("token refreshed (expires at %s)", fresh.get("expires_at"))
+        self._on_refresh(dict(fresh))
+        return True
+
+
 def authorized_session(token: Mapping[str, Any], *, client_id: str, token_endpoint: str,
                        on_refresh: Callable[[dict[str, Any]], None], leeway: float = 30.0,
-                       timeout: float = 15.0) -> OAuth2Session:
+                       timeout: float = 15.0, clock: Callable[[], float] = time.time) -> OAuth2Session:
     """A ``requests`` session that sends the bearer token and refreshes it ``leeway`` s before it expires.
 
-    ``on_refresh`` gets the new token (to store server-side) each time authlib
-    refreshes; without a refresh token, an expired token fails with authlib's
-    InvalidTokenError, which ``FhirClient`` turns into AuthError.
+    ``on_refresh`` gets the new token (to store server-side) each time it is
+    refreshed; without a refresh token, an expired token fails with authlib's
+    InvalidTokenError, which ``FhirClient`` turns into AuthError.  ``clock``
+    (epoch seconds) decides expiry: the one ``send_token_request`` stamped with.
     """
-    def update_token(new: Mapping[str, Any], refresh_token: str | None = None,
-                     access_token: str | None = None) -> None:
-        log.info("token refreshed (expires at %s)", new.get("expires_at"))
-        on_refresh(dict(new))
-
-    session = OAuth2Session(client_id=client_id, token=dict(token), token_endpoint=token_endpoint,
-                            token_endpoint_auth_method="none", update_token=update_token,
-                            leeway=int(leeway), default_timeout=timeout)
+    session = _ClockedSession(client_id=client_id, token=dict(token), token_endpoint=token_endpoint,
+                              token_endpoint_auth_method="none", leeway=int(leeway), default_timeout=timeout,
+                              clock=clock, on_refresh=on_refresh)
     # A review must show the record as it is now: servers such as HAPI reuse a repeated search's
     # results for a while unless asked not to (RFC 9111 §5.2.1.4 no-cache), which would hide the
     # drafts just written from the next look.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -18,7 +17,7 @@ import responses
 
 from fhir_plugin.synthetic import generate_cases
 from smart_launch import COOKIE, MemoryStore, Settings, create_app
-from sandbox.testing import FakeEhr, live_server
+from sandbox.testing import FakeEhr, ManualClock, live_server
 
 ISS = "http://ehr.test/fhir"
 TODAY = dt.date.today()
@@ -46,10 +45,11 @@ def _environment(**extra):
     settings = Settings(**{"allowed_issuers": (ISS,), "session_store": "memory", "client_id": "app",
                            "redirect_uri": "http://127.0.0.1:1/callback", **extra})
     store = MemoryStore()
-    with live_server(create_app(settings, store=store)) as server, \
+    clock = ManualClock()  # the app's and the fake EHR's time: a test moves it forward to expire tokens
+    with live_server(create_app(settings, store=store, clock=clock)) as server, \
             responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         rsps.add_passthru(server.url)
-        yield {"base": server.url, "rsps": rsps, "store": store, "settings": settings}
+        yield {"base": server.url, "rsps": rsps, "store": store, "settings": settings, "clock": clock}
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def test_write_asks_for_confirmation_then_writes_once(env):
 def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
     caplog.set_level(logging.DEBUG)
     case = _case("missing-treatment-plan")
-    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2, clock=env["clock"])
     browser = Recorder()
     back = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
     pending = [env["store"].get(k) for k in env["store"].keys() if k.startswith("state:")][0]
@@ -242,7 +242,7 @@ def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
     browser.get(f"{env['base']}/resource/Observation/{obs['id']}")
     browser.post(env["base"] + "/write", data={"csrf": csrf})
     browser.post(env["base"] + "/write", data={"csrf": csrf, "confirmed": "yes"})
-    time.sleep(2.2)  # past expiry: the next call refreshes, and the new tokens must not leak either
+    env["clock"].advance(2.2)  # past expiry: the next call refreshes, and the new tokens must not leak either
     browser.post(env["base"] + "/api/write", headers={"X-CSRF-Token": csrf})
     browser.get(env["base"] + "/callback", params={"code": "c", "state": "s"})
     assert any(r["grant_type"] == "refresh_token" for r in ehr.token_requests)
@@ -265,12 +265,12 @@ def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
 
 def test_an_expired_access_token_is_refreshed_transparently_and_stored(env):
     case = _case("missing-treatment-plan")
-    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2, clock=env["clock"])
     browser = requests.Session()
     _sign_in(env, ehr, browser, case)
     sid = browser.cookies[COOKIE]
     before = env["store"].get(f"sid:{sid}")["token"]["access_token"]
-    time.sleep(2.2)
+    env["clock"].advance(2.2)
     assert browser.get(env["base"] + "/api/report").status_code == 200
     after = env["store"].get(f"sid:{sid}")["token"]["access_token"]
     assert after != before and after in ehr.access_tokens
@@ -279,11 +279,11 @@ def test_an_expired_access_token_is_refreshed_transparently_and_stored(env):
 
 def test_an_expired_token_that_cannot_be_refreshed_asks_for_a_new_launch(env):
     case = _case("missing-treatment-plan")
-    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2)
+    ehr = FakeEhr(env["rsps"], case.resources, expires_in=2, clock=env["clock"])
     browser = requests.Session()
     _sign_in(env, ehr, browser, case)
     ehr.refresh_tokens.clear()  # the EHR revoked it
-    time.sleep(2.2)
+    env["clock"].advance(2.2)
     page = browser.get(env["base"] + "/review")
     assert page.status_code == 401 and "launch the app again" in page.text and "Traceback" not in page.text
 
@@ -422,12 +422,13 @@ def test_sandbox_short_lived_token_is_refreshed_and_no_secret_reaches_the_browse
 
     pid, _ = sandbox_patients[0]
     store = MemoryStore()
-    with sandbox_stack(fhir_base_url, store=store, access_token_lifetime=3, refresh_leeway=1) as stack:
+    clock = ManualClock()
+    with sandbox_stack(fhir_base_url, store=store, access_token_lifetime=3, refresh_leeway=1, clock=clock) as stack:
         browser = Recorder()
         browser.get(stack.launch_url(pid))
         first = store.get(f"sid:{browser.cookies[COOKIE]}")["token"]
         assert first.get("refresh_token"), "the EHR issued no refresh token (online_access)"
-        time.sleep(3.2)
+        clock.advance(3.2)  # past the app's view of the expiry: the next call refreshes
         assert browser.get(stack.app_url + "/api/report").status_code == 200
         second = store.get(f"sid:{browser.cookies[COOKIE]}")["token"]
         assert second["access_token"] != first["access_token"]

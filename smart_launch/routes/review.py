@@ -1,0 +1,61 @@
+"""The pages: ``/review`` (checklist and drafts), ``/write`` (confirm, then one write), ``/resource`` (evidence viewer).
+
+Every route reads the patient bound to the session at its launch; none takes
+a patient id from the browser.  A write needs, in this order: a session, the
+form's CSRF token, and scopes that let the app create every draft type
+(SPEC §7) — the order of the handler's parameters is the order of the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, Response
+
+from fhir_plugin import Forbidden, UsageError, strategies_for
+
+from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep
+from ..views import VIEWABLE, draft_view, review_context, subject_of
+
+__all__ = ["router"]
+
+log = logging.getLogger("smart_launch.app")
+router = APIRouter()
+
+
+@router.get("/review", response_class=HTMLResponse, summary="The review page for the launched patient")
+def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: PagesDep) -> Response:
+    response = pages.page(request, "review.html",
+                          **review_context(sess, loaded.report, loaded.record, loaded.drafts, loaded.refused))
+    response.headers["Server-Timing"] = loaded.server_timing()
+    return response
+
+
+@router.post("/write", response_class=HTMLResponse, summary="Confirm, then write the drafts (form, CSRF token)")
+def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir, pages: PagesDep,
+          confirmed: Annotated[str, Form()] = "") -> Response:
+    if loaded.drafts is None:
+        return pages.page(request, "error.html", 409, title="No drafts to write", message=loaded.refused or "")
+    if confirmed != "yes":
+        return pages.page(request, "confirm.html", drafts=draft_view(loaded.drafts), csrf=sess.csrf,
+                          report=loaded.report)
+    result = strategies_for(client).writer.write(loaded.drafts)
+    log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
+    return pages.page(request, "written.html", result=result, report=loaded.report)
+
+
+@router.get("/resource/{resource_type}/{resource_id}", response_class=HTMLResponse,
+            summary="A small viewer for one evidence resource of the launched patient")
+def resource(request: Request, resource_type: str, resource_id: str, sess: CurrentSession, client: Fhir,
+             pages: PagesDep) -> Response:
+    if resource_type not in VIEWABLE:
+        raise UsageError(f"{resource_type} resources are not shown here")
+    found = client.read(resource_type, resource_id)
+    if subject_of(found) != sess.patient:
+        # the token may be broader than this launch; the session still only sees its own patient
+        raise Forbidden("that resource does not belong to the patient this app was launched for")
+    return pages.page(request, "resource.html", ref=f"{resource_type}/{resource_id}",
+                      text=json.dumps(found, indent=2, ensure_ascii=False))
