@@ -2,19 +2,29 @@
 
 A reader turns a patient id into a validated ``PatientRecord``, whatever
 requests it takes.  ``BatchReader`` asks for the whole record in one batch
-round trip; ``PerTypeReader`` reads the Patient and then searches each type on
-its own, for servers that take no batch.  Which one a server gets is decided
-in ``_strategies``.
+round trip; ``PerTypeReader`` reads the Patient and searches each type with
+``patient=`` on its own, in parallel (bounded), for servers that take no
+batch (Epic, Oracle Health).  Neither relies on ``_revinclude``.  Which one a
+server gets is decided in ``_strategies``.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ._client import PAGE_SIZE, FhirClient
-from ._record import CLINICAL_TYPES, PatientRecord, validate_resource
+from ._errors import ServerError
+from ._record import PatientRecord, validate_resource
+from ._vocab import CLINICAL_TYPES, OBSERVATION_CATEGORIES, OBSERVATION_CATEGORY
 
 __all__ = ["RecordReader", "BatchReader", "PerTypeReader"]
+
+#: searches in flight at once for one patient: enough to hide latency, few enough to stay polite
+PARALLEL_SEARCHES = 4
+#: answers that mean "this search needs more parameters" (Epic answers 400 for an Observation search
+#: without category; others 403 or 422)
+_REFUSED_WITHOUT_CATEGORY = frozenset({400, 403, 422})
 
 
 class RecordReader(Protocol):
@@ -34,14 +44,38 @@ class BatchReader:
 
 
 class PerTypeReader:
-    """GET the Patient, then one search per type (1 + len(types) round trips, more for long searchsets)."""
+    """GET the Patient and search each clinical type with ``patient=``, ``parallel`` requests at a time.
 
-    def __init__(self, client: FhirClient) -> None:
+    An Observation search the server refuses without a category is asked
+    again once per category (SPEC §3 reads Observations of every category).
+    """
+
+    def __init__(self, client: FhirClient, *, parallel: int = PARALLEL_SEARCHES) -> None:
         self.client = client
+        self.parallel = max(1, parallel)
 
     def read(self, patient_id: str) -> PatientRecord:
-        resources: list[dict[str, Any]] = [validate_resource(self.client.read("Patient", patient_id))]
-        for rtype in CLINICAL_TYPES:
-            found = self.client.search(rtype, {"patient": patient_id, "_count": PAGE_SIZE})
-            resources += [validate_resource(r) for r in found if r.get("resourceType") == rtype]
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="fhir-plugin-read") as pool:
+            patient = pool.submit(self.client.read, "Patient", patient_id)
+            searches = [pool.submit(self._search, rtype, patient_id) for rtype in CLINICAL_TYPES]
+            resources = [validate_resource(patient.result())]
+            seen: set[tuple[str, str]] = {("Patient", patient_id)}
+            for rtype, future in zip(CLINICAL_TYPES, searches, strict=True):
+                for found in future.result():
+                    key = (str(found.get("resourceType")), str(found.get("id")))
+                    if key[0] == rtype and key not in seen:  # skip stray types, and repeats across categories
+                        seen.add(key)
+                        resources.append(validate_resource(found))
         return PatientRecord(patient_id, tuple(resources))
+
+    def _search(self, resource_type: str, patient_id: str) -> list[dict[str, Any]]:
+        params = {"patient": patient_id, "_count": PAGE_SIZE}
+        try:
+            return self.client.search(resource_type, params)
+        except ServerError as exc:
+            if resource_type != "Observation" or exc.status not in _REFUSED_WITHOUT_CATEGORY:
+                raise
+        found: list[dict[str, Any]] = []
+        for category in OBSERVATION_CATEGORIES:
+            found += self.client.search(resource_type, {**params, "category": f"{OBSERVATION_CATEGORY}|{category}"})
+        return found

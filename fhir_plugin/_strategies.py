@@ -13,20 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ._capabilities import ServerCapabilities
 from ._client import FhirClient
 from ._read import BatchReader, PerTypeReader, RecordReader
 from ._write import DraftWriter, PerResourceWriter, TransactionWriter
 
-__all__ = ["Strategies", "declared_interactions", "strategies_for"]
-
-
-def declared_interactions(capabilities: Mapping[str, Any] | None) -> frozenset[str]:
-    """The system-level interactions (``batch``, ``transaction``, …) a server's ``rest[mode=server]`` lists."""
-    found: set[str] = set()
-    for rest in (capabilities or {}).get("rest") or []:
-        if isinstance(rest, dict) and rest.get("mode", "server") == "server":
-            found.update(str(i.get("code")) for i in rest.get("interaction") or [] if isinstance(i, dict))
-    return frozenset(found)
+__all__ = ["Strategies", "strategies_for"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +29,13 @@ class Strategies:
     writer: DraftWriter
 
 
-def strategies_for(client: FhirClient, capabilities: Mapping[str, Any] | None = None) -> Strategies:
-    """The reader and writer for ``client``'s server, from its CapabilityStatement when one is given."""
+def strategies_for(client: FhirClient,
+                   capabilities: ServerCapabilities | Mapping[str, Any] | None = None) -> Strategies:
+    """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given."""
     if capabilities is None:
         return Strategies(BatchReader(client), TransactionWriter(client))
-    declared = declared_interactions(capabilities)
-    reader: RecordReader = BatchReader(client) if "batch" in declared else PerTypeReader(client)
-    writer: DraftWriter = TransactionWriter(client) if "transaction" in declared else PerResourceWriter(client)
+    if not isinstance(capabilities, ServerCapabilities):
+        capabilities = ServerCapabilities.from_statement(capabilities)
+    reader: RecordReader = BatchReader(client) if capabilities.batch else PerTypeReader(client)
+    writer: DraftWriter = TransactionWriter(client) if capabilities.transaction else PerResourceWriter(client)
     return Strategies(reader, writer)

@@ -26,6 +26,11 @@ PLUGIN_NAME = "fhir-plugin"
 CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")
 #: everything a review reads: the Patient and its clinical resources
 READ_TYPES = ("Patient",) + CLINICAL_TYPES
+#: Observation categories (R4 observation-category) a per-category search walks through when a server
+#: refuses an Observation search without ``category`` (Epic does for some)
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+OBSERVATION_CATEGORIES = ("vital-signs", "exam", "social-history", "survey", "laboratory", "procedure",
+                          "imaging", "therapy", "activity")
 #: the resource types the drafts create (SPEC §7), in the order they are written
 DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 

@@ -716,9 +716,45 @@ def test_per_resource_writer_reports_a_matched_conditional_create_as_existing(mo
 ])
 def test_strategies_follow_what_the_server_declares(client, interactions, reader, writer):
     capabilities = None if interactions is None else {
-        "resourceType": "CapabilityStatement",
+        "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
         "rest": [{"mode": "server", "interaction": [{"code": code} for code in interactions]}]}
 
     chosen = strategies_for(client, capabilities)
 
     assert type(chosen.reader) is reader and type(chosen.writer) is writer
+
+
+def test_per_type_reader_asks_per_category_when_an_observation_search_needs_one(mock, client):
+    mock.get(f"{BASE}/Patient/p1", json=patient())
+    for rtype, resource in (("Condition", condition("c1")), ("Encounter", encounter("e1")),
+                            ("CarePlan", careplan("cp1"))):
+        mock.get(f"{BASE}/{rtype}", json=searchset([resource]))
+    mock.get(f"{BASE}/Observation", status=400, json=outcome("category is required"),
+             match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})])
+    vital = {**observation("o1"), "id": "o-vital"}
+    exam = {**observation("o1"), "id": "o-exam"}
+    for category, found in (("vital-signs", [vital]), ("exam", [exam, vital])):
+        mock.get(f"{BASE}/Observation", json=searchset(found), match=[matchers.query_param_matcher(
+            {"patient": "p1", "_count": "500",
+             "category": f"http://terminology.hl7.org/CodeSystem/observation-category|{category}"})])
+    mock.get(f"{BASE}/Observation", json=searchset([]))
+
+    record = PerTypeReader(client).read("p1")
+
+    assert sorted(r["id"] for r in record.of_type("Observation")) == ["o-exam", "o-vital"]  # each once
+
+
+def test_capabilities_read_from_a_statement_and_malformed_ones_read_as_undeclared():
+    from fhir_plugin._capabilities import ServerCapabilities
+
+    statement = {"resourceType": "CapabilityStatement", "rest": [{"mode": "server", "interaction": [
+        {"code": "transaction"}], "resource": [
+        {"type": "Condition", "interaction": [{"code": "create"}, {"code": "search-type"}],
+         "conditionalCreate": True, "searchParam": [{"name": "patient"}, {"name": "identifier"}]},
+        {"type": "CarePlan", "interaction": [{"code": "read"}]}]}]}
+    caps = ServerCapabilities.from_statement(statement)
+    assert caps.transaction and not caps.batch
+    assert caps.can_create_conditionally("Condition") and not caps.can_create("CarePlan")
+    assert caps.searches_by("Condition", "identifier") and not caps.searches_by("Goal", "identifier")
+    assert not ServerCapabilities.from_statement({"resourceType": "Bundle"}).declared
+    assert not ServerCapabilities.from_statement(None).transaction

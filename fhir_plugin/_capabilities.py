@@ -1,0 +1,105 @@
+"""What a FHIR server says it can do, read from its CapabilityStatement (FHIR ``metadata``).
+
+Pure parsing: ``ServerCapabilities.from_statement`` takes the statement as
+JSON and answers the questions the reader and writer choice asks — batch?
+transaction? may this type be created, conditionally? searched by which
+parameters?  ``capabilities_of(client)`` fetches the statement once per
+server and process, so every patient of a run costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ._client import FhirClient
+
+__all__ = ["ServerCapabilities", "TypeCapabilities", "capabilities_of"]
+
+
+@dataclass(frozen=True)
+class TypeCapabilities:
+    """One ``rest.resource`` entry: its interactions, conditional create, and search parameter names."""
+
+    interactions: frozenset[str] = frozenset()
+    conditional_create: bool = False
+    search_params: frozenset[str] = frozenset()
+
+    @property
+    def creatable(self) -> bool:
+        return "create" in self.interactions
+
+    @property
+    def searchable(self) -> bool:
+        return "search-type" in self.interactions
+
+
+@dataclass(frozen=True)
+class ServerCapabilities:
+    """The server side of a CapabilityStatement (``rest.mode`` server), reduced to what the plugin asks."""
+
+    system: frozenset[str] = frozenset()
+    types: Mapping[str, TypeCapabilities] = field(default_factory=dict)
+    declared: bool = True
+
+    @classmethod
+    def from_statement(cls, statement: Mapping[str, Any] | None) -> ServerCapabilities:
+        """Parse a CapabilityStatement; anything malformed reads as "not declared", never as an error."""
+        if not isinstance(statement, Mapping) or statement.get("resourceType") != "CapabilityStatement":
+            return cls(declared=False)
+        system: set[str] = set()
+        types: dict[str, TypeCapabilities] = {}
+        for rest in statement.get("rest") or []:
+            if not isinstance(rest, Mapping) or rest.get("mode", "server") != "server":
+                continue
+            system.update(_codes(rest.get("interaction")))
+            for resource in rest.get("resource") or []:
+                if not isinstance(resource, Mapping) or not isinstance(resource.get("type"), str):
+                    continue
+                params = {p.get("name") for p in resource.get("searchParam") or [] if isinstance(p, Mapping)}
+                types[resource["type"]] = TypeCapabilities(
+                    interactions=frozenset(_codes(resource.get("interaction"))),
+                    conditional_create=resource.get("conditionalCreate") is True,
+                    search_params=frozenset(p for p in params if isinstance(p, str)))
+        return cls(frozenset(system), types)
+
+    def of(self, resource_type: str) -> TypeCapabilities:
+        return self.types.get(resource_type, TypeCapabilities())
+
+    @property
+    def batch(self) -> bool:
+        return "batch" in self.system
+
+    @property
+    def transaction(self) -> bool:
+        return "transaction" in self.system
+
+    def can_create(self, resource_type: str) -> bool:
+        return self.of(resource_type).creatable
+
+    def can_create_conditionally(self, resource_type: str) -> bool:
+        return self.of(resource_type).creatable and self.of(resource_type).conditional_create
+
+    def searches_by(self, resource_type: str, param: str) -> bool:
+        return param in self.of(resource_type).search_params
+
+
+def _codes(interactions: Any) -> set[str]:
+    return {str(i.get("code")) for i in interactions or [] if isinstance(i, Mapping) and i.get("code")}
+
+
+_cache: dict[str, ServerCapabilities] = {}
+_lock = threading.Lock()
+
+
+def capabilities_of(client: FhirClient) -> ServerCapabilities:
+    """The server's capabilities, fetched once per base URL in this process (GET metadata)."""
+    with _lock:
+        known = _cache.get(client.base_url)
+    if known is not None:
+        return known
+    found = ServerCapabilities.from_statement(client.capabilities())
+    with _lock:
+        _cache[client.base_url] = found
+    return found
