@@ -35,6 +35,8 @@ _RULE_KEYS = {"keywords", "words", "codes", "loinc", "categories", "icd10cm", "c
               "resource_types", "with_value", "negated"}
 _CONDITION_FIELDS = {"onset", "onset-date", "severity"}
 _TYPES = ("Condition", "Observation", "Encounter")
+#: what a code-fit rule may test; ``without_region`` lets a back site win over any other (SPEC §2, §5)
+_WHEN_KEYS = {"finding", "region", "without_region", "side"}
 
 
 def profiles_root() -> Path:
@@ -273,6 +275,9 @@ def _load(folder: Path) -> Profile:
                   for side in SIDES}
     if laterality.get("expected") not in (None, *SIDES):
         raise ProfileError("expected is right, left, bilateral or null", path=path, field="laterality.expected")
+    # SPEC §3: the other side's code, active beside this one, means both sides are coded
+    for j, other in enumerate(_str_list(laterality, "both_sides_with", path, "laterality")):
+        _billable(other, path, f"laterality.both_sides_with[{j}]")
     findings = _need(raw, "findings", dict, path)
     _need(findings, "expected", str, path, "findings")
     finding_terms = {name: (frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
@@ -319,7 +324,10 @@ def _load(folder: Path) -> Profile:
         where = f"code_fit.rules[{i}]"
         for j, suggested in enumerate(_need(rule, "suggest", list, path, where)):
             _billable(suggested, path, f"{where}.suggest[{j}]")
-        _need(rule, "when", dict, path, where)
+        when = _need(rule, "when", dict, path, where)
+        unknown = set(when) - _WHEN_KEYS
+        if unknown:
+            raise ProfileError(f"unknown condition(s) {', '.join(sorted(unknown))}", path=path, field=f"{where}.when")
 
     plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
     vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]

@@ -600,7 +600,8 @@ def _clinical_example(as_of: dt.date) -> SyntheticCase:
         "physical-exam": "met", "range-of-motion": "met", "palpation": "met", "neuro-exam": "met",
         "posture-inspection": "missing", "body-site": "conflict", "laterality": "met",
         "atrophy-finding": "missing", "objective-measure": "missing", "etiology": "missing",
-        "excludes1": "met", "functional-limitation": "missing", "red-flag-screen": "missing",
+        # "Range of motion is slightly limited": SPEC §3 lists the stem "limit*" for functional-limitation
+        "excludes1": "met", "functional-limitation": "met", "red-flag-screen": "missing",
         "treatment-plan": "met", "follow-up": "not-yet-due", "treatment-response": "missing",
         "medical-necessity": "missing",
     }, red_flags={

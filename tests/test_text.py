@@ -11,7 +11,8 @@ from fhir_plugin._text import Terms
     ("reaggravated", False),                     # not at the start of a word
 ])
 def test_word_start(text, found):
-    assert bool(Terms(["aggravat"]).mentions(text)) is found
+    # SPEC §3.2 Words: a stem is written with a trailing "*" in the profile
+    assert bool(Terms(["aggravat*"]).mentions(text)) is found
 
 
 def test_back_does_not_match_feedback():
@@ -46,8 +47,10 @@ def test_negation(text, negated):
 def test_trailing_negative_only_when_asked():
     terms = Terms(["saddle anesthesia", "atrophy"])
     assert terms.mentions("Saddle anesthesia: negative", trailing_negative=True)[0].negated
-    # a finding followed by an unrelated negative exam stays a finding
-    assert not terms.mentions("Calf atrophy, neuro exam negative")[0].negated
+    # SPEC §3.2 Negation: "negative" after the match in the same clause negates it (commas do not
+    # end a clause); a sentence break keeps the finding
+    assert terms.mentions("Calf atrophy, neuro exam negative")[0].negated
+    assert not terms.mentions("Calf atrophy. Neuro exam negative")[0].negated
 
 
 def test_negation_stops_at_the_sentence():
