@@ -104,23 +104,28 @@ def _official_title_text(concept: Mapping[str, Any]) -> bool:
     return False
 
 
+_CONCEPT_KEYS = frozenset({"code", "valueCodeableConcept", "severity", "bodySite", "reasonCode", "type", "component"})
+
+
 def _concepts(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The CodeableConcepts whose text and codings document things (SPEC §3's fields)."""
     out: list[Mapping[str, Any]] = []
-    code = resource.get("code")
-    if isinstance(code, dict) and not _own_code(resource):
-        out.append(code)
-    for key in ("valueCodeableConcept", "severity"):
-        if isinstance(resource.get(key), dict):
-            out.append(resource[key])
-    out.extend(_concept_list(resource.get("bodySite")))
-    for key in ("reasonCode", "type"):
-        out.extend(_concept_list(resource.get(key)))
-    for comp in resource.get("component") or []:
-        if isinstance(comp, dict):
-            for key in ("code", "valueCodeableConcept"):
-                if isinstance(comp.get(key), dict):
-                    out.append(comp[key])
+    for key, value in resource.items():
+        if key not in _CONCEPT_KEYS:
+            continue
+        if key == "component":
+            for comp in value if isinstance(value, list) else ():
+                if isinstance(comp, dict):
+                    for sub in ("code", "valueCodeableConcept"):
+                        if isinstance(comp.get(sub), dict):
+                            out.append(comp[sub])
+        elif key == "code":
+            if isinstance(value, dict) and not _own_code(resource):
+                out.append(value)
+        elif isinstance(value, dict):
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(v for v in value if isinstance(v, dict))
     return out
 
 
@@ -134,13 +139,14 @@ def _code_text(resource: Mapping[str, Any]) -> str:
     return str(code["text"])
 
 
-def _fields(resource: Mapping[str, Any]) -> list[str]:
+def _fields(resource: Mapping[str, Any], concepts: list[Mapping[str, Any]] | None = None) -> list[str]:
     """All searchable text of a resource, one entry a field."""
     lines: list[str] = []
-    own_text = _code_text(resource)
-    if own_text and _own_code(resource):
-        lines.append(own_text)
-    for concept in _concepts(resource):
+    if resource.get("resourceType") == "Condition" and _own_code(resource):
+        own_text = _code_text(resource)
+        if own_text:
+            lines.append(own_text)
+    for concept in _concepts(resource) if concepts is None else concepts:
         if concept.get("text"):
             lines.append(str(concept["text"]))
         for coding in _codings(concept):
@@ -157,8 +163,10 @@ def _fields(resource: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _joined(lines: Iterable[str]) -> tuple[str, bool]:
+def _joined(lines: list[str]) -> tuple[str, bool]:
     """The fields as one text, one line each (a line break ends a clause), each capped."""
+    if all(len(line) <= MAX_FIELD_CHARS for line in lines):
+        return "\n".join(lines), False
     out, cut = [], False
     for line in lines:
         part, was_cut = capped(line)
@@ -276,39 +284,115 @@ def _answer(obs: Mapping[str, Any]) -> bool | None:
 
 # --- the record, prepared once -------------------------------------------------------------
 
-@dataclass
+class _RuleIndex:
+    """Which rules a resource could satisfy, from its codes and the first words of its text.
+
+    Built once per profile, so a record of thousands of Observations costs a few set
+    look-ups per resource instead of one rule test per resource and element.
+    """
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.by_token: dict[str, set[int]] = {}
+        self.by_code: dict[str, set[int]] = {}
+        self.by_loinc: dict[str, set[int]] = {}
+        self.by_category: dict[str, set[int]] = {}
+        self.for_conditions: set[int] = set()
+        for rule in rules:
+            key = id(rule)
+            for token in rule.terms.first_tokens:
+                self.by_token.setdefault(token, set()).add(key)
+            for table, values in ((self.by_code, rule.codes), (self.by_loinc, rule.loinc),
+                                  (self.by_category, rule.categories)):
+                for value in values:
+                    table.setdefault(value, set()).add(key)
+            if rule.condition_fields or rule.icd10cm is not None:
+                self.for_conditions.add(key)
+
+    def candidates(self, doc: "_Doc") -> set[int]:
+        out: set[int] = set()
+        for token in doc.index:
+            out |= self.by_token.get(token, set())
+        for code in doc.codes:
+            out |= self.by_code.get(code, set())
+        if doc.type == "Observation":
+            for code in doc.loinc:
+                out |= self.by_loinc.get(code, set())
+            for code in doc.categories:
+                out |= self.by_category.get(code, set())
+        elif doc.type == "Condition":
+            out |= self.for_conditions
+        return out
+
+
+_RULE_INDEXES: dict[int, tuple[Profile, _RuleIndex, dict[str, Rule]]] = {}
+
+
+def _rule_index(profile: Profile) -> tuple[_RuleIndex, dict[str, Rule]]:
+    """The profile's rule index, and its findings as rules (so they are indexed too)."""
+    found = _RULE_INDEXES.get(id(profile))
+    if found is None or found[0] is not profile:
+        findings = {name: Rule(terms=terms, codes=codes) for name, (codes, terms) in profile.finding_terms.items()}
+        found = (profile, _RuleIndex(list(profile.rules.values()) + list(profile.flag_rules.values())
+                                     + list(findings.values())), findings)
+        _RULE_INDEXES[id(profile)] = found
+    return found[1], found[2]
+
+
 class _Doc:
-    ref: str
-    resource: Mapping[str, Any]
-    text: str
-    truncated: bool
-    vocabulary: Any
+    """One resource as the check reads it; what every rule looks at is worked out once, here."""
 
-    @cached_property
-    def type(self) -> str:
-        return self.resource["resourceType"]
-
-    @cached_property
-    def index(self) -> frozenset[str]:
-        """The first words of the profile's terms that occur in this resource's text."""
-        return self.vocabulary.scan(self.text)
+    def __init__(self, resource: Mapping[str, Any], vocabulary: Any) -> None:
+        self.resource = resource
+        self.type: str = resource["resourceType"]
+        self.ref = f"{self.type}/{resource.get('id', '')}"
+        self.concepts = concepts = _concepts(resource)
+        # one pass over the concepts for both the text (as _fields reads it) and the codes
+        lines: list[str] = []
+        if self.type == "Condition" and _own_code(resource):
+            own_text = _code_text(resource)
+            if own_text:
+                lines.append(own_text)
+        codes: set[str] = set()
+        loinc: set[str] = set()
+        for concept in concepts:
+            text = concept.get("text")
+            if text:
+                lines.append(str(text))
+            for c in concept.get("coding") or ():
+                if c.__class__ is dict:
+                    code, system, display = c.get("code"), c.get("system"), c.get("display")
+                    if code.__class__ is str:
+                        codes.add(code)
+                        if system == LOINC:
+                            loinc.add(code)
+                    if display and system != ICD10CM:
+                        lines.append(str(display))
+        value = resource.get("valueString")
+        if value.__class__ is str:
+            lines.append(value)
+        for comp in resource.get("component") or ():
+            if isinstance(comp, dict) and isinstance(comp.get("valueString"), str):
+                lines.append(comp["valueString"])
+        for note in resource.get("note") or ():
+            if isinstance(note, dict) and isinstance(note.get("text"), str):
+                lines.append(note["text"])
+        self.text, self.truncated = _joined(lines)
+        self.codes = frozenset(codes)
+        self.loinc = frozenset(loinc)
+        categories: set[Any] = set()
+        if self.type == "Observation":
+            for cat in resource.get("category") or ():
+                if cat.__class__ is dict:
+                    for c in cat.get("coding") or ():
+                        if c.__class__ is dict:
+                            categories.add(c.get("code"))
+        self.categories = frozenset(categories)
+        #: the first words of the profile's terms that occur in this resource's text
+        self.index: frozenset[str] = vocabulary.scan(self.text)
 
     @cached_property
     def analysed(self) -> TextIndex:
         return analyze(self.text)
-
-    @cached_property
-    def codes(self) -> frozenset[str]:
-        return frozenset(_codes(self.resource))
-
-    @cached_property
-    def loinc(self) -> frozenset[str]:
-        return frozenset(_codes(self.resource, system=LOINC))
-
-    @cached_property
-    def categories(self) -> frozenset[str]:
-        return frozenset(c.get("code") for cat in self.resource.get("category") or [] if isinstance(cat, dict)
-                         for c in _codings(cat))
 
     @cached_property
     def has_value(self) -> bool:
@@ -379,15 +463,20 @@ class _Context:
         self.today = today
         # sorted by reference: the report is the same whatever order the record came in
         usable = sorted((r for r in record.resources if _counts_at_all(r)), key=_ref)
-        self.drafts = [r for r in usable if is_plugin_draft(r)]
-        clinical = [r for r in usable if not is_plugin_draft(r)]
+        self.drafts, clinical = [], []
+        for r in usable:
+            (self.drafts if "meta" in r and is_plugin_draft(r) else clinical).append(r)
         vocab = profile.vocabulary
         self.docs: list[_Doc] = []
         for r in clinical:
             if r["resourceType"] in ("Condition", "Observation", "Encounter"):
-                text, cut = _joined(_fields(r))
-                self.docs.append(_Doc(_ref(r), r, text, cut, vocab))
+                self.docs.append(_Doc(r, vocab))
         self.truncated = [d.ref for d in self.docs if d.truncated]
+        index, self.finding_rules_by_name = _rule_index(profile)
+        self.by_rule: dict[int, list[_Doc]] = {}
+        for d in self.docs:
+            for key in index.candidates(d):
+                self.by_rule.setdefault(key, []).append(d)
         self.conditions = [d for d in self.docs if d.type == "Condition"]
         self.observations = [d for d in self.docs if d.type == "Observation"]
         self.care_plans = [r for r in usable if r["resourceType"] == "CarePlan"]
@@ -556,8 +645,8 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> b
     return False
 
 
-def _evidence(rule: Rule, docs: Iterable[_Doc], ctx: _Context, *, history: bool = True) -> list[str]:
-    return [d.ref for d in docs if _matches(rule, d, ctx, history=history)]
+def _evidence(rule: Rule, ctx: _Context, *, history: bool = True) -> list[str]:
+    return [d.ref for d in ctx.by_rule.get(id(rule), ()) if _matches(rule, d, ctx, history=history)]
 
 
 def _documents_finding(doc: _Doc, codes: frozenset[str], terms: Terms) -> bool:
@@ -566,6 +655,8 @@ def _documents_finding(doc: _Doc, codes: frozenset[str], terms: Terms) -> bool:
         return False
     if doc.codes & codes:
         return True
+    if not terms.may_occur(doc.index):
+        return False
     answer = doc.answered(terms)
     if answer is not None:
         return answer
@@ -581,7 +672,7 @@ def _lower_title(element: Mapping[str, Any]) -> str:
 def _evidence_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
     # SPEC §3.1: a resolved Condition never documents the finding
     history = element["id"] not in ctx.finding_rules
-    found = _evidence(ctx.profile.rules[element["id"]], ctx.docs, ctx, history=history)
+    found = _evidence(ctx.profile.rules[element["id"]], ctx, history=history)
     if not found:
         return "missing", [], f"no {_lower_title(element)} documented"
     detail = f"documented in {', '.join(found[:3])}" + (f" and {len(found) - 3} more" if len(found) > 3 else "")
@@ -782,7 +873,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
     present: list[str] = []
     absent: list[str] = []
     details: list[str] = []
-    for doc in ctx.docs:
+    for doc in ctx.by_rule.get(id(rule), ()):
         if doc.type == "Condition" and any(_family_history_code(c) for c in doc.icd_codes):
             continue                      # SPEC §4: Z80–Z84 (family history) document nothing
         if not _in_window(doc.when, ctx, window):
@@ -847,7 +938,8 @@ def _code_fit(ctx: _Context) -> CodeFit:
     sides = ctx.sides()
     side = _side_of(sides)
     findings = [name for name, (codes, terms) in profile.finding_terms.items()
-                if any(_documents_finding(d, codes, terms) for d in ctx.docs)]
+                if any(_documents_finding(d, codes, terms)
+                       for d in ctx.by_rule.get(id(ctx.finding_rules_by_name[name]), ()))]
     documented = {"site": tuple(sites), "side": None if side == "unspecified" else side, "finding": tuple(findings)}
     excluded = _excludes1_found(ctx)
     if excluded:

@@ -51,8 +51,7 @@ def _alternation(phrases: Iterable[str]) -> str:
 # SPEC §3.2 *Negation*: clause ends, and the words that start a new clause
 _CLAUSE_WORDS = ("but", "however", "although", "though", "except", "yet", "reports", "reported", "endorses",
                  "endorsed", "complains of", "c/o", "positive for", "presents with")
-_CLAUSE = re.compile(rf"(?P<stop>[.;!?]+(?=\s|$)|\n)|{_START}(?:{_alternation(_CLAUSE_WORDS)}){_END}",
-                     re.IGNORECASE)
+_CLAUSE = re.compile(rf"(?P<stop>[.;!?]+(?=\s|$)|\n)|{_START}(?:{_alternation(_CLAUSE_WORDS)}){_END}")
 _PRE_NEGATION = ("no", "not", "denies", "denied", "negative for", "without", "absent", "free of", "never")
 _POST_NEGATION = ("absent", "negative", "ruled out", "denied", "not present", "none")
 # SPEC §3.2 *Hypothetical mentions* (ConText's hypothetical modifier)
@@ -64,8 +63,8 @@ _RELATIVES = ("mother", "father", "parent", "parents", "sibling", "siblings", "b
               "grandfather", "grandparent", "aunt", "uncle", "cousin", "relative", "relatives", "mom", "dad")
 _FAMILY_HISTORY = ("family history", "fhx", "fh")
 _TRIGGER = re.compile(rf"{_START}(?:{_alternation(_PRE_NEGATION + _POST_NEGATION + _HYPOTHETICAL + _RELATIVES)})"
-                      rf"{_END}", re.IGNORECASE)
-_FH_START = re.compile(rf"\s*(?:{_alternation(_FAMILY_HISTORY)}){_END}", re.IGNORECASE)
+                      rf"{_END}")
+_FH_START = re.compile(rf"\s*(?:{_alternation(_FAMILY_HISTORY)}){_END}")
 _SPACES = re.compile(r"\s+")
 _PRE = {p.replace(" ", "") for p in _PRE_NEGATION} | {"notpresent"}
 _POST = {p.replace(" ", "") for p in _POST_NEGATION}
@@ -89,6 +88,7 @@ class TextIndex:
     __slots__ = ("text", "starts", "pre", "post", "hypo", "relative", "family_clauses")
 
     def __init__(self, text: str) -> None:
+        text = text.lower()      # every offset below is into the lower-cased text
         self.text = text
         starts = [0]
         for m in _CLAUSE.finditer(text):
@@ -99,7 +99,7 @@ class TextIndex:
         hypo: list[int] = []
         relative: list[int] = []
         for m in _TRIGGER.finditer(text):
-            word = _SPACES.sub("", m.group(0)).replace("-", "").replace("/", "").lower()
+            word = _SPACES.sub("", m.group(0)).replace("-", "").replace("/", "")
             at = m.start()
             if word in _PRE or word.startswith("not"):
                 pre.append(at)
@@ -166,10 +166,10 @@ class Mention:
 
 
 def _term_pattern(term: str) -> str:
-    term = term.strip()
+    term = term.strip().lower()
     if term.endswith("*"):
-        return rf"{_START}{_phrase(term[:-1])}[{_W}]*"
-    return rf"{_START}{_phrase(term)}(?:s|es)?{_END}"
+        return rf"{_phrase(term[:-1])}[{_W}]*"
+    return rf"{_phrase(term)}(?:s|es)?{_END}"
 
 
 def _first_token(term: str) -> str:
@@ -190,12 +190,24 @@ class Vocabulary:
         self._pattern = re.compile(r"(?<![0-9a-z])(?:" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
         # a longer token found at a position also shows every token that is its prefix
         self._covers = {t: frozenset(u for u in tokens if t.startswith(u)) for t in tokens}
+        self._short: dict[str, frozenset[str]] = {}
 
     def scan(self, text: str) -> frozenset[str]:
         if self._pattern is None or not text:
             return frozenset()
+        short = len(text) <= 256
+        if short:
+            # short texts repeat (vital-sign names, answer Observations): remember them
+            known = self._short.get(text)
+            if known is not None:
+                return known
         found = {m.group(0) for m in self._pattern.finditer(text.lower())}
-        return frozenset().union(*(self._covers[f] for f in found)) if found else frozenset()
+        out = frozenset().union(*(self._covers[f] for f in found)) if found else frozenset()
+        if short:
+            if len(self._short) >= 8192:
+                self._short.clear()
+            self._short[text] = out
+        return out
 
 
 class Terms:
@@ -210,7 +222,8 @@ class Terms:
         # longest first, so "lower leg" is one match rather than a shorter term inside it
         terms.sort(key=len, reverse=True)
         self.terms = tuple(terms)
-        self._pattern = re.compile("|".join(_term_pattern(t) for t in terms), re.IGNORECASE) if terms else None
+        # matched in the lower-cased text (the index keeps one); one lookbehind for every term
+        self._pattern = re.compile(_START + "(?:" + "|".join(_term_pattern(t) for t in terms) + ")") if terms else None
         self.first_tokens = frozenset(filter(None, (_first_token(t) for t in terms)))
 
     def may_occur(self, found: frozenset[str]) -> bool:
@@ -233,14 +246,11 @@ class Terms:
         after-match negations ("fever absent", "cancer ruled out") part of every reading;
         ``False`` ignores them.
         """
-        index = text if isinstance(text, TextIndex) else None
-        raw = index.text if index else text
-        if self._pattern is None or not raw:
+        if self._pattern is None or not text:
             return []
+        index = text if isinstance(text, TextIndex) else analyze(text)
         found: list[Mention] = []
-        for match in self._pattern.finditer(raw):
-            if index is None:
-                index = analyze(raw)
+        for match in self._pattern.finditer(index.text):
             start, end = match.span()
             negated, hypothetical, family = index.judge(start, end)
             if negated and not trailing_negative:
@@ -251,7 +261,7 @@ class Terms:
 
     def search(self, text: str) -> bool:
         """True when any term occurs, whatever governs it (cheap pre-check)."""
-        return bool(self._pattern and text and self._pattern.search(text))
+        return bool(self._pattern and text and self._pattern.search(text.lower()))
 
 
 def side_mentions(index: TextIndex, side_terms: Terms, site_spans: list[tuple[int, int]],
@@ -271,7 +281,7 @@ def side_mentions(index: TextIndex, side_terms: Terms, site_spans: list[tuple[in
         if len(m.term) == 1 and ((m.start > 0 and text[m.start - 1] in "/-")
                                  or (m.end < len(text) and text[m.end] in "/-")):
             continue
-        if m.term.lower() == "right" and _NOT_A_SIDE.search(text, max(0, m.start - 4), min(len(text), m.end + 6)):
+        if m.term == "right" and _NOT_A_SIDE.search(text, max(0, m.start - 4), min(len(text), m.end + 6)):
             continue
         ci, cs, ce = index.clause(m.start)
         i = bisect_left(site_starts, m.end)
