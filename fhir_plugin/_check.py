@@ -9,14 +9,14 @@ the record arrived in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping
 
 from . import _icd10cm as icd
 from ._errors import UsageError
-from ._profile import IcdSet, Profile, Rule
+from ._profile import Profile, Rule
 from ._record import PatientRecord
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._text import MAX_FIELD_CHARS, Mention, Terms, TextIndex, analyze, capped, side_mentions
@@ -182,11 +182,6 @@ def _body_site_text(resource: Mapping[str, Any]) -> str:
             lines.append(str(concept["text"]))
         lines.extend(str(c["display"]) for c in _codings(concept) if c.get("display"))
     return "\n".join(capped(x)[0] for x in lines)
-
-
-def _codes(resource: Mapping[str, Any], *, system: str | None = None) -> set[str]:
-    return {c["code"] for concept in _concepts(resource) for c in _codings(concept)
-            if isinstance(c.get("code"), str) and (system is None or c.get("system") == system)}
 
 
 def _site_codes(resource: Mapping[str, Any]) -> set[str]:
@@ -607,10 +602,6 @@ class _Context:
 
 
 # --- matching a rule -----------------------------------------------------------------------
-
-def _icd_codes(doc: _Doc) -> frozenset[str]:
-    return doc.icd_codes
-
 
 def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> bool:
     """Does ``doc`` document this element?  ``history`` False leaves out resolved Conditions (SPEC §3.1)."""

@@ -142,10 +142,15 @@ class TextIndex:
         return n
 
 
-@lru_cache(maxsize=512)
-def analyze(text: str) -> TextIndex:
-    """The analysed form of a text (cached: many terms read the same text)."""
+@lru_cache(maxsize=1024)
+def _analyze_short(text: str) -> TextIndex:
     return TextIndex(text)
+
+
+def analyze(text: str) -> TextIndex:
+    """The analysed form of a text; short texts are cached (they repeat across resources and patients),
+    long ones are not, so the cache never holds more than a few megabytes."""
+    return _analyze_short(text) if len(text) <= 4096 else TextIndex(text)
 
 
 @dataclass(frozen=True)
