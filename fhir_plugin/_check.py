@@ -10,7 +10,7 @@ the record arrived in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping
 
@@ -55,6 +55,20 @@ def _date(value: Any) -> date | None:
         return date(int(value[:4]), 1, 1)
     except ValueError:
         return None
+
+
+def _instant(value: Any) -> datetime:
+    """A FHIR date/dateTime as an aware instant for ordering (a date or a time without zone: UTC)."""
+    day = _date(value)
+    if day is None:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    if isinstance(value, str) and len(value) > 10:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
 
 def _ref(resource: Mapping[str, Any]) -> str:
@@ -422,11 +436,17 @@ class _Doc:
             return []
         return terms.mentions(self.analysed)
 
-    def answered(self, terms: Terms) -> bool | None:
-        """The answer this Observation gives when its code names one of ``terms`` (SPEC §3.2)."""
-        if self.answer is None or not terms:
+    @cached_property
+    def code_codes(self) -> frozenset[str]:
+        return frozenset(c["code"] for c in _codings(self.resource.get("code") or {}) if isinstance(c.get("code"), str))
+
+    def answered(self, terms: Terms, codes: frozenset[str] = frozenset()) -> bool | None:
+        """The answer this Observation gives when its code names the thing, by a code or a word (SPEC §3.2)."""
+        if self.answer is None:
             return None
-        return self.answer if terms.search(self.code_words) else None
+        if (codes and not self.code_codes.isdisjoint(codes)) or (terms and terms.search(self.code_words)):
+            return self.answer
+        return None
 
 
 @dataclass
@@ -479,8 +499,9 @@ class _Context:
         self.under_review = [d for d in self.conditions if self._under_review(d, site_codes, site_terms)]
         self.under_review_refs = {d.ref for d in self.under_review}
         encounters = [d for d in self.docs if d.type == "Encounter"]
+        # SPEC §3.1: the latest visit by period start (instants compared across time zones)
         self.visits = sorted((d for d in encounters if d.resource.get("status") in _VISIT),
-                             key=lambda d: (str((d.resource.get("period") or {}).get("start") or ""), d.ref))
+                             key=lambda d: (_instant((d.resource.get("period") or {}).get("start")), d.ref))
         self.encounter = self._pick_encounter(encounters, encounter_id, record.patient_id)
         start = (self.encounter.resource.get("period") or {}).get("start") if self.encounter else None
         self.reference_date = _date(start) or today
@@ -620,6 +641,11 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> b
         if any(code in rule.icd10cm for code in doc.icd_codes):
             return True
     value_ok = not rule.with_value or doc.has_value
+    if doc.type == "Observation" and doc.answer is not None:
+        # SPEC §3.2 answers as values: the answer decides, a "no" counting as a negated mention
+        answer = doc.answered(rule.terms, rule.codes)
+        if answer is not None:
+            return answer or rule.negated_counts
     if rule.codes and not doc.codes.isdisjoint(rule.codes):
         return True
     if doc.type == "Observation" and value_ok:
@@ -628,9 +654,6 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> b
         if rule.categories and not doc.categories.isdisjoint(rule.categories):
             return True
     if rule.terms and doc.type in rule.resource_types and value_ok:
-        answer = doc.answered(rule.terms)
-        if answer is not None:
-            return answer or rule.negated_counts
         return any(m.present or (m.negated and not m.hypothetical and rule.negated_counts)
                    for m in doc.mentions(rule.terms))
     return False
@@ -644,13 +667,13 @@ def _documents_finding(doc: _Doc, codes: frozenset[str], terms: Terms) -> bool:
     """A finding documented as there, by code, a positive answer or an un-negated, non-hypothetical word."""
     if not doc.active:
         return False
+    answer = doc.answered(terms, codes)
+    if answer is not None:
+        return answer
     if doc.codes & codes:
         return True
     if not terms.may_occur(doc.index):
         return False
-    answer = doc.answered(terms)
-    if answer is not None:
-        return answer
     return any(m.present for m in doc.mentions(terms))
 
 
@@ -938,6 +961,10 @@ def _code_fit(ctx: _Context) -> CodeFit:
         notes = "; ".join(dict.fromkeys(note for _c, note, _r in excluded))
         return CodeFit("mismatch", _suggest(codes, f"an active condition is excluded by the Excludes1 note: {notes}"),
                        f"{profile.code} may not be coded with {', '.join(codes)}", **documented)
+    if not sites or not findings:
+        # SPEC §5: site and side without a finding, or no site: the record documents too little to tell
+        lacking = [name for name, have in (("site", sites), ("finding", findings)) if not have]
+        return CodeFit("insufficient", (), "the record does not document the " + " or ".join(lacking), **documented)
     # SPEC §5 / §2: the profile's own finding is the finding whenever it is documented
     effective = [profile.expected_finding] if profile.expected_finding in findings else findings
     fit_side = side
@@ -959,10 +986,8 @@ def _code_fit(ctx: _Context) -> CodeFit:
     if profile.expected_finding in findings and profile.region in sites and \
             (expected_side is None or fit_side == expected_side):
         return CodeFit("fits", (), f"site, side and finding support {profile.code}", **documented)
-    if not sites or not findings or (expected_side is not None and side == "unspecified"):
-        lacking = [name for name, have in (("site", sites), ("finding", findings),
-                                           ("side", expected_side is None or side != "unspecified")) if not have]
-        return CodeFit("insufficient", (), "the record does not document the " + " or ".join(lacking), **documented)
+    if expected_side is not None and side == "unspecified":
+        return CodeFit("insufficient", (), "the record does not document the side", **documented)
     return CodeFit("mismatch", (), f"the documented site, side and finding do not match {profile.code}", **documented)
 
 

@@ -45,6 +45,9 @@ def test_spec_5_when_both_atrophy_and_spasm_are_documented_atrophy_is_the_findin
     (RIGHT_LOWER_LEG, (), ("insufficient", [])),                           # site and side, no finding
     (None, ("Atrophy noted",), ("insufficient", [])),                      # no site
     (None, ("Right calf atrophy",), ("fits", [])),
+    (None, ("Spasm at night",), ("insufficient", [])),                     # a finding without a site
+    (None, ("Weakness of the calf",), ("insufficient", [])),               # a site without side or finding
+    (LEFT_LOWER_LEG, (), ("insufficient", [])),                            # the other side, still no finding
 ])
 def test_spec_5_insufficient(body, notes, want):
     assert _one("M62.561", body=body, notes=notes) == want

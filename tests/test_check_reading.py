@@ -307,6 +307,28 @@ def test_spec_3_2_a_negative_answer_on_the_finding_documents_no_finding():
                    "atrophy-finding") == "met"
 
 
+@pytest.mark.parametrize("value, finding", [
+    ({"valueCodeableConcept": {"coding": [{"system": SCT, "code": "373067005"}]}}, "missing"),
+    ({"valueBoolean": False}, "missing"),
+    ({"valueBoolean": True}, "met"),
+    ({"valueQuantity": {"value": 2}}, "met"),                               # no answer: the code documents it
+])
+def test_spec_3_2_answers_decide_for_an_observation_coded_with_the_finding(value, finding):
+    base = [patient(), condition("c1", body=RIGHT_LOWER_LEG), encounter("e1", "2026-11-20")]
+    atrophy = observation("q1", code={"coding": [{"system": SCT, "code": "88092000"}]}, value=value)
+    assert element(report(base + [atrophy]), "atrophy-finding") == finding
+
+
+@pytest.mark.parametrize("later, reference", [
+    ("2026-11-21T01:00:00+09:00", "Encounter/e1"),      # 2026-11-20T16:00Z: before e1's 18:00Z
+    ("2026-11-20T15:00:00-05:00", "Encounter/e2"),      # 20:00Z: after
+])
+def test_spec_3_1_latest_visit_by_period_start_across_time_zones(later, reference):
+    resources = [patient(), condition("c1", body=RIGHT_LOWER_LEG), encounter("e1", "2026-11-20T18:00:00Z"),
+                 encounter("e2", later)]
+    assert report(resources)["encounter"] == reference
+
+
 # --- §3 table and §3.2: palpation also matches "nontender" ------------------------------------------------------
 
 @pytest.mark.parametrize("text, met", [("Calf nontender", True), ("Calf non-tender", True),
