@@ -329,6 +329,21 @@ def test_spec_3_1_latest_visit_by_period_start_across_time_zones(later, referenc
     assert report(resources)["encounter"] == reference
 
 
+@pytest.mark.parametrize("text, element_id, status", [
+    ("No tenderness on palpation", "palpation", "met"),              # negated: still examined
+    ("Reflexes absent at the ankle", "neuro-exam", "met"),
+    ("Posture not assessed... no postural deviation", "posture-inspection", "met"),
+    ("Denies difficulty walking", "functional-limitation", "missing"),  # negated: documents nothing
+    ("No visible atrophy", "atrophy-finding", "missing"),
+    ("Not aggravated by walking", "exacerbating-factors", "missing"),
+    ("Aggravated by walking", "exacerbating-factors", "met"),
+])
+def test_spec_3_a_negated_match_counts_only_for_what_was_examined(text, element_id, status):
+    base = [patient(), condition("c1", body=RIGHT_LOWER_LEG), encounter("e1", "2026-11-20")]
+    rep = report(base + [observation("o1", "Progress note", value={"valueString": text})])
+    assert element(rep, element_id) == status
+
+
 # --- §3 table and §3.2: palpation also matches "nontender" ------------------------------------------------------
 
 @pytest.mark.parametrize("text, met", [("Calf nontender", True), ("Calf non-tender", True),
