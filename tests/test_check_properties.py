@@ -170,7 +170,7 @@ def _report(bundle: dict, code: str) -> dict:
     return check(record, load_profile(code), today=TODAY).to_json()
 
 
-_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
