@@ -387,6 +387,9 @@ def _load(folder: Path) -> Profile:
                   for side in SIDES}
     if laterality.get("expected") not in (None, *SIDES):
         raise ProfileError("expected is right, left, bilateral or null", path=path, field="laterality.expected")
+    # SPEC §3: the other side's code, active beside this one, means both sides are coded
+    for j, other in enumerate(_str_list(laterality, "both_sides_with", path, "laterality")):
+        _billable(other, path, f"laterality.both_sides_with[{j}]")
     findings = _need(raw, "findings", dict, path)
     _need(findings, "expected", str, path, "findings")
     finding_terms = {name: (frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
@@ -444,6 +447,9 @@ def _load(folder: Path) -> Profile:
         if "region" in when and when["region"] not in site_terms:
             raise ProfileError(f"region {when['region']!r} is not the profile's site or one of its other_sites",
                                path=path, field=f"{where}.when.region")
+        if "without_region" in when and when["without_region"] not in site_terms:
+            raise ProfileError(f"region {when['without_region']!r} is not the profile's site or one of its "
+                               "other_sites", path=path, field=f"{where}.when.without_region")
 
     plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
     vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]

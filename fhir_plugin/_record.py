@@ -87,19 +87,69 @@ def subject_patient_id(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _local_ref(ref: str) -> str | None:
+    """``Type/id`` of an absolute URL ending in ``Type/id`` (``_history`` dropped), else None."""
+    if "://" not in ref:
+        return None
+    path = ref.split("/_history/")[0].rstrip("/").split("?")[0]
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2].isalpha() and parts[-1]:
+        return f"{parts[-2]}/{parts[-1]}"
+    return None
+
+
+def _resolved(value: Any, full_urls: Mapping[str, str]) -> Any:
+    """``value`` with every reference written ``Type/id`` (SPEC §3.1); unchanged objects are reused."""
+    if isinstance(value, dict):
+        out: dict[str, Any] | None = None
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                new = full_urls.get(item) or _local_ref(item) or item
+            else:
+                new = _resolved(item, full_urls)
+            if new is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = new
+        return value if out is None else out
+    if isinstance(value, list):
+        items = [_resolved(v, full_urls) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    return value
+
+
+def _bundle_resources(bundle: Mapping[str, Any]) -> list[Any]:
+    """A Bundle's resources with ``urn:uuid:`` and absolute references resolved through its fullUrls."""
+    entries = [e for e in bundle.get("entry", []) or [] if isinstance(e, dict) and e.get("resource") is not None]
+    full_urls: dict[str, str] = {}
+    resources: list[Any] = []
+    for entry in entries:
+        res = entry["resource"]
+        url = entry.get("fullUrl")
+        if isinstance(res, dict) and isinstance(url, str):
+            if not res.get("id") and url.startswith("urn:uuid:"):
+                res = {**res, "id": url[len("urn:uuid:"):]}     # Synthea-style: the uuid is the id
+            if isinstance(res.get("resourceType"), str) and isinstance(res.get("id"), str):
+                full_urls[url] = f"{res['resourceType']}/{res['id']}"
+        resources.append(res)
+    return [_resolved(r, full_urls) for r in resources]
+
+
 def records_from_bundle(bundle: Any) -> list[PatientRecord]:
     """Group a Bundle's (or a bare resource list's) resources by patient, validating each.
 
-    Resource types the check does not read are ignored; a clinical resource
-    without a subject is an error, since the record it belongs to cannot be known.
+    Any valid R4 input (SPEC §3.1): a Bundle of any type, a JSON array of resources
+    or one resource; references ``Type/id``, absolute, or ``urn:uuid:`` through the
+    Bundle's fullUrls are all read as ``Type/id``.  Resource types the check does not
+    read are ignored; a clinical resource without a subject is an error, since the
+    record it belongs to cannot be known.
     """
     if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle":
-        resources: Iterable[Any] = [e.get("resource") for e in bundle.get("entry", []) or []
-                                    if isinstance(e, dict) and e.get("resource") is not None]
+        resources: Iterable[Any] = _bundle_resources(bundle)
     elif isinstance(bundle, dict) and isinstance(bundle.get("resourceType"), str):
-        resources = [bundle]
+        resources = [_resolved(bundle, {})]
     elif isinstance(bundle, list):
-        resources = bundle
+        resources = [_resolved(r, {}) for r in bundle]
     else:
         raise InputError("expected a FHIR Bundle (a JSON object with resourceType 'Bundle')")
     by_patient: dict[str, list[dict[str, Any]]] = {}
@@ -122,17 +172,38 @@ def records_from_bundle(bundle: Any) -> list[PatientRecord]:
     return [PatientRecord(pid, tuple(items)) for pid, items in by_patient.items()]
 
 
+def _ndjson(text: str) -> list[Any] | None:
+    """NDJSON (one resource a line, SPEC §3.1) as a list, or None when the text is not NDJSON."""
+    items = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(item, dict):
+            return None
+        items.append(item)
+    return items or None
+
+
 def load_bundle_file(path: str | Path) -> list[PatientRecord]:
-    """Read a Bundle JSON file into patient records; any problem is one InputError naming the file."""
+    """Read a JSON Bundle, a JSON array of resources or an NDJSON file into patient records.
+
+    Any problem is one InputError naming the file.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read {p}: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(text)
+        data: Any = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        data = _ndjson(text)
+        if data is None:
+            raise InputError(f"{p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     try:
         return records_from_bundle(data)
     except InputError as exc:

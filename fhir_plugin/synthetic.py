@@ -32,13 +32,18 @@ Readings of SPEC this oracle relies on (the check must agree):
    active, suggesting that condition's code.
 5. "No numbness" and "Denies weight loss" are documented negatives (``absent``); "Notes numbness"
    is not negated ("no" is a whole word only), nor is a sentence after "Denies fever.";
-   "feedback" and "upright" are not "back" and "right" (keywords match at the start of a word).  A red-flag Observation whose
+   "feedback" and "upright" are not "back" and "right" (keywords match whole words, SPEC §3.2).  A red-flag Observation whose
    code names the flag reads as ``absent`` with ``valueBoolean`` false or SNOMED 373067005 "No",
    and ``present`` with ``valueBoolean`` true or SNOMED 373066001 "Yes".
 6. Text in a CarePlan counts only for ``treatment-plan`` (the clinical example's "posture
    correction" in its plan does not document a posture inspection).
 7. An Observation without ``bodySite`` sets neither site nor side (SPEC §3): the complete case
    carries "Left calf, measured for comparison" and is still right-sided.
+9. The variations at the end of the table (SPEC §3.1–§3.2, §4, §5) each differ from a table case by one
+   reading rule, written in their own words; each one's outcome differs from what the check gave before
+   those rules (return precautions, a negation that does not reach, answers as text, refuted and resolved
+   Conditions, a planned visit, a blood pressure's bodySite, a separate diagnosis, both sides coded, a
+   relative's cancer, "Rt calf"/"nontender", an old fracture note, two visits on one day).
 8. ``large_record`` keeps the complete case's outcome: the extra Observations are heart and
    respiratory rates, which no element or flag reads.
 """
@@ -600,7 +605,8 @@ def _clinical_example(as_of: dt.date) -> SyntheticCase:
         "physical-exam": "met", "range-of-motion": "met", "palpation": "met", "neuro-exam": "met",
         "posture-inspection": "missing", "body-site": "conflict", "laterality": "met",
         "atrophy-finding": "missing", "objective-measure": "missing", "etiology": "missing",
-        "excludes1": "met", "functional-limitation": "missing", "red-flag-screen": "missing",
+        # "Range of motion is slightly limited": SPEC §3 lists the stem "limit*" for functional-limitation
+        "excludes1": "met", "functional-limitation": "met", "red-flag-screen": "missing",
         "treatment-plan": "met", "follow-up": "not-yet-due", "treatment-response": "missing",
         "medical-necessity": "missing",
     }, red_flags={
@@ -767,6 +773,174 @@ def _table() -> list[tuple[str, str, _Knobs, tuple[str, str, str, int, int, int]
     ]
 
 
+# --------------------------------------------------------------------------------------------
+# Variations for the reading rules of SPEC §3.1–§3.2, §4 and §5: a table case, edited by hand
+# --------------------------------------------------------------------------------------------
+
+def _edit_hpi(resources: list[dict[str, Any]], pid: str, old: str, new: str) -> None:
+    """Replace a sentence of the first visit's history narrative."""
+    for res in resources:
+        if res["id"] == f"{pid}-hpi1":
+            assert old in res["valueString"], old
+            res["valueString"] = res["valueString"].replace(old, new)
+
+
+def _first_visit(resources: list[dict[str, Any]], pid: str) -> tuple[str, dt.date]:
+    enc = next(r for r in resources if r["id"] == f"{pid}-enc1")
+    return enc["id"], dt.date.fromisoformat(enc["period"]["start"][:10])
+
+
+def _v_return_precautions(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.2 hypothetical: the plan's precautions name three red flags and document none of them
+    eid, when = _first_visit(res, pid)
+    res.append(_observation(f"{pid}-plan1", pid, eid, when, {"text": "Plan"}, category=None, minute=20,
+                            value={"valueString": "Home program reviewed. Come back sooner should a fever, "
+                                                  "incontinence or numbness in the foot appear; warning signs "
+                                                  "explained to the patient."}))
+
+
+def _v_negation_reach(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.2 negation holds inside one clause: "endorses" starts a new one
+    _edit_hpi(res, pid, "Denies weight loss.", "Denies night sweats, endorses a 4 kg weight loss since the spring.")
+
+
+def _v_answer_text(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.2 answers as values: the answer written as text, not as a SNOMED code
+    for r in res:
+        if r["id"] == f"{pid}-ca1":
+            r["valueCodeableConcept"] = {"text": "Negative"}
+        if r["id"] == f"{pid}-bb1":
+            del r["valueBoolean"]
+            r["valueString"] = "absent"
+
+
+def _v_refuted_other_leg(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.1: a refuted Condition documents nothing, not even the side it names
+    eid, when = _first_visit(res, pid)
+    cond = _condition(f"{pid}-cond-left", pid, "M62.562", body_site=_site_cc("lower-leg", "left"),
+                      recorded=when, encounter=eid, notes=["Left calf wasting suspected at triage."])
+    cond["verificationStatus"] = _cc(_COND_VERIFICATION, "refuted", "Refuted")
+    res.append(cond)
+
+
+def _v_resolved_cancer(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.1 / §4: a resolved cancer is a history of cancer
+    res.append(_condition(f"{pid}-melanoma", pid, "C43.71", status="resolved", category="problem-list-item",
+                          recorded=as_of - dt.timedelta(days=3000)))
+    # ... but never for site or side: last year's left-calf episode, resolved
+    res.append(_condition(f"{pid}-cond-old", pid, "M62.569", status="resolved", body_site=_site_cc("lower-leg", "left"),
+                          recorded=as_of - dt.timedelta(days=400), notes=["Left calf wasting after a sprain."]))
+
+
+def _v_planned_visit(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.1 visits: a planned encounter is not a visit, nor the reference encounter
+    enc = _encounter(f"{pid}-enc-planned", pid, as_of - dt.timedelta(days=1), [f"{pid}-cond"], "Follow-up visit")
+    enc["status"] = "planned"
+    res.append(enc)
+
+
+def _v_blood_pressure_arm(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3: an Observation's bodySite counts only when the Observation documents an element
+    eid, when = _first_visit(res, pid)
+    res.append(_observation(f"{pid}-bp1", pid, eid, when, _cc(LOINC, "85354-9", "Blood pressure panel"),
+                            category="vital-signs", body_site=_cc(SNOMED, "368208006", "Left upper arm structure",
+                                                                  "Left upper arm"),
+                            value={"component": [
+                                {"code": _cc(LOINC, "8480-6", "Systolic blood pressure"),
+                                 "valueQuantity": _quantity(126, "mm[Hg]")},
+                                {"code": _cc(LOINC, "8462-4", "Diastolic blood pressure"),
+                                 "valueQuantity": _quantity(78, "mm[Hg]")}]}, minute=16))
+
+
+def _v_separate_back_spasm(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3: another specific code beside M62.561 is a separate diagnosis, not under review
+    eid, when = _first_visit(res, pid)
+    res.append(_condition(f"{pid}-backspasm", pid, "M62.830", body_site=_cc(SNOMED, "37822005", "Lumbar region",
+                                                                            "Lumbar paraspinals"),
+                          recorded=when, encounter=eid, notes=["Lumbar paraspinal spasm after gardening."]))
+
+
+def _v_both_sides_coded(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3 / §5: both calves documented, and M62.562 active beside M62.561
+    eid, when = _first_visit(res, pid)
+    res.append(_condition(f"{pid}-cond-left", pid, "M62.562", body_site=_site_cc("lower-leg", "left"),
+                          recorded=when, encounter=eid))
+
+
+def _v_family_history(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §4: text about relatives documents nothing for red flags
+    _edit_hpi(res, pid, "Surgical history: appendectomy.",
+              "Surgical history: appendectomy. FH: sister treated for metastatic ovarian cancer.")
+    res[:] = [r for r in res if r["id"] != f"{pid}-ca1"]      # no answer asked: only the family text is left
+
+
+def _v_abbreviated_side(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.2: "Rt calf" documents the right lower leg; "nontender" documents palpation
+    eid, when = _first_visit(res, pid)
+    for r in res:
+        if r["resourceType"] == "Condition" and r["id"] == f"{pid}-cond":
+            r["bodySite"] = [_cc(SNOMED, "30021000", "Structure of lower leg", "Lower leg")]
+            r["note"][0]["text"] = "Disuse atrophy, Rt calf, after three weeks of bed rest."
+    res.append(_observation(f"{pid}-palp1", pid, eid, when, {"text": "Calf examination"}, category="exam",
+                            value={"valueString": "Rt calf nontender, no palpable cord."}, minute=12))
+
+
+def _v_old_injury_text(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §4: the 90-day window applies to text too; an old fracture note documents nothing now
+    res.append(_observation(f"{pid}-pmh1", pid, None, as_of - dt.timedelta(days=900),
+                            {"text": "Past history note"}, category=None,
+                            value={"valueString": "Fractured left wrist in a cycling accident."}, minute=30))
+
+
+def _v_same_day_visits(res: list[dict[str, Any]], pid: str, as_of: dt.date) -> None:
+    # SPEC §3.1: two visits on one calendar day count once for follow-up
+    eid, when = _first_visit(res, pid)
+    enc = _encounter(f"{pid}-enc1b", pid, when, [f"{pid}-cond"], "Same-day recheck")
+    enc["period"] = {"start": _stamp(when, 16), "end": _stamp(when, 16, 20)}
+    res.append(enc)
+
+
+def _variations() -> list[tuple[str, str, _Knobs, tuple[str, str, str, int, int, int], Any, dict[str, Any]]]:
+    K = _Knobs
+    ok = _expect(complete=True, referral=False)
+    return [
+        ("hypothetical-precautions", "Complete, with return precautions naming fever, incontinence, numbness",
+         K(), ("Ottilie", "Brenner", "female", 47, 5, 16), _v_return_precautions, ok),
+        ("negation-reach", "A negation that does not reach the weight loss reported after it", K(),
+         ("Kasimir", "Nowak", "male", 58, 10, 2), _v_negation_reach,
+         _expect(red_flags={"weight-loss": "present"}, complete=True, referral=True)),
+        ("answer-as-text", "Red-flag answers written as text: 'Negative', 'absent'", K(),
+         ("Fenna", "de Vries", "female", 41, 7, 22), _v_answer_text, ok),
+        ("refuted-other-leg", "A refuted left-leg M62.562 beside the right-calf record", K(),
+         ("Leopold", "Haas", "male", 63, 1, 11), _v_refuted_other_leg, ok),
+        ("resolved-history", "A resolved melanoma (C43.71) and a resolved left-calf episode: history only", K(),
+         ("Rosalind", "Achebe", "female", 69, 4, 4), _v_resolved_cancer,
+         _expect(red_flags={"cancer-history": "present"}, complete=True, referral=True)),
+        ("planned-visit", "One visit 12 days ago and a planned one yesterday: not a visit, not the reference",
+         K(onset_day=30, encounter_days=(12,)), ("Bartholomew", "Igwe", "male", 55, 9, 9), _v_planned_visit,
+         _expect(elements={"follow-up": "not-yet-due", "treatment-response": _M}, complete=True, referral=False)),
+        ("blood-pressure-arm", "A blood pressure on the left arm beside the right-calf record", K(side="none"),
+         ("Theodora", "Lindqvist", "female", 50, 3, 30), _v_blood_pressure_arm,
+         _expect(elements={"laterality": _M}, code_fit="mismatch", suggested=["M62.569"], complete=False,
+                 referral=False)),
+        ("separate-back-spasm", "An active M62.830 back spasm beside M62.561: a separate diagnosis", K(),
+         ("Casimir", "Oyelaran", "male", 44, 12, 8), _v_separate_back_spasm, ok),
+        ("both-sides-coded", "Atrophy of both calves with M62.561 and M62.562 both active", K(side="bilateral"),
+         ("Philippa", "Mwangi", "female", 66, 6, 13), _v_both_sides_coded, ok),
+        ("family-history-cancer", "Cancer only in a relative's history: not documented for the patient", K(),
+         ("Ignatius", "Ferreira", "male", 39, 2, 20), _v_family_history,
+         _expect(elements={"red-flag-screen": _M}, red_flags={"cancer-history": "not-documented"},
+                 complete=False, referral=False)),
+        ("abbreviated-side", "Side written 'Rt calf', palpation written 'nontender'", K(palpation=False),
+         ("Marisol", "Quintero", "female", 53, 8, 26), _v_abbreviated_side, ok),
+        ("old-injury-text", "An old wrist fracture note outside the 90-day window", K(),
+         ("Anselm", "Berg", "male", 60, 11, 1), _v_old_injury_text, ok),
+        ("same-day-visits", "One visit day with two visits 10 days ago: follow-up not yet due",
+         K(onset_day=30, encounter_days=(10,)), ("Cordelia", "Nakamura", "female", 36, 5, 3), _v_same_day_visits,
+         _expect(elements={"follow-up": "not-yet-due", "treatment-response": _M}, complete=True, referral=False)),
+    ]
+
+
 def generate_cases(as_of: dt.date) -> list[SyntheticCase]:
     """Every synthetic case, dated back from ``as_of``; the same ``as_of`` gives the same output."""
     if isinstance(as_of, dt.datetime):
@@ -778,6 +952,10 @@ def generate_cases(as_of: dt.date) -> list[SyntheticCase]:
         cases.append(SyntheticCase(key, title, f"fp-{key}", resources, encounter_id, expected))
     cases.append(_clinical_example(as_of))
     cases.append(_insufficient(as_of))
+    for key, title, knobs, person, edit, expected in _variations():
+        resources = _build(key, as_of, knobs, person)
+        edit(resources, f"fp-{key}", as_of)
+        cases.append(SyntheticCase(key, title, f"fp-{key}", resources, None, expected))
     return cases
 
 

@@ -44,8 +44,10 @@ def test_shipped_profiles_load_with_titles_from_the_code_set():
 
 
 def test_excludes1_codes_come_from_the_icd10cm_data():
+    # SPEC §3 excludes1: the notes of M62.561 and every ancestor (M62.56, M62.5 and M62)
     codes = {code for code, _note, _sub in load_profile("M62.561").excludes1}
-    assert codes == {"G54.5", "G12.21", "M62.84"}
+    assert {"G54.5", "G12.21", "M62.84"} <= codes
+    assert {"G72.0", "G72.1", "R25.2", "M79.1", "G25.82"} <= codes
 
 
 def test_a_third_condition_needs_only_a_new_folder(tmp_path):
@@ -64,6 +66,8 @@ def test_a_third_condition_needs_only_a_new_folder(tmp_path):
     (lambda d: d["red_flags"][1].update(icd10cm=["R99.999"]), "red_flags[1].icd10cm"),
     (lambda d: d["code_fit"]["rules"][0].update(suggest=["M54.5"]), "code_fit.rules[0].suggest[0]"),
     (lambda d: d["elements"][0].update(keywords="onset"), "elements[0].keywords"),
+    (lambda d: d["laterality"].update(both_sides_with=["M62.5"]), "laterality.both_sides_with[0]"),  # not billable
+    (lambda d: d["code_fit"]["rules"][0]["when"].update(near="back"), "code_fit.rules[0].when"),      # unknown test
 ])
 def test_malformed_profile_names_file_and_field(tmp_path, change, field):
     folder = _copy(tmp_path)
@@ -242,3 +246,29 @@ def test_a_malformed_profiles_json_names_its_file_and_field(tmp_path, monkeypatc
     with pytest.raises(ProfileError) as err:
         profile_module._default_profile()
     assert str(tmp_path / "profiles.json") in str(err.value) and "'defualt'" in str(err.value)
+
+
+@pytest.mark.parametrize("code", ["M62.561", "M62.830"])
+def test_spec_3_2_stems_are_written_with_a_star_in_both_profiles(code):
+    raw = load_profile(code).raw
+    keywords = {k for item in raw["elements"] + raw["red_flags"] for k in item.get("keywords", [])}
+    # SPEC §3 and §4 write these as stems; every other keyword is a whole word
+    assert {"aggravat*", "exacerbat*", "function*", "limit*", "malignan*", "metasta*", "trauma*",
+            "fractur*", "previous injur*", "prior injur*"} <= keywords
+    assert code != "M62.561" or "immobiliz*" in keywords        # M62.561's etiology (M62.830 has its own)
+    assert "aggravat" not in keywords and "metasta" not in keywords
+    assert "nontender" in next(e for e in raw["elements"] if e["id"] == "palpation")["keywords"]
+
+
+def test_spec_2_m62830_profile():
+    profile = load_profile("M62.830")
+    ids = [e["id"] for e in profile.elements]
+    assert "spasm-finding" in ids and "atrophy-finding" not in ids
+    assert next(e for e in profile.elements if e["id"] == "laterality")["required"] is False
+    assert profile.expected_side is None and profile.expected_finding == "spasm"
+    assert set(profile.family.entries) == {"M62.8", "M62.83"}
+    back = profile.raw["site"]["keywords"]
+    assert {"back", "lumbar", "thoracic", "paraspinal", "trapezius", "erector spinae", "multifidus",
+            "latissimus"} <= set(back)
+    assert {r["region"] for r in profile.raw["other_sites"]} == {"lower-leg", "thigh"}
+    assert [f["id"] for f in profile.red_flags] == [f["id"] for f in load_profile("M62.561").red_flags]
