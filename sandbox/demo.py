@@ -33,7 +33,8 @@ def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
 def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
                 auto_approve: bool = False) -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
-    from fhir_plugin.synthetic import generate_cases, load_into_server
+    from fhir_plugin._examples import example_cases
+    from fhir_plugin._sources import load_into_server
     from smart_launch._app import create_app
     from smart_launch._serve import LiveServer
     from smart_launch._settings import Settings
@@ -49,7 +50,7 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
     hapi_base = f"http://127.0.0.1:{hapi_port}/fhir"
     ehr = None
     try:
-        cases = generate_cases(date.today())
+        cases = example_cases(date.today())
         load_into_server(hapi_base, cases)
         app_url = f"http://127.0.0.1:{app_port}"
         # the app's registration from the example registry, at the ports chosen here

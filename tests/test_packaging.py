@@ -33,3 +33,13 @@ def test_wheel_carries_the_profiles(tmp_path):
     for name in ("profile.schema.json", "profiles.json", "profiles.schema.json"):   # validated at load
         assert f"fhir_plugin/profiles/{name}" in names
     assert "sandbox/ehr/clients.example.json" in names
+
+
+def test_wheel_carries_the_example_patients_and_type_hints(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("fhir_plugin-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"fhir_plugin/profiles/M62.561/examples/{p.name}" for p in (ROOT / "profiles/M62.561/examples").iterdir()}
+    assert shipped and shipped <= names  # the embedded default works from an installed wheel
+    assert "fhir_plugin/py.typed" in names

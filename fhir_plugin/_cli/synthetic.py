@@ -7,6 +7,8 @@ from datetime import date
 from typing import Any
 
 from .._errors import UsageError
+from .._examples import example_cases, save_cases
+from .._sources import load_into_server
 from ._common import parse_today, subparser
 
 
@@ -20,11 +22,10 @@ def add_parser(sub: Any, epilog: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic import generate_cases, load_into_server, save_cases
 
     if not args.out and not args.server:
         raise UsageError("say where the synthetic patients go: --out DIR and/or --server URL")
-    cases = generate_cases(parse_today(args.today) or date.today())
+    cases = example_cases(parse_today(args.today) or date.today())
     if args.out:
         written = save_cases(cases, args.out)
         print(f"wrote {len(written)} files ({len(cases)} patients) to {args.out}")
