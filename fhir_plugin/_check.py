@@ -20,7 +20,7 @@ from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._text import Terms, Vocabulary
 from ._vocab import ICD10CM, LOINC, is_plugin_draft
 
-__all__ = ["check"]
+__all__ = ["check", "conditions_under_review"]
 
 _ACTIVE = {"active", "recurrence", "relapse"}
 _NO = "373067005"      # SNOMED "No": a documented negative answer
@@ -220,13 +220,7 @@ class _Context:
         self.sides: dict[str, list[str]] | None = None
 
     def _under_review(self, condition: Mapping[str, Any], site_codes: frozenset[str], site_terms: Terms) -> bool:
-        for code in _codes(condition, system=ICD10CM):
-            if code in self.profile.family and not self.profile.excludes1_match(code):
-                return True
-        if _site_codes(condition) & site_codes:
-            return True
-        body = condition.get("bodySite") or []
-        return any(site_terms.search(b.get("text") or "") for b in body if isinstance(b, dict))
+        return _is_under_review(condition, self.profile, site_codes, site_terms)
 
     def _pick_encounter(self, encounter_id: str | None, patient_id: str) -> _Doc | None:
         if encounter_id is None:
@@ -236,6 +230,30 @@ class _Context:
             if doc.resource.get("id") == wanted:
                 return doc
         raise UsageError(f"Encounter/{wanted} is not in the record of Patient/{patient_id}")
+
+
+def _is_under_review(condition: Mapping[str, Any], profile: Profile, site_codes: frozenset[str],
+                     site_terms: Terms) -> bool:
+    """SPEC §3 "Conditions under review": the profile's code or a less specific family code, or its site uncoded."""
+    for code in _codes(condition, system=ICD10CM):
+        if code in profile.family and not profile.excludes1_match(code):
+            return True
+    if _site_codes(condition) & site_codes:
+        return True
+    body = condition.get("bodySite") or []
+    return any(site_terms.search(b.get("text") or "") for b in body if isinstance(b, dict))
+
+
+def conditions_under_review(conditions: Iterable[Mapping[str, Any]], profile: Profile) -> list[str]:
+    """The ``Condition/id`` of each Condition under review (SPEC §3), skipping what the check never counts.
+
+    The same rule as the check's, on Conditions alone: a caller (the CDS service's fast path)
+    can tell whether the profile's code is under review before reading the rest of a record.
+    """
+    _label, site_codes, site_terms = profile.site_terms[profile.region]
+    return [_ref(c) for c in conditions
+            if c.get("resourceType") == "Condition" and not _entered_in_error(c) and not is_plugin_draft(c)
+            and _is_under_review(c, profile, site_codes, site_terms)]
 
 
 # --- matching a rule -----------------------------------------------------------------------
