@@ -27,12 +27,12 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from sandbox.ehr._cds_client import CdsSigner  # noqa: E402
-from sandbox.testing import live_server, load_fresh_case  # noqa: E402
-from smart_launch._app import create_app  # noqa: E402
-from smart_launch._cds_auth import CdsClientTrust  # noqa: E402
-from smart_launch._settings import Settings  # noqa: E402
+from fhir_plugin.synthetic import generate_cases
+from sandbox.ehr._cds_client import CdsSigner
+from sandbox.testing import live_server, load_fresh_case
+from smart_launch._app import create_app
+from smart_launch._cds_auth import CdsClientTrust
+from smart_launch._settings import Settings
 
 SERVICE = "patient-view-m62-561"
 ISS = "https://ehr.bench.test"
@@ -96,7 +96,8 @@ def run(fhir: str, calls: int, case_key: str) -> int:
                 shares.append(timing["check"] / wall * 100)
             results[name] = walls
             rows.append(f"| {name} | {calls} | {statistics.median(walls):.1f} ms | {_pct(walls, 0.95):.1f} ms | "
-                        f"{max(walls):.1f} ms | {statistics.median(reads):.1f} ms | {statistics.median(checks):.1f} ms | "
+                        f"{max(walls):.1f} ms | {statistics.median(reads):.1f} ms | "
+                        f"{statistics.median(checks):.1f} ms | "
                         f"{statistics.median(shares):.0f} % / {_pct(shares, 0.95):.0f} % | {n_cards} |")
     print(f"patient: synthetic case {case_key} ({len(case.resources)} resources), FHIR server {fhir}")
     print("| mode | calls | median | p95 | max | read (median) | check (median) | check share (median / p95) | cards |")

@@ -13,14 +13,22 @@ import json
 
 import pytest
 
-from fhir_plugin import (CardContext, PatientRecord, cards_for_review, cds_discovery, load_profile, needs_review,
-                         order_sign_cards, orders_for_code, review)
+from fhir_plugin import (
+    CardContext,
+    PatientRecord,
+    cards_for_review,
+    cds_discovery,
+    load_profile,
+    order_sign_cards,
+    orders_for_code,
+    review,
+)
 from fhir_plugin._cards import PREFETCH, SUMMARY_LIMIT, gap_phrase
 from fhir_plugin._vocab import URI_IDENTIFIER
 from fhir_plugin.synthetic import generate_cases
 
 TODAY = dt.date(2026, 11, 26)
-NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 CASES = generate_cases(TODAY)
 CTX = CardContext(service_id="patient-view-m62-561", hook_instance="hook-1", app_launch_url="https://app.test/launch",
                   source_url="https://app.test/")

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from test_smart_e2e import ARTIFACTS, DRAFT_TAG, browser  # noqa: F401  (the shared Chromium fixture)
 
 from fhir_plugin import CardContext, FhirClient, cards_for_review, load_profile, review
 from fhir_plugin.synthetic import generate_cases
 from sandbox.testing import load_fresh_case, sandbox_stack
-
-from test_smart_e2e import ARTIFACTS, DRAFT_TAG, browser  # noqa: F401  (the shared Chromium fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +40,7 @@ def test_ehr_patient_page_shows_cards_launches_the_app_and_applies_the_suggestio
     profile = load_profile("M62.561")
     with FhirClient(fhir_base_url) as hapi:
         record = hapi.read_patient_record(pid)
-    result = review(record, profile, today=today, now=dt.datetime.now(dt.timezone.utc), encounter_id=encounter)
+    result = review(record, profile, today=today, now=dt.datetime.now(dt.UTC), encounter_id=encounter)
     expected = cards_for_review(result, profile, CardContext("s", "h", "x", "y"), record.resources)
     assert expected and all("suggestions" in c for c in expected)
 

@@ -44,7 +44,7 @@ class _Jwks(BaseHTTPRequestHandler):
     body = b"{}"
     hits = 0
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         type(self).hits += 1
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -194,7 +194,8 @@ def test_expired(app, keys, clock):
 
 
 def test_wrong_aud(app, keys, clock):
-    assert _refused(_post(app, _sign(keys["ec"], _claims(app, clock, aud="https://elsewhere.test/cds-services/x"))), "wrong aud")
+    elsewhere = _claims(app, clock, aud="https://elsewhere.test/cds-services/x")
+    assert _refused(_post(app, _sign(keys["ec"], elsewhere)), "wrong aud")
     other_service = _claims(app, clock, aud=f"{app.url}/cds-services/patient-view-m62-830")
     assert _refused(_post(app, _sign(keys["ec"], other_service)), "wrong aud")
 
@@ -216,7 +217,8 @@ def test_jku_off_the_allow_list_is_never_fetched(app, keys, clock, jwks_host):
 
 
 def test_unknown_iss(app, keys, clock):
-    assert _refused(_post(app, _sign(keys["ec"], _claims(app, clock, iss="https://unknown.example.test"))), "unknown iss")
+    stranger = _claims(app, clock, iss="https://unknown.example.test")
+    assert _refused(_post(app, _sign(keys["ec"], stranger)), "unknown iss")
 
 
 def test_feedback_needs_the_jwt_too(app, keys, clock):

@@ -91,7 +91,7 @@ def test_a_hook_call_with_the_full_prefetch_answers_the_cards_of_the_review(serv
     cards = answer.json()["cards"]
     profile = load_profile("M62.561")
     result = review(PatientRecord(case.patient_id, tuple(case.resources)), profile, today=TODAY,
-                    now=dt.datetime.now(dt.timezone.utc))
+                    now=dt.datetime.now(dt.UTC))
     expected = cards_for_review(result, profile, CardContext(PV, "x", "https://app.example.test/launch",
                                                              "https://app.example.test/"), case.resources)
     assert [(c["indicator"], c["summary"]) for c in cards] == [(c["indicator"], c["summary"]) for c in expected]
@@ -117,7 +117,8 @@ def test_no_card_when_the_code_is_not_under_review_and_nothing_more_is_read(serv
     for case in quiet:
         answer = call(service, signer, "patient-view-m62-830", patient=case.patient_id,
                       prefetch={"conditions": prefetch_of(case)["conditions"]},
-                      fhirServer="http://127.0.0.1:9/fhir", fhirAuthorization={"access_token": "x", "token_type": "Bearer"})
+                      fhirServer="http://127.0.0.1:9/fhir",
+                      fhirAuthorization={"access_token": "x", "token_type": "Bearer"})
         assert answer.status_code == 200 and answer.json() == {"cards": []}
 
 
