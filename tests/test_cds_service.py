@@ -196,3 +196,39 @@ def test_a_fhir_server_that_cannot_be_read_is_412(service, signer):
     answer = call(service, signer, PV, patient="fp-missing-onset", fhirServer="http://127.0.0.1:9/fhir",
                   fhirAuthorization={"access_token": "x", "token_type": "Bearer"})
     assert answer.status_code == 412
+
+
+def test_fhir_plugin_serve_answers_the_hooks_on_the_apps_port(signer, tmp_path):
+    """``fhir-plugin serve``: discovery and a hook call beside the app, trust from the CDS_CLIENTS file."""
+    import os
+    import time
+
+    from sandbox.testing import free_port
+
+    clients = tmp_path / "cds-clients.json"
+    clients.write_text(json.dumps([{"iss": ISS, "jwks": signer.jwks()}]))
+    port = free_port()
+    env = dict(os.environ, SMART_ALLOWED_ISSUERS="https://ehr.example.test/fhir", SMART_SESSION_STORE="memory",
+               CDS_CLIENTS=str(clients), CDS_FEEDBACK_STORE=str(tmp_path / "fb.sqlite"),
+               CDS_BASE_URL=f"http://127.0.0.1:{port}")
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_plugin._cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                discovery = requests.get(f"{base}/cds-services", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "fhir-plugin serve did not start"
+                time.sleep(0.2)
+        assert {s["id"] for s in discovery.json()["services"]} >= {PV, "order-sign-m62-561"}
+        case = next(c for c in CASES if c.key == "flag-fever")
+        server = type("S", (), {"url": base})
+        answer = call(server, signer, PV, patient=case.patient_id, prefetch=prefetch_of(case))
+        assert answer.status_code == 200 and answer.json()["cards"][0]["indicator"] == "critical"
+        assert "/cds-services" in requests.get(f"{base}/openapi.json", timeout=5).json()["paths"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
