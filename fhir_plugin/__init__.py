@@ -6,10 +6,12 @@ The public API is what this module names; the underscored modules are internal.
 
 from ._version import __version__
 
+from ._cards import (CardContext, cards_for_review, cds_discovery, cds_service_id, needs_review, order_sign_cards,
+                     orders_for_code)
 from ._check import check
 from ._client import FhirClient
 from ._drafts import Phase, build_drafts, draft_identifiers, phases_of
-from ._errors import (AuthError, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
+from ._errors import (AuthError, DataUnavailable, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
                       NotLaunched, PluginError, ProfileError, ServerError, StateLocked, TransportError, UsageError)
 from ._profile import DEFAULT_PROFILE, Profile, available_profiles, load_profile
 from ._record import PatientRecord, load_bundle_file, records_from_bundle
@@ -27,8 +29,10 @@ __all__ = [
     "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
     "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
     "review", "Review",
+    "CardContext", "cards_for_review", "order_sign_cards", "cds_discovery", "cds_service_id", "needs_review",
+    "orders_for_code",
     "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
     "DraftWriter", "TransactionWriter", "PerResourceWriter", "WriteResult", "Strategies", "strategies_for",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
-    "AuthError", "MultipleMatches", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
+    "AuthError", "MultipleMatches", "DataUnavailable", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
 ]

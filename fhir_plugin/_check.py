@@ -22,7 +22,7 @@ from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._text import MAX_FIELD_CHARS, Mention, Terms, TextIndex, analyze, capped, side_mentions
 from ._vocab import ICD10CM, LOINC, is_plugin_draft
 
-__all__ = ["check"]
+__all__ = ["check", "conditions_under_review"]
 
 # SPEC §3.1: statuses
 _ACTIVE = {"active", "recurrence", "relapse"}
@@ -513,19 +513,7 @@ class _Context:
         self._sides: dict[str, list[str]] | None = None
 
     def _under_review(self, doc: _Doc, site_codes: frozenset[str], site_terms: Terms) -> bool:
-        """SPEC §3: active, coded with the profile's code or a listed less specific code, or uncoded
-        with the profile's site as bodySite."""
-        if not doc.active:
-            return False
-        if doc.icd_codes:
-            for code in doc.icd_codes:
-                bare = icd.normalize(code)
-                if bare == self.profile.code or (code in self.profile.family and not self.profile.excludes1_match(code)):
-                    return True
-            return False
-        if _site_codes(doc.resource) & site_codes:
-            return True
-        return any(site_terms.search(str(b.get("text") or "")) for b in _concept_list(doc.resource.get("bodySite")))
+        return _is_under_review(doc, self.profile, site_codes, site_terms)
 
     def _pick_encounter(self, encounters: list[_Doc], encounter_id: str | None, patient_id: str) -> _Doc | None:
         if encounter_id is None:
@@ -620,6 +608,34 @@ class _Context:
         wanted = {icd.normalize(c) for c in others}
         return bool(wanted) and any(d.active and {icd.normalize(c) for c in d.icd_codes} & wanted
                                     for d in self.conditions)
+
+
+def _is_under_review(doc: _Doc, profile: Profile, site_codes: frozenset[str], site_terms: Terms) -> bool:
+    """SPEC §3: active, coded with the profile's code or a listed less specific code, or uncoded
+    with the profile's site as bodySite."""
+    if not doc.active:
+        return False
+    if doc.icd_codes:
+        for code in doc.icd_codes:
+            bare = icd.normalize(code)
+            if bare == profile.code or (code in profile.family and not profile.excludes1_match(code)):
+                return True
+        return False
+    if _site_codes(doc.resource) & site_codes:
+        return True
+    return any(site_terms.search(str(b.get("text") or "")) for b in _concept_list(doc.resource.get("bodySite")))
+
+
+def conditions_under_review(conditions: Iterable[Mapping[str, Any]], profile: Profile) -> list[str]:
+    """The ``Condition/id`` of each Condition under review (SPEC §3), skipping what the check never counts.
+
+    The check's own rule, on Conditions alone: a caller (the CDS service's fast path) can tell
+    whether the profile's code is under review before reading the rest of a record.
+    """
+    _label, site_codes, site_terms = profile.site_terms[profile.region]
+    docs = [_Doc(c, profile.vocabulary) for c in conditions
+            if c.get("resourceType") == "Condition" and _counts_at_all(c) and not is_plugin_draft(c)]
+    return [d.ref for d in docs if _is_under_review(d, profile, site_codes, site_terms)]
 
 
 # --- matching a rule -----------------------------------------------------------------------

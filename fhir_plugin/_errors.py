@@ -7,7 +7,8 @@ translated at one boundary and chained with ``raise ... from``.
 
     PluginError
     ├── UsageError               the caller asked for something impossible (bad option, unknown profile)
-    │   └── DraftsRefused        the record documents another code: drafting this one would write a wrong code
+    │   ├── DraftsRefused        the record documents another code: drafting this one would write a wrong code
+    │   └── DataUnavailable      a CDS hook call brought neither the prefetch nor a FHIR server to read from (412)
     ├── ProfileError             a condition profile under profiles/ is malformed
     ├── InputError               a patient record is malformed (bad JSON, wrong resource type, R5 shape)
     ├── TransportError           the FHIR server could not be reached or did not answer in time
@@ -41,6 +42,7 @@ __all__ = [
     "MultipleMatches",
     "LaunchError",
     "DraftsRefused",
+    "DataUnavailable",
     "NotLaunched",
     "Forbidden",
     "StateLocked",
@@ -140,6 +142,14 @@ class LaunchError(PluginError):
 
 class DraftsRefused(UsageError):
     """Raised when the record documents a different code: drafting this one would write a wrong code."""
+
+
+class DataUnavailable(UsageError):
+    """Raised when a CDS hook call lacks the data the check needs: no prefetch for it, and no FHIR server
+    (or the server could not be read with the token given). CDS Hooks 2.0: answer 412 Precondition Failed."""
+
+    http_status = 412
+    title = "Precondition Failed"
 
 
 class NotLaunched(PluginError):

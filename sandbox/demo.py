@@ -37,9 +37,11 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
     from fhir_plugin._sources import load_into_server
     from smart_launch._app import create_app
     from smart_launch._serve import LiveServer
+    from smart_launch._cds_auth import trust_from_json
     from smart_launch._settings import Settings
 
     from .ehr import Client, ClientRegistry, start_in_thread
+    from .ehr._cds_client import trust_entry
     from .ehr.__main__ import EXAMPLE_CLIENTS
 
     if not HAPI_RUN.exists():
@@ -59,9 +61,12 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         entry.update(redirect_uris=[f"{app_url}/callback"], launch_url=f"{app_url}/launch")
         clients = ClientRegistry()
         clients.register(Client.from_dict(entry, base_dir=EXAMPLE_CLIENTS.parent))
-        ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve)
+        ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve,
+                              cds_services_url=f"{app_url}/cds-services")
+        # the app's CDS Hooks service trusts this EHR's signed JWTs by iss + jku (its key is made at start)
         settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",
-                            allowed_issuers=(ehr.fhir_base_url,), session_store="memory")
+                            allowed_issuers=(ehr.fhir_base_url,), session_store="memory",
+                            cds_clients=trust_from_json([trust_entry(ehr.base_url)]), cds_feedback_store="memory")
         case = next(c for c in cases if c.patient_id == DEMO_PATIENT)
         query = {"patient": case.patient_id, "app": f"{app_url}/launch"}
         if case.encounter_id:
@@ -72,9 +77,13 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
             raise PluginError(f"the SMART app could not start on port {app_port}") from exc
         print(f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
               f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
-              f"SMART app      {app_url}\n\n"
+              f"SMART app      {app_url}  (CDS Hooks: {app_url}/cds-services)\n\n"
               f"Launch the app for {case.patient_id} ({case.title}):\n"
-              f"  {ehr.base_url}/ehr/launch?{urlencode(query)}\n\nCtrl-C stops everything.", flush=True)
+              f"  {ehr.base_url}/ehr/launch?{urlencode(query)}\n"
+              f"Open the patient in the EHR, with the CDS cards:\n"
+              f"  {ehr.base_url}/ehr/patient/{case.patient_id}"
+              + (f"?encounter={case.encounter_id}" if case.encounter_id else "")
+              + "\n\nCtrl-C stops everything.", flush=True)
         stop = threading.Event()
         # Ctrl-C or a service manager's SIGTERM; set explicitly, since a shell starting us in the
         # background leaves SIGINT ignored

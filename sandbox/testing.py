@@ -258,10 +258,12 @@ class SandboxStack:
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
                   access_token_lifetime: int = 300, store: Any = None, clock: Callable[[], float] = time.time,
-                  **app_settings: Any) -> Iterator[SandboxStack]:
+                  cds: bool = False, **app_settings: Any) -> Iterator[SandboxStack]:
     """Start the sandbox EHR and the app on free ports, the app registered as a public client.
 
     ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
+    ``cds=True`` makes the EHR a CDS Hooks client of the app (its patient page shows the cards) and has
+    the app trust the EHR's signed JWTs.
     """
     from sandbox.ehr import Client, running_ehr
 
@@ -270,10 +272,18 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
 
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
-    with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime) as ehr:
+    ehr_settings: dict[str, Any] = {"cds_services_url": f"{app_url}/cds-services"} if cds else {}
+    with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime,
+                     **ehr_settings) as ehr:
         ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
                                     launch_url=f"{app_url}/launch", name="M62.561 documentation check",
                                     scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))
+        if cds:
+            from sandbox.ehr._cds_client import trust_entry
+            from smart_launch._cds_auth import trust_from_json
+
+            app_settings = {"cds_clients": trust_from_json([trust_entry(ehr.base_url)]),
+                            "cds_feedback_store": "memory", **app_settings}
         settings = Settings(**{"client_id": client_id, "redirect_uri": f"{app_url}/callback",
                                "allowed_issuers": (ehr.fhir_base_url,), "session_store": "memory", **app_settings})
         from smart_launch._store import MemoryStore

@@ -34,6 +34,7 @@ from ._settings import Settings
 from ._store import SessionStore, open_store
 from .deps import COOKIE, AppServices
 from .routes import ROUTERS
+from .routes.cds import CdsServices
 from .state import Sessions
 from .views import Pages
 from .views import _fetch_style as _fetch_style  # re-exported: callers (and a test) knew it here
@@ -121,6 +122,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None, http: r
     app.state.settings = settings
     app.state.store = services.sessions.store
     app.state.services = services
+    app.state.cds = CdsServices.build(settings, http=services.http, today=today, clock=clock)
     app.middleware("http")(_security_headers(_content_security_policy(settings), pages))
     app.add_exception_handler(PluginError, _plugin_error_handler(pages))
     for router in ROUTERS:

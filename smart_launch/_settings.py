@@ -10,10 +10,16 @@ Environment variables (for ``fhir-plugin serve`` and uvicorn workers):
   SMART_SESSION_STORE      the SQLite file for sessions, or "memory"         (default var/smart-sessions.sqlite)
   SMART_PROFILE            the condition profile code                       (default M62.561)
   SMART_SCOPES             scopes to ask for instead of the defaults (SMART v2, or v1 when the EHR has only v1)
+  CDS_CLIENTS              a JSON file of trusted CDS clients: [{"iss", "jwks" | "jwks_url", "jku": [...]}]
+                           (none: every hook call is refused with 401)
+  CDS_FEEDBACK_STORE       the SQLite file for CDS cards, feedback and JWT ids (default var/cds-feedback.sqlite)
+  CDS_BASE_URL             this service's public base URL, the ``aud`` CDS clients sign for
+                           (default: the URL the request came in on)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from fhir_plugin import DEFAULT_PROFILE, UsageError
+
+from ._cds_auth import CdsClientTrust, trust_from_json
 
 __all__ = ["Settings", "normalize_issuer", "origin_of"]
 
@@ -69,6 +77,12 @@ class Settings:
     #: refresh the access token this many seconds before it expires
     refresh_leeway: float = 30.0
     discovery_ttl: float = 300.0
+    #: CDS Hooks: the clients (EHRs) whose signed JWTs the hook endpoints accept
+    cds_clients: tuple[CdsClientTrust, ...] = ()
+    #: SQLite file path for CDS cards, feedback and JWT ids, or "memory"
+    cds_feedback_store: str = "var/cds-feedback.sqlite"
+    #: the public base URL CDS clients address (their JWT's ``aud`` is ``<base>/cds-services/<id>``)
+    cds_base_url: str | None = None
     issuers: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,10 +109,18 @@ class Settings:
             return tuple(dict.fromkeys(self.allowed_frame_ancestors))
         return tuple(sorted({origin_of(i) for i in self.issuers}))
 
+    @property
+    def app_launch_url(self) -> str:
+        """The app's SMART launch URL (a CDS card's ``smart`` link): beside the registered redirect URI."""
+        return origin_of(self.redirect_uri) + "/launch"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         return cls(
+            cds_clients=_cds_clients(env.get("CDS_CLIENTS")),
+            cds_feedback_store=env.get("CDS_FEEDBACK_STORE", "var/cds-feedback.sqlite"),
+            cds_base_url=(env.get("CDS_BASE_URL") or "").rstrip("/") or None,
             client_id=env.get("SMART_CLIENT_ID", "fhir-plugin"),
             redirect_uri=env.get("SMART_REDIRECT_URI", "http://127.0.0.1:8000/callback"),
             allowed_issuers=_split(env.get("SMART_ALLOWED_ISSUERS")),
@@ -107,3 +129,13 @@ class Settings:
             profile_code=env.get("SMART_PROFILE", DEFAULT_PROFILE),
             scopes=env.get("SMART_SCOPES") or None,
         )
+
+
+def _cds_clients(path: str | None) -> tuple[CdsClientTrust, ...]:
+    """The trusted CDS clients from the ``CDS_CLIENTS`` JSON file (none when unset)."""
+    if not path:
+        return ()
+    try:
+        return trust_from_json(json.loads(open(path, encoding="utf-8").read()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"CDS_CLIENTS: cannot read trusted CDS clients from {path} ({type(exc).__name__})") from exc

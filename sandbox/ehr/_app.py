@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from . import _pages, _scopes
+from ._cds_client import cds_router
 from ._access import ID_RE
 from ._config import EhrConfig
 from ._proxy import FHIR_JSON, FhirProxy, ProxyResponse
@@ -341,6 +342,8 @@ def create_app(config: EhrConfig) -> FastAPI:
                                          request.url.query, headers, body)
         return _to_response(result)
 
+    if config.cds_services_url:   # the EHR as a CDS Hooks client (_cds_client.py)
+        app.include_router(cds_router(ehr, config.cds_services_url))
     return app
 
 

@@ -31,6 +31,7 @@ class EhrConfig:
     user_id: str = "Practitioner/sandbox-clinician"   # the one simulated EHR user
     smart_style_url: str | None = None        # default: the sandbox's own style document
     upstream_timeout: float = 30.0
+    cds_services_url: str | None = None       # a CDS Hooks discovery URL: the patient page shows its cards
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")

@@ -4,10 +4,11 @@
     review   /review, /write, /resource/{type}/{id}    the pages
     api      /api/session, /api/report, /api/drafts, /api/write   the same data as JSON
     assets   /, /style.css, /healthz
+    cds      /cds-services, /cds-services/{id}, /cds-services/{id}/feedback   CDS Hooks 2.0
 """
 
-from . import api, assets, launch, review
+from . import api, assets, cds, launch, review
 
 __all__ = ["ROUTERS"]
 
-ROUTERS = (launch.router, review.router, api.router, assets.router)
+ROUTERS = (launch.router, review.router, api.router, assets.router, cds.router)
