@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import requests
 from joserfc import jwt
@@ -44,6 +43,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey, import_key
 
 from ._errors import LaunchError, UsageError
+from ._urls import safe_url
 
 __all__ = [
     "ASSERTION_TYPE",
@@ -178,11 +178,14 @@ def token_request_form(key: SigningKey, client_id: str, token_url: str, scope: s
 
 def _check_endpoint_url(url: str, what: str) -> str:
     """Refuse a token endpoint that would expose the assertion: https, or plain http on a loopback host only."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    try:
+        parsed = safe_url(url, what=what)   # the parser requests connects with (issue 11, item 4)
+    except UsageError as exc:
+        raise LaunchError(str(exc)) from None
+    if parsed.scheme == "https" and parsed.host:
         return url
-    if parts.scheme == "http" and parts.hostname:
-        host = parts.hostname
+    if parsed.scheme == "http" and parsed.host:
+        host = parsed.host.strip("[]")
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -203,6 +206,10 @@ def discover_token_endpoint(session: requests.Session, fhir_base: str, *, timeou
     later with a less clear answer.
     """
     url = fhir_base.rstrip("/") + "/.well-known/smart-configuration"
+    try:
+        safe_url(url, what="SMART configuration URL")
+    except UsageError as exc:
+        raise LaunchError(str(exc)) from None
     try:
         response = session.get(url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:

@@ -46,6 +46,7 @@ from fhir_plugin import (AuthError, DraftsRefused, FhirClient, Forbidden, Launch
                          TransportError, UsageError, __version__, build_drafts, check, load_profile,
                          phases_of, write_drafts)
 
+from fhir_plugin._urls import origin, safe_url
 from . import _launch as smart
 from ._settings import Settings, normalize_issuer, origin_of
 from ._store import SessionStore, open_store
@@ -166,7 +167,13 @@ _STYLE_VARS = {"color_background": "--bg", "color_text": "--text", "color_highli
 
 def _fetch_style(http: requests.Session, url: str | None, iss: str) -> dict[str, str]:
     """The style document's safe values, or {} (it is optional: any problem means our own look)."""
-    if not url or origin_of(url) != origin_of(iss):
+    if not url:
+        return {}
+    try:
+        # the parser requests connects with, so a backslash or userinfo trick cannot reach another host
+        if origin(safe_url(url, what="smart_style_url")) != origin(safe_url(iss, what="issuer")):
+            return {}
+    except PluginError:
         return {}
     try:
         answer = http.get(url, timeout=3, allow_redirects=False, headers={"Accept": "application/json"})
