@@ -183,7 +183,8 @@ class FhirProxy:
             else:
                 return ProxyResponse.fhir(415, outcome("not-supported", "send FHIR JSON (application/fhir+json)"))
         try:
-            plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases)
+            plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases,
+                                        if_none_exist=headers.get("if-none-exist"))
             for rtype, rid in plan.owned:
                 existing = self._fetch_existing(rtype, rid)
                 _access.check_owned(access, rtype, existing, bases=self.bases)
@@ -206,7 +207,7 @@ class FhirProxy:
                 data = answer.json()
             except ValueError:
                 data = None
-        if plan.check_answer and answer.status_code < 300:
+        if (plan.check_answer or plan.check_written) and answer.status_code < 300:
             if data is None and answer.content:
                 return ProxyResponse.fhir(502, outcome("exception", "the FHIR server's answer is not JSON"))
             try:
