@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ._clients import ClientRegistry
 
@@ -31,12 +33,19 @@ class EhrConfig:
     user_id: str = "Practitioner/sandbox-clinician"   # the one simulated EHR user
     smart_style_url: str | None = None        # default: the sandbox's own style document
     upstream_timeout: float = 30.0
+    # The proxy refuses a request body larger than this (413), from Content-Length before reading
+    # and while streaming otherwise, and only after the bearer token checked out (issue 11).
+    max_request_body: int = 20 * 1024 * 1024
+    # Seconds since the epoch; tests pass a clock they advance instead of sleeping.
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         self.fhir_upstream = self.fhir_upstream.rstrip("/")
         if self.access_token_lifetime <= 0 or self.refresh_token_lifetime <= 0:
             raise ValueError("token lifetimes must be positive")
+        if self.max_request_body <= 0:
+            raise ValueError("max_request_body must be positive")
 
     @property
     def fhir_base_url(self) -> str:
