@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from datetime import date, datetime, timezone
 from typing import Any, Sequence
 
 from . import __version__
 from ._errors import PluginError, UsageError
+from ._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 
 __all__ = ["main"]
 
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="patient id to check (repeatable; required with --server)")
     common.add_argument("--encounter", metavar="ID", help="encounter to check at (default: the latest)")
     common.add_argument("--profile", metavar="CODE", default="M62.561", help="condition profile (default M62.561)")
-    common.add_argument("--token", metavar="TOKEN", help="bearer token for the server (or env FHIR_TOKEN)")
+    common.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
+    common.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
     common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
     common.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
     common.add_argument("--format", choices=("text", "json"), default="text", help="report format")
@@ -115,7 +116,7 @@ def _checkables(args: argparse.Namespace, today: date) -> tuple[list[Any], Any]:
         from ._client import FhirClient
 
         require_patients(args.patient)
-        client = FhirClient(args.server, token=args.token or os.environ.get("FHIR_TOKEN"), timeout=args.timeout)
+        client = FhirClient(args.server, token=read_token(args), timeout=args.timeout)
         items = [Checkable(client.read_patient_record(pid.split("/")[-1]), args.encounter) for pid in args.patient]
         return items, client
     if args.bundle:
