@@ -1,0 +1,221 @@
+"""Attacks on the URLs the plugin follows (issue 11, items 4, 6, 7 and the 300 MB answer).
+
+Each test replays one reproduction from the issue against a fake server
+(``responses``) or a tiny local HTTP server, and asserts what a user would
+check: the request never left for the other host, the bearer token went
+nowhere else, the client stopped with one clear error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import http.server
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import requests
+import responses
+
+from fhir_plugin._backend_auth import discover_token_endpoint
+from fhir_plugin._client import FhirClient
+from fhir_plugin._errors import InputError, LaunchError, UsageError
+from fhir_plugin._token_arg import read_token
+from fhir_plugin._urls import safe_url
+
+BASE = "http://fhir.test:8080/fhir"
+EVIL = "evil.test:9999"
+TOKEN = "secret-token-value"
+
+
+def searchset(n: int, next_url: str | None) -> dict:
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"resource": {"resourceType": "Condition", "id": f"c{n}",
+                                      "subject": {"reference": "Patient/p1"}}, "search": {"mode": "match"}}]}
+    if next_url:
+        bundle["link"] = [{"relation": "next", "url": next_url}]
+    return bundle
+
+
+@pytest.fixture
+def mock():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+# ------------------------------------------------------------------ item 4: the token leaves its server
+
+@pytest.mark.parametrize("link", [
+    f"http://{EVIL}\\@fhir.test:8080/fhir?_getpages=x",       # urlsplit: fhir.test; urllib3: evil.test
+    f"http://{EVIL}%5C@fhir.test:8080/fhir?_getpages=x",      # the same, encoded
+    f"http://user:pw@fhir.test:8080/fhir?_getpages=x",        # userinfo
+])
+def test_a_next_link_that_parsers_read_differently_never_carries_the_token(mock, link):
+    mock.get(f"{BASE}/Condition", json=searchset(1, link))
+    stolen = mock.get(f"http://{EVIL}/%5C@fhir.test:8080/fhir", json=searchset(2, None))
+    client = FhirClient(BASE, token=TOKEN, retries=0)
+
+    with pytest.raises(UsageError, match="refusing") as caught:
+        client.search("Condition", {"patient": "p1"})
+
+    assert stolen.call_count == 0
+    assert [c.request.url.split("?")[0] for c in mock.calls] == [f"{BASE}/Condition"]
+    assert TOKEN not in str(caught.value) and "_getpages" not in str(caught.value)
+
+
+def test_an_encoded_dot_dot_link_does_not_climb_out_of_the_base(mock):
+    mock.get(f"{BASE}/Condition", json=searchset(1, f"{BASE}/%2e%2e/admin/users"))
+    admin = mock.get("http://fhir.test:8080/admin/users", json=searchset(2, None))
+
+    with pytest.raises(UsageError, match=r"'\.\.'"):
+        FhirClient(BASE, token=TOKEN, retries=0).search("Condition", {"patient": "p1"})
+    assert admin.call_count == 0
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("http://h/fhir/Patient/1", True),
+    ("https://H.example:8443/fhir?x=a..b", True),
+    ("http://a:1\\@b:2/", False),
+    ("http://a%5c@b/", False),
+    ("http://u@h/", False),
+    ("http://h/fhir/%2E%2E/x", False),
+    ("http://h/fhir/./x", False),
+    ("http://h/fhir/a%2f..%2fb", False),
+    ("ftp://h/x", False),
+    ("http:///x", False),
+    ("http://h/a b", False),
+])
+def test_the_url_check(url, ok):
+    if ok:
+        assert safe_url(url).host == url.split("//")[1].split("/")[0].split(":")[0].lower()
+    else:
+        with pytest.raises(UsageError):
+            safe_url(url)
+
+
+# ------------------------------------------------------------------ item 6: endless paging
+
+def test_distinct_next_links_are_followed_only_up_to_the_page_cap(mock):
+    def page(request):
+        n = int(request.params.get("page", "0"))
+        return 200, {"Content-Type": "application/fhir+json"}, \
+            json.dumps(searchset(n, f"{BASE}/Condition?page={n + 1}"))
+
+    mock.add_callback("GET", f"{BASE}/Condition", callback=page)
+    client = FhirClient(BASE, retries=0, max_pages=25)
+
+    with pytest.raises(InputError, match="more than 25 pages"):
+        client.search("Condition", {"patient": "p1"})
+    assert len(mock.calls) == 25
+
+
+def test_the_page_cap_is_documented_and_configurable():
+    from fhir_plugin._client import MAX_PAGES, MAX_RESPONSE_BYTES
+
+    client = FhirClient(BASE)
+    assert (client.max_pages, client.max_response_bytes) == (MAX_PAGES, MAX_RESPONSE_BYTES)
+    with pytest.raises(UsageError):
+        FhirClient(BASE, max_pages=0)
+
+
+# ------------------------------------------------------------------ a huge answer
+
+def test_an_answer_declaring_more_than_the_cap_is_refused_unread(mock):
+    mock.get(f"{BASE}/Patient/p1", body=b"{" + b" " * 5000 + b"}", content_type="application/fhir+json")
+
+    with pytest.raises(InputError, match="larger than 1000 bytes"):
+        FhirClient(BASE, retries=0, max_response_bytes=1000).read("Patient", "p1")
+
+
+class _Endless(http.server.BaseHTTPRequestHandler):
+    """Answers 200 with a chunked JSON body that goes on far past any cap, and counts what it sent."""
+
+    sent = 0
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b" " * 65536
+        try:
+            self.wfile.write(b"1\r\n{\r\n")
+            for _ in range(2000):                    # 128 MB if nobody stops reading
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                type(self).sent += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def local_server(handler) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_streamed_answer_is_read_only_up_to_the_cap():
+    _Endless.sent = 0
+    with local_server(_Endless) as base:
+        with pytest.raises(InputError, match="larger than"):
+            FhirClient(base, retries=0, max_response_bytes=1024 * 1024).read("Patient", "p1")
+    # the client hung up long before the 128 MB the server had to send
+    assert _Endless.sent < 32 * 1024 * 1024
+
+
+# ------------------------------------------------------------------ item 7: smart_style_url
+
+def test_a_style_url_with_the_backslash_trick_is_not_fetched(mock):
+    from smart_launch._app import _fetch_style
+
+    iss = "http://ehr.test/fhir"
+    fetched = mock.get(f"http://{EVIL}/%5C@ehr.test/style.json", json={"color_background": "#000000"})
+    assert _fetch_style(requests.Session(), f"http://{EVIL}\\@ehr.test/style.json", iss) == {}
+    assert _fetch_style(requests.Session(), "http://u@ehr.test/style.json", iss) == {}
+    assert fetched.call_count == 0
+
+
+def test_backend_auth_refuses_a_token_endpoint_that_parsers_read_differently(mock):
+    mock.get(f"{BASE}/.well-known/smart-configuration", json={
+        "token_endpoint": f"https://{EVIL}\\@fhir.test/token",
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "grant_types_supported": ["client_credentials"]})
+    with pytest.raises(LaunchError, match="backslash"):
+        discover_token_endpoint(requests.Session(), BASE)
+
+
+# ------------------------------------------------------------------ --token in the process list
+
+def test_the_token_can_come_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("FHIR_TOKEN", raising=False)
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    assert read_token(argparse.Namespace(token=None, token_file=str(path))) == TOKEN
+    with pytest.raises(UsageError, match="not both"):
+        read_token(argparse.Namespace(token="x", token_file=str(path)))
+    with pytest.raises(UsageError) as caught:
+        read_token(argparse.Namespace(token=None, token_file=str(tmp_path / "missing")))
+    assert TOKEN not in str(caught.value)
+    monkeypatch.setenv("FHIR_TOKEN", "from-env")
+    assert read_token(argparse.Namespace(token=None, token_file=None)) == "from-env"
+
+
+def test_the_help_warns_that_token_is_visible_and_offers_a_file(capsys):
+    from fhir_plugin._cli import main
+
+    for command in ("check", "sync"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--token-file" in text and "process list" in text
