@@ -489,6 +489,10 @@ class FhirClient:
                 # No redirects: a redirect could carry the token off the base; it surfaces as a 3xx error.
                 response = self._session.request(method, full, params=params, data=data, headers=sent_headers,
                                                  timeout=self.timeout, allow_redirects=False, stream=True)
+                retryable = response.status_code in _RETRY_ALWAYS or (safe and response.status_code in _RETRY_IF_SAFE)
+                final = attempt > self.retries or not retryable
+                # read here, inside the try: a connection dropped mid-body is retried like one dropped before
+                content = self._read_capped(response, action) if final else b""
             except AuthlibBaseError as exc:  # an OAuth2Session with no token, or one it could not refresh
                 raise AuthError(f"{action} was not sent: the access token is missing or could not be renewed "
                                 f"({getattr(exc, 'error', None) or type(exc).__name__})") from exc
@@ -501,11 +505,10 @@ class FhirClient:
                     raise TransportError(f"could not reach {self.base_url}: {reason}{tries}") from exc
                 delay = backoff_delay(attempt, self.backoff, self.max_retry_after)
             else:
-                status = response.status_code
-                log.debug("%s /%s -> %d in %.3f s", method, logged, status, time.monotonic() - started)
-                retryable = status in _RETRY_ALWAYS or (safe and status in _RETRY_IF_SAFE)
-                if attempt > self.retries or not retryable:
-                    return _Answer(response, attempt, action, self._read_capped(response, action))
+                log.debug("%s /%s -> %d in %.3f s", method, logged, response.status_code,
+                          time.monotonic() - started)
+                if final:
+                    return _Answer(response, attempt, action, content)
                 waited = retry_after_seconds(response.headers.get("Retry-After"))
                 delay = (backoff_delay(attempt, self.backoff, self.max_retry_after) if waited is None
                          else min(waited, self.max_retry_after))
@@ -532,9 +535,6 @@ class FhirClient:
                 if size > cap:
                     raise too_big
                 chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise TransportError(f"could not read the answer to {action}: "
-                                 f"{_transport_reason(exc, self.timeout)}") from exc
         finally:
             response.close()
         return b"".join(chunks)

@@ -219,3 +219,30 @@ def test_the_help_warns_that_token_is_visible_and_offers_a_file(capsys):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "--token-file" in text and "process list" in text
+
+
+class _DropsOnce(http.server.BaseHTTPRequestHandler):
+    """The first answer breaks off mid-body; the second is whole.  (Reading bodies as a stream must not
+    lose the client's retry of a dropped connection.)"""
+
+    calls = 0
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).calls += 1
+        body = json.dumps({"resourceType": "Patient", "id": "p1"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body if type(self).calls > 1 else body[:5])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_answer_cut_off_mid_body_is_retried():
+    _DropsOnce.calls = 0
+    with local_server(_DropsOnce) as base:
+        patient = FhirClient(base, retries=2, sleep=lambda s: None).read("Patient", "p1")
+    assert patient["id"] == "p1" and _DropsOnce.calls == 2
