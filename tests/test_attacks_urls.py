@@ -246,3 +246,69 @@ def test_an_answer_cut_off_mid_body_is_retried():
     with local_server(_DropsOnce) as base:
         patient = FhirClient(base, retries=2, sleep=lambda s: None).read("Patient", "p1")
     assert patient["id"] == "p1" and _DropsOnce.calls == 2
+
+
+# ------------------------------------------------------------------ item 4 end to end: check and sync
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """The other host: records every Authorization header that reaches it."""
+
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).seen.append(self.headers.get("Authorization", ""))
+        body = json.dumps({"resourceType": "Bundle", "type": "searchset"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _FhirWithLink(http.server.BaseHTTPRequestHandler):
+    """A FHIR server answering the record batch; its first search's ``next`` link is ``next_link``."""
+
+    next_link = ""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        entries = []
+        for n, entry in enumerate(batch["entry"]):
+            if n == 0:
+                resource = {"resourceType": "Patient", "id": entry["request"]["url"].split("/")[1]}
+            else:
+                resource = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+                if n == 1:
+                    resource["link"] = [{"relation": "next", "url": type(self).next_link}]
+            entries.append({"resource": resource, "response": {"status": "200 OK"}})
+        body = json.dumps({"resourceType": "Bundle", "type": "batch-response", "entry": entries}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("command", ["check", "sync"])
+def test_check_and_sync_never_send_the_token_to_the_host_urllib3_sees(tmp_path, monkeypatch, command):
+    from fhir_plugin._cli import main
+
+    monkeypatch.delenv("FHIR_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    _Recorder.seen = []
+    with local_server(_Recorder) as evil, local_server(_FhirWithLink) as base:
+        authority, evil_authority = (u.split("//")[1].split("/")[0] for u in (base, evil))
+        # urlsplit sees the FHIR server's host here; urllib3 (and so requests) connects to the other one
+        _FhirWithLink.next_link = f"http://{evil_authority}\\@{authority}/fhir?_getpages=x"
+        args = [command, "--server", base, "--patient", "p1", "--token-file", str(token_file)]
+        if command == "sync":
+            args += ["--state", str(tmp_path / "state.sqlite"), "--report", str(tmp_path / "r.jsonl")]
+        main(args)
+    assert _Recorder.seen == []          # before the fix: ["Bearer secret-token-value"]
