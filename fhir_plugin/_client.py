@@ -7,7 +7,11 @@ plain ``token`` adds ``Authorization: Bearer`` instead.
 Every request goes through ``FhirClient._send``, where three rules hold:
 
 - it is sent only to a URL under the FHIR base, paging ``next`` links
-  included, so the bearer token never leaves the server it was issued for;
+  included, so the bearer token never leaves the server it was issued for
+  (the URL is read with urllib3's parser, as ``requests`` connects: ``_urls``);
+- a search follows at most ``max_pages`` pages and a body is read, as a
+  stream, up to ``max_response_bytes``: a hostile server cannot page or
+  stream the client out of memory;
 - 429 is always retried (the server says it did not act); 502/503/504,
   timeouts and dropped connections are retried only when repeating the request
   is harmless (GET, or a Bundle whose entries are all reads, PUTs, deletes or
