@@ -6,7 +6,8 @@ anyone on the network reaches) and inside a launched session against a mocked
 EHR (``FakeEhr`` behind ``responses``; schemathesis talks to the app through
 its ASGI transport, which ``responses`` does not intercept).  The checks: no
 answer is a 5xx, and every answer the schema describes matches it.  The run
-is bounded by ``max_examples`` to stay well under a minute.
+is bounded by ``max_examples`` (80 per operation and session kind, about 800 requests) to stay
+well under a minute.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
 ISS = "http://ehr.test/fhir"
 CHECKS = [not_a_server_error, response_schema_conformance]
 # derandomize: the same requests every run (a failure reproduces); database=None: nothing written to disk
-EXAMPLES = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+EXAMPLES = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 _mock = responses.RequestsMock(assert_all_requests_are_fired=False)
