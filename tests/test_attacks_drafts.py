@@ -102,13 +102,21 @@ def test_a_planted_identifier_does_not_capture_the_patients_drafts(fhir_base_url
         planted = client.request("POST", "Condition", body={
             "resourceType": "Condition", "subject": {"reference": f"Patient/{attacker.patient_id}"},
             "identifier": [{"system": URI_IDENTIFIER, "value": ids["condition"]}], "code": {"text": "planted"}})
-        result = write_drafts(client, bundle)
-        assert f"Condition/{planted['id']}" not in result.created + result.existing
-        mine = client.search("Condition", {"identifier": f"{URI_IDENTIFIER}|{ids['condition']}",
-                                           "subject": f"Patient/{victim.patient_id}"})
-        assert len(mine) == 1 and f"Condition/{mine[0]['id']}" in result.created
-        [careplan] = client.search("CarePlan", {"identifier": f"{URI_IDENTIFIER}|{ids['careplan']}",
-                                                "subject": f"Patient/{victim.patient_id}"})
-        assert careplan["addresses"] == [{"reference": f"Condition/{mine[0]['id']}"}]
-        again = write_drafts(client, bundle)
-        assert again.created == () and sorted(again.existing) == sorted(result.created)
+        try:
+            _write_and_check(client, bundle, victim.patient_id, ids, planted["id"])
+        finally:   # the server is shared: leave no planted duplicate behind for other runs to trip on
+            client.request("DELETE", f"Condition/{planted['id']}")
+
+
+def _write_and_check(client: FhirClient, bundle: dict, victim: str, ids: dict[str, str], planted: str) -> None:
+    """B's write creates B's own drafts, never takes the planted one as "already there", and repeats as a no-op."""
+    result = write_drafts(client, bundle)
+    assert f"Condition/{planted}" not in result.created + result.existing
+    mine = client.search("Condition", {"identifier": f"{URI_IDENTIFIER}|{ids['condition']}",
+                                       "subject": f"Patient/{victim}"})
+    assert len(mine) == 1 and f"Condition/{mine[0]['id']}" in result.created
+    [careplan] = client.search("CarePlan", {"identifier": f"{URI_IDENTIFIER}|{ids['careplan']}",
+                                            "subject": f"Patient/{victim}"})
+    assert careplan["addresses"] == [{"reference": f"Condition/{mine[0]['id']}"}]
+    again = write_drafts(client, bundle)
+    assert again.created == () and sorted(again.existing) == sorted(result.created)
