@@ -4,9 +4,10 @@ Every entry is a conditional create keyed on an identifier derived from
 patient + encounter + code AND on the patient itself (``subject=``; the
 Provenance on the Condition it targets), so sending the same drafts twice
 writes nothing new, and a resource planted for another patient with a
-computed identifier never matches (issue 11, item 3).  The CarePlan carries the profile's PlanDefinition phases in order, one
-activity per protocol activity, each tagged with its phase; ``phases_of``
-reads them back from a CarePlan as the server returns it.
+computed identifier never matches (issue 11, item 3).  The CarePlan carries
+the profile's PlanDefinition phases in order, one activity per protocol
+activity, each tagged with its phase; ``phases_of`` reads them back from a
+CarePlan as the server returns it.
 """
 
 from __future__ import annotations

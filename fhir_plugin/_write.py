@@ -73,8 +73,8 @@ def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any]) -> None:
     entries = sent.get("entry") or []
     answers = response.get("entry") or []
     placed = {e.get("fullUrl"): _local_ref((a.get("response") or {}).get("location"))
-              for e, a in zip(entries, answers) if isinstance(a, Mapping)}
-    for entry, answer in zip(entries, answers):
+              for e, a in zip(entries, answers, strict=False) if isinstance(a, Mapping)}
+    for entry, answer in zip(entries, answers, strict=False):
         if not isinstance(answer, Mapping) or str((answer.get("response") or {}).get("status", "")).startswith("201"):
             continue
         found = answer.get("resource")
@@ -85,8 +85,9 @@ def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any]) -> None:
         if "subject" in mine:
             theirs = _local_ref((found.get("subject") or {}).get("reference"))
             if theirs != _local_ref(mine["subject"]["reference"]):
-                raise Forbidden(f"the server matched the draft {rtype} to {_local_ref((answer.get('response') or {}).get('location'))}, "
-                                "which belongs to another patient; nothing was taken as already there")
+                where = _local_ref((answer.get("response") or {}).get("location"))
+                raise Forbidden(f"the server matched the draft {rtype} to {where}, which belongs to another patient; "
+                                "nothing was taken as already there")
         elif rtype == "Provenance":
             allowed = {placed.get(t["reference"], t["reference"]) for t in mine.get("target") or []}
             targets = {_local_ref(t.get("reference")) for t in found.get("target") or [] if isinstance(t, Mapping)}

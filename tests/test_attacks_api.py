@@ -21,13 +21,13 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.python.asgi import get_client
+from schemathesis.specs.openapi.checks import response_schema_conformance
+from test_check_cases import CASES
 
 from smart_launch import MemoryStore, Settings, create_app
 from smart_launch._app import COOKIE
 from smart_launch._testing import FakeEhr
-from test_check_cases import CASES
 
 # hypothesis keeps caches in ./.hypothesis; a test run must leave the work tree as it found it
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))

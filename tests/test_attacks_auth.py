@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import requests
+from test_sandbox_ehr import APP, UNREACHABLE, _query, app_client, authorize, exchange, pkce, sign_in
 
 from sandbox.ehr import running_ehr
-from test_sandbox_ehr import APP, UNREACHABLE, _query, app_client, authorize, exchange, pkce, sign_in
 
 SCOPE = "launch/patient patient/*.rs offline_access"
 

@@ -10,20 +10,20 @@ writer — never reported as "already there".
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import responses
+from fresh import fresh_cases
+from test_check_cases import CASES, TODAY
 
 from fhir_plugin import FhirClient, build_drafts, check, draft_identifiers, load_profile, write_drafts
 from fhir_plugin._errors import Forbidden
 from fhir_plugin._vocab import URI_IDENTIFIER
 from fhir_plugin.synthetic import load_into_server
-from fresh import fresh_cases
-from test_check_cases import CASES, TODAY
 
 BASE = "http://fhir.test/fhir"
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def _case(key):

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from test_sandbox_ehr import UNREACHABLE, app_client, sign_in
 
 from sandbox.ehr import running_ehr
 from sandbox.ehr._access import Access, Denied, plan_request
 from sandbox.ehr._scopes import resource_scopes
-from test_sandbox_ehr import UNREACHABLE, app_client, sign_in
 
 APP_WRITE_SCOPES = ("launch/patient patient/*.rs patient/Condition.c patient/CarePlan.c patient/Goal.c "
                     "patient/Provenance.c")
@@ -152,8 +152,9 @@ def _assert_nothing_of_b(two, answer: requests.Response) -> None:
 ])
 def test_a_conditional_create_does_not_return_or_count_another_patients_resources(two, rtype, search):
     search = search.format(tag="atk-" + two["tag"], b=two["b"])
-    body = condition(f"Patient/{two['a']}") if rtype == "Condition" else \
-        {"resourceType": "CarePlan", "status": "draft", "intent": "proposal", "subject": {"reference": f"Patient/{two['a']}"}}
+    careplan = {"resourceType": "CarePlan", "status": "draft", "intent": "proposal",
+                "subject": {"reference": f"Patient/{two['a']}"}}
+    body = condition(f"Patient/{two['a']}") if rtype == "Condition" else careplan
     answer = _send(two, "POST", rtype, json_body=body,
                    headers={"If-None-Exist": search, "Prefer": "return=representation"})
     assert answer.status_code == 403, (answer.status_code, answer.text[:300])   # never 200 with B's, never 412
@@ -226,7 +227,7 @@ def _raw_post(base: str, headers: dict[str, str], body: bytes = b"", timeout: fl
         sock.sendall("\r\n".join(lines).encode() + body)
         try:
             status = sock.recv(64).split(b" ")[1]
-        except (socket.timeout, IndexError):
+        except (TimeoutError, IndexError):
             return 0
     return int(status)
 

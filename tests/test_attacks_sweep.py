@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
-
-from fhir_plugin.synthetic import load_into_server
 from fresh import fresh_cases
-from sandbox.ehr import running_ehr
-from smart_launch._testing import sandbox_stack
 from test_check_cases import CASES
 from test_sandbox_ehr import app_client, sign_in
+
+from fhir_plugin.synthetic import load_into_server
+from sandbox.ehr import running_ehr
+from smart_launch._testing import sandbox_stack
 
 pytestmark = pytest.mark.server
 

@@ -9,11 +9,11 @@ nowhere else, the client stopped with one clear error.
 from __future__ import annotations
 
 import argparse
-import json
 import http.server
+import json
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import requests
@@ -50,7 +50,7 @@ def mock():
 @pytest.mark.parametrize("link", [
     f"http://{EVIL}\\@fhir.test:8080/fhir?_getpages=x",       # urlsplit: fhir.test; urllib3: evil.test
     f"http://{EVIL}%5C@fhir.test:8080/fhir?_getpages=x",      # the same, encoded
-    f"http://user:pw@fhir.test:8080/fhir?_getpages=x",        # userinfo
+    "http://user:pw@fhir.test:8080/fhir?_getpages=x",        # userinfo
 ])
 def test_a_next_link_that_parsers_read_differently_never_carries_the_token(mock, link):
     mock.get(f"{BASE}/Condition", json=searchset(1, link))
@@ -134,7 +134,7 @@ class _Endless(http.server.BaseHTTPRequestHandler):
 
     sent = 0
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -167,9 +167,8 @@ def local_server(handler) -> Iterator[str]:
 
 def test_a_streamed_answer_is_read_only_up_to_the_cap():
     _Endless.sent = 0
-    with local_server(_Endless) as base:
-        with pytest.raises(InputError, match="larger than"):
-            FhirClient(base, retries=0, max_response_bytes=1024 * 1024).read("Patient", "p1")
+    with local_server(_Endless) as base, pytest.raises(InputError, match="larger than"):
+        FhirClient(base, retries=0, max_response_bytes=1024 * 1024).read("Patient", "p1")
     # the client hung up long before the 128 MB the server had to send
     assert _Endless.sent < 32 * 1024 * 1024
 
@@ -227,7 +226,7 @@ class _DropsOnce(http.server.BaseHTTPRequestHandler):
 
     calls = 0
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         type(self).calls += 1
         body = json.dumps({"resourceType": "Patient", "id": "p1"}).encode()
         self.send_response(200)
@@ -255,7 +254,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
     seen: list[str] = []
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         type(self).seen.append(self.headers.get("Authorization", ""))
         body = json.dumps({"resourceType": "Bundle", "type": "searchset"}).encode()
         self.send_response(200)
@@ -273,7 +272,7 @@ class _FhirWithLink(http.server.BaseHTTPRequestHandler):
 
     next_link = ""
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         entries = []
         for n, entry in enumerate(batch["entry"]):

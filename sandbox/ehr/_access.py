@@ -371,7 +371,8 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
     if it.kind in ("update", "delete") and it.rid is None:
         if not _search_names_patient(rtype, it.params, patient, bases):
             raise Denied(f"a conditional {it.kind} under a patient-level token must name the patient in context")
-    if it.if_none_exist is not None and not _conditional_names_patient(rtype, it.if_none_exist, patient, bases, local):
+    if it.if_none_exist is not None and \
+            not _conditional_names_patient(rtype, it.if_none_exist, patient, bases, local):
         # issue 11, item 1: the match of a conditional create is returned (or its count leaks as
         # 412), so its search is held to the rules of any other patient-level search
         raise Denied("a conditional create under a patient-level token must name the patient in context "
