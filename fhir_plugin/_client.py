@@ -7,7 +7,11 @@ plain ``token`` adds ``Authorization: Bearer`` instead.
 Every request goes through ``FhirClient._send``, where three rules hold:
 
 - it is sent only to a URL under the FHIR base, paging ``next`` links
-  included, so the bearer token never leaves the server it was issued for;
+  included, so the bearer token never leaves the server it was issued for
+  (the URL is read with urllib3's parser, as ``requests`` connects: ``_urls``);
+- a search follows at most ``max_pages`` pages and a body is read, as a
+  stream, up to ``max_response_bytes``: a hostile server cannot page or
+  stream the client out of memory;
 - 429 is always retried (the server says it did not act); 502/503/504,
   timeouts and dropped connections are retried only when repeating the request
   is harmless (GET, or a Bundle whose entries are all reads, PUTs, deletes or
@@ -36,14 +40,18 @@ from urllib.parse import urlsplit
 
 import requests
 from authlib.common.errors import AuthlibBaseError
+from urllib3.util import parse_url
 
 from ._errors import AuthError, InputError, MultipleMatches, NotFound, ServerError, TransportError, UsageError
 from ._record import CLINICAL_TYPES, PatientRecord, validate_resource
+from ._urls import is_absolute, origin, safe_url
 
 __all__ = [
     "FhirClient",
     "Params",
     "PAGE_SIZE",
+    "MAX_PAGES",
+    "MAX_RESPONSE_BYTES",
     "error_for_status",
     "is_safe_to_repeat",
     "record_batch",
@@ -58,6 +66,10 @@ log = logging.getLogger("fhir_plugin.client")
 FHIR_JSON = "application/fhir+json"
 #: page size asked for when reading a record; HAPI may cap it lower, then ``next`` links are followed
 PAGE_SIZE = 500
+#: default cap on the pages one search follows (issue 11, item 6: distinct ``next`` links forever)
+MAX_PAGES = 1000
+#: default cap on one response body, read as a stream and dropped past it (issue 11: 300 MB answers)
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 #: search parameters: a mapping (a list value repeats the name) or (name, value) pairs
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]]
@@ -86,33 +98,31 @@ def _normal_base(base_url: str) -> str:
     return base_url.strip().rstrip("/")
 
 
-def _origin(parts: Any) -> tuple[str, str, int]:
-    default = 443 if parts.scheme == "https" else 80
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
-
-
 def resolve_url(base: str, url: str) -> str:
     """The absolute URL for ``url`` (a path relative to ``base``, or an absolute URL under it).
 
     An absolute URL on another origin, or outside the base path, is refused with
     UsageError: the request would carry the bearer token to a server it was not
-    issued for (fhir-py refuses the same).
+    issued for (fhir-py refuses the same).  Origins are compared as urllib3 (the
+    parser ``requests`` connects with) reads them, after ``_urls.safe_url`` has
+    refused the forms parsers disagree on (issue 11, item 4).
     """
-    parts = urlsplit(url)
-    if parts.scheme or parts.netloc:
-        b = urlsplit(base)
-        inside = parts.path == b.path or parts.path.startswith(b.path.rstrip("/") + "/")
-        if _origin(parts) != _origin(b) or not inside:
-            shown = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
-            raise UsageError(f"refusing to send a request to {shown}: it is not under the FHIR base {base}, "
-                             "and the access token must not leave its server")
+    if url.startswith("//"):   # scheme-relative: the base's scheme, then the same origin check
+        full = f"{urlsplit(base).scheme}:{url}"
+    elif is_absolute(url):
         full = url
     elif url.startswith("?"):
         full = base + url
     else:
         full = f"{base}/{url.lstrip('/')}" if url else base
-    if ".." in urlsplit(full).path.split("/"):
-        raise UsageError(f"refusing a request path with '..' in it: {urlsplit(full).path}")
+    parts, b = safe_url(full, what="request URL"), parse_url(base)
+    base_path = (b.path or "").rstrip("/")
+    path = parts.path or ""
+    inside = path.rstrip("/") == base_path or path.startswith(base_path + "/")
+    if origin(parts) != origin(b) or not inside:
+        shown = f"{parts.scheme}://{parts.host}{f':{parts.port}' if parts.port else ''}{path}"
+        raise UsageError(f"refusing to send a request to {shown}: it is not under the FHIR base {base}, "
+                         "and the access token must not leave its server")
     return full
 
 
@@ -310,6 +320,7 @@ class _Answer(NamedTuple):
     response: requests.Response
     attempts: int
     action: str  # "GET http://host/fhir/Patient/1": method and URL without its query, for messages
+    content: bytes = b""  # the body, read under ``max_response_bytes``
 
 
 class FhirClient:
@@ -318,13 +329,23 @@ class FhirClient:
     ``retries`` is how many times a failed request is repeated, so a request is
     tried at most ``retries + 1`` times.  ``round_trips`` counts every HTTP
     request tried (retries included), for the round-trip benchmark.
+
+    ``max_pages`` caps the pages one search follows (default ``MAX_PAGES``) and
+    ``max_response_bytes`` the size of one response body (default
+    ``MAX_RESPONSE_BYTES``); past either the client stops with InputError
+    instead of paging or buffering forever (issue 11).
     """
 
     def __init__(self, base_url: str, *, session: requests.Session | None = None, token: str | None = None,
                  timeout: float = 30.0, retries: int = 4, backoff: float = 0.5, max_retry_after: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, max_pages: int = MAX_PAGES,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         if timeout <= 0 or retries < 0 or backoff < 0 or max_retry_after < 0:
             raise UsageError("timeout must be positive; retries, backoff and max_retry_after must not be negative")
+        if max_pages < 1 or max_response_bytes < 1:
+            raise UsageError("max_pages and max_response_bytes must be positive")
+        self.max_pages = max_pages
+        self.max_response_bytes = max_response_bytes
         self.base_url = _normal_base(base_url)
         self.timeout = timeout
         self.retries = retries
@@ -481,7 +502,11 @@ class FhirClient:
             try:
                 # No redirects: a redirect could carry the token off the base; it surfaces as a 3xx error.
                 response = self._session.request(method, full, params=params, data=data, headers=sent_headers,
-                                                 timeout=self.timeout, allow_redirects=False)
+                                                 timeout=self.timeout, allow_redirects=False, stream=True)
+                retryable = response.status_code in _RETRY_ALWAYS or (safe and response.status_code in _RETRY_IF_SAFE)
+                final = attempt > self.retries or not retryable
+                # read here, inside the try: a connection dropped mid-body is retried like one dropped before
+                content = self._read_capped(response, action) if final else b""
             except AuthlibBaseError as exc:  # an OAuth2Session with no token, or one it could not refresh
                 raise AuthError(f"{action} was not sent: the access token is missing or could not be renewed "
                                 f"({getattr(exc, 'error', None) or type(exc).__name__})") from exc
@@ -494,11 +519,10 @@ class FhirClient:
                     raise TransportError(f"could not reach {self.base_url}: {reason}{tries}") from exc
                 delay = backoff_delay(attempt, self.backoff, self.max_retry_after)
             else:
-                status = response.status_code
-                log.debug("%s /%s -> %d in %.3f s", method, logged, status, time.monotonic() - started)
-                retryable = status in _RETRY_ALWAYS or (safe and status in _RETRY_IF_SAFE)
-                if attempt > self.retries or not retryable:
-                    return _Answer(response, attempt, action)
+                log.debug("%s /%s -> %d in %.3f s", method, logged, response.status_code,
+                          time.monotonic() - started)
+                if final:
+                    return _Answer(response, attempt, action, content)
                 waited = retry_after_seconds(response.headers.get("Retry-After"))
                 delay = (backoff_delay(attempt, self.backoff, self.max_retry_after) if waited is None
                          else min(waited, self.max_retry_after))
@@ -506,13 +530,36 @@ class FhirClient:
             log.info("%s /%s: retry %d of %d in %.1f s", method, logged, attempt, self.retries, delay)
             self._sleep(delay)
 
+    def _read_capped(self, response: requests.Response, action: str) -> bytes:
+        """The body, read in chunks and given up past ``max_response_bytes`` (never all buffered first)."""
+        cap = self.max_response_bytes
+        too_big = InputError(f"the answer to {action} is larger than {cap} bytes; refusing to read it "
+                             "(raise max_response_bytes if the server is trusted)")
+        try:
+            declared = int(response.headers.get("Content-Length") or 0)
+        except ValueError:
+            declared = 0
+        if declared > cap:
+            response.close()
+            raise too_big
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_content(chunk_size=64 * 1024):
+                size += len(chunk)
+                if size > cap:
+                    raise too_big
+                chunks.append(chunk)
+        finally:
+            response.close()
+        return b"".join(chunks)
+
     def _body(self, answer: _Answer, *, strict: bool) -> Any:
         """The parsed JSON body; with ``strict``, a JSON object or InputError, else None when unusable."""
         response = answer.response
-        if not response.content:
+        if not answer.content:
             return {} if strict else None
         try:
-            body = response.json()
+            body = json.loads(answer.content)
         except ValueError as exc:
             if not strict:
                 return None
@@ -538,7 +585,8 @@ class FhirClient:
         return error_for_status(status, body, action=action, attempts=answer.attempts, redact=self._secrets())
 
     def _pages(self, first: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The first searchset page and the pages its ``next`` links lead to, refusing loops."""
+        """The first searchset page and the pages its ``next`` links lead to, refusing loops and
+        stopping with InputError past ``max_pages`` (distinct links could go on forever)."""
         page, seen = first, set()
         while True:
             if page.get("resourceType") != "Bundle":
@@ -549,6 +597,9 @@ class FhirClient:
                 return
             if link in seen:
                 raise InputError(f"the search paging links of {self.base_url} go round in a loop")
+            if len(seen) + 1 >= self.max_pages:
+                raise InputError(f"a search on {self.base_url} has more than {self.max_pages} pages; "
+                                 "stopping (raise max_pages if that is expected)")
             seen.add(link)
             page = self.request("GET", link)
 

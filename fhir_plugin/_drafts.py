@@ -1,10 +1,13 @@
 """Drafting: a report and its profile in, one FHIR R4 transaction Bundle out (SPEC §7). Pure.
 
 Every entry is a conditional create keyed on an identifier derived from
-patient + encounter + code, so sending the same drafts twice writes nothing
-new.  The CarePlan carries the profile's PlanDefinition phases in order, one
-activity per protocol activity, each tagged with its phase; ``phases_of``
-reads them back from a CarePlan as the server returns it.
+patient + encounter + code AND on the patient itself (``subject=``; the
+Provenance on the Condition it targets), so sending the same drafts twice
+writes nothing new, and a resource planted for another patient with a
+computed identifier never matches (issue 11, item 3).  The CarePlan carries
+the profile's PlanDefinition phases in order, one activity per protocol
+activity, each tagged with its phase; ``phases_of`` reads them back from a
+CarePlan as the server returns it.
 """
 
 from __future__ import annotations
@@ -67,9 +70,11 @@ def _meta() -> dict[str, Any]:
 
 
 def _entry(resource: dict[str, Any], full_url: str, identifier: str) -> dict[str, Any]:
+    # The identifiers are computable by anyone, so the match is bound to the patient too (issue 11, item 3).
     return {"fullUrl": full_url, "resource": resource,
             "request": {"method": "POST", "url": resource["resourceType"],
-                        "ifNoneExist": f"identifier={URI_IDENTIFIER}|{identifier}"}}
+                        "ifNoneExist": f"identifier={URI_IDENTIFIER}|{identifier}"
+                                       f"&subject={resource['subject']['reference']}"}}
 
 
 def _offset(start: date, quantity: Mapping[str, Any] | None) -> date | None:
@@ -231,10 +236,12 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
     entries = [_entry(condition, urls["condition"], ids["condition"])]
     entries += [_entry(resource, goal_urls[gid], ids[gid]) for gid, resource in goals]
     entries.append(_entry(careplan, urls["careplan"], ids["careplan"]))
-    # Provenance has no identifier element in R4: its conditional create keys on a tag instead
+    # Provenance has no identifier element in R4: its conditional create keys on a tag instead, and
+    # on its target Condition (the server resolves the urn:uuid placeholder to the patient's Condition)
     entries.append({"fullUrl": urls["provenance"], "resource": provenance,
                     "request": {"method": "POST", "url": "Provenance",
-                                "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}"}})
+                                "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}"
+                                               f"&target={urls['condition']}"}})
     models = [_validate(entry["resource"]) for entry in entries]
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     # The envelope is checked around the models just made: validating the plain Bundle would

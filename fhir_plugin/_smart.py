@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ._errors import LaunchError
+from ._errors import LaunchError, UsageError
+from ._urls import safe_url
 
 __all__ = [
     "WELL_KNOWN", "EndpointRule", "Wording", "DiscoveryCache", "configuration_url", "get_json",
@@ -122,8 +123,10 @@ def get_json(session: requests.Session, url: str, *, accept: str = "application/
              timeout: float = 10.0) -> tuple[int, Any]:
     """(status, parsed JSON or None); no redirects followed (they could leave the issuer).
 
-    Raises ``requests.RequestException`` when the server cannot be reached: each caller words that itself.
+    Raises ``requests.RequestException`` when the server cannot be reached: each caller words that itself,
+    and LaunchError for a URL the one URL check refuses (issue 11: backslashes, userinfo, dot segments).
     """
+    _checked(url, "SMART configuration URL")
     response = session.get(url, headers={"Accept": accept}, timeout=timeout, allow_redirects=False)
     try:
         body = response.json() if response.content else None
@@ -156,6 +159,14 @@ def configuration_object(status: int, body: Any, *, base: str, say: Wording) -> 
 
 # ---------------------------------------------------------------- endpoints
 
+def _checked(url: str, what: str) -> None:
+    """The one URL check (``_urls.safe_url``) before credentials or a request go to ``url``."""
+    try:
+        safe_url(url.strip(), what=what)
+    except UsageError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -184,6 +195,7 @@ def check_endpoint(value: Any, what: str, *, rule: EndpointRule, say: Wording, b
     """``value`` when credentials may go there (see ``endpoint_fault``), else the caller's sentence."""
     fault = endpoint_fault(value, rule, issuer=base)
     if fault is None:
+        _checked(value, what)
         return value.strip() if rule is EndpointRule.FOLLOW_ISSUER else value
     template = {"missing": say.missing_endpoint, "not-absolute": say.not_absolute, "plain-http": say.plain_http}[fault]
     raise say.error(template, base=base, url=value, what=what)

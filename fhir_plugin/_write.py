@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from ._errors import InputError, ServerError, UsageError
+from ._client import FhirClient, is_safe_to_repeat
+from ._errors import Forbidden, InputError, ServerError, UsageError
 
-__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "read_outcome"]
+__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "read_outcome", "check_matches"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,49 @@ def read_outcome(sent: Mapping[str, Any], response: Mapping[str, Any]) -> WriteR
     return WriteResult(tuple(created), tuple(existing))
 
 
+def _local_ref(reference: Any) -> str:
+    """``Type/id`` of a reference, whatever base or ``_history`` suffix it carries."""
+    return _resource_ref(reference) if isinstance(reference, str) else ""
+
+
+def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any], *,
+                  written: Mapping[str, str] | None = None) -> None:
+    """Every existing resource a conditional create matched must be this patient's (issue 11, item 3).
+
+    Checked on the representation the server returned with the entry: its
+    ``subject`` must be the subject sent, and a Provenance may target only what
+    this transaction wrote or matched.  A match for another patient raises
+    Forbidden — it is never reported as "already there".  An entry the server
+    answered without a representation is accepted on its key, which names the
+    patient (``_drafts._entry``).  ``written`` maps the placeholders of drafts
+    sent earlier (one by one) to their ids.
+    """
+    entries = sent.get("entry") or []
+    answers = response.get("entry") or []
+    placed = {**(written or {}), **{e.get("fullUrl"): _local_ref((a.get("response") or {}).get("location"))
+                                    for e, a in zip(entries, answers, strict=False) if isinstance(a, Mapping)}}
+    for entry, answer in zip(entries, answers, strict=False):
+        if not isinstance(answer, Mapping) or str((answer.get("response") or {}).get("status", "")).startswith("201"):
+            continue
+        found = answer.get("resource")
+        if not isinstance(found, Mapping):
+            continue
+        mine = entry["resource"]
+        rtype = mine["resourceType"]
+        if "subject" in mine:
+            theirs = _local_ref((found.get("subject") or {}).get("reference"))
+            if theirs != _local_ref(mine["subject"]["reference"]):
+                where = _local_ref((answer.get("response") or {}).get("location"))
+                raise Forbidden(f"the server matched the draft {rtype} to {where}, which belongs to another patient; "
+                                "nothing was taken as already there")
+        elif rtype == "Provenance":
+            allowed = {placed.get(t["reference"], t["reference"]) for t in mine.get("target") or []}
+            targets = {_local_ref(t.get("reference")) for t in found.get("target") or [] if isinstance(t, Mapping)}
+            if not targets or not targets <= allowed:
+                raise Forbidden("the server matched the draft Provenance to one about other resources; "
+                                "nothing was taken as already there")
+
+
 class DraftWriter(Protocol):
     """Sends a draft transaction Bundle to a server in some form; running it twice creates nothing new."""
 
@@ -69,13 +113,28 @@ class DraftWriter(Protocol):
 
 
 class TransactionWriter:
-    """The drafts as ONE transaction of conditional creates: all of it is written, or none (FHIR transaction rules)."""
+    """The drafts as ONE transaction of conditional creates: all of it is written, or none (FHIR transaction rules).
+
+    The server is asked for the representation of every entry, so an existing
+    match can be checked to be this patient's before it is reported.
+    """
 
     def __init__(self, client: Any) -> None:
         self.client = client
 
     def write(self, drafts: Mapping[str, Any]) -> WriteResult:
-        return read_outcome(drafts, self.client.transaction(drafts))
+        if isinstance(self.client, FhirClient):
+            response = self.client.request("POST", "", body=dict(drafts),
+                                           headers={"Prefer": "return=representation"},
+                                           safe_to_retry=is_safe_to_repeat(drafts))
+            if response.get("resourceType") != "Bundle":
+                raise InputError(f"the server answered a transaction with a {response.get('resourceType')}, "
+                                 "not a Bundle")
+        else:  # a stand-in with only ``transaction`` (tests)
+            response = self.client.transaction(drafts)
+        outcome = read_outcome(drafts, response)
+        check_matches(drafts, response)
+        return outcome
 
 
 def _replace_references(value: Any, assigned: Mapping[str, str]) -> Any:
@@ -104,10 +163,11 @@ class PerResourceWriter:
 
     POST entries keep their ``ifNoneExist`` as an ``If-None-Exist`` header
     (conditional create, FHIR http.html#ccreate), so a rerun finds what the
-    first run created; ``urn:uuid`` references are rewritten to the ids just
-    assigned, so an entry may refer only to entries before it.  Not atomic: a
-    failure part-way leaves the first drafts written, and a rerun completes
-    the rest.
+    first run created; ``urn:uuid`` references (in the resource and in the
+    ``ifNoneExist`` query) are rewritten to the ids just assigned, so an entry
+    may refer only to entries before it.  A match is checked to be this
+    patient's, as the transaction writer checks it.  Not atomic: a failure
+    part-way leaves the first drafts written, and a rerun completes the rest.
     """
 
     def __init__(self, client: Any) -> None:
@@ -128,7 +188,7 @@ class PerResourceWriter:
             headers = {"Prefer": "return=representation"}
             if method == "POST":
                 if request.get("ifNoneExist"):
-                    headers["If-None-Exist"] = request["ifNoneExist"]
+                    headers["If-None-Exist"] = _with_ids(str(request["ifNoneExist"]), assigned)
                 status, answer = self.client.send_resource(
                     "POST", str(resource.get("resourceType")), resource, headers=headers,
                     safe_to_retry=bool(request.get("ifNoneExist")))
@@ -140,7 +200,18 @@ class PerResourceWriter:
             if not answer.get("resourceType") or not answer.get("id"):
                 raise InputError("the server did not return the written resource with its id")
             ref = f"{answer['resourceType']}/{answer['id']}"
+            if status != 201:
+                check_matches({"entry": [{**entry, "resource": resource}]},
+                              {"entry": [{"response": {"status": str(status), "location": ref}, "resource": answer}]},
+                              written=assigned)
             (created if status == 201 else existing).append(ref)
             if entry.get("fullUrl"):
                 assigned[entry["fullUrl"]] = ref
         return WriteResult(tuple(created), tuple(existing))
+
+
+def _with_ids(query: str, assigned: Mapping[str, str]) -> str:
+    """A conditional-create query with every ``urn:uuid`` placeholder already written replaced by its id."""
+    for placeholder, ref in assigned.items():
+        query = query.replace(placeholder, ref)
+    return query

@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from fhir_plugin import PatientRecord, Report, __version__, phases_of
+from fhir_plugin import PatientRecord, PluginError, Report, __version__, phases_of
+from fhir_plugin._urls import origin, safe_url
 
-from ._settings import origin_of
 from .state import LaunchSession
 
 __all__ = ["Pages", "VIEWABLE", "GROUPS", "review_context", "draft_view", "subject_of", "_fetch_style", "style_css"]
@@ -106,7 +106,13 @@ _STYLE_VARS = {"color_background": "--bg", "color_text": "--text", "color_highli
 
 def _fetch_style(http: requests.Session, url: str | None, iss: str) -> dict[str, str]:
     """The style document's safe values, or {} (it is optional: any problem means our own look)."""
-    if not url or origin_of(url) != origin_of(iss):
+    if not url:
+        return {}
+    try:
+        # the parser requests connects with, so a backslash or userinfo trick cannot reach another host
+        if origin(safe_url(url, what="smart_style_url")) != origin(safe_url(iss, what="issuer")):
+            return {}
+    except PluginError:
         return {}
     try:
         answer = http.get(url, timeout=3, allow_redirects=False, headers={"Accept": "application/json"})

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import date
 from typing import Any
 
 from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE
+from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 from .._sources import Checkable, from_embedded, from_files, require_patients
 
 __all__ = ["source_options", "parse_today", "checkables", "subparser"]
@@ -34,7 +34,8 @@ def source_options() -> argparse.ArgumentParser:
     common.add_argument("--encounter", metavar="ID", help="encounter to check at (default: the latest)")
     common.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
                         help=f"condition profile (default {DEFAULT_PROFILE})")
-    common.add_argument("--token", metavar="TOKEN", help="bearer token for the server (or env FHIR_TOKEN)")
+    common.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
+    common.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
     common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
     common.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
     common.add_argument("--format", choices=("text", "json"), default="text", help="report format")
@@ -65,7 +66,7 @@ def checkables(args: argparse.Namespace, today: date, *, write: bool = False) ->
         from .._strategies import strategies_for
 
         require_patients(args.patient)
-        client = FhirClient(args.server, token=args.token or os.environ.get("FHIR_TOKEN"), timeout=args.timeout)
+        client = FhirClient(args.server, token=read_token(args), timeout=args.timeout)
         reader = strategies_for(client).reader
         items = [Checkable(reader.read(pid.split("/")[-1]), args.encounter) for pid in args.patient]
         return items, client

@@ -15,6 +15,7 @@ from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE, load_profile
 from .._sync import (DEFAULT_MAX_TRANSPORT_ERRORS, Selection, ServerClock, SyncOptions, default_scope, parse_instant,
                      run_sync)
+from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 from ._common import parse_today, subparser
 
 
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-transport-errors", type=int, default=DEFAULT_MAX_TRANSPORT_ERRORS, metavar="N",
                         help="stop the run after N patients in a row get no answer (default %(default)s)")
     auth = parser.add_argument_group("authentication (none: an open server)")
-    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
+    auth.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
+    auth.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
     auth.add_argument("--client-id", metavar="ID",
                       help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key")
     auth.add_argument("--key", metavar="FILE",
@@ -74,12 +76,12 @@ def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
     session.mount("https://", adapter)
     client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
     key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
-    token = args.token or os.environ.get("FHIR_TOKEN")
+    token = read_token(args)
     if client_id or key_path:
         if not (client_id and key_path):
             raise UsageError("SMART Backend Services needs both --client-id and --key")
-        if args.token:
-            raise UsageError("give either --token or --client-id with --key, not both")
+        if args.token or args.token_file:
+            raise UsageError("give either --token (or --token-file) or --client-id with --key, not both")
         key = load_signing_key(key_path, kid=args.kid)
         backend_session(args.server, client_id, key, args.scope or default_scope(selection, args.write),
                         token_url=args.token_url, timeout=args.timeout, session=session)

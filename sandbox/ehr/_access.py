@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import parse_qsl
 
 from ._scopes import ResourceScope
@@ -33,22 +33,25 @@ from ._scopes import ResourceScope
 TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
-# The elements that tie a resource to its patient, by type (R4 CompartmentDefinition
-# "patient", the params whose paths are plain references; "subject"/"patient" unless noted).
-_DEFAULT_LINKS = ("subject", "patient")
+# The elements that tie a resource to its patient, by type: the elements behind the R4
+# CompartmentDefinition "patient" params whose paths are plain references.  Only elements the
+# type really has are listed (issue 11, item 2: a Condition has no ``patient``, and counting one
+# let a made-up element vouch for a resource whose real subject was another patient).
+_S, _P = ("subject",), ("patient",)
 COMPARTMENT_LINKS: dict[str, tuple[str, ...]] = {
-    **{t: _DEFAULT_LINKS for t in (
-        "AdverseEvent", "AllergyIntolerance", "Basic", "BodyStructure", "CarePlan", "CareTeam", "ChargeItem",
-        "Claim", "ClaimResponse", "ClinicalImpression", "Communication", "CommunicationRequest", "Composition",
-        "Condition", "Consent", "DetectedIssue", "DeviceRequest", "DeviceUseStatement", "DiagnosticReport",
-        "DocumentManifest", "DocumentReference", "Encounter", "EpisodeOfCare", "ExplanationOfBenefit",
-        "FamilyMemberHistory", "Flag", "Goal", "ImagingStudy", "Immunization", "ImmunizationEvaluation",
-        "ImmunizationRecommendation", "Invoice", "List", "Media", "MedicationAdministration",
-        "MedicationDispense", "MedicationRequest", "MedicationStatement", "MolecularSequence", "NutritionOrder",
-        "Observation", "Procedure", "QuestionnaireResponse", "RelatedPerson", "RiskAssessment",
-        "ServiceRequest", "Specimen", "SupplyDelivery", "VisionPrescription", "Account")},
+    **{t: _S for t in (
+        "Account", "AdverseEvent", "Basic", "CarePlan", "CareTeam", "ChargeItem", "ClinicalImpression",
+        "Communication", "CommunicationRequest", "Composition", "Condition", "DeviceRequest",
+        "DeviceUseStatement", "DiagnosticReport", "DocumentManifest", "DocumentReference", "Encounter", "Flag",
+        "Goal", "ImagingStudy", "Invoice", "List", "Media", "MedicationAdministration", "MedicationDispense",
+        "MedicationRequest", "MedicationStatement", "Observation", "Procedure", "QuestionnaireResponse",
+        "RiskAssessment", "ServiceRequest", "Specimen")},
+    **{t: _P for t in (
+        "AllergyIntolerance", "BodyStructure", "Claim", "ClaimResponse", "Consent", "CoverageEligibilityRequest",
+        "DetectedIssue", "EpisodeOfCare", "ExplanationOfBenefit", "FamilyMemberHistory", "Immunization",
+        "ImmunizationEvaluation", "ImmunizationRecommendation", "MolecularSequence", "NutritionOrder",
+        "RelatedPerson", "SupplyDelivery", "VisionPrescription")},
     "Coverage": ("beneficiary", "subscriber", "policyHolder"),
-    "CoverageEligibilityRequest": ("patient",),
     "Provenance": ("target",),
     "Appointment": ("participant.actor",),
 }
@@ -109,6 +112,7 @@ class Interaction:
     params: list[tuple[str, str]] = field(default_factory=list)
     resource: Mapping[str, Any] | None = None
     compartment_patient: str | None = None    # GET Patient/<id>/<Type>
+    if_none_exist: list[tuple[str, str]] | None = None   # a conditional create's search (header or ifNoneExist)
 
     @property
     def permission(self) -> str:
@@ -129,6 +133,8 @@ class Plan:
     owned: list[tuple[str, str]] = field(default_factory=list)   # existing resources that must be the patient's
     check_answer: bool = False                                     # check every resource in the answer
     read_entries: list[int] | None = None                          # batch/transaction: which entries read
+    check_written: bool = False                                    # a write's answer must be the patient's
+    write_entries: list[int] = field(default_factory=list)         # batch/transaction: writes so checked
 
 
 # ------------------------------------------------------------------ URL → interaction
@@ -246,6 +252,41 @@ def belongs(resource: Mapping[str, Any], patient: str, *, local: Mapping[str, Ma
     return mine
 
 
+def _all_references(value: Any, depth: int = 0) -> Iterator[str]:
+    """Every ``reference`` string anywhere in a resource (any element can hold a Reference)."""
+    if depth > 64:
+        raise Denied("the resource is nested too deeply", 400)
+    if isinstance(value, Mapping):
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            yield ref
+        for item in value.values():
+            if isinstance(item, (Mapping, list)):
+                yield from _all_references(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _all_references(item, depth + 1)
+
+
+def check_references(resource: Mapping[str, Any], patient: str, bases: Sequence[str],
+                     local: Mapping[str, Mapping[str, Any]] | None = None,
+                     bare_local: frozenset[str] = frozenset()) -> None:
+    """A patient-level write may point nowhere outside its patient (issue 11, item 2).
+
+    Refused: a conditional reference (``Patient?_id=B`` — the server resolves it
+    after the proxy has looked), any reference naming another Patient, wherever
+    it sits, and a reference to an entry of the Bundle that carries no resource
+    (a GET entry's ``fullUrl``)."""
+    for ref in _all_references(resource):
+        if "?" in ref:
+            raise Denied("conditional references are not available to patient-level tokens")
+        other = _patient_of(ref, bases)
+        if other is not None and other != patient:
+            raise Denied("the resource refers to another patient")
+        if ref in bare_local and not (local and ref in local):
+            raise Denied("the resource refers to a Bundle entry that carries no resource")
+
+
 def _names_patient(resource: Mapping[str, Any], bases: Sequence[str]) -> bool:
     links = COMPARTMENT_LINKS.get(str(resource.get("resourceType")), ())
     return any(_patient_of(ref, bases) for path in links for ref in _references(resource, path))
@@ -278,9 +319,33 @@ def _search_names_patient(rtype: str, params: Iterable[tuple[str, str]], patient
     return named
 
 
+def _conditional_names_patient(rtype: str, params: list[tuple[str, str]], patient: str, bases: Sequence[str],
+                               local: Mapping[str, Mapping[str, Any]] | None) -> bool:
+    """A conditional create's search is the patient's: it names the patient like any search, or (a
+    Provenance in a Bundle) it names ``target``s that are entries of the Bundle belonging to the patient
+    — the server resolves those placeholders to the resources it is writing."""
+    if _search_names_patient(rtype, params, patient, bases):
+        return True
+    if rtype != "Provenance" or not local:
+        return False
+    targets = [v for k, v in params if k.partition(":")[0] == "target"]
+    if any(k.partition(":")[0] == "patient" for k, _ in params) or not targets:
+        return False
+    return all(t in local and belongs(local[t], patient, local=local, bases=bases) for t in targets)
+
+
+def _no_has(params: Iterable[tuple[str, str]]) -> None:
+    """``_has`` (reverse chaining) answers yes/no about the resources it reaches, other patients' included."""
+    if any(key.startswith("_has") for key, _ in params):
+        raise Denied("_has searches are not available to patient-level tokens")
+
+
 def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan,
-                         local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str]) -> None:
+                         local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str],
+                         bare_local: frozenset[str] = frozenset()) -> None:
     patient = access.patient or ""
+    _no_has(it.params)
+    _no_has(it.if_none_exist or ())
     if rtype in NON_PATIENT_TYPES:
         if it.kind not in ("read", "vread", "history", "search"):
             raise Denied(f"a patient-level token cannot {it.kind} {rtype}")
@@ -306,11 +371,21 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
     if it.kind in ("update", "delete") and it.rid is None:
         if not _search_names_patient(rtype, it.params, patient, bases):
             raise Denied(f"a conditional {it.kind} under a patient-level token must name the patient in context")
+    if it.if_none_exist is not None and \
+            not _conditional_names_patient(rtype, it.if_none_exist, patient, bases, local):
+        # issue 11, item 1: the match of a conditional create is returned (or its count leaks as
+        # 412), so its search is held to the rules of any other patient-level search
+        raise Denied("a conditional create under a patient-level token must name the patient in context "
+                     "in its If-None-Exist search")
     if it.kind in ("create", "update"):
         if not isinstance(it.resource, Mapping):
             raise Denied(f"{it.kind} needs a resource", 400)
+        check_references(it.resource, patient, bases, local, bare_local)
         if not belongs(it.resource, patient, local=local, bases=bases):
             raise Denied(f"the {rtype} does not belong to the patient in context")
+    # What a write answers with (Prefer: return=representation, a conditional create's match) is
+    # checked like a read's answer.
+    plan.check_written = True
     if it.kind in ("update", "delete") and it.rid is not None:
         if rtype == "Patient" and it.rid != patient:
             raise Denied("a patient-level token can change only the patient in context")
@@ -318,7 +393,8 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
 
 
 def _check_one(access: Access, it: Interaction, plan: Plan,
-               local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str]) -> None:
+               local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str],
+               bare_local: frozenset[str] = frozenset()) -> None:
     if it.kind == "page":
         # A page of an earlier search: HAPI knows which; every resource it returns is checked.
         if not any(s.permissions & READ and (s.context != "patient" or access.patient) for s in access.scopes):
@@ -341,18 +417,31 @@ def _check_one(access: Access, it: Interaction, plan: Plan,
     if it.kind in ("read", "vread", "history", "search"):
         plan.check_answer = True   # the types in the answer are checked in every mode (_include)
     if mode == "patient":
-        _check_patient_scope(access, it, it.rtype, plan, local, bases)
+        _check_patient_scope(access, it, it.rtype, plan, local, bases, bare_local)
     if it.kind == "history" and it.rid is None and mode == "patient":
         raise Denied("type-level history is not available to patient-level tokens")
 
 
+def _conditional(it: Interaction, if_none_exist: str | None) -> Interaction:
+    """Attach a conditional create's search (the ``If-None-Exist`` header or entry ``ifNoneExist``)."""
+    if if_none_exist is None:
+        return it
+    if it.kind != "create":
+        raise Denied("If-None-Exist belongs on a create only", 400)
+    query = if_none_exist.split("?", 1)[1] if "?" in if_none_exist else if_none_exist
+    it.if_none_exist = parse_qsl(query, keep_blank_values=True)
+    return it
+
+
 def plan_request(access: Access, method: str, path: str, query: str = "", *,
-                 body: Any = None, form: str = "", bases: Sequence[str] = ()) -> Plan:
+                 body: Any = None, form: str = "", bases: Sequence[str] = (),
+                 if_none_exist: str | None = None) -> Plan:
     """Allow or refuse one request to the proxy; raises Denied with the reason."""
     plan = Plan()
     if method.upper() == "POST" and not path.strip("/"):
         return plan_bundle(access, body, bases=bases)
     it = parse_interaction(method, path, query, form, body if isinstance(body, Mapping) else None, bases=bases)
+    it = _conditional(it, if_none_exist)
     if it.kind in ("create", "update") and not isinstance(body, Mapping):
         raise Denied(f"{it.kind} needs a FHIR JSON resource in the body", 400)
     _check_one(access, it, plan, None, bases)
@@ -370,6 +459,8 @@ def plan_bundle(access: Access, bundle: Any, *, bases: Sequence[str] = ()) -> Pl
         raise Denied("Bundle.entry must be a list", 400)
     local = {e["fullUrl"]: e["resource"] for e in entries
              if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str) and isinstance(e.get("resource"), Mapping)}
+    bare_local = frozenset(e["fullUrl"] for e in entries
+                           if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str))
     plan = Plan(read_entries=[])
     for index, entry in enumerate(entries):
         request = entry.get("request") if isinstance(entry, Mapping) else None
@@ -384,16 +475,47 @@ def plan_bundle(access: Access, bundle: Any, *, bases: Sequence[str] = ()) -> Pl
                 raise Denied("paging inside a Bundle is not supported", 400)
             if it.kind in ("create", "update") and not isinstance(resource, Mapping):
                 raise Denied(f"{it.kind} needs a resource", 400)
+            if_none_exist = request.get("ifNoneExist")
+            if if_none_exist is not None and not isinstance(if_none_exist, str):
+                raise Denied("ifNoneExist must be a string", 400)
+            it = _conditional(it, if_none_exist)
+            _check_full_url(entry.get("fullUrl"), it, bases)
             entry_plan = Plan()
-            _check_one(access, it, entry_plan, local, bases)
+            _check_one(access, it, entry_plan, local, bases, bare_local)
         except Denied as exc:
             label = f"{request['method'].upper()} {request['url'].split('?')[0][:100]}"
             raise Denied(f"entry {index} ({label}): {exc.message}", exc.status) from None
         plan.owned.extend(entry_plan.owned)
         if entry_plan.check_answer:
             plan.read_entries.append(index)
+        elif entry_plan.check_written:
+            plan.write_entries.append(index)
     plan.check_answer = bool(plan.read_entries)
+    plan.check_written = bool(plan.write_entries)
     return plan
+
+
+def _check_full_url(full_url: Any, it: Interaction, bases: Sequence[str]) -> None:
+    """An entry's ``fullUrl``: none, a ``urn:uuid:``/``urn:oid:`` placeholder, or the resource's own
+    ``Type/id`` (relative or on the proxy).  Anything else — ``Patient?_id=B`` above all — would let
+    the server bind references to a resource the proxy never checked (issue 11, item 2)."""
+    if full_url is None:
+        return
+    if not isinstance(full_url, str):
+        raise Denied("fullUrl must be a string", 400)
+    if "?" in full_url:
+        raise Denied("a conditional fullUrl is not supported", 400)
+    if re.fullmatch(r"urn:uuid:[0-9a-fA-F-]{36}|urn:oid:[0-2](\.[0-9]+)+", full_url):
+        return
+    resource = it.resource or {}
+    own = f"{resource.get('resourceType')}/{resource.get('id')}"
+    ref = full_url
+    for base in bases:
+        if base and ref.startswith(base.rstrip("/") + "/"):
+            ref = ref[len(base.rstrip("/")) + 1:]
+            break
+    if it.resource is None or ref != own:
+        raise Denied("fullUrl must be a urn:uuid:, a urn:oid: or the resource's own Type/id", 400)
 
 
 def check_owned(access: Access, rtype: str, resource: Mapping[str, Any] | None, *, bases: Sequence[str] = ()) -> None:
@@ -418,13 +540,38 @@ def _resources(body: Any) -> Iterable[Mapping[str, Any]]:
 def check_answer(access: Access, body: Any, *, plan: Plan | None = None, bases: Sequence[str] = ()) -> None:
     """Every resource a read returns must be of a readable type, and the patient's under patient/ scopes."""
     if plan is not None and plan.read_entries is not None:
-        # batch/transaction-response: only the entries that were reads carry data to check.
+        # batch/transaction-response: the entries that were reads carry data to check, and so do
+        # writes under patient/ scopes (a conditional create's match, a returned representation).
         entries = body.get("entry") if isinstance(body, Mapping) else None
         for index in plan.read_entries:
             if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], Mapping):
                 _check_resources(access, entries[index].get("resource"), bases, f"entry {index}: ")
+        for index in plan.write_entries:
+            if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], Mapping):
+                _check_written(access, entries[index].get("resource"), bases, f"entry {index}: ")
+        return
+    if plan is not None and plan.check_written and not plan.check_answer:
+        _check_written(access, body, bases, "")
         return
     _check_resources(access, body, bases, "")
+
+
+def _check_written(access: Access, body: Any, bases: Sequence[str], label: str) -> None:
+    """A write's answer under patient/ scopes: nothing that names another patient (the write scope may
+    lack read, so readability is not asked; a Provenance whose targets are server ids cannot be traced
+    here, which is why its conditional create must target the Bundle's own entries)."""
+    patient = access.patient or ""
+    for resource in _resources(body):
+        rtype = resource.get("resourceType")
+        if rtype == "OperationOutcome" or rtype in NON_PATIENT_TYPES:
+            continue
+        if rtype == "Patient" and resource.get("id") != patient:
+            raise Denied(f"{label}the answer holds another patient")
+        for path in COMPARTMENT_LINKS.get(str(rtype), ()):
+            for ref in _references(resource, path):
+                other = _patient_of(ref, bases)
+                if "?" in ref or (other is not None and other != patient):
+                    raise Denied(f"{label}the answer holds a {str(rtype)[:64]} of another patient")
 
 
 def _check_resources(access: Access, body: Any, bases: Sequence[str], label: str) -> None:

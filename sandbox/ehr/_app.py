@@ -92,7 +92,7 @@ class SandboxEhr:
 
     def __init__(self, config: EhrConfig) -> None:
         self.config = config
-        self.store = Store()
+        self.store = Store(clock=config.clock)
         self.server = SandboxAuthorizationServer(config, self.store)
         self.proxy = FhirProxy(config, self.store)
 
@@ -336,8 +336,19 @@ def create_app(config: EhrConfig) -> FastAPI:
     @app.api_route("/fhir", methods=["GET", "POST"])
     @app.api_route("/fhir/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def fhir(request: Request, path: str = "") -> Response:
-        body = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}
+        # issue 11: the token and the declared size are checked before a byte of the body is read,
+        # and the body is read only up to the cap (an unauthenticated 300 MB body was buffered first)
+        refused = ehr.proxy.precheck(headers)
+        if refused is not None:
+            return _to_response(refused)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_request_body:
+                return _to_response(ehr.proxy.too_large())
+            chunks.append(chunk)
+        body = b"".join(chunks)
         result = await run_in_threadpool(ehr.proxy.handle, request.method, path,
                                          request.url.query, headers, body)
         return _to_response(result)

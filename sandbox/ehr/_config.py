@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._clients import ClientRegistry
@@ -32,12 +34,19 @@ class EhrConfig:
     smart_style_url: str | None = None        # default: the sandbox's own style document
     upstream_timeout: float = 30.0
     cds_services_url: str | None = None       # a CDS Hooks discovery URL: the patient page shows its cards
+    # The proxy refuses a request body larger than this (413), from Content-Length before reading
+    # and while streaming otherwise, and only after the bearer token checked out (issue 11).
+    max_request_body: int = 20 * 1024 * 1024
+    # Seconds since the epoch; tests pass a clock they advance instead of sleeping.
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         self.fhir_upstream = self.fhir_upstream.rstrip("/")
         if self.access_token_lifetime <= 0 or self.refresh_token_lifetime <= 0:
             raise ValueError("token lifetimes must be positive")
+        if self.max_request_body <= 0:
+            raise ValueError("max_request_body must be positive")
 
     @property
     def fhir_base_url(self) -> str:

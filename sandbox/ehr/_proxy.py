@@ -29,7 +29,6 @@ from ._store import Store, Token
 log = logging.getLogger("sandbox.ehr")
 
 FHIR_JSON = "application/fhir+json"
-MAX_BODY = 20 * 1024 * 1024
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 # cache-control passes through: HAPI reuses a search's results for a minute unless told no-cache,
 # and an app reading just after its own write must see what it wrote
@@ -149,6 +148,24 @@ class FhirProxy:
         capability["rest"] = rests
         return capability
 
+    def precheck(self, headers: Mapping[str, str]) -> ProxyResponse | None:
+        """What can be refused before the body is read: no valid token (401), a declared size past
+        ``max_request_body`` (413).  None: read the body (at most ``max_request_body`` bytes)."""
+        _, failure = self._authenticate(headers)
+        if failure is not None:
+            return failure
+        try:
+            declared = int(headers.get("content-length") or 0)
+        except ValueError:
+            return ProxyResponse.fhir(400, outcome("structure", "Content-Length is not a number"))
+        if declared > self.config.max_request_body:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> ProxyResponse:
+        return ProxyResponse.fhir(413, outcome(
+            "too-costly", f"the request body is larger than {self.config.max_request_body} bytes"))
+
     def handle(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> ProxyResponse:
         """One proxied request (``path`` relative to the FHIR base, ``query`` raw)."""
         started = time.monotonic()
@@ -166,8 +183,8 @@ class FhirProxy:
             return failure
         assert token is not None
         access = access_for(token)
-        if len(body) > MAX_BODY:
-            return ProxyResponse.fhir(413, outcome("too-costly", "the request body is too large"))
+        if len(body) > self.config.max_request_body:
+            return self.too_large()
         if any(k == "_format" and "json" not in v for k, v in parse_qsl(query, keep_blank_values=True)):
             return ProxyResponse.fhir(406, outcome("not-supported", "the sandbox proxy speaks FHIR JSON only"))
         resource, form = None, ""
@@ -183,7 +200,8 @@ class FhirProxy:
             else:
                 return ProxyResponse.fhir(415, outcome("not-supported", "send FHIR JSON (application/fhir+json)"))
         try:
-            plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases)
+            plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases,
+                                        if_none_exist=headers.get("if-none-exist"))
             for rtype, rid in plan.owned:
                 existing = self._fetch_existing(rtype, rid)
                 _access.check_owned(access, rtype, existing, bases=self.bases)
@@ -206,7 +224,7 @@ class FhirProxy:
                 data = answer.json()
             except ValueError:
                 data = None
-        if plan.check_answer and answer.status_code < 300:
+        if (plan.check_answer or plan.check_written) and answer.status_code < 300:
             if data is None and answer.content:
                 return ProxyResponse.fhir(502, outcome("exception", "the FHIR server's answer is not JSON"))
             try:

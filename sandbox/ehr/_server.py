@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
@@ -27,6 +26,7 @@ from authlib.oauth2.rfc6749 import (AuthorizationServer, InvalidClientError, Inv
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc7636.challenge import compare_s256_code_challenge
 from joserfc import jwt
 from requests.structures import CaseInsensitiveDict
 from joserfc.errors import JoseError
@@ -230,7 +230,14 @@ class SmartCodeGrant(grants.AuthorizationCodeGrant):
         log.info("authorization code issued: client=%s patient=%s", record.client_id, context.patient or "-")
 
     def query_authorization_code(self, code, client):
-        return self.server.store.take_code(code, client.get_client_id())
+        verifier = self.request.payload.data.get("code_verifier")
+
+        def proven(record: AuthorizationCode) -> bool:
+            # a replayed code revokes its tokens only when the replayer also holds the PKCE verifier
+            return isinstance(verifier, str) and bool(record.code_challenge) and \
+                compare_s256_code_challenge(verifier, record.code_challenge)
+
+        return self.server.store.take_code(code, client.get_client_id(), proven=proven)
 
     def delete_authorization_code(self, authorization_code) -> None:
         self.server.store.spend_code(authorization_code)
@@ -328,8 +335,11 @@ class SandboxAuthorizationServer(AuthorizationServer):
         now = self.store.now()
         client = request.client
         context = request.user if isinstance(request.user, LaunchContext) else LaunchContext()
+        token_id = new_secret(12)
+        parent = getattr(request, "refresh_token", None)
+        family = parent.family if isinstance(parent, Token) and parent.family else token_id
         record = Token(
-            token_id=new_secret(12), client_id=client.get_client_id(), scope=token.get("scope", ""),
+            family=family, token_id=token_id, client_id=client.get_client_id(), scope=token.get("scope", ""),
             context=context, access_token=token["access_token"], issued_at=now,
             expires_at=now + token["expires_in"], refresh_token=token.get("refresh_token"),
             refresh_expires_at=now + self.config.refresh_token_lifetime if token.get("refresh_token") else 0.0,
@@ -363,7 +373,7 @@ class SandboxAuthorizationServer(AuthorizationServer):
         return token
 
     def _id_token(self, client_id: str, context: LaunchContext, fhir_user: bool) -> str:
-        now = int(time.time())
+        now = int(self.store.now())
         claims: dict[str, Any] = {"iss": self.config.base_url, "sub": context.user_id, "aud": client_id,
                                   "iat": now, "exp": now + self.config.access_token_lifetime}
         if fhir_user:

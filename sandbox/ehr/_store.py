@@ -120,6 +120,11 @@ class Token(TokenMixin):
     access_revoked: bool = False
     refresh_revoked: bool = False
     grant_type: str = ""
+    # The grant this token descends from (first token's id; refreshes inherit it), and whether its
+    # refresh token was spent by rotation: presenting a rotated one again revokes the whole family
+    # (OAuth 2.0 Security BCP, RFC 9700 §4.14.2: refresh token rotation with replay detection).
+    family: str = ""
+    rotated: bool = False
 
     # TokenMixin: authlib asks these of the *refresh* credential.
     def check_client(self, client) -> bool:
@@ -216,23 +221,26 @@ class Store:
             self._sweep()
             self.codes[code.code] = code
 
-    def take_code(self, code: str, client_id: str) -> AuthorizationCode | None:
+    def take_code(self, code: str, client_id: str, *, proven: Callable[[AuthorizationCode], bool] | None = None
+                  ) -> AuthorizationCode | None:
         """The code if it is live and was issued to this client.
 
-        A code presented a second time is refused, and the tokens issued from
-        it are revoked (RFC 6749 §4.1.2: "the authorization server MUST deny
-        the request and SHOULD revoke ... all tokens previously issued based
-        on that authorization code").
+        A code presented a second time is refused; when ``proven(record)`` says
+        the request also carries the code's PKCE verifier, the tokens issued
+        from it (and their refreshed successors) are revoked (RFC 6749 §4.1.2:
+        the server "SHOULD revoke ... all tokens previously issued based on
+        that authorization code").  Without the verifier the replay is only
+        refused: anyone who merely saw a spent code in a URL or a log must not
+        be able to log the user out (issue 11).
         """
         with self._lock:
             record = self.codes.get(code)
             if record is None or record.client_id != client_id:
                 return None
             if record.used:
-                for token_id in record.token_ids:
-                    token = self.tokens.get(token_id)
-                    if token is not None:
-                        token.access_revoked = token.refresh_revoked = True
+                if proven is not None and proven(record):
+                    families = {self.tokens[t].family for t in record.token_ids if t in self.tokens}
+                    self._revoke_families(families)
                 return None
             if record.expires_at <= self.now():
                 return None
@@ -260,16 +268,29 @@ class Store:
             return self.tokens.get(token_id) if token_id else None
 
     def by_refresh_token(self, refresh_token: str) -> Token | None:
+        """The live token this refresh token belongs to.  A refresh token already spent by rotation
+        is a replay — the old one was stolen, or the new one was — so the whole family is revoked."""
         with self._lock:
             token_id = self._by_refresh.get(refresh_token)
             token = self.tokens.get(token_id) if token_id else None
+            if token is not None and token.rotated:
+                self._revoke_families({token.family})
+                return None
         if token is None or not token.refresh_valid(self.now()):
             return None
         return token
 
     def revoke_refresh(self, token: Token) -> None:
+        """Spend a refresh token by rotation (a replay of it is then detected)."""
         with self._lock:
             token.refresh_revoked = True
+            token.rotated = True
+
+    def _revoke_families(self, families: set[str]) -> None:
+        families.discard("")
+        for token in self.tokens.values():
+            if token.family in families:
+                token.access_revoked = token.refresh_revoked = True
 
     # ------------------------------------------------------------ assertion ids
 
