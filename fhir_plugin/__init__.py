@@ -8,7 +8,7 @@ from ._version import __version__
 
 from ._check import check
 from ._client import FhirClient
-from ._drafts import Phase, build_drafts, draft_identifiers, phases_of
+from ._drafts import Existing, Phase, build_drafts, draft_identifiers, existing_in, phases_of
 from ._errors import (AuthError, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
                       NotLaunched, PluginError, ProfileError, ServerError, StateLocked, TransportError, UsageError)
 from ._profile import DEFAULT_PROFILE, Profile, available_profiles, load_profile
@@ -25,7 +25,7 @@ __all__ = [
     "check", "load_profile", "available_profiles", "Profile", "DEFAULT_PROFILE",
     "PatientRecord", "records_from_bundle", "load_bundle_file",
     "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
-    "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
+    "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused", "Existing", "existing_in",
     "review", "Review",
     "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
     "DraftWriter", "TransactionWriter", "PerResourceWriter", "WriteResult", "Strategies", "strategies_for",
