@@ -86,6 +86,8 @@ def existing_in(record: PatientRecord, profile: Profile) -> Existing:
         written += [a["reference"] for a in plan.get("addresses") or [] if a.get("reference") in matching
                     and any(is_plugin_draft(c) and _ref(c) == a["reference"] for c in conditions)]
         written += [g["reference"] for g in plan.get("goal") or [] if g.get("reference")]
+        written += [_ref(p) for p in record.of_type("Provenance") if is_plugin_draft(p)
+                    and _ref(plan) in {t.get("reference") for t in p.get("target") or []}]
     other_plans = sorted(_ref(r) for r in plans if not is_plugin_draft(r))
     return Existing(condition=_ref(clinician[0]) if clinician else None,
                     careplan=other_plans[0] if other_plans else None,

@@ -295,3 +295,26 @@ def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
     moved = renamed_case(case, tag or uuid.uuid4().hex[:8])
     load_into_server(fhir_base, [moved])
     return moved
+
+
+def treat_loopback_as_secure() -> None:
+    """Let ``requests`` send ``Secure`` cookies to http://127.0.0.1 and localhost, as browsers do.
+
+    Browsers treat loopback as a secure context, so the app's embedded-mode cookie
+    (``SameSite=None; Secure; Partitioned``) is sent there; Python's cookie jar only
+    sends a ``Secure`` cookie over https.  Test clients call this once to act like a browser.
+    """
+    import http.cookiejar
+    from urllib.parse import urlsplit
+
+    policy = http.cookiejar.DefaultCookiePolicy
+    if getattr(policy, "_fp_loopback", False):
+        return
+    original = policy.return_ok_secure
+
+    def return_ok_secure(self: Any, cookie: Any, request: Any) -> bool:
+        host = (urlsplit(request.get_full_url()).hostname or "").lower()
+        return host in ("127.0.0.1", "localhost", "::1") or bool(original(self, cookie, request))
+
+    policy.return_ok_secure = return_ok_secure  # type: ignore[method-assign]
+    policy._fp_loopback = True  # type: ignore[attr-defined]

@@ -118,16 +118,18 @@ def test_a_callback_in_another_browser_is_refused(env):
     assert page.status_code == 400 and ehr.token_requests == []
 
 
-def test_a_new_launch_clears_the_old_state(env):
+def test_a_new_launch_keeps_the_first_launchs_own_session(env):
+    """Issue 13 (one session per launch): a second launch in the browser no longer cancels the first."""
     case = _case("complete")
     ehr = FakeEhr(env["rsps"], case.resources)
     browser = requests.Session()
     first = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
     old_sid = browser.cookies[COOKIE]
     second = ehr.authorize(_start(env, browser, case, launch="L2"), patient=case.patient_id)
-    assert browser.cookies[COOKIE] != old_sid and env["store"].get(f"sid:{old_sid}") is None
-    assert browser.get(_callback(env, first)).status_code == 400
+    assert browser.cookies[COOKIE] != old_sid and env["store"].get(f"sid:{old_sid}") is not None
+    assert browser.get(_callback(env, first)).status_code == 200
     assert browser.get(_callback(env, second)).status_code == 200
+    assert browser.get(_callback(env, first)).status_code == 400  # each answer still spends once
 
 
 def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
@@ -296,7 +298,8 @@ def test_security_headers_on_every_page_and_the_cookie_flags(env):
     browser = Recorder()
     started = browser.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
     cookie = started.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Secure" not in cookie  # served over http here
+    # issue 13: on loopback (a secure context, as over https) the cookie is the one a cross-site EHR frame keeps
+    assert "HttpOnly" in cookie and "SameSite=None" in cookie and "Secure" in cookie and "Partitioned" in cookie
     browser.get(_callback(env, ehr.authorize(started.headers["Location"], patient=case.patient_id)))
     for path in ("/review", "/api/report", "/", "/static/app.css", "/launch?iss=http://evil/fhir", "/nowhere"):
         browser.get(env["base"] + path)
