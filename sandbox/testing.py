@@ -276,7 +276,7 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
                                     scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))
         settings = Settings(**{"client_id": client_id, "redirect_uri": f"{app_url}/callback",
                                "allowed_issuers": (ehr.fhir_base_url,), "session_store": "memory", **app_settings})
-        from ._store import MemoryStore
+        from smart_launch._store import MemoryStore
 
         app = create_app(settings, store=store if store is not None else MemoryStore(), clock=clock)
         with live_server(app, port) as server:
