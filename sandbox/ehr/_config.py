@@ -31,6 +31,8 @@ class EhrConfig:
     user_id: str = "Practitioner/sandbox-clinician"   # the one simulated EHR user
     smart_style_url: str | None = None        # default: the sandbox's own style document
     upstream_timeout: float = 30.0
+    #: origins besides the EHR's own that may frame its pages (the approval page inside an embedded app)
+    frame_ancestors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
