@@ -254,6 +254,18 @@ class SandboxStack:
         params = {"patient": patient, "client_id": self.client_id, **({"encounter": encounter} if encounter else {})}
         return f"{self.ehr.base_url}/ehr/launch?{urlencode(params)}"
 
+    @property
+    def chart_origin(self) -> str:
+        """The EHR's pages as a browser reaches them on another host: its frame (on 127.0.0.1) is cross-site."""
+        return self.ehr.base_url.replace("://127.0.0.1:", "://localhost:")
+
+    def chart_url(self, patient: str, encounter: str | None = None) -> str:
+        """The EHR's chart page for ``patient`` with the app embedded in a cross-site frame (issue 13)."""
+        from urllib.parse import urlencode
+
+        params = {"patient": patient, "client_id": self.client_id, **({"encounter": encounter} if encounter else {})}
+        return f"{self.chart_origin}/ehr/chart?{urlencode(params)}"
+
 
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
@@ -271,6 +283,9 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
     with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime) as ehr:
+        # the EHR's chart pages (on localhost and on 127.0.0.1) may frame the app, as real EHRs do
+        app_settings.setdefault("allowed_frame_ancestors",
+                                (ehr.base_url.replace("://127.0.0.1:", "://localhost:"), ehr.base_url))
         ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
                                     launch_url=f"{app_url}/launch", name="M62.561 documentation check",
                                     scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))

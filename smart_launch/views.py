@@ -221,6 +221,13 @@ def _text_of(concept: Any) -> str:
     return ""
 
 
+def _sites(resource: Mapping[str, Any]) -> list[str]:
+    """bodySite's words: one CodeableConcept on an Observation, a list on a Condition (R4)."""
+    sites = resource.get("bodySite")
+    concepts = sites if isinstance(sites, list) else [sites] if isinstance(sites, dict) else []
+    return [t for t in (_text_of(c) for c in concepts) if t]
+
+
 def _value(resource: Mapping[str, Any]) -> str:
     """An Observation's value as a person reads it ("34.5 cm", "4/5", "yes")."""
     q = resource.get("valueQuantity")
@@ -257,7 +264,7 @@ def resource_facts(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
         facts.append(("Date", _when(resource)))
     if _value(resource):
         facts.append(("Value", _value(resource)))
-    sites = ", ".join(_text_of(b) for b in resource.get("bodySite") or [] if isinstance(b, dict))
+    sites = ", ".join(_sites(resource))
     if sites:
         facts.append(("Body site", sites))
     status = resource.get("status") or _text_of(resource.get("clinicalStatus"))
@@ -355,10 +362,9 @@ def trends(record: PatientRecord, profile: Profile) -> list[dict[str, Any]]:
                 continue
             label = "all"
             if spec.get("by_side"):
-                text = " ".join([_text_of(b) for b in obs.get("bodySite") or []]
-                                + [str(n.get("text", "")) for n in obs.get("note") or []])
+                text = " ".join(_sites(obs) + [str(n.get("text", "")) for n in obs.get("note") or []])
                 found = _SIDE.search(text)
-                label = found.group(1).lower() if found else "side not recorded"
+                label = found.group(1).lower() if found else "unsided"
             lines.setdefault(label, []).append((when, value, _value(obs)))
         if lines:
             series = [Series(k, tuple(sorted(v))) for k, v in sorted(lines.items())]

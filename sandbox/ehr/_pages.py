@@ -9,6 +9,7 @@ _env = Environment(autoescape=select_autoescape(default=True, default_for_string
 _BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }} — Sandbox EHR</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 46rem; color: #1b1f24; }
  h1 { font-size: 1.4rem; } .muted { color: #59636e; } .error { color: #a40e26; }
@@ -18,6 +19,7 @@ _BASE = """<!doctype html>
  code { background: #f6f8fa; padding: 0 .2rem; }
  body.chart { max-width: none; margin: 0; } body.chart header, body.chart .chart-head { padding: .3rem 1rem; }
  .chart-head { background: #1f3550; color: #fff; } .chart-head .muted { color: #d5dde6; }
+ .chart-head code { color: #1b1f24; } .chart-head a { color: #fff; }
  iframe.app { display: block; width: 100%; height: calc(100vh - 6rem); border: 0; border-top: 1px solid #d0d7de; }
  a { display: inline-block; min-height: 24px; padding: 2px 0; }
 </style></head><body>
