@@ -312,8 +312,9 @@ def verdict(report: Report, *, settled: str | None, written: bool) -> dict[str, 
         return {"kind": "bad", "text": f"Refer first: red flags present ({flags})",
                 "sub": "The protocol waits for the evaluation." + (f" Also {gaps}." if gaps else "")}
     if report.code_fit.status == "mismatch":
+        # the gaps of a code that does not fit are not this patient's to-do list (issue 13, item 8)
         return {"kind": "bad", "text": "The record supports another code",
-                "sub": f"No drafts under {report.profile_code}." + (f" {gaps[:1].upper()}{gaps[1:]}." if gaps else "")}
+                "sub": f"Nothing is drafted under {report.profile_code}; review under the suggested code below."}
     if report.complete:
         return {"kind": "ok", "text": "Complete",
                 "sub": "Drafts written; nothing more to write." if written else (
