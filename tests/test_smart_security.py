@@ -118,6 +118,19 @@ def test_a_callback_in_another_browser_is_refused(env):
     assert page.status_code == 400 and ehr.token_requests == []
 
 
+def test_a_callback_without_any_cookie_says_the_browser_dropped_it(env, caplog):
+    """Issue 13: a cross-site frame whose browser blocks the cookie gets a sentence, the integrator the log."""
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    back = ehr.authorize(_start(env, requests.Session(), case), patient=case.patient_id)
+    with caplog.at_level("WARNING", logger="smart_launch.app"):
+        page = requests.get(_callback(env, back))  # a browser that kept no cookie
+    assert page.status_code == 400 and "did not keep this app" in page.text
+    assert "SameSite" not in page.text and "SMART_" not in page.text  # integrator details stay in the log
+    assert "SameSite=None; Secure; Partitioned" in caplog.text
+    assert ehr.token_requests == []
+
+
 def test_a_new_launch_keeps_the_first_launchs_own_session(env):
     """Issue 13 (one session per launch): a second launch in the browser no longer cancels the first."""
     case = _case("complete")

@@ -136,7 +136,7 @@ class SandboxEhr:
         ancestors = " ".join(["'self'", *self.config.frame_ancestors])
         return HTMLResponse(html, headers={**_NO_STORE, "Content-Security-Policy": f"frame-ancestors {ancestors}"})
 
-    def _search_all(self, resource_type: str, params: dict[str, str], cap: int = 5000) -> list[dict[str, Any]]:
+    def _search_all(self, resource_type: str, params: dict[str, str], cap: int = 100_000) -> list[dict[str, Any]]:
         """Every resource of a search, following the Bundle's ``next`` links (a page is never the whole list)."""
         out: list[dict[str, Any]] = []
         url: str | None = f"{self.config.fhir_upstream}/{resource_type}"
@@ -152,7 +152,7 @@ class SandboxEhr:
             query = None  # the next link carries its own query
         return out
 
-    def list_patients(self, limit: int = 200) -> list[dict[str, str]]:
+    def list_patients(self, limit: int = 500) -> list[dict[str, str]]:
         """Patients on the upstream server for the picker (name and id; never logged), every page read."""
         out = []
         for resource in self._search_all("Patient", {"_count": str(limit), "_elements": "name"}):
@@ -171,7 +171,7 @@ class SandboxEhr:
             return False
         return True if answer.status_code == 200 else None
 
-    def list_encounters(self, limit: int = 200) -> dict[str, list[str]]:
+    def list_encounters(self, limit: int = 500) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for resource in self._search_all("Encounter", {"_count": str(limit), "_elements": "subject"}):
             ref = ((resource.get("subject") or {}).get("reference") or "")
