@@ -405,9 +405,10 @@ def svg_plot(series: list[Series], *, title: str, width: int = 320, height: int 
     for v in (low + pad, high - pad):
         parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11" '
                      f'fill="#3d4a58">{v:g}</text>')
-    for d in dates:
-        parts.append(f'<text x="{x(d):.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
-                     f'fill="#3d4a58">{html.escape(d[5:])}</text>')
+    for i, d in enumerate(dates):  # the last date's label ends at its point, so it never runs off the edge
+        anchor = "end" if i == len(dates) - 1 and len(dates) > 1 else "middle"
+        parts.append(f'<text x="{x(d) + (4 if anchor == "end" else 0):.1f}" y="{height - 8}" text-anchor="{anchor}" '
+                     f'font-size="11" fill="#3d4a58">{html.escape(d[5:])}</text>')
     for i, s in enumerate(series):
         colour = _COLOURS[i % len(_COLOURS)]
         pts = " ".join(f"{x(d):.1f},{y(v):.1f}" for d, v, _ in s.points)

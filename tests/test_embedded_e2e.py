@@ -124,8 +124,9 @@ def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, br
         page.screenshot(path=str(SHOTS / "embedded-written.png"))
         # SPEC §7.1: the record's confirmed Condition is used, so the plan and its four goals are written
         assert _drafts_in_hapi(fhir_base_url, pid) == {"Condition": 0, "Goal": 4, "CarePlan": 1}
-        created = frame.locator("#created a")
-        assert created.count() == 6 and all(created.nth(i).get_attribute("href").startswith("/resource/")
+        assert frame.locator("#created li").count() == 6
+        created = frame.locator("#created a")  # each resource of the patient's is a link to the viewer
+        assert created.count() == 5 and all(created.nth(i).get_attribute("href").startswith("/resource/")
                                             for i in range(created.count()))
 
         # back on the review: what was written, with links, and nothing to write again
@@ -163,11 +164,6 @@ def test_two_tabs_two_patients_each_writes_to_its_own(fhir_base_url, browser):
         for name, frame in (("a", frame_a), ("b", frame_b)):
             (tab_a if name == "a" else tab_b).bring_to_front()  # the clinician switches to that tab
             frame.click("#write-button")
-            try:
-                frame.wait_for_selector("#confirm-write", timeout=10000)
-            except Exception:
-                (tab_a if name == "a" else tab_b).screenshot(path=str(SHOTS / f"two-tabs-{name}-failed.png"))
-                raise AssertionError(frame.locator("main").inner_text()[:600])
             frame.click("#confirm-write")
             frame.wait_for_selector("#write-result")
         assert f"Patient/{a}" in frame_a.locator("#write-result").inner_text()
@@ -217,8 +213,7 @@ def test_every_app_page_passes_wcag22_aa_and_the_first_screen_holds_the_verdict_
                 # keyboard only: Write within 5 Tab presses from the top of the page
                 page.goto(page.url)
                 page.wait_for_selector("#write-button")
-                presses = 0
-                for presses in range(1, 6):
+                for _ in range(5):
                     page.keyboard.press("Tab")
                     if page.evaluate("document.activeElement && document.activeElement.id") == "write-button":
                         break

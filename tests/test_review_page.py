@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-from fhir_plugin import load_profile, records_from_bundle, check
-from smart_launch.views import evidence_index, gap_actions, resource_facts, svg_plot, trends, verdict
 from test_check_cases import CASES, TODAY
+
+from fhir_plugin import check, load_profile, records_from_bundle
+from smart_launch.views import evidence_index, gap_actions, resource_facts, svg_plot, trends, verdict
 
 PROFILE = load_profile("M62.561")
 
