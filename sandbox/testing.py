@@ -333,3 +333,30 @@ def treat_loopback_as_secure() -> None:
 
     policy.return_ok_secure = return_ok_secure  # type: ignore[method-assign]
     policy._fp_loopback = True  # type: ignore[attr-defined]
+
+
+def without_clinician_plans(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A synthetic record without the clinician's own CarePlans: one the drafts still have a plan for.
+
+    Since SPEC §7.1 an active plan means nothing is drafted; tests of the write paths (the sync job)
+    use records like this so every patient still gets drafts (a CarePlan, its Goals, a Provenance
+    around the record's own confirmed Condition).
+    """
+    from fhir_plugin._vocab import is_plugin_draft
+
+    return [r for r in resources if r.get("resourceType") != "CarePlan" or is_plugin_draft(r)]
+
+
+def needing_drafts(resources: list[dict[str, Any]], *, code: str = "M62.561",
+                   chart_code: str = "M62.56") -> list[dict[str, Any]]:
+    """A synthetic record for which every draft is still to write (SPEC §7.1): no clinician plan, and the
+    chart's Condition coded less specifically (``chart_code``), so the specific one is drafted too."""
+    import copy
+
+    out = copy.deepcopy(without_clinician_plans(resources))
+    for resource in out:
+        if resource.get("resourceType") == "Condition":
+            for coding in (resource.get("code") or {}).get("coding") or []:
+                if coding.get("code") == code:
+                    coding["code"] = chart_code
+    return out

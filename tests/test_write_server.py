@@ -33,7 +33,14 @@ def _propose(base, patient_id, capsys, *extra):
 
 @pytest.fixture(scope="module")
 def gaps_case(fhir_base_url):
-    [case] = fresh_cases([_case("missing-onset")])
+    # SPEC §7.1: a plan or the diagnosis already in the chart is not drafted again; this record still
+    # needs every draft (no clinician plan, the chart's Condition coded only as M62.56)
+    import dataclasses
+
+    from sandbox.testing import needing_drafts
+
+    original = _case("missing-onset")
+    [case] = fresh_cases([dataclasses.replace(original, resources=needing_drafts(original.resources))])
     load_into_server(fhir_base_url, [case])
     return case
 
