@@ -145,6 +145,18 @@ def test_a_new_launch_keeps_the_first_launchs_own_session(env):
     assert browser.get(_callback(env, first)).status_code == 400  # each answer still spends once
 
 
+def test_a_browser_keeps_at_most_twelve_launches_open(env):
+    """One cookie per launch, but not without end: the oldest launches are signed out (issue 13)."""
+    case = _case("complete")
+    FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    for i in range(15):
+        _start(env, browser, case, launch=f"L{i}")
+    launch_cookies = [c for c in browser.cookies if c.name.startswith(COOKIE + "_")]
+    assert len(launch_cookies) == 12
+    assert len([k for k in env["store"].keys() if k.startswith("sid:")]) == 12
+
+
 def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
     case = _case("complete")
     ehr = FakeEhr(env["rsps"], case.resources)

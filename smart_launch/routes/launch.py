@@ -63,6 +63,27 @@ def cookie_header(name: str, value: str, *, max_age: int, embedded: bool) -> str
     return "; ".join(parts)
 
 
+#: launches one browser keeps open at once (EHR workspaces); older ones are signed out so cookies stay few
+MAX_OPEN_LAUNCHES = 12
+
+
+def prune_launch_cookies(request: Request, response: Response, sessions: Sessions, settings: Settings) -> None:
+    """Expire this browser's launch cookies whose session is gone, and the oldest beyond MAX_OPEN_LAUNCHES."""
+    live: list[tuple[float, str, str]] = []
+    for name, sid in request.cookies.items():
+        if not name.startswith(COOKIE + "_"):
+            continue
+        state = sessions.get(sid)
+        if state is None:
+            response.headers.append("set-cookie", cookie_header(name, "", max_age=0,
+                                                                embedded=embeddable(request, settings)))
+        else:
+            live.append((state.started, name, sid))
+    for _started, name, sid in sorted(live)[:max(0, len(live) - (MAX_OPEN_LAUNCHES - 1))]:
+        sessions.drop(sid)
+        response.headers.append("set-cookie", cookie_header(name, "", max_age=0, embedded=embeddable(request, settings)))
+
+
 def set_cookie(request: Request, response: Response, sid: str, settings: Settings, *, lid: str | None = None,
                max_age: float | None = None) -> None:
     """The launch's own cookie, and ``fp_sid`` for the browser's latest launch (pages without ``launch``)."""
@@ -102,6 +123,7 @@ def launch(request: Request, settings: SettingsDep, sessions: SessionsDep, http:
                          ttl=settings.launch_ttl)
     log.info("launch: iss=%s mode=%s session=%s", iss, "standalone" if standalone else "ehr", tag(sid))
     response = RedirectResponse(auth.url, status_code=302)
+    prune_launch_cookies(request, response, sessions, settings)
     set_cookie(request, response, sid, settings, lid=lid, max_age=settings.launch_ttl)
     return response
 
