@@ -35,8 +35,19 @@ from typing import Annotated, Any, Callable, Iterator
 import requests
 from fastapi import Depends, Form, Header, Request
 
-from fhir_plugin import (Existing, FhirClient, Forbidden, NotLaunched, PatientRecord, Profile, Report, UsageError,
-                         available_profiles, load_profile, strategies_for)
+from fhir_plugin import (
+    Existing,
+    FhirClient,
+    Forbidden,
+    NotLaunched,
+    PatientRecord,
+    Profile,
+    Report,
+    UsageError,
+    available_profiles,
+    load_profile,
+    strategies_for,
+)
 from fhir_plugin import review as review_record
 
 from . import _launch as smart

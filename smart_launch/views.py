@@ -12,7 +12,7 @@ import html
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlencode
 
 import requests
@@ -25,6 +25,9 @@ from fhir_plugin import PatientRecord, Profile, Report, __version__, phases_of
 
 from ._settings import origin_of
 from .state import LaunchSession
+
+if TYPE_CHECKING:  # deps imports this module; the type only
+    from .deps import Reviewed
 
 __all__ = ["Pages", "VIEWABLE", "GROUPS", "review_context", "draft_view", "subject_of", "_fetch_style", "style_css",
            "evidence_index", "resource_facts", "gap_actions", "verdict", "alternatives", "trends", "svg_plot",
@@ -144,10 +147,11 @@ def _evidence_link(ref: str) -> str | None:
     return None
 
 
-def review_context(sess: LaunchSession, loaded: Any, *, shipped: tuple[str, ...] = ()) -> dict[str, Any]:
+def review_context(sess: LaunchSession, loaded: Reviewed, *, shipped: tuple[str, ...] = ()) -> dict[str, Any]:
     """What review.html shows for one launch: the verdict, the actions, the one button, then the details."""
     report, record, drafts = loaded.report, loaded.record, loaded.drafts
-    profile: Profile = loaded.profile
+    profile = loaded.profile
+    assert profile is not None  # the review dependency always names the profile it used
     context = sess.context
     groups = [(status, title, [e for e in report.elements if e.status == status]) for status, title in GROUPS]
     written = bool(loaded.existing.written)
