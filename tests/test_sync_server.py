@@ -54,13 +54,14 @@ DRAFT_TYPES = ("Condition", "CarePlan", "Goal", "Provenance")
 SESSION = uuid.uuid4().hex[:6]  # a server reused across sessions already holds earlier sessions' patients
 
 
-def prefixed(prefix: str, keys: list[str] | None = None) -> list[list[dict[str, Any]]]:
+def prefixed(prefix: str, keys: list[str] | None = None, *, needing: bool = True) -> list[list[dict[str, Any]]]:
     """The synthetic cases (or those named), with ids moved to ``fp-<prefix><session>-...``: each test its own."""
     cases = synthetic.generate_cases(AS_OF)
     chosen = [c for c in cases if keys is None or c.key in keys]
     # SPEC §7.1: a plan or a diagnosis already in the chart is not drafted again, so the job runs on records
     # that still need all 7 drafts (no clinician plan; the chart's Condition coded less specifically)
-    return [needing_drafts(synthetic.renamed_case(c, f"{prefix}{SESSION}").resources) for c in chosen]
+    moved = [synthetic.renamed_case(c, f"{prefix}{SESSION}").resources for c in chosen]
+    return [needing_drafts(r) for r in moved] if needing else moved
 
 
 def load(base: str, patients: list[list[dict[str, Any]]], group: str | None = None) -> list[str]:
@@ -400,11 +401,12 @@ def test_a_changes_run_picks_the_changed_patient_and_not_its_own_drafts(fhir_bas
     assert f"Patient/{ids[1]}" in changed
     assert f"Patient/{ids[0]}" not in changed and f"Patient/{ids[2]}" not in changed
     assert summary["mode"] == "changed"
-    assert next(x for x in lines if x["patient"] == f"Patient/{ids[1]}")["written"]["created"] == []
+    # SPEC §7.1: its drafts, written by the first run, are in the record: nothing is sent again
+    assert next(x for x in lines if x["patient"] == f"Patient/{ids[1]}")["written"] is None
 
 
 def test_group_members_only(fhir_base_url, tmp_path):
-    patients = prefixed("grp", ["complete", "excludes1", "missing-follow-up"])
+    patients = prefixed("grp", ["complete", "excludes1", "missing-follow-up"], needing=False)  # a dry run
     ids = load(fhir_base_url, patients, group=f"sync-grp-{SESSION}")
     assert sync("--server", fhir_base_url, "--group", f"sync-grp-{SESSION}", "--state", str(tmp_path / "s.sqlite"),
                 "--report", str(tmp_path / "r.jsonl")) == 0
@@ -462,9 +464,10 @@ def test_killed_with_sigkill_and_restarted_ends_like_an_uninterrupted_run(fhir_b
     assert summary["finished"] and summary["from_earlier_attempt"] >= len(done_before)
     assert sorted(x["patient"] for x in lines) == sorted({x["patient"] for x in lines})  # each patient once
     assert len(lines) == len(KILL_KEYS)
-    # the held patient's transaction was sent again and wrote nothing new
+    # the held patient's transaction reached the server: on restart its drafts are in the record, so
+    # nothing is sent again (SPEC §7.1)
     held_line = next(x for x in lines if x["patient"] == held)
-    assert held_line["written"]["created"] == [] and len(held_line["written"]["existing"]) == 7
+    assert held_line["written"] is None
 
     # the end state equals the uninterrupted run's: same outcome per patient, every draft exactly once.
     # A patient in flight at the kill (the held one at least) may have had its drafts committed, so it was
