@@ -4,7 +4,8 @@ What one launch measures, as a browser would live it: from the EHR's launch redi
 (``GET /ehr/launch`` on the sandbox EHR) through the app's ``/launch`` (discovery is cached after
 the first launch, as in production), the EHR's ``/authorize`` (auto-approve), the app's
 ``/callback`` (token exchange), to the fully rendered ``/review`` page (one batch read of the
-record through the EHR's scope-checking proxy, the check, the drafts, the template).
+record through the EHR's scope-checking proxy, the check, the drafts, the template with the
+measures plotted as inline SVG).
 
 The check's own share comes from the review page's ``Server-Timing`` header (read / review
 (check and drafts) durations measured inside the app) divided by the whole launch.
@@ -37,7 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from sandbox.testing import load_fresh_case, sandbox_stack  # noqa: E402
+from sandbox.testing import load_fresh_case, sandbox_stack, treat_loopback_as_secure  # noqa: E402
+
+treat_loopback_as_secure()  # the app's embedded-mode cookie is Secure on loopback, as browsers allow
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -71,7 +74,8 @@ def _in_chromium(url: str, app_url: str, launches: int, executable: str, record)
                 started = time.perf_counter()
                 response = page.goto(url, wait_until="load")
                 elapsed = time.perf_counter() - started
-                if response is None or page.url != app_url + "/review" or not page.locator("#summary").count():
+                if (response is None or not page.url.startswith(app_url + "/review?launch=")
+                        or not page.locator("#summary").count() or not page.locator("#trends svg").count()):
                     raise SystemExit(f"launch failed at {page.url}")
                 if i:  # the first launch warms up Chromium itself
                     record(elapsed, response.headers.get("server-timing", ""))
@@ -106,8 +110,8 @@ def run(fhir_base: str, launches: int, case_key: str, browser_path: str | None =
                 started = time.perf_counter()
                 page = browser.get(url)
                 elapsed = time.perf_counter() - started
-                if page.status_code != 200 or page.url != stack.app_url + "/review" \
-                        or "Documentation review" not in page.text:
+                if page.status_code != 200 or not page.url.startswith(stack.app_url + "/review?launch=") \
+                        or "Documentation review" not in page.text or '<svg class="plot"' not in page.text:
                     raise SystemExit(f"launch failed: {page.status_code} at {page.url}")
                 record(elapsed, page.headers.get("Server-Timing", ""))
     return {

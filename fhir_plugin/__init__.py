@@ -10,7 +10,7 @@ from ._cards import (CardContext, cards_for_review, cds_discovery, cds_service_i
                      orders_for_code)
 from ._check import check
 from ._client import FhirClient
-from ._drafts import Phase, build_drafts, draft_identifiers, phases_of
+from ._drafts import Existing, Phase, build_drafts, draft_identifiers, existing_in, phases_of
 from ._errors import (AuthError, DataUnavailable, DraftsRefused, Forbidden, InputError, LaunchError, MultipleMatches, NotFound,
                       NotLaunched, PluginError, ProfileError, ServerError, StateLocked, TransportError, UsageError)
 from ._profile import DEFAULT_PROFILE, Profile, available_profiles, load_profile
@@ -27,7 +27,7 @@ __all__ = [
     "check", "load_profile", "available_profiles", "Profile", "DEFAULT_PROFILE",
     "PatientRecord", "records_from_bundle", "load_bundle_file",
     "Report", "ElementResult", "RedFlagResult", "CodeFit", "Suggestion", "render_text",
-    "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused",
+    "build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused", "Existing", "existing_in",
     "review", "Review",
     "CardContext", "cards_for_review", "order_sign_cards", "cds_discovery", "cds_service_id", "needs_review",
     "orders_for_code",

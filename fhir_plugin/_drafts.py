@@ -24,10 +24,11 @@ from fhir.resources.R4B import get_fhir_model_class
 from ._version import __version__
 from ._errors import DraftsRefused, InputError, UsageError
 from ._profile import Profile
+from ._record import PatientRecord
 from ._report import Report
-from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER
+from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER, is_plugin_draft
 
-__all__ = ["build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused"]
+__all__ = ["build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused", "Existing", "existing_in"]
 
 _NAMESPACE = uuid.UUID("6f1d8a52-3c0e-5b7e-9a51-2f4c8e1d0b37")
 _CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
@@ -35,6 +36,65 @@ _CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-s
 _CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 _CAREPLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 _WEEK_DAYS = {"wk": 7, "d": 1, "mo": 30}
+# SPEC §7.1: which existing Conditions and CarePlans count
+_VOID_VERIFICATION = frozenset({"entered-in-error", "refuted"})
+_ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
+_CLOSED_PLAN = frozenset({"entered-in-error", "revoked", "completed"})
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What the record already holds that the drafts must build on instead of repeating (SPEC §7.1)."""
+
+    #: a clinician's Condition with the profile's code, in use: no Condition is drafted, the plan addresses it
+    condition: str | None = None
+    #: a clinician's open CarePlan for a matching Condition: no CarePlan, Goals or Provenance are drafted
+    careplan: str | None = None
+    #: the plugin's own drafts already on the server (after a write): nothing new is offered
+    written: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"condition": self.condition, "careplan": self.careplan, "written": list(self.written)}
+
+
+def _code(resource: Mapping[str, Any], name: str) -> str | None:
+    codings = (resource.get(name) or {}).get("coding") or []
+    return codings[0].get("code") if codings else None
+
+
+def _has_code(condition: Mapping[str, Any], code: str) -> bool:
+    return any(c.get("code") == code and c.get("system") in (ICD10CM, None)
+               for c in (condition.get("code") or {}).get("coding") or [])
+
+
+def _ref(resource: Mapping[str, Any]) -> str:
+    return f"{resource['resourceType']}/{resource.get('id')}"
+
+
+def existing_in(record: PatientRecord, profile: Profile) -> Existing:
+    """The Condition, the plan and the plugin's own drafts ``record`` already holds (SPEC §7.1). Pure."""
+    conditions = [r for r in record.of_type("Condition")
+                  if _has_code(r, profile.code) and _code(r, "verificationStatus") not in _VOID_VERIFICATION]
+    clinician = [r for r in conditions if not is_plugin_draft(r) and _code(r, "clinicalStatus") in _ACTIVE_CLINICAL]
+    # a confirmed diagnosis first, then the earliest recorded: the one the chart already relies on
+    clinician.sort(key=lambda r: (_code(r, "verificationStatus") != "confirmed", str(r.get("recordedDate") or ""),
+                                  str(r.get("id"))))
+    matching = {_ref(r) for r in conditions}
+    plans = [r for r in record.of_type("CarePlan") if r.get("status") not in _CLOSED_PLAN
+             and {a.get("reference") for a in r.get("addresses") or []} & matching]
+    own_plans = [r for r in plans if is_plugin_draft(r)]
+    written: list[str] = []
+    for plan in own_plans:
+        written.append(_ref(plan))
+        written += [a["reference"] for a in plan.get("addresses") or [] if a.get("reference") in matching
+                    and any(is_plugin_draft(c) and _ref(c) == a["reference"] for c in conditions)]
+        written += [g["reference"] for g in plan.get("goal") or [] if g.get("reference")]
+        written += [_ref(p) for p in record.of_type("Provenance") if is_plugin_draft(p)
+                    and _ref(plan) in {t.get("reference") for t in p.get("target") or []}]
+    other_plans = sorted(_ref(r) for r in plans if not is_plugin_draft(r))
+    return Existing(condition=_ref(clinician[0]) if clinician else None,
+                    careplan=other_plans[0] if other_plans else None,
+                    written=tuple(dict.fromkeys(written)))
 
 
 
@@ -109,12 +169,14 @@ def _validate(resource: Mapping[str, Any], *, name: str | None = None) -> Any:
                          f"{first.get('msg')}") from exc
 
 
-def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str, Any]:
-    """The transaction Bundle of SPEC §7 for one checked patient.
+def build_drafts(report: Report, profile: Profile, *, now: datetime,
+                 existing: Existing | None = None) -> dict[str, Any]:
+    """The transaction Bundle of SPEC §7 for one checked patient, around what ``existing`` names (§7.1).
 
     Refuses (DraftsRefused) when the code fit is a mismatch: the record then
     supports another code, and a draft of this one would put a wrong code in
-    the chart.
+    the chart.  With an existing Condition none is drafted and the plan
+    addresses it; with an existing plan no CarePlan, Goals or Provenance are.
     """
     if report.code_fit.status == "mismatch":
         first = report.code_fit.suggested[0] if report.code_fit.suggested else None
@@ -122,6 +184,9 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
         codes = ", ".join(s.code for s in report.code_fit.suggested) or "another code"
         raise DraftsRefused(f"no drafts were made: {report.patient}'s documentation does not support "
                             f"{profile.code} ({why}); suggested {codes}")
+    existing = existing or Existing()
+    if existing.condition and existing.careplan:
+        raise UsageError(f"nothing to draft: {existing.careplan} already addresses {existing.condition}")
     ids = draft_identifiers(report, profile)
     urls = {name: f"urn:uuid:{_uuid(value, 'fullUrl')}" for name, value in ids.items()}
     subject = {"reference": report.patient}
@@ -151,6 +216,8 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
     if evidence:
         condition["evidence"] = [{"detail": [{"reference": ref} for ref in evidence]}]
 
+    # SPEC §7.1: the plan addresses the chart's own diagnosis when there is one
+    addressed = existing.condition or urls["condition"]
     plan = profile.plan_definition
     goals: list[tuple[str, dict[str, Any]]] = []
     goal_urls: dict[str, str] = {}
@@ -160,7 +227,7 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
         resource = {
             "resourceType": "Goal", "meta": _meta(), "identifier": _identifier(ids[gid]),
             "lifecycleStatus": "proposed", "description": dict(goal["description"]), "subject": subject,
-            "addresses": [{"reference": urls["condition"]}], "startDate": start.isoformat(),
+            "addresses": [{"reference": addressed}], "startDate": start.isoformat(),
             "note": [{"text": f"{(goal.get('category') or {}).get('text', gid)}. Drafted for clinician review."}],
         }
         if goal.get("target"):
@@ -172,7 +239,8 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
     # the referral's rule and wording are profile data (SPEC §4, §7.1: it leads the plan)
     present = [f.id for f in report.red_flags if f.status == "present"]
     referral = profile.referral
-    if referral.applies(present):
+    held = referral.applies(present)
+    if held:
         activities.append({"detail": {
             "kind": "ServiceRequest", "code": {"text": referral.activity}, "status": "not-started",
             "description": referral.text(referral.description, present),
@@ -184,6 +252,11 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
         phase_end = _offset(start, (phase.get("timingRange") or {}).get("high"))
         period = {"start": phase_start.isoformat(), **({"end": phase_end.isoformat()} if phase_end else {})}
         phase_goals = [{"reference": goal_urls[g]} for g in phase.get("goalId", []) if g in goal_urls]
+        if held:  # SPEC §7.1: red flags hold the protocol until the evaluation
+            phase_status: dict[str, Any] = {"status": "on-hold",
+                                            "statusReason": {"text": referral.text(referral.hold_reason, present)}}
+        else:
+            phase_status = {"status": "not-started"}
         lines.append(f"Phase {number}: {phase['title']} ({period['start']} to {period.get('end', 'open')}) - "
                      + "; ".join(a["title"] for a in phase.get("action", [])))
         for act in phase.get("action", []):
@@ -191,7 +264,7 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
             extension = [{"url": "number", "valueInteger": number}, {"url": "title", "valueString": phase["title"]}]
             if source:
                 extension.append({"url": "source", "valueString": source})
-            detail: dict[str, Any] = {"code": {"text": act["title"]}, "status": "not-started",
+            detail: dict[str, Any] = {"code": {"text": act["title"]}, **phase_status,
                                       "scheduledPeriod": dict(period)}
             if act.get("description"):
                 detail["description"] = act["description"]
@@ -199,6 +272,8 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
                 detail["goal"] = phase_goals
             activities.append({"extension": [{"url": PHASE_EXTENSION, "extension": extension}], "detail": detail})
 
+    if held:
+        lines.insert(1, referral.hold_narrative)
     title = f"Draft care plan: {profile.display}"
     careplan: dict[str, Any] = {
         "resourceType": "CarePlan", "meta": _meta(), "identifier": _identifier(ids["careplan"]),
@@ -210,15 +285,16 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
         "description": "Phased treatment drafted by the documentation plugin from the condition profile; "
                        "it needs clinician review before use.",
         "subject": subject, "period": {"start": start.isoformat()}, "created": recorded,
-        "addresses": [{"reference": urls["condition"]}],
+        "addresses": [{"reference": addressed}],
         "goal": [{"reference": goal_urls[gid]} for gid, _ in goals],
         "activity": activities,
-        "note": [{"text": "Machine-drafted; needs clinician review."}],
+        "note": [{"text": "Machine-drafted; needs clinician review."
+                          + (f" It addresses the existing {existing.condition}." if existing.condition else "")}],
     }
     if encounter:
         careplan["encounter"] = encounter
 
-    targets = [urls["condition"], urls["careplan"]] + [goal_urls[gid] for gid, _ in goals]
+    targets = ([] if existing.condition else [urls["condition"]]) + [urls["careplan"]] + [goal_urls[gid] for gid, _ in goals]
     provenance: dict[str, Any] = {
         "resourceType": "Provenance", "meta": {"tag": [dict(DRAFT_TAG),
                                                        {"system": URI_IDENTIFIER, "code": ids["provenance"]}]},
@@ -233,15 +309,22 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime) -> dict[str
     if not provenance["entity"]:
         del provenance["entity"]
 
-    entries = [_entry(condition, urls["condition"], ids["condition"])]
+    entries = [] if existing.condition else [_entry(condition, urls["condition"], ids["condition"])]
+    if existing.careplan:  # SPEC §7.1: an active plan exists, so only the missing diagnosis is drafted
+        return _bundle(entries)
     entries += [_entry(resource, goal_urls[gid], ids[gid]) for gid, resource in goals]
     entries.append(_entry(careplan, urls["careplan"], ids["careplan"]))
     # Provenance has no identifier element in R4: its conditional create keys on a tag instead, and
-    # on its target Condition (the server resolves the urn:uuid placeholder to the patient's Condition)
+    # on its target CarePlan (the server resolves the urn:uuid placeholder to the patient's CarePlan)
     entries.append({"fullUrl": urls["provenance"], "resource": provenance,
                     "request": {"method": "POST", "url": "Provenance",
                                 "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}"
-                                               f"&target={urls['condition']}"}})
+                                               f"&target={urls['careplan']}"}})
+    return _bundle(entries)
+
+
+def _bundle(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The transaction Bundle of ``entries``, every resource validated as R4."""
     models = [_validate(entry["resource"]) for entry in entries]
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     # The envelope is checked around the models just made: validating the plain Bundle would

@@ -219,6 +219,10 @@ class Referral:
     activity: str        # the activity's code.text
     description: str     # the activity's description; "{red_flags}" becomes the flags present
     narrative: str       # the CarePlan narrative's line; "{red_flags}" as above
+    #: each held phase activity's statusReason (SPEC §7.1: red flags hold the protocol); "{red_flags}" as above
+    hold_reason: str = "On hold: red flags present ({red_flags}); the protocol waits for the evaluation."
+    #: the CarePlan narrative's line saying the protocol waits
+    hold_narrative: str = "The phased protocol is on hold until the referral's evaluation."
 
     def applies(self, present: Sequence[str]) -> bool:
         """Whether the red flags present (their ids) recommend a referral."""

@@ -13,7 +13,7 @@ from datetime import date, datetime
 from typing import Any
 
 from ._check import check
-from ._drafts import build_drafts
+from ._drafts import Existing, build_drafts, existing_in
 from ._errors import DraftsRefused
 from ._profile import Profile
 from ._record import PatientRecord
@@ -29,6 +29,15 @@ class Review:
     report: Report
     drafts: dict[str, Any] | None
     refused: str | None = None
+    #: what the record already holds that the drafts build on (SPEC §7.1)
+    existing: Existing = Existing()
+    #: why nothing new is offered although the code fits: the drafts are written, or a plan exists (SPEC §7.1)
+    settled: str | None = None
+
+    @property
+    def written(self) -> bool:
+        """The plugin's drafts for this record are already on the server (SPEC §7.1, after a write)."""
+        return bool(self.existing.written)
 
     @property
     def drafts_allowed(self) -> bool:
@@ -43,7 +52,16 @@ def review(record: PatientRecord, profile: Profile, *, today: date, now: datetim
     the answer, not an error, since the report is still worth showing.
     """
     report = check(record, profile, today=today, encounter_id=encounter_id)
+    existing = existing_in(record, profile)
+    if report.code_fit.status != "mismatch":
+        # SPEC §7.1: after a write, or with a diagnosis and a plan in the chart, nothing new is offered
+        if existing.written:
+            return Review(report, None, None, existing,
+                          "the drafts are already in the record (" + ", ".join(existing.written) + ")")
+        if existing.condition and existing.careplan:
+            return Review(report, None, None, existing,
+                          f"an active plan exists: {existing.careplan} addresses {existing.condition}")
     try:
-        return Review(report, build_drafts(report, profile, now=now))
+        return Review(report, build_drafts(report, profile, now=now, existing=existing), existing=existing)
     except DraftsRefused as exc:
-        return Review(report, None, str(exc))
+        return Review(report, None, str(exc), existing)

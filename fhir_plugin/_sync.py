@@ -314,7 +314,7 @@ def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today
     try:
         strategies = strategies_for(client)
         result = review(strategies.reader.read(patient_id), profile, today=today, now=now())
-        if not result.drafts_allowed:
+        if result.refused is not None:  # a code mismatch; a settled record (SPEC §7.1) just has nothing new
             return PatientOutcome(patient_line(patient_id, status="refused", report=result.report))
         written = strategies.writer.write(result.drafts).to_json() if write and result.drafts else None
         status = "complete" if result.report.complete else "gaps"

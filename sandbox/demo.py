@@ -2,7 +2,9 @@
 
 Starts the sandbox HAPI (unless one of ours already runs on the port), loads
 the synthetic patients, starts the sandbox EHR in front of it and the SMART
-app, and prints the URL that launches the app for a synthetic patient.
+app, and prints chart URLs that open the app embedded in the EHR's page (a
+cross-site frame, as real EHRs show SMART apps) for three patients: one whose
+drafts can be written, one with a red flag, and a complete one.
 Ctrl-C stops what it started.  Runs from a checkout: the HAPI module is
 built from ``sandbox/hapi`` with Maven.
 """
@@ -23,7 +25,10 @@ from fhir_plugin import PluginError, UsageError
 __all__ = ["run_sandbox"]
 
 HAPI_RUN = Path(__file__).resolve().parent / "hapi" / "run"
-DEMO_PATIENT = "fp-missing-onset"
+#: the demo's patients, one per state the review page shows (issue 13)
+DEMO_PATIENTS = (("fp-missing-treatment-plan", "drafts can be written"),
+                 ("fp-flag-neuro", "red flag: referral first"),
+                 ("fp-complete", "complete: a plan exists, nothing to write"))
 
 
 def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
@@ -31,7 +36,7 @@ def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
-                auto_approve: bool = False) -> int:
+                auto_approve: bool = False, frame_ancestors: tuple[str, ...] | None = None) -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
     from fhir_plugin._examples import example_cases
     from fhir_plugin._sources import load_into_server
@@ -61,16 +66,26 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         entry.update(redirect_uris=[f"{app_url}/callback"], launch_url=f"{app_url}/launch")
         clients = ClientRegistry()
         clients.register(Client.from_dict(entry, base_dir=EXAMPLE_CLIENTS.parent))
+        # the EHR's chart pages embed the app; from http://localhost the frame (on 127.0.0.1) is cross-site
+        chart_origin = f"http://localhost:{ehr_port}"
+        ancestors = frame_ancestors or (chart_origin, f"http://127.0.0.1:{ehr_port}")
         ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve,
-                              cds_services_url=f"{app_url}/cds-services")
+                              frame_ancestors=ancestors, cds_services_url=f"{app_url}/cds-services")
         # the app's CDS Hooks service trusts this EHR's signed JWTs by iss + jku (its key is made at start)
         settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",
                             allowed_issuers=(ehr.fhir_base_url,), session_store="memory",
+                            allowed_frame_ancestors=ancestors,
                             cds_clients=trust_from_json([trust_entry(ehr.base_url)]), cds_feedback_store="memory")
-        case = next(c for c in cases if c.patient_id == DEMO_PATIENT)
-        query = {"patient": case.patient_id, "app": f"{app_url}/launch"}
-        if case.encounter_id:
-            query["encounter"] = case.encounter_id
+        launches = []
+        for pid, state in DEMO_PATIENTS:
+            case = next(c for c in cases if c.patient_id == pid)
+            query = {"patient": case.patient_id, "client_id": "fhir-plugin"}
+            if case.encounter_id:
+                query["encounter"] = case.encounter_id
+            launches.append(f"  {state}:\n    {chart_origin}/ehr/chart?{urlencode(query)}")
+        first = next(c for c in cases if c.patient_id == DEMO_PATIENTS[0][0])
+        cards_page = f"{ehr.base_url}/ehr/patient/{first.patient_id}" + (
+            f"?encounter={first.encounter_id}" if first.encounter_id else "")
         try:  # print the URLs only once the app answers
             server = LiveServer(create_app(settings), app_port, name="smart-app").start()
         except RuntimeError as exc:
@@ -78,11 +93,9 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         print(f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
               f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
               f"SMART app      {app_url}  (CDS Hooks: {app_url}/cds-services)\n\n"
-              f"Launch the app for {case.patient_id} ({case.title}):\n"
-              f"  {ehr.base_url}/ehr/launch?{urlencode(query)}\n"
-              f"Open the patient in the EHR, with the CDS cards:\n"
-              f"  {ehr.base_url}/ehr/patient/{case.patient_id}"
-              + (f"?encounter={case.encounter_id}" if case.encounter_id else "")
+              f"Open the app inside the EHR's chart (frame-ancestors: {' '.join(ancestors)}):\n"
+              + "\n".join(launches) + "\n"
+              f"Open a patient in the EHR, with the CDS cards:\n  {cards_page}"
               + "\n\nCtrl-C stops everything.", flush=True)
         stop = threading.Event()
         # Ctrl-C or a service manager's SIGTERM; set explicitly, since a shell starting us in the

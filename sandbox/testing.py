@@ -254,6 +254,18 @@ class SandboxStack:
         params = {"patient": patient, "client_id": self.client_id, **({"encounter": encounter} if encounter else {})}
         return f"{self.ehr.base_url}/ehr/launch?{urlencode(params)}"
 
+    @property
+    def chart_origin(self) -> str:
+        """The EHR's pages as a browser reaches them on another host: its frame (on 127.0.0.1) is cross-site."""
+        return self.ehr.base_url.replace("://127.0.0.1:", "://localhost:")
+
+    def chart_url(self, patient: str, encounter: str | None = None) -> str:
+        """The EHR's chart page for ``patient`` with the app embedded in a cross-site frame (issue 13)."""
+        from urllib.parse import urlencode
+
+        params = {"patient": patient, "client_id": self.client_id, **({"encounter": encounter} if encounter else {})}
+        return f"{self.chart_origin}/ehr/chart?{urlencode(params)}"
+
 
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
@@ -275,6 +287,9 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     ehr_settings: dict[str, Any] = {"cds_services_url": f"{app_url}/cds-services"} if cds else {}
     with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime,
                      **ehr_settings) as ehr:
+        # the EHR's chart pages (on localhost and on 127.0.0.1) may frame the app, as real EHRs do
+        app_settings.setdefault("allowed_frame_ancestors",
+                                (ehr.base_url.replace("://127.0.0.1:", "://localhost:"), ehr.base_url))
         ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
                                     launch_url=f"{app_url}/launch", name="M62.561 documentation check",
                                     scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))
@@ -305,3 +320,53 @@ def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
     moved = renamed_case(case, tag or uuid.uuid4().hex[:8])
     load_into_server(fhir_base, [moved])
     return moved
+
+
+def treat_loopback_as_secure() -> None:
+    """Let ``requests`` send ``Secure`` cookies to http://127.0.0.1 and localhost, as browsers do.
+
+    Browsers treat loopback as a secure context, so the app's embedded-mode cookie
+    (``SameSite=None; Secure; Partitioned``) is sent there; Python's cookie jar only
+    sends a ``Secure`` cookie over https.  Test clients call this once to act like a browser.
+    """
+    import http.cookiejar
+    from urllib.parse import urlsplit
+
+    policy = http.cookiejar.DefaultCookiePolicy
+    if getattr(policy, "_fp_loopback", False):
+        return
+    original = policy.return_ok_secure
+
+    def return_ok_secure(self: Any, cookie: Any, request: Any) -> bool:
+        host = (urlsplit(request.get_full_url()).hostname or "").lower()
+        return host in ("127.0.0.1", "localhost", "::1") or bool(original(self, cookie, request))
+
+    policy.return_ok_secure = return_ok_secure  # type: ignore[method-assign]
+    policy._fp_loopback = True  # type: ignore[attr-defined]
+
+
+def without_clinician_plans(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A synthetic record without the clinician's own CarePlans: one the drafts still have a plan for.
+
+    Since SPEC §7.1 an active plan means nothing is drafted; tests of the write paths (the sync job)
+    use records like this so every patient still gets drafts (a CarePlan, its Goals, a Provenance
+    around the record's own confirmed Condition).
+    """
+    from fhir_plugin._vocab import is_plugin_draft
+
+    return [r for r in resources if r.get("resourceType") != "CarePlan" or is_plugin_draft(r)]
+
+
+def needing_drafts(resources: list[dict[str, Any]], *, code: str = "M62.561",
+                   chart_code: str = "M62.56") -> list[dict[str, Any]]:
+    """A synthetic record for which every draft is still to write (SPEC §7.1): no clinician plan, and the
+    chart's Condition coded less specifically (``chart_code``), so the specific one is drafted too."""
+    import copy
+
+    out = copy.deepcopy(without_clinician_plans(resources))
+    for resource in out:
+        if resource.get("resourceType") == "Condition":
+            for coding in (resource.get("code") or {}).get("coding") or []:
+                if coding.get("code") == code:
+                    coding["code"] = chart_code
+    return out

@@ -89,7 +89,10 @@ def _plugin_error_handler(pages: Pages) -> Callable[..., Any]:
         if isinstance(exc, LaunchError) and isinstance(exc.__cause__, (requests.RequestException, TransportError)):
             status = 502  # the EHR's server failed us, not the browser
         if isinstance(exc, AuthError) and exc.status == 403:  # the token is fine but does not reach that far
+            log.warning("the EHR answered 403 on %s: %s", request.url.path, type(exc).__name__)
             status, title = 403, "The EHR refused this request"
+            message = ("The EHR did not let this app read that record: it belongs to another patient or lies "
+                       "outside what this launch may see. Go back to the review of this patient.")
         elif isinstance(exc, AuthError):
             message += " Please launch the app again from the EHR."
         return pages.refusal(request, status, title, message)

@@ -26,6 +26,7 @@ session).  The app-wide objects live in ``AppServices`` on ``app.state``.
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
@@ -34,7 +35,19 @@ from typing import Annotated, Any, Callable, Iterator
 import requests
 from fastapi import Depends, Form, Header, Request
 
-from fhir_plugin import FhirClient, Forbidden, NotLaunched, PatientRecord, Profile, Report, strategies_for
+from fhir_plugin import (
+    Existing,
+    FhirClient,
+    Forbidden,
+    NotLaunched,
+    PatientRecord,
+    Profile,
+    Report,
+    UsageError,
+    available_profiles,
+    load_profile,
+    strategies_for,
+)
 from fhir_plugin import review as review_record
 
 from . import _launch as smart
@@ -43,13 +56,24 @@ from .state import LaunchSession, Sessions
 from .views import Pages
 
 __all__ = [
-    "AppServices", "COOKIE", "Reviewed",
+    "AppServices", "COOKIE", "cookie_name", "valid_lid", "Reviewed",
     "SettingsDep", "SessionsDep", "HttpDep", "CacheDep", "ProfileDep", "PagesDep", "ClockDep", "Today", "Now",
     "MaybeSession", "CurrentSession", "Fhir", "FormCsrf", "HeaderCsrf", "MayWrite", "ReviewedDep",
 ]
 
-#: the session cookie: an opaque random id; everything else stays server-side
+#: the session cookie: an opaque random id; everything else stays server-side.  ``fp_sid`` holds the
+#: browser's latest launch; ``fp_sid_<launch>`` each launch's own, read when a page names its ``launch``.
 COOKIE = "fp_sid"
+_LID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def cookie_name(lid: str | None) -> str:
+    """The cookie of launch ``lid`` (one session per launch), or the browser's latest launch's."""
+    return f"{COOKIE}_{lid}" if lid else COOKIE
+
+
+def valid_lid(lid: str | None) -> bool:
+    return bool(lid) and _LID.fullmatch(lid or "") is not None
 
 
 @dataclass(frozen=True)
@@ -89,8 +113,19 @@ def _cache(s: Services) -> smart.DiscoveryCache[smart.SmartConfig]:
     return s.cache
 
 
-def _profile(s: Services) -> Profile:
-    return s.profile
+_SHIPPED: dict[str, Profile] = {}
+
+
+def _profile(s: Services, request: Request) -> Profile:
+    """The app's profile, or another that ships when the page asks for it (``?code=``: a mismatch's suggestion)."""
+    code = request.query_params.get("code")
+    if not code or code == s.profile.code:
+        return s.profile
+    if code not in available_profiles():
+        raise UsageError(f"this app has no profile for {code[:20]}, so it cannot review under that code")
+    if code not in _SHIPPED:
+        _SHIPPED[code] = load_profile(code)
+    return _SHIPPED[code]
 
 
 def _pages(s: Services) -> Pages:
@@ -123,9 +158,18 @@ Now = Annotated[datetime, Depends(_now)]
 # ---------------------------------------------------------------- the session
 
 def _maybe_session(request: Request, sessions: SessionsDep) -> LaunchSession | None:
-    sid = request.cookies.get(COOKIE)
+    """The launch a page names (``?launch=``) through its own cookie; without one, the browser's latest launch.
+
+    A page of launch A always reads A's session, whatever was launched since in another tab.
+    """
+    lid = request.query_params.get("launch")
+    if lid is not None and not valid_lid(lid):
+        return None
+    sid = request.cookies.get(cookie_name(lid))
     state = sessions.get(sid)
-    return LaunchSession(sid, state) if sid and state and state.signed_in else None
+    if not sid or not state or not state.signed_in or (lid is not None and state.lid != lid):
+        return None
+    return LaunchSession(sid, state)
 
 
 MaybeSession = Annotated[LaunchSession | None, Depends(_maybe_session)]
@@ -206,6 +250,10 @@ class Reviewed:
     drafts: dict[str, Any] | None
     refused: str | None
     timings: dict[str, float]
+    #: what the record already holds (SPEC §7.1) and why nothing new is offered, if so
+    existing: Existing = Existing()
+    settled: str | None = None
+    profile: Profile | None = None
 
     def server_timing(self) -> str:
         """The Server-Timing header (W3C): the check's own share for the benchmark; durations only, no data."""
@@ -219,7 +267,8 @@ def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: To
     t1 = time.perf_counter()
     result = review_record(record, profile, today=today, now=now, encounter_id=sess.encounter)
     t2 = time.perf_counter()
-    return Reviewed(record, result.report, result.drafts, result.refused, {"read": t1 - t0, "review": t2 - t1})
+    return Reviewed(record, result.report, result.drafts, result.refused, {"read": t1 - t0, "review": t2 - t1},
+                    result.existing, result.settled, profile)
 
 
 ReviewedDep = Annotated[Reviewed, Depends(_reviewed)]

@@ -31,14 +31,17 @@ class PendingAuthorization:
     sid: str
     code_verifier: str = field(repr=False)
     redirect_uri: str
+    #: the launch's public handle (its cookie's name and its pages' ``launch`` parameter)
+    lid: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"sid": self.sid, "code_verifier": self.code_verifier, "redirect_uri": self.redirect_uri}
+        return {"sid": self.sid, "code_verifier": self.code_verifier, "redirect_uri": self.redirect_uri,
+                "lid": self.lid}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PendingAuthorization:
         return cls(sid=str(data.get("sid")), code_verifier=str(data.get("code_verifier") or ""),
-                   redirect_uri=str(data.get("redirect_uri") or ""))
+                   redirect_uri=str(data.get("redirect_uri") or ""), lid=str(data.get("lid") or ""))
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class LaunchState:
     scopes: tuple[str, ...] = ()
     #: the EHR's safe style values (``smart_style_url``); None until fetched, {} when there were none
     style: Mapping[str, str] | None = None
+    #: the launch's public handle: one session per launch, so two launches in a browser never mix patients
+    lid: str | None = None
 
     @property
     def signed_in(self) -> bool:
@@ -83,6 +88,8 @@ class LaunchState:
         out["scopes"] = list(self.scopes)
         if self.style is not None:
             out["style"] = dict(self.style)
+        if self.lid is not None:
+            out["lid"] = self.lid
         return out
 
     @classmethod
@@ -94,7 +101,8 @@ class LaunchState:
                    started=float(data.get("started") or 0), state=data.get("state"), token=data.get("token"),
                    context=LaunchContext.from_json(context) if isinstance(context, dict) else None,
                    csrf=data.get("csrf"), scopes=tuple(data.get("scopes") or ()),
-                   style={str(k): str(v) for k, v in style.items()} if isinstance(style, dict) else None)
+                   style={str(k): str(v) for k, v in style.items()} if isinstance(style, dict) else None,
+                   lid=str(data["lid"]) if data.get("lid") else None)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class LaunchSession:
 
     sid: str
     state: LaunchState
+
+    @property
+    def lid(self) -> str | None:
+        return self.state.lid
 
     @property
     def context(self) -> LaunchContext:

@@ -105,3 +105,9 @@ def fhir_base_url():
         if started_here:
             # Up to 90 s: the first server after a build writes its class-data-sharing archive.
             run_sandbox_hapi("stop", "--port", str(port), timeout=180)
+
+
+# The app's embedded-mode cookie is Secure on loopback, as browsers allow there; make requests' jar agree.
+from sandbox.testing import treat_loopback_as_secure  # noqa: E402
+
+treat_loopback_as_secure()

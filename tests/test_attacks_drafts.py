@@ -40,11 +40,13 @@ def _drafts_for(case):
 
 def test_every_conditional_create_names_the_patient():
     report, _, bundle = _drafts_for(_case("missing-onset"))
-    condition_url = bundle["entry"][0]["fullUrl"]
+    careplan_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan")
     for entry in bundle["entry"]:
         search = entry["request"]["ifNoneExist"]
         if entry["resource"]["resourceType"] == "Provenance":
-            assert f"target={condition_url}" in search.split("&")   # the server resolves it to the patient's
+            # keyed on the draft plan (always drafted with a Provenance, SPEC §7.1); the server resolves the
+            # placeholder to the patient's CarePlan
+            assert f"target={careplan_url}" in search.split("&")
         else:
             assert f"subject={report.patient}" in search.split("&")
 

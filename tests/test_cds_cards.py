@@ -8,6 +8,7 @@ Written from the CDS Hooks 2.0 specification's Card attributes: ``summary`` unde
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 
@@ -26,6 +27,7 @@ from fhir_plugin import (
 from fhir_plugin._cards import PREFETCH, SUMMARY_LIMIT, gap_phrase
 from fhir_plugin._vocab import URI_IDENTIFIER
 from fhir_plugin.synthetic import generate_cases
+from sandbox.testing import needing_drafts
 
 TODAY = dt.date(2026, 11, 26)
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -38,6 +40,12 @@ def _cards(case, code="M62.561"):
     profile = load_profile(code)
     result = review(PatientRecord(case.patient_id, tuple(case.resources)), profile, today=TODAY, now=NOW)
     return profile, result, cards_for_review(result, profile, CTX, case.resources)
+
+
+def _needing_drafts(key):
+    """A case whose record still needs every draft (SPEC §7.1: no clinician plan, the chart coded M62.56)."""
+    case = next(c for c in CASES if c.key == key)
+    return dataclasses.replace(case, resources=needing_drafts(case.resources))
 
 
 def test_discovery_lists_patient_view_and_order_sign_per_profile_with_prefetch_templates():
@@ -100,7 +108,9 @@ def test_every_synthetic_patients_cards_agree_with_its_report(case):
             (suggestion,) = card["suggestions"]
             assert suggestion["uuid"] and suggestion["label"]
             types = [a["resource"]["resourceType"] for a in suggestion["actions"]]
-            assert types == ["Condition", "CarePlan"]
+            # what the drafts hold (SPEC §7.1: an existing diagnosis is not drafted again)
+            assert types == [e["resource"]["resourceType"] for e in result.drafts["entry"]
+                             if e["resource"]["resourceType"] in ("Condition", "CarePlan")]
             assert all(a["type"] == "create" for a in suggestion["actions"])
     assert len({c["uuid"] for c in cards}) == len(cards)
 
@@ -111,7 +121,7 @@ def test_a_complete_record_without_red_flags_gets_no_card():
 
 
 def test_the_suggestion_creates_the_provisional_condition_with_the_plugins_identifier():
-    case = next(c for c in CASES if c.key == "missing-onset")
+    case = _needing_drafts("missing-onset")
     _profile, result, cards = _cards(case)
     (card,) = cards
     condition, careplan = (a["resource"] for a in card["suggestions"][0]["actions"])
@@ -127,7 +137,7 @@ def test_the_suggestion_creates_the_provisional_condition_with_the_plugins_ident
 
 
 def test_a_draft_already_in_the_record_is_not_suggested_again():
-    case = next(c for c in CASES if c.key == "missing-onset")
+    case = _needing_drafts("missing-onset")
     profile, result, _cards_ = _cards(case)
     held = [dict(e["resource"], id=f"held-{i}") for i, e in enumerate(result.drafts["entry"])
             if e["resource"]["resourceType"] in ("Condition", "CarePlan")]
@@ -136,7 +146,7 @@ def test_a_draft_already_in_the_record_is_not_suggested_again():
 
 
 def test_order_sign_card_only_for_an_order_whose_reason_is_the_code_and_documentation_missing():
-    case = next(c for c in CASES if c.key == "missing-onset")
+    case = _needing_drafts("missing-onset")
     profile, result, _ = _cards(case)
     order = {"resourceType": "ServiceRequest", "id": "pt-referral", "status": "draft", "intent": "order",
              "subject": {"reference": f"Patient/{case.patient_id}"},
@@ -147,7 +157,8 @@ def test_order_sign_card_only_for_an_order_whose_reason_is_the_code_and_document
     assert orders_for_code({"resourceType": "Bundle", "entry": [{"resource": other}]}, profile) == []
     (card,) = order_sign_cards(result, profile, CTX, ["ServiceRequest/pt-referral"], case.resources)
     assert card["indicator"] == "warning" and "ServiceRequest/pt-referral" in card["detail"]
-    assert "document onset" in card["summary"] and len(card["summary"]) < SUMMARY_LIMIT
+    assert gap_phrase(result.report.element("onset"), profile) in card["summary"]
+    assert len(card["summary"]) < SUMMARY_LIMIT
     complete = next(c for c in CASES if c.key == "complete")
     _p, done, _c = _cards(complete)
     assert order_sign_cards(done, profile, CTX, ["ServiceRequest/pt-referral"]) == []
@@ -157,9 +168,10 @@ def test_gap_words_come_from_the_profiles_action_when_it_has_one():
     case = next(c for c in CASES if c.key == "missing-onset")
     profile, result, _ = _cards(case)
     onset = result.report.element("onset")
-    assert gap_phrase(onset, profile) == "document onset"
+    without = dataclasses.replace(profile, elements=tuple({k: v for k, v in e.items() if k != "action"}
+                                                          for e in profile.elements))
+    assert gap_phrase(onset, without) == "document onset"   # no action in the profile: words from the title
     elements = tuple(dict(e, action="record when the symptoms began") if e["id"] == "onset" else e
                      for e in profile.elements)
-    import dataclasses
     with_action = dataclasses.replace(profile, elements=elements)
     assert gap_phrase(onset, with_action) == "record when the symptoms began"

@@ -8,6 +8,7 @@ Tests marked ``server`` read through the sandbox HAPI (``FHIR_BASE_URL``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -19,6 +20,7 @@ import requests
 
 from fhir_plugin import CardContext, PatientRecord, cards_for_review, load_profile, needs_review, review
 from fhir_plugin.synthetic import generate_cases
+from sandbox.testing import needing_drafts
 from sandbox.ehr._cds_client import CdsSigner
 from sandbox.testing import live_server, load_fresh_case
 from smart_launch._app import create_app
@@ -145,8 +147,10 @@ def test_unknown_service_is_404(service, signer):
 
 def test_feedback_is_stored_and_counted_by_the_cli(service, signer):
     case = next(c for c in CASES if c.key == "flag-fever")
+    # a record that still needs drafts (SPEC §7.1), so its card carries a suggestion to accept
+    case = dataclasses.replace(case, resources=needing_drafts(case.resources))
     cards = call(service, signer, PV, patient=case.patient_id, prefetch=prefetch_of(case)).json()["cards"]
-    (card,) = cards
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "red-flags")
     url = f"{service.url}/cds-services/{PV}"
 
     def send(body):

@@ -101,3 +101,99 @@ def test_a_profile_that_drafts_invalid_r4_is_refused_before_anything_is_sent():
     broken.plan_definition["goal"][0]["target"] = [{"measure": "not a CodeableConcept"}]
     with pytest.raises(InputError, match=r"drafted Goal is not valid R4 at target\.0\.measure"):
         build_drafts(_report("missing-onset"), broken, now=NOW)
+
+
+# ---------------------------------------------------------------- SPEC §7.1: what already exists, red flags
+
+def _case(key):
+    case = next(c for c in CASES if c.key == key)
+    [record] = records_from_bundle(case.resources)
+    return case, record
+
+
+def _without(record, predicate):
+    from fhir_plugin import PatientRecord
+
+    return PatientRecord(record.patient_id, tuple(r for r in record.resources if not predicate(r)))
+
+
+def test_an_existing_confirmed_condition_is_not_drafted_again_and_the_plan_addresses_it():
+    from fhir_plugin import existing_in, review
+
+    case, record = _case("missing-treatment-plan")  # a confirmed M62.561 Condition; its CarePlan entered in error
+    existing = existing_in(record, PROFILE)
+    condition = next(r for r in record.of_type("Condition")
+                     if r["code"]["coding"][0]["code"] == "M62.561")
+    assert existing.condition == f"Condition/{condition['id']}" and existing.careplan is None
+    result = review(record, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
+    kinds = _by_type(result.drafts)
+    assert "Condition" not in kinds
+    plan = kinds["CarePlan"][0]["resource"]
+    assert plan["addresses"] == [{"reference": existing.condition}]
+    assert all(g["resource"]["addresses"] == [{"reference": existing.condition}] for g in kinds["Goal"])
+    assert existing.condition in plan["note"][0]["text"]  # the drafts say which Condition they build on
+    assert {"reference": existing.condition} not in kinds["Provenance"][0]["resource"]["target"]
+
+
+def test_a_refuted_or_resolved_condition_does_not_count_as_existing():
+    from fhir_plugin import existing_in
+
+    _, record = _case("missing-treatment-plan")
+    for field, code in (("verificationStatus", "refuted"), ("clinicalStatus", "resolved")):
+        changed = [dict(r, **{field: {"coding": [{"code": code}]}}) if r["resourceType"] == "Condition" else r
+                   for r in record.resources]
+        from fhir_plugin import PatientRecord
+        assert existing_in(PatientRecord(record.patient_id, tuple(changed)), PROFILE).condition is None
+
+
+def test_an_active_plan_means_no_plan_drafts_and_the_review_names_it():
+    from fhir_plugin import existing_in, review
+
+    case, record = _case("complete")  # a confirmed Condition and an active CarePlan addressing it
+    existing = existing_in(record, PROFILE)
+    assert existing.careplan and existing.careplan.startswith("CarePlan/") and existing.condition
+    result = review(record, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
+    assert result.drafts is None and result.refused is None
+    assert "an active plan exists" in result.settled and existing.careplan in result.settled
+    # the plan without the chart's Condition: only the diagnosis is drafted, no CarePlan, Goal or Provenance
+    only_plan = existing_in(record, PROFILE)
+    bundle = build_drafts(_report("complete"), PROFILE, now=NOW,
+                          existing=type(only_plan)(condition=None, careplan=only_plan.careplan))
+    assert {k: len(v) for k, v in _by_type(bundle).items()} == {"Condition": 1}
+
+
+def test_a_red_flag_puts_the_referral_first_and_holds_every_phase_activity():
+    report = _report("flag-neuro")
+    assert report.referral_recommended
+    plan = _by_type(build_drafts(report, PROFILE, now=NOW))["CarePlan"][0]["resource"]
+    first, *rest = plan["activity"]
+    assert first["detail"]["kind"] == "ServiceRequest" and first["detail"]["status"] == "not-started"
+    assert rest and all(a["detail"]["status"] == "on-hold" for a in rest)
+    assert all("progressive-neuro-deficit" in a["detail"]["statusReason"]["text"] for a in rest)
+    narrative = plan["text"]["div"]
+    assert narrative.index("Referral recommended") < narrative.index("on hold") < narrative.index("Phase 1")
+
+
+def test_without_a_red_flag_no_activity_is_held():
+    plan = _by_type(build_drafts(_report("missing-onset"), PROFILE, now=NOW))["CarePlan"][0]["resource"]
+    assert {a["detail"]["status"] for a in plan["activity"]} == {"not-started"}
+    assert "on hold" not in plan["text"]["div"]
+
+
+def test_after_a_write_nothing_new_is_offered():
+    from fhir_plugin import PatientRecord, review
+
+    case, record = _case("missing-treatment-plan")
+    first = review(record, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
+    # the server after the write: the drafts with ids, as the server keeps them
+    written = [dict(e["resource"], id=f"w{i}") for i, e in enumerate(first.drafts["entry"])]
+    urls = {e["fullUrl"]: f"{r['resourceType']}/{r['id']}" for e, r in zip(first.drafts["entry"], written)}
+    import json
+    text = json.dumps(written)
+    for url, ref in urls.items():
+        text = text.replace(url, ref)
+    after = PatientRecord(record.patient_id, record.resources + tuple(json.loads(text)))
+    again = review(after, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
+    assert again.report.element("treatment-plan").status == "proposed"
+    assert again.drafts is None and again.refused is None and again.written
+    assert urls[next(u for u, r in urls.items() if r.startswith("CarePlan/"))] in again.settled

@@ -1,6 +1,7 @@
 """`fhir-plugin sandbox` (README "try the app"): one command, and the URL it prints launches the app."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from sandbox.testing import free_port
+from sandbox.testing import free_port, treat_loopback_as_secure
+
+treat_loopback_as_secure()
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.server,
@@ -32,12 +35,17 @@ def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url
             lines.append(line)
             if "Ctrl-C" in line or not line:
                 break
-        launch = next((l.strip() for l in lines if "/ehr/launch?" in l), None)
-        assert launch, "no launch URL printed:\n" + "".join(lines)
-        assert launch.startswith(f"http://127.0.0.1:{ehr_port}/ehr/launch?patient=fp-missing-onset")
-        page = requests.get(launch, timeout=60)   # auto-approve: EHR -> app -> EHR authorize -> app callback
-        assert page.status_code == 200 and page.url == f"http://127.0.0.1:{app_port}/review"
-        assert "Documentation review" in page.text and "fp-missing-onset" in page.text
+        # issue 13: three chart pages (writable, red flag, complete), each embedding the app in a frame
+        charts = [text.strip() for text in lines if "/ehr/chart?" in text]
+        assert len(charts) == 3, "no chart URLs printed:\n" + "".join(lines)
+        assert charts[0].startswith(f"http://localhost:{ehr_port}/ehr/chart?patient=fp-missing-treatment-plan")
+        chart = requests.get(charts[0], timeout=60)
+        src = re.search(r'<iframe class="app" src="([^"]+)"', chart.text).group(1).replace("&amp;", "&")
+        assert src.startswith(f"http://127.0.0.1:{ehr_port}/ehr/launch?")  # a cross-site frame from localhost
+        page = requests.get(src, timeout=60)   # auto-approve: EHR -> app -> EHR authorize -> app callback
+        assert page.status_code == 200 and page.url.startswith(f"http://127.0.0.1:{app_port}/review?launch=")
+        assert "Documentation review" in page.text and "fp-missing-treatment-plan" in page.text
+        assert 'id="write-button"' in page.text
     finally:
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+import re
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -749,3 +750,32 @@ def test_expiry_and_refresh(fhir_base_url, world):
         assert reused.json()["error"] == "invalid_grant"
         assert read(second["access_token"]).status_code == 401
         assert refresh(second["refresh_token"]).json()["error"] == "invalid_grant"
+
+
+# ------------------------------------------------------------------ issue 13: the EHR's own pages
+
+@pytest.mark.server
+def test_an_unknown_patient_is_refused_before_the_approval_page(fhir_base_url):
+    with running_ehr(fhir_base_url) as ehr:
+        ehr.clients.register(Client("app-13", redirect_uris=[REDIRECT], launch_url=LAUNCH_URL))
+        answer = requests.get(ehr.base_url + "/ehr/launch", params={"patient": "no-such-patient-13",
+                                                                    "client_id": "app-13"},
+                              allow_redirects=False, timeout=10)
+        assert answer.status_code == 404 and "Location" not in answer.headers
+        assert "Unknown patient" in answer.text and "<main>" in answer.text
+
+
+@pytest.mark.server
+def test_the_patient_list_reads_every_page_and_the_chart_embeds_the_app(fhir_base_url):
+    with running_ehr(fhir_base_url) as ehr:
+        ehr.clients.register(Client("app-13", redirect_uris=[REDIRECT], launch_url=LAUNCH_URL, name="App 13"))
+        total = requests.get(f"{fhir_base_url}/Patient", params={"_summary": "count"},
+                             headers={"Cache-Control": "no-cache"}, timeout=30).json()["total"]
+        page = requests.get(ehr.base_url + "/ehr", timeout=60)
+        assert page.status_code == 200 and "<main>" in page.text
+        rows = {m for m in re.findall(r'/ehr/chart\?patient=([^&"]+)', page.text)}
+        # more than one search page of patients, every one listed (others may add patients meanwhile)
+        assert len(rows) >= total > 50
+        chart = requests.get(ehr.base_url + "/ehr/chart", params={"patient": sorted(rows)[0], "client_id": "app-13"},
+                             timeout=10)
+        assert '<iframe class="app" src="' + ehr.base_url + "/ehr/launch?" in chart.text.replace("&amp;", "&")

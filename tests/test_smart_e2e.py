@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fhir_plugin import FhirClient, build_drafts, check, load_profile
+from fhir_plugin import FhirClient, check, load_profile, review
 from fhir_plugin.synthetic import generate_cases
 from sandbox.testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
 
@@ -77,8 +77,11 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
     encounter = encounters[-1]["id"]
     profile = load_profile("M62.561")
     with FhirClient(fhir_base_url) as hapi:
-        expected = check(hapi.read_patient_record(pid), profile, today=today, encounter_id=encounter)
-    entries = len(build_drafts(expected, profile, now=dt.datetime.now(dt.timezone.utc))["entry"])
+        record = hapi.read_patient_record(pid)
+    expected = check(record, profile, today=today, encounter_id=encounter)
+    # SPEC §7.1: the record's confirmed Condition is built on, so the drafts hold no Condition
+    entries = len(review(record, profile, today=today, now=dt.datetime.now(dt.timezone.utc),
+                         encounter_id=encounter).drafts["entry"])
     assert {e.id: e.status for e in expected.elements}["treatment-plan"] == "missing"
 
     with sandbox_stack(fhir_base_url) as stack:
@@ -90,7 +93,7 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         # 1. the EHR launches the app for the patient and encounter; the review page shows the check
         page.goto(stack.launch_url(pid, encounter))
         page.wait_for_selector("#summary")
-        assert page.url == f"{stack.app_url}/review"
+        assert page.url.startswith(f"{stack.app_url}/review?launch=")  # one session per launch (issue 13)
         page.screenshot(path=str(ARTIFACTS / "smart-review.png"), full_page=True)
         page.screenshot(path=str(ARTIFACTS / "smart-review-top.png"))
         page.locator("#drafts").screenshot(path=str(ARTIFACTS / "smart-review-drafts.png"))
@@ -107,8 +110,9 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         # evidence links open our JSON viewer on the patient's own resource
         page.click("#group-met > summary")  # met elements are folded away under the gaps
         link = page.locator("#group-met a.ev").first
-        ref = link.inner_text()
+        ref = link.get_attribute("title")  # issue 13: the link reads date and value; the id is its title
         link.click()
+        page.click("details.raw > summary")  # readable facts first, the raw JSON one click away
         page.wait_for_selector("pre.json")
         assert f'"id": "{ref.split("/")[1]}"' in page.locator("pre.json").inner_text()
         page.screenshot(path=str(ARTIFACTS / "smart-evidence.png"))
@@ -125,7 +129,7 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         page.screenshot(path=str(ARTIFACTS / "smart-written.png"))
         assert page.locator("#created li").count() == entries
         after_first = _drafts_in_hapi(fhir_base_url, pid)
-        assert after_first == {"Condition": 1, "Goal": entries - 3, "CarePlan": 1}
+        assert after_first == {"Condition": 0, "Goal": entries - 2, "CarePlan": 1}  # SPEC §7.1: no 2nd Condition
 
         # 3. a second launch and write creates nothing new (conditional creates match the first drafts)
         page.goto(stack.launch_url(pid, encounter))
@@ -133,12 +137,11 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         page.screenshot(path=str(ARTIFACTS / "smart-review-again.png"), full_page=True)
         # the record now holds the plugin's draft plan, read at once (no cached search): proposed
         assert _statuses(page)["treatment-plan"] == "proposed"
-        page.click("#write-button")
-        page.click("#confirm-write")
-        page.wait_for_selector("#write-result")
-        page.screenshot(path=str(ARTIFACTS / "smart-written-again.png"))
-        assert "Nothing new written" in page.locator("h1").inner_text()
-        assert page.locator("#existing li").count() == entries
+        # SPEC §7.1 after a write: the page lists what was written and offers no second write
+        assert page.locator("#write-button").count() == 0
+        assert page.locator("#already-written").count() == 1
+        # the record reader does not read Provenance back: the plan and its goals are what is listed
+        assert page.locator("#write ul.written-list li").count() == after_first["CarePlan"] + after_first["Goal"]
         assert _drafts_in_hapi(fhir_base_url, pid) == after_first
         assert errors == []  # no CSP violation or script error in the console
         context.close()
@@ -215,7 +218,7 @@ def test_fhir_plugin_serve_with_two_workers_shares_sessions_and_logs_no_secret(f
                 browser = requests.Session()
                 browser.headers["Connection"] = "close"  # a new connection per request: either worker may answer
                 page = browser.get(launch)
-                assert page.status_code == 200 and page.url == f"{app_url}/review", page.text[:300]
+                assert page.status_code == 200 and page.url.startswith(f"{app_url}/review?launch="), page.text[:300]
                 assert f"Patient/{pid}" in page.text
                 cookies.append(browser.cookies["fp_sid"])
                 time.sleep(0.2)  # let the access-log lines reach the file

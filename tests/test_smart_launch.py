@@ -251,7 +251,7 @@ def test_launch_exchange_and_review_with_the_mocked_ehr(mocked):
     assert started.status_code == 302 and started.headers["Location"].startswith("http://ehr.test/authorize?")
     back = ehr.authorize(started.headers["Location"], patient=case.patient_id)
     done = browser.get(_back_to_app(base, back), allow_redirects=False)
-    assert done.status_code == 303 and done.headers["Location"] == "/review"
+    assert done.status_code == 303 and done.headers["Location"].startswith("/review?launch=")  # one session per launch (issue 13)
     page = browser.get(base + "/review")
     assert page.status_code == 200 and "Documentation review" in page.text
     assert 'id="patient-banner"' in page.text
@@ -367,7 +367,10 @@ def test_a_style_url_off_the_issuer_is_not_fetched():
 def test_a_present_red_flag_shows_the_referral_banner_and_the_referral_activity(mocked):
     base = mocked["server"].url
     case = _case("flag-fever")
-    ehr = FakeEhr(mocked["rsps"], case.resources, need_patient_banner=False)
+    # SPEC §7.1: the case's own active CarePlan would mean no plan is drafted; without it the draft leads
+    # with the referral
+    ehr = FakeEhr(mocked["rsps"], [r for r in case.resources if r["resourceType"] != "CarePlan"],
+                  need_patient_banner=False)
     browser = requests.Session()
     browser.get(_back_to_app(base, ehr.authorize(_start(base, browser).headers["Location"], patient=case.patient_id)))
     page = browser.get(base + "/review").text

@@ -118,16 +118,43 @@ def test_a_callback_in_another_browser_is_refused(env):
     assert page.status_code == 400 and ehr.token_requests == []
 
 
-def test_a_new_launch_clears_the_old_state(env):
+def test_a_callback_without_any_cookie_says_the_browser_dropped_it(env, caplog):
+    """Issue 13: a cross-site frame whose browser blocks the cookie gets a sentence, the integrator the log."""
+    case = _case("complete")
+    ehr = FakeEhr(env["rsps"], case.resources)
+    back = ehr.authorize(_start(env, requests.Session(), case), patient=case.patient_id)
+    with caplog.at_level("WARNING", logger="smart_launch.app"):
+        page = requests.get(_callback(env, back))  # a browser that kept no cookie
+    assert page.status_code == 400 and "did not keep this app" in page.text
+    assert "SameSite" not in page.text and "SMART_" not in page.text  # integrator details stay in the log
+    assert "SameSite=None; Secure; Partitioned" in caplog.text
+    assert ehr.token_requests == []
+
+
+def test_a_new_launch_keeps_the_first_launchs_own_session(env):
+    """Issue 13 (one session per launch): a second launch in the browser no longer cancels the first."""
     case = _case("complete")
     ehr = FakeEhr(env["rsps"], case.resources)
     browser = requests.Session()
     first = ehr.authorize(_start(env, browser, case), patient=case.patient_id)
     old_sid = browser.cookies[COOKIE]
     second = ehr.authorize(_start(env, browser, case, launch="L2"), patient=case.patient_id)
-    assert browser.cookies[COOKIE] != old_sid and env["store"].get(f"sid:{old_sid}") is None
-    assert browser.get(_callback(env, first)).status_code == 400
+    assert browser.cookies[COOKIE] != old_sid and env["store"].get(f"sid:{old_sid}") is not None
+    assert browser.get(_callback(env, first)).status_code == 200
     assert browser.get(_callback(env, second)).status_code == 200
+    assert browser.get(_callback(env, first)).status_code == 400  # each answer still spends once
+
+
+def test_a_browser_keeps_at_most_twelve_launches_open(env):
+    """One cookie per launch, but not without end: the oldest launches are signed out (issue 13)."""
+    case = _case("complete")
+    FakeEhr(env["rsps"], case.resources)
+    browser = requests.Session()
+    for i in range(15):
+        _start(env, browser, case, launch=f"L{i}")
+    launch_cookies = [c for c in browser.cookies if c.name.startswith(COOKIE + "_")]
+    assert len(launch_cookies) == 12
+    assert len([k for k in env["store"].keys() if k.startswith("sid:")]) == 12
 
 
 def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
@@ -296,7 +323,8 @@ def test_security_headers_on_every_page_and_the_cookie_flags(env):
     browser = Recorder()
     started = browser.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
     cookie = started.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Secure" not in cookie  # served over http here
+    # issue 13: on loopback (a secure context, as over https) the cookie is the one a cross-site EHR frame keeps
+    assert "HttpOnly" in cookie and "SameSite=None" in cookie and "Secure" in cookie and "Partitioned" in cookie
     browser.get(_callback(env, ehr.authorize(started.headers["Location"], patient=case.patient_id)))
     for path in ("/review", "/api/report", "/", "/static/app.css", "/launch?iss=http://evil/fhir", "/nowhere"):
         browser.get(env["base"] + path)
@@ -366,7 +394,7 @@ def test_sandbox_replayed_code_is_refused_by_the_app_and_by_the_ehr(fhir_base_ur
         browser = Recorder()
         callback = _walk_to_callback(stack, browser, pid)
         pending = [store.get(k) for k in store.keys() if k.startswith("state:")][0]
-        assert browser.get(callback).url == stack.app_url + "/review"
+        assert browser.get(callback).url.startswith(stack.app_url + "/review?launch=")
         again = browser.get(callback, allow_redirects=False)
         assert again.status_code == 400 and ("already used" in again.text or "does not belong" in again.text)
         code = parse_qs(urlsplit(callback).query)["code"][0]
@@ -405,7 +433,7 @@ def test_sandbox_write_without_write_scopes_is_403_and_hapi_holds_nothing(fhir_b
     with sandbox_stack(fhir_base_url, read_only=True) as stack:
         browser = requests.Session()
         page = browser.get(stack.launch_url(pid))
-        assert page.url == stack.app_url + "/review" and 'id="read-only"' in page.text
+        assert page.url.startswith(stack.app_url + "/review?launch=") and 'id="read-only"' in page.text
         assert 'id="write-button"' not in page.text
         session = browser.get(stack.app_url + "/api/session").json()
         assert session["write_allowed"] is False and not any(s.endswith(".c") for s in session["scopes"])

@@ -9,6 +9,7 @@ real HAPI, with a SIGKILL and a fault-injecting proxy, is tests/test_sync_server
 from __future__ import annotations
 
 import datetime as dt
+import dataclasses
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import responses
 
+from sandbox.testing import needing_drafts
 from fhir_plugin import synthetic
 from fhir_plugin._checkpoint import Checkpoint, StateLocked
 from fhir_plugin._cli import main
@@ -36,7 +38,10 @@ BASE = "http://fhir.test/fhir"
 
 @pytest.fixture(scope="module")
 def cases():
-    return synthetic.generate_cases(AS_OF)
+    # SPEC §7.1: a plan or a diagnosis already in the chart is not drafted again, so the job's write paths
+    # are tested on records that still need all 7 drafts (no plan; the chart's Condition less specific)
+    return [dataclasses.replace(c, resources=needing_drafts(c.resources))
+            for c in synthetic.generate_cases(AS_OF)]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def test_selection_modes_and_their_signatures():
 def test_report_line_carries_ids_and_statuses_only(cases, profile):
     from fhir_plugin import check
 
-    case = next(c for c in cases if c.key == "missing-onset")
+    case = next(c for c in synthetic.generate_cases(AS_OF) if c.key == "missing-onset")  # with its own plan
     report = check(records_from_bundle(case.resources)[0], profile, today=AS_OF)
     line = patient_line(case.patient_id, status="gaps", report=report, written={"created": ["Condition/1"]})
     assert line == {"patient": "Patient/fp-missing-onset", "status": "gaps", "gaps": ["onset", "red-flag-screen"],
@@ -224,7 +229,7 @@ def test_malformed_data_and_missing_patients_are_reported_and_skipped(cases, tmp
     assert by_id[f"Patient/{bad}"]["status"] == "error"
     assert by_id[f"Patient/{bad}"]["error"] == "Observation/x is not valid FHIR R4 at code: Field required."
     assert by_id["Patient/no-such-patient"]["error"].startswith("patient no-such-patient was not found")
-    assert by_id[f"Patient/{cases[0].patient_id}"]["status"] == "complete"
+    assert by_id[f"Patient/{cases[0].patient_id}"]["status"] == "gaps"  # its plan taken away (the fixture)
     assert summary["error"] == 2 and server.transactions == 1
 
 

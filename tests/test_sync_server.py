@@ -36,13 +36,11 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, import_key
 
 from fhir_plugin import synthetic
+from sandbox.testing import needing_drafts
 from fhir_plugin._sync import parse_instant
-from fhir_plugin._check import check
 from fhir_plugin._cli import main
-from fhir_plugin._drafts import draft_identifiers
 from fhir_plugin._profile import load_profile
 from fhir_plugin._record import records_from_bundle
-from fhir_plugin._vocab import URI_IDENTIFIER
 
 pytestmark = pytest.mark.server
 
@@ -56,11 +54,14 @@ DRAFT_TYPES = ("Condition", "CarePlan", "Goal", "Provenance")
 SESSION = uuid.uuid4().hex[:6]  # a server reused across sessions already holds earlier sessions' patients
 
 
-def prefixed(prefix: str, keys: list[str] | None = None) -> list[list[dict[str, Any]]]:
+def prefixed(prefix: str, keys: list[str] | None = None, *, needing: bool = True) -> list[list[dict[str, Any]]]:
     """The synthetic cases (or those named), with ids moved to ``fp-<prefix><session>-...``: each test its own."""
     cases = synthetic.generate_cases(AS_OF)
     chosen = [c for c in cases if keys is None or c.key in keys]
-    return [synthetic.renamed_case(c, f"{prefix}{SESSION}").resources for c in chosen]
+    # SPEC §7.1: a plan or a diagnosis already in the chart is not drafted again, so the job runs on records
+    # that still need all 7 drafts (no clinician plan; the chart's Condition coded less specifically)
+    moved = [synthetic.renamed_case(c, f"{prefix}{SESSION}").resources for c in chosen]
+    return [needing_drafts(r) for r in moved] if needing else moved
 
 
 def load(base: str, patients: list[list[dict[str, Any]]], group: str | None = None) -> list[str]:
@@ -80,20 +81,19 @@ def _pid(resources: list[dict[str, Any]]) -> str:
 
 
 def expected_drafts(patients: list[list[dict[str, Any]]]) -> dict[str, list[tuple[str, str]]]:
-    """Per patient, the (type, search) of every draft the check calls for; [] when the code does not fit."""
+    """Per patient, the (type, search) of every draft the review calls for; [] when none (a code that does
+    not fit, or SPEC §7.1: a plan, or the plugin's own drafts, already in the record)."""
+    import datetime as _dt
+
+    from fhir_plugin import review
+
     profile = load_profile("M62.561")
+    now = _dt.datetime.now(_dt.timezone.utc)
     out: dict[str, list[tuple[str, str]]] = {}
     for resources in patients:
-        report = check(records_from_bundle(resources)[0], profile, today=AS_OF)
-        if report.code_fit.status == "mismatch":
-            out[_pid(resources)] = []
-            continue
-        searches = []
-        for name, value in draft_identifiers(report, profile).items():
-            rtype = {"condition": "Condition", "careplan": "CarePlan", "provenance": "Provenance"}.get(name, "Goal")
-            param = "_tag" if rtype == "Provenance" else "identifier"
-            searches.append((rtype, f"{param}={URI_IDENTIFIER}|{value}"))
-        out[_pid(resources)] = searches
+        result = review(records_from_bundle(resources)[0], profile, today=AS_OF, now=now)
+        out[_pid(resources)] = [(e["request"]["url"], e["request"]["ifNoneExist"])
+                                for e in (result.drafts or {}).get("entry", [])]
     return out
 
 
@@ -351,10 +351,13 @@ def test_all_writes_drafts_where_the_profile_applies_and_a_second_run_writes_not
     for pid, searches in expected.items():  # every synthetic patient checked; drafts exactly where they fit
         line = by_patient[f"Patient/{pid}"]
         if searches:
-            assert line["status"] in ("complete", "gaps") and len(line["written"]["created"] +
-                                                                  line["written"]["existing"]) == len(searches)
-        else:
-            assert line["status"] == "refused" and line["written"] is None
+            assert line["status"] in ("complete", "gaps")
+            # SPEC §7.1: on a reused server an earlier run's drafts are in the record, so nothing is sent
+            # (assert_each_draft_once below still finds each of them exactly once)
+            assert line["written"] is None or len(line["written"]["created"] +
+                                                  line["written"]["existing"]) == len(searches)
+        else:  # a mismatch is refused; SPEC §7.1: with a plan already in the record nothing is written
+            assert line["written"] is None and (line["status"] == "refused") == (line["code_fit"] == "mismatch")
     assert_each_draft_once(fhir_base_url, expected)
 
     before = totals(fhir_base_url)
@@ -362,7 +365,8 @@ def test_all_writes_drafts_where_the_profile_applies_and_a_second_run_writes_not
                 "--report", str(tmp_path / "second.jsonl")) == 0
     lines2, [summary2] = read_report(tmp_path / "second.jsonl")
     assert totals(fhir_base_url) == before
-    assert summary2["created"] == 0 and summary2["existing"] == summary["created"] + summary["existing"]
+    # SPEC §7.1 after a write: the drafts are in the record, so the second run offers nothing to send
+    assert summary2["created"] == 0 and summary2["existing"] == 0
     assert [x["status"] for x in sorted(lines2, key=lambda x: x["patient"])] == \
         [x["status"] for x in sorted(lines, key=lambda x: x["patient"])]
     print(f"\nall: {summary['patients']} patients, {summary['created']} drafts created; again: "
@@ -397,11 +401,12 @@ def test_a_changes_run_picks_the_changed_patient_and_not_its_own_drafts(fhir_bas
     assert f"Patient/{ids[1]}" in changed
     assert f"Patient/{ids[0]}" not in changed and f"Patient/{ids[2]}" not in changed
     assert summary["mode"] == "changed"
-    assert next(x for x in lines if x["patient"] == f"Patient/{ids[1]}")["written"]["created"] == []
+    # SPEC §7.1: its drafts, written by the first run, are in the record: nothing is sent again
+    assert next(x for x in lines if x["patient"] == f"Patient/{ids[1]}")["written"] is None
 
 
 def test_group_members_only(fhir_base_url, tmp_path):
-    patients = prefixed("grp", ["complete", "excludes1", "missing-follow-up"])
+    patients = prefixed("grp", ["complete", "excludes1", "missing-follow-up"], needing=False)  # a dry run
     ids = load(fhir_base_url, patients, group=f"sync-grp-{SESSION}")
     assert sync("--server", fhir_base_url, "--group", f"sync-grp-{SESSION}", "--state", str(tmp_path / "s.sqlite"),
                 "--report", str(tmp_path / "r.jsonl")) == 0
@@ -459,9 +464,10 @@ def test_killed_with_sigkill_and_restarted_ends_like_an_uninterrupted_run(fhir_b
     assert summary["finished"] and summary["from_earlier_attempt"] >= len(done_before)
     assert sorted(x["patient"] for x in lines) == sorted({x["patient"] for x in lines})  # each patient once
     assert len(lines) == len(KILL_KEYS)
-    # the held patient's transaction was sent again and wrote nothing new
+    # the held patient's transaction reached the server: on restart its drafts are in the record, so
+    # nothing is sent again (SPEC §7.1)
     held_line = next(x for x in lines if x["patient"] == held)
-    assert held_line["written"]["created"] == [] and len(held_line["written"]["existing"]) == 7
+    assert held_line["written"] is None
 
     # the end state equals the uninterrupted run's: same outcome per patient, every draft exactly once.
     # A patient in flight at the kill (the held one at least) may have had its drafts committed, so it was

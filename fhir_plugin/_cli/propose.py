@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     for item in items:
         result = review(item.record, profile, today=today, now=now, encounter_id=item.encounter_id)
         report = result.report
-        if result.drafts is None:
+        if result.drafts is None and result.settled:  # SPEC §7.1: already written, or a plan exists
+            print(f"fhir-plugin: {report.patient}: nothing new to draft: {result.settled}", file=sys.stderr)
+            outputs.append({"report": report.to_json(), "drafts": None, "settled": result.settled})
+        elif result.drafts is None:
             refused += 1
             print(f"fhir-plugin: {result.refused}", file=sys.stderr)
             outputs.append({"report": report.to_json(), "drafts": None, "refused": result.refused})

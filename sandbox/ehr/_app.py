@@ -133,35 +133,48 @@ class SandboxEhr:
             patient=context.patient, encounter=context.encounter, needs_patient=needs_patient, hint=hint,
             patients=patients, read_scopes=[s for s in scopes if s not in writes], write_scopes=writes,
             message=message)
-        return HTMLResponse(html, headers={**_NO_STORE, "X-Frame-Options": "DENY"})
+        # framed only by the EHR's own pages (an embedded app's sign-in runs in the EHR's frame), never elsewhere
+        ancestors = " ".join(["'self'", *self.config.frame_ancestors])
+        return HTMLResponse(html, headers={**_NO_STORE, "Content-Security-Policy": f"frame-ancestors {ancestors}"})
 
-    def list_patients(self, limit: int = 50) -> list[dict[str, str]]:
-        """Patients on the upstream server for the picker (name and id; never logged)."""
-        try:
-            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Patient",
-                                  params={"_count": str(limit), "_elements": "name"},
-                                  headers={"Accept": FHIR_JSON}, timeout=10)
-            bundle = answer.json() if answer.status_code == 200 else {}
-        except (requests.RequestException, ValueError):
-            return []
+    def _search_all(self, resource_type: str, params: dict[str, str], cap: int = 100_000) -> list[dict[str, Any]]:
+        """Every resource of a search, following the Bundle's ``next`` links (a page is never the whole list)."""
+        out: list[dict[str, Any]] = []
+        url: str | None = f"{self.config.fhir_upstream}/{resource_type}"
+        query: dict[str, str] | None = params
+        while url and len(out) < cap:
+            try:
+                answer = self.proxy.session().get(url, params=query, headers={"Accept": FHIR_JSON}, timeout=10)
+                bundle = answer.json() if answer.status_code == 200 else {}
+            except (requests.RequestException, ValueError):
+                break
+            out += [e.get("resource") or {} for e in bundle.get("entry") or []]
+            url = next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+            query = None  # the next link carries its own query
+        return out
+
+    def list_patients(self, limit: int = 500) -> list[dict[str, str]]:
+        """Patients on the upstream server for the picker (name and id; never logged), every page read."""
         out = []
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") or {}
+        for resource in self._search_all("Patient", {"_count": str(limit), "_elements": "name"}):
             if resource.get("resourceType") == "Patient" and resource.get("id"):
                 out.append({"id": resource["id"], "label": _patient_label(resource)})
         return out
 
-    def list_encounters(self, limit: int = 200) -> dict[str, list[str]]:
+    def patient_exists(self, patient_id: str) -> bool | None:
+        """Whether the upstream server holds Patient ``patient_id``; None when it cannot be asked."""
         try:
-            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Encounter",
-                                  params={"_count": str(limit), "_elements": "subject"},
-                                  headers={"Accept": FHIR_JSON}, timeout=10)
-            bundle = answer.json() if answer.status_code == 200 else {}
-        except (requests.RequestException, ValueError):
-            return {}
+            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Patient/{patient_id}",
+                                              params={"_elements": "id"}, headers={"Accept": FHIR_JSON}, timeout=10)
+        except requests.RequestException:
+            return None
+        if answer.status_code in (404, 410):
+            return False
+        return True if answer.status_code == 200 else None
+
+    def list_encounters(self, limit: int = 500) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") or {}
+        for resource in self._search_all("Encounter", {"_count": str(limit), "_elements": "subject"}):
             ref = ((resource.get("subject") or {}).get("reference") or "")
             if ref.startswith("Patient/") and resource.get("id"):
                 out.setdefault(ref.split("/", 1)[1], []).append(resource["id"])
@@ -293,6 +306,14 @@ def create_app(config: EhrConfig) -> FastAPI:
         target = app_url or client.launch_url
         if not target:
             return HTMLResponse(_pages.error_page("Cannot launch", "The app has no launch_url."), 400)
+        if patient is not None:
+            exists = ehr.patient_exists(patient)
+            if exists is False:  # refused here, before any approval page or token (issue 13)
+                return HTMLResponse(_pages.error_page(
+                    "Unknown patient", f"There is no patient {patient} on this EHR's FHIR server, so the app "
+                    "was not launched. Go back to the patient list and choose a patient there."), status_code=404)
+            if exists is None:  # the server could not be asked: the launch goes on, the token step will tell
+                log.warning("EHR launch: could not confirm the patient on the FHIR server")
         banner = (q.get("need_patient_banner") or "true").lower() != "false"
         launch = ehr.store.add_launch(patient, encounter, client.client_id,
                                       banner, config.launch_lifetime)
@@ -300,9 +321,22 @@ def create_app(config: EhrConfig) -> FastAPI:
         return RedirectResponse(_with_params(target, iss=config.fhir_base_url, launch=launch.launch_id),
                                 status_code=302)
 
+    @app.get("/ehr/chart")
+    def ehr_chart(request: Request) -> Response:
+        """A patient's chart with the app embedded in it, as Epic, PowerChart and athena show SMART apps."""
+        q = request.query_params
+        params = {k: q[k] for k in ("patient", "encounter", "client_id", "app", "need_patient_banner") if q.get(k)}
+        for label in ("patient", "encounter"):
+            if params.get(label) is not None and not ID_RE.match(params[label]):
+                return HTMLResponse(_pages.error_page("Cannot open the chart", f"not a FHIR id: {label}"), 400)
+        # the frame is on the EHR's configured base URL: from a page on another host it is a cross-site frame
+        src = f"{config.base_url}/ehr/launch?{urlencode(params)}"
+        return HTMLResponse(_pages.chart_page(patient=params.get("patient"), encounter=params.get("encounter"),
+                                              src=src), headers=_NO_STORE)
+
     @app.get("/ehr")
     async def ehr_home() -> HTMLResponse:
-        patients = await run_in_threadpool(ehr.list_patients, 100)
+        patients = await run_in_threadpool(ehr.list_patients)
         encounters = await run_in_threadpool(ehr.list_encounters)
         apps = [c for c in config.clients.all() if c.launch_url]
         rows = []
@@ -313,7 +347,7 @@ def create_app(config: EhrConfig) -> FastAPI:
                     params = {"patient": p["id"], "client_id": c.client_id}
                     if enc:
                         params["encounter"] = enc
-                    links[c.client_id] = "/ehr/launch?" + urlencode(params)
+                    links[c.client_id] = "/ehr/chart?" + urlencode(params)
                 rows.append({"patient": p["id"], "label": p["label"], "encounter": enc, "links": links})
         message = "" if patients else "No patients on the FHIR server (or it is not reachable)."
         return HTMLResponse(_pages.ehr_page(rows=rows, apps=[{"client_id": c.client_id,

@@ -39,6 +39,8 @@ class EhrConfig:
     max_request_body: int = 20 * 1024 * 1024
     # Seconds since the epoch; tests pass a clock they advance instead of sleeping.
     clock: Callable[[], float] = time.time
+    #: origins besides the EHR's own that may frame its pages (the approval page inside an embedded app)
+    frame_ancestors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")

@@ -9,6 +9,7 @@ _env = Environment(autoescape=select_autoescape(default=True, default_for_string
 _BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }} — Sandbox EHR</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 46rem; color: #1b1f24; }
  h1 { font-size: 1.4rem; } .muted { color: #59636e; } .error { color: #a40e26; }
@@ -16,9 +17,16 @@ _BASE = """<!doctype html>
  table { border-collapse: collapse; width: 100%; } td, th { text-align: left; padding: .3rem .5rem;
  border-bottom: 1px solid #d0d7de; } button { padding: .4rem 1rem; margin-right: .5rem; }
  code { background: #f6f8fa; padding: 0 .2rem; }
+ body.chart { max-width: none; margin: 0; } body.chart header, body.chart .chart-head { padding: .3rem 1rem; }
+ .chart-head { background: #1f3550; color: #fff; } .chart-head .muted { color: #d5dde6; }
+ .chart-head code { color: #1b1f24; } .chart-head a { color: #fff; }
+ iframe.app { display: block; width: 100%; height: calc(100vh - 6rem); border: 0; border-top: 1px solid #d0d7de; }
+ a { display: inline-block; min-height: 24px; padding: 2px 0; }
 </style></head><body>
-<p class="muted">Sandbox EHR — synthetic data only</p>
+<header><p class="muted">Sandbox EHR — synthetic data only</p></header>
+<main>
 {% block body %}{% endblock %}
+</main>
 </body></html>"""
 
 _CONSENT = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
@@ -61,11 +69,23 @@ _EHR = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
 <h1>Patients</h1>
 {% if message %}<p class="error">{{ message }}</p>{% endif %}
 {% if not apps %}<p class="muted">No app with a launch_url is registered.</p>{% endif %}
-<table><tr><th>Patient</th><th>Encounter</th>{% for app in apps %}<th>{{ app.name }}</th>{% endfor %}</tr>
+<table><caption class="muted">Every patient on the FHIR server; "Launch app" opens the chart with the app
+embedded.</caption><tr><th>Patient</th><th>Encounter</th>{% for app in apps %}<th>{{ app.name }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr><td>{{ row.label }} <span class="muted">({{ row.patient }})</span></td>
  <td>{{ row.encounter or "—" }}</td>
  {% for app in apps %}<td><a href="{{ row.links[app.client_id] }}">Launch app</a></td>{% endfor %}</tr>
 {% endfor %}</table>"""))
+
+
+_CHART = _env.from_string(_BASE.replace("<body>", '<body class="chart">').replace(
+    "{% block body %}{% endblock %}", """
+<div class="chart-head"><h1>Chart{% if patient %}: <code>{{ patient }}</code>{% endif %}</h1>
+{% if encounter %}<span class="muted">Encounter {{ encounter }}</span>{% endif %} <a href="/ehr">Patient list</a></div>
+<iframe class="app" src="{{ src }}" title="SMART app in this patient's chart"></iframe>"""))
+
+
+def chart_page(**values) -> str:
+    return _CHART.render(title="Chart", **values)
 
 
 def consent_page(**values) -> str:

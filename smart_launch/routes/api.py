@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from fhir_plugin import strategies_for
+from fhir_plugin import WriteResult, strategies_for
 
 from ..deps import CurrentSession, Fhir, HeaderCsrf, MayWrite, ReviewedDep
 from ..views import draft_view
@@ -43,13 +43,20 @@ def api_report(loaded: ReviewedDep) -> Response:
 @router.get("/drafts", summary="The draft transaction Bundle (SPEC §7) and its phases, or why it was refused")
 def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
     if loaded.drafts is None:
-        return JSONResponse({"error": loaded.refused, "refused": True}, status_code=409)
-    return JSONResponse({"drafts": loaded.drafts, "phases": draft_view(loaded.drafts)["careplan"]["phases"],
+        return JSONResponse({"error": loaded.refused or loaded.settled, "refused": loaded.refused is not None,
+                             "existing": loaded.existing.to_json()}, status_code=409)
+    return JSONResponse({"drafts": loaded.drafts, "existing": loaded.existing.to_json(), "phases": draft_view(loaded.drafts)["careplan"]["phases"],
                          "write_allowed": sess.write_allowed})
 
 
 @router.post("/write", summary="Write the drafts as one transaction (needs the X-CSRF-Token header)")
 def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir) -> Response:
+    if loaded.drafts is None and loaded.existing.written:  # SPEC §7.1: already written; nothing new is sent
+        result = WriteResult((), loaded.existing.written)
+        return JSONResponse({**result.to_json(), "summary": result.summary()})
+    if loaded.drafts is None and loaded.settled:
+        return JSONResponse({"error": loaded.settled, "refused": False, "existing": loaded.existing.to_json()},
+                            status_code=409)
     if loaded.drafts is None:
         return JSONResponse({"error": loaded.refused, "refused": True}, status_code=409)
     result = strategies_for(client).writer.write(loaded.drafts)

@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
-from fhir_plugin import Forbidden, UsageError, strategies_for
+from fhir_plugin import Forbidden, UsageError, WriteResult, available_profiles, strategies_for
 
 from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep
-from ..views import VIEWABLE, draft_view, review_context, subject_of
+from ..views import VIEWABLE, draft_view, resource_facts, review_context, subject_of
 
 __all__ = ["router"]
 
@@ -28,23 +28,36 @@ router = APIRouter()
 
 @router.get("/review", response_class=HTMLResponse, summary="The review page for the launched patient")
 def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: PagesDep) -> Response:
-    response = pages.page(request, "review.html",
-                          **review_context(sess, loaded.report, loaded.record, loaded.drafts, loaded.refused))
+    response = pages.page(request, "review.html", **review_context(sess, loaded, shipped=tuple(available_profiles())))
     response.headers["Server-Timing"] = loaded.server_timing()
     return response
 
 
 @router.post("/write", response_class=HTMLResponse, summary="Confirm, then write the drafts (form, CSRF token)")
 def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir, pages: PagesDep,
-          confirmed: Annotated[str, Form()] = "") -> Response:
+          confirmed: Annotated[str, Form()] = "", patient: Annotated[str, Form()] = "") -> Response:
+    if patient and patient != sess.patient:
+        # the page was confirmed for another patient than this launch's: never write across launches
+        raise Forbidden("this confirmation was made on another patient's page, so nothing was written; "
+                        "go back to the review and confirm again")
+    if loaded.drafts is None and loaded.existing.written:  # SPEC §7.1: after a write, show it, write nothing
+        return pages.page(request, "written.html", result=WriteResult((), loaded.existing.written),
+                          report=loaded.report)
     if loaded.drafts is None:
-        return pages.page(request, "error.html", 409, title="No drafts to write", message=loaded.refused or "")
+        return pages.page(request, "error.html", 409, title="Nothing to write",
+                          message=_sentence(loaded.refused or loaded.settled or "there are no drafts"),
+                          back="/review")
     if confirmed != "yes":
         return pages.page(request, "confirm.html", drafts=draft_view(loaded.drafts), csrf=sess.csrf,
-                          report=loaded.report)
+                          report=loaded.report, patient=sess.patient)
     result = strategies_for(client).writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return pages.page(request, "written.html", result=result, report=loaded.report)
+
+
+def _sentence(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text[:1].upper() + text[1:] + "."
 
 
 @router.get("/resource/{resource_type}/{resource_id}", response_class=HTMLResponse,
@@ -57,5 +70,5 @@ def resource(request: Request, resource_type: str, resource_id: str, sess: Curre
     if subject_of(found) != sess.patient:
         # the token may be broader than this launch; the session still only sees its own patient
         raise Forbidden("that resource does not belong to the patient this app was launched for")
-    return pages.page(request, "resource.html", ref=f"{resource_type}/{resource_id}",
+    return pages.page(request, "resource.html", ref=f"{resource_type}/{resource_id}", facts=resource_facts(found),
                       text=json.dumps(found, indent=2, ensure_ascii=False))
