@@ -17,9 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fhir_plugin.synthetic import SyntheticCase, generate_cases, renamed_case
 

@@ -21,10 +21,11 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .._errors import UsageError
 from ._rows import ROW_COLUMNS, key_line, patient_row, problem_row

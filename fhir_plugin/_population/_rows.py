@@ -8,13 +8,14 @@ the same review pipeline (``fhir_plugin.review``) as the command line's reports.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .._errors import InputError
 from .._profile import Profile
-from .._record import PatientRecord, records_from_bundle, subject_patient_id, validate_resource
+from .._record import PatientRecord, subject_patient_id, validate_resource
 from .._review import review
 
 __all__ = ["Keyed", "key_line", "patient_row", "problem_row", "ROW_COLUMNS", "READ_TYPES"]
@@ -83,15 +84,15 @@ def patient_row(patient: str, lines: Iterable[tuple[str, int, str]], profile: Pr
     resources: list[dict[str, Any]] = []
     for file, lineno, text in lines:
         try:
-            resources.append(validate_resource(json.loads(text)))
+            resource = validate_resource(json.loads(text))
         except (InputError, ValueError) as exc:
             return problem_row(patient, f"{file} line {lineno}: {exc}")
-    try:
-        records = records_from_bundle(resources)
-    except InputError as exc:
-        return problem_row(patient, str(exc))
-    record = next((r for r in records if r.patient_id == patient), PatientRecord(patient))
-    result = review(record, profile, today=today, now=now)
+        if subject_patient_id(resource) != patient:  # keyed by key_line, so only a caller's mistake
+            return problem_row(patient, f"{file} line {lineno}: belongs to another patient")
+        resources.append(resource)
+    # validated above, line by line (so a problem names its line): the record is made directly,
+    # as records_from_bundle would make it, without validating every resource twice
+    result = review(PatientRecord(patient, tuple(resources)), profile, today=today, now=now)
     report = result.report
     row = _empty_row(patient)
     row.update({
