@@ -114,3 +114,15 @@ def sandbox_hapi_url():
         if started_here:
             # Up to 90 s: the first server after a build writes its class-data-sharing archive.
             run_sandbox_hapi("stop", "--port", str(port), timeout=180)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession (two cores) for every Spark test: starting Spark is the slow part."""
+    from fhir_plugin._population._job import SparkSettings, spark_session
+
+    session = spark_session(SparkSettings(master="local[2]", shuffle_partitions=4))
+    try:
+        yield session
+    finally:
+        session.stop()
