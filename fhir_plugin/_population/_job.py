@@ -152,6 +152,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def run_population(spark: Any, files: Sequence[Path], out: Path, *, profile_code: str, today: date,
                    now: datetime, keep_drafts: bool = False) -> PopulationResult:
     """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +163,18 @@ def run_population(spark: Any, files: Sequence[Path], out: Path, *, profile_code
     try:
         problems = [{"file": r["file"], "line": r["line"], "problem": r["problem"]}
                     for r in keyed.where(F.col("problem").isNotNull()).orderBy("file", "line").collect()]
+        # persisted: the sort samples its input before sorting it, which would run every check twice
         rows = (keyed.where(F.col("problem").isNull())
                 .select("patient", "file", "line", "text")
                 .groupBy("patient")
                 .applyInPandas(_reviewer(profile_code, today, now, keep_drafts), schema=ROW_SCHEMA)
-                .orderBy("patient"))
+                .persist(StorageLevel.MEMORY_AND_DISK))
         tmp = out / ".results.parquet.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        rows.write.mode("overwrite").parquet(str(tmp))
+        try:
+            rows.orderBy("patient").write.mode("overwrite").parquet(str(tmp))
+        finally:
+            rows.unpersist()
     finally:
         keyed.unpersist()
     parquet = out / "results.parquet"
