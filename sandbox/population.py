@@ -42,7 +42,8 @@ def _cases(as_of: dt.date) -> list[SyntheticCase]:
     return [c for c in generate_cases(as_of) if c.encounter_id is None]
 
 
-def population(as_of: dt.date, n: int, *, prefix: str = "p") -> Iterator[tuple[PopulationPatient, list[dict[str, Any]]]]:
+def population(as_of: dt.date, n: int, *,
+               prefix: str = "p") -> Iterator[tuple[PopulationPatient, list[dict[str, Any]]]]:
     """``n`` patients (and their resources), cycling through the synthetic cases. Deterministic."""
     cases = _cases(as_of)
     width = max(6, len(str(n)))

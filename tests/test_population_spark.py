@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pyspark
 import pytest
 
-import pyspark
 from fhir_plugin._population._job import ndjson_files, run_population
 from sandbox.population import write_ndjson
 
@@ -111,7 +111,7 @@ def standalone_cluster(tmp_path_factory):
     procs = []
 
     def start(name, *args):
-        log = open(logs / f"{name}.log", "w")
+        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the cluster stops
         procs.append((subprocess.Popen([spark_class, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL), log))
 

@@ -74,6 +74,9 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
     builder = SparkSession.builder.appName("fhir-plugin population")
     if settings.remote:
         return builder.remote(settings.remote).getOrCreate()
+    if settings.master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
+        # started by spark-submit: its --master and --conf already hold, and must not be overridden
+        return builder.getOrCreate()
     master = settings.master or "local[*]"
     builder = builder.master(master)
     if _loopback(master):
