@@ -120,3 +120,14 @@ def test_write_back_resumes_after_a_kill_and_keeps_to_the_rate(tmp_path):
         assert log.count() == len(allowed)
     assert summary.skipped == 3 and summary.written == len(allowed) - 3
     assert [d for d in first.sent + second.sent] == [json.loads(r["drafts"]) for r in allowed]
+
+
+def test_population_command_refuses_unclear_sources(tmp_path, capsys):
+    from fhir_plugin._cli import main
+
+    assert main(["population", "--out", str(tmp_path)]) == 2
+    assert main(["population", "--out", str(tmp_path), "--ndjson", str(tmp_path), "--server", "http://x/fhir"]) == 2
+    assert main(["population", "--out", str(tmp_path), "--ndjson", str(tmp_path), "--write"]) == 2
+    assert main(["population", "--out", str(tmp_path), "--ndjson", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "give exactly one source" in err and "--write needs --server" in err and "not a folder" in err

@@ -83,12 +83,14 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     if settings.driver_memory:
         builder = builder.config("spark.driver.memory", settings.driver_memory)
-    return (builder
-            .config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or os.cpu_count() or 2))
-            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .getOrCreate())
+    session = (builder
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or os.cpu_count() or 2))
+               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")  # the summary is the output; Spark's warnings are noise there
+    return session
 
 
 def ndjson_files(folder: str | Path) -> list[Path]:
