@@ -88,6 +88,8 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or os.cpu_count() or 2))
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               # workers forked with the check already loaded (see _daemon)
+               .config("spark.python.daemon.module", "fhir_plugin._population._daemon")
                .getOrCreate())
     session.sparkContext.setLogLevel("ERROR")  # the summary is the output; Spark's warnings are noise there
     return session
