@@ -31,3 +31,5 @@ def test_wheel_carries_the_profiles(tmp_path):
         assert f"fhir_plugin/profiles/{code}/profile.json" in names
         assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
     assert "sandbox/ehr/clients.example.json" in names
+    # the command line and the population job are subpackages, listed one by one in pyproject.toml
+    assert {"fhir_plugin/_cli/population.py", "fhir_plugin/_population/_job.py"} <= set(names)
