@@ -3,7 +3,8 @@
 ``fhir_base_url`` is the FHIR R4 base that tests marked ``@pytest.mark.server`` talk to:
 
 * ``FHIR_BASE_URL`` when set (any R4 server, e.g. a public HAPI sandbox);
-* otherwise the sandbox HAPI server (sandbox/hapi), started once per test session with
+* otherwise the sandbox HAPI server (sandbox/hapi; fixture ``sandbox_hapi_url``, which the Bulk
+  Data export tests use whatever FHIR_BASE_URL says), started once per test session with
   ``sandbox/hapi/run start --port P`` (P from ``SANDBOX_HAPI_PORT``, default 18080) and stopped
   when the session ends. A sandbox server of ours already running on that port is reused and
   left running.
@@ -66,12 +67,20 @@ def _wait_for_metadata(base_url: str, timeout_s: float) -> bool:
 
 
 @pytest.fixture(scope="session")
-def fhir_base_url():
+def fhir_base_url(request):
     external = os.environ.get("FHIR_BASE_URL")
     if external:
         yield external.rstrip("/")
         return
+    yield request.getfixturevalue("sandbox_hapi_url")
 
+
+@pytest.fixture(scope="session")
+def sandbox_hapi_url():
+    """Our sandbox HAPI (started or reused on SANDBOX_HAPI_PORT), whatever FHIR_BASE_URL says.
+
+    For tests of what only our sandbox is known to offer (Bulk Data ``$export``).
+    """
     port = sandbox_hapi_port()
     base_url = f"http://127.0.0.1:{port}/fhir"
     started_here = False
@@ -111,3 +120,13 @@ def fhir_base_url():
 from sandbox.testing import treat_loopback_as_secure  # noqa: E402
 
 treat_loopback_as_secure()
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession (two cores) for every Spark test: starting Spark is the slow part."""
+    from fhir_plugin._population._job import SparkSettings, spark_session
+
+    session = spark_session(SparkSettings(master="local[2]", shuffle_partitions=4))
+    try:
+        yield session
+    finally:
+        session.stop()

@@ -33,6 +33,9 @@ def test_wheel_carries_the_profiles(tmp_path):
     for name in ("profile.schema.json", "profiles.json", "profiles.schema.json"):   # validated at load
         assert f"fhir_plugin/profiles/{name}" in names
     assert "sandbox/ehr/clients.example.json" in names
+    # the command line, the population job and the app's routers are subpackages, listed in pyproject.toml
+    assert {"fhir_plugin/_cli/population.py", "fhir_plugin/_population/_job.py",
+            "smart_launch/routes/review.py"} <= set(names)
 
 
 def test_wheel_carries_the_example_patients_and_type_hints(tmp_path):

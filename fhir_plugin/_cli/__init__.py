@@ -9,7 +9,7 @@ Errors are one sentence on stderr and an exit code, never a traceback
   0   every record checked is complete (check) / drafts made or written (propose) / stopped cleanly (serve)
       / the report printed (cds-feedback)
   1   documentation gaps or a code mismatch found (check) / some patient's drafts refused (propose)
-      / some patient failed (sync; its report line says why)
+      / some patient failed (sync; its report line says why) / the worklist is not empty (population)
   2   usage error (bad option, unknown profile or encounter, drafts refused for a mismatch,
       serve without SMART_ALLOWED_ISSUERS)
   3   a profile under profiles/ is malformed
@@ -32,13 +32,13 @@ from typing import Sequence
 
 from .._errors import PluginError
 from .._version import __version__
-from . import cds_feedback, check, propose, sandbox, serve, sync, synthetic
+from . import cds_feedback, check, population, propose, sandbox, serve, sync, synthetic
 
 __all__ = ["main"]
 
 _EXIT_HELP = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 _COMMANDS = {"check": check, "propose": propose, "synthetic": synthetic, "sync": sync, "serve": serve,
-             "sandbox": sandbox, "cds-feedback": cds_feedback}
+             "sandbox": sandbox, "cds-feedback": cds_feedback, "population": population}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 package org.fhirplugin.sandbox.hapi;
 
+import ca.uhn.fhir.batch2.api.IJobMaintenanceService;
 import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -120,7 +121,9 @@ public class SandboxJpaConfig {
 		s.setEnableTaskResourceReindexing(false);
 		s.setEnableTaskPreExpandValueSets(false);
 		s.setPreExpandValueSets(false);
-		s.setEnableTaskBulkExportJobExecution(false);
+		// Bulk Data $export runs as a Batch2 job; its NDJSON files are Binary resources whose
+		// content lives in the in-memory binary storage below. Files expire after an hour.
+		s.setEnableTaskBulkExportJobExecution(true);
 		s.setEnableTaskBulkImportJobExecution(false);
 		return s;
 	}
@@ -141,6 +144,12 @@ public class SandboxJpaConfig {
 	@Bean
 	public SubscriptionSettings subscriptionSettings() {
 		return new SubscriptionSettings();
+	}
+
+	/** Bulk export jobs advance once per maintenance pass: pass twice a second (see the class). */
+	@Bean(destroyMethod = "close")
+	public FastBatchMaintenance fastBatchMaintenance(IJobMaintenanceService maintenance) {
+		return new FastBatchMaintenance(maintenance, 500);
 	}
 
 	@Bean

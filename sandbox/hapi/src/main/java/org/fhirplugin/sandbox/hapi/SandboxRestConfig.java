@@ -1,5 +1,6 @@
 package org.fhirplugin.sandbox.hapi;
 
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
 import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
@@ -23,10 +24,17 @@ import org.springframework.context.annotation.Configuration;
  * The HTTP side: one HAPI {@link RestfulServer} (mounted on /fhir/* by {@link SandboxHapiServer})
  * carrying the JPA resource providers (CRUD, search, $validate per type), the JPA system provider
  * (transaction and batch Bundles at the base), database-backed paging and the JPA
- * CapabilityStatement.
+ * CapabilityStatement, and the FHIR Bulk Data {@code $export} operations (system, Patient and
+ * Group level, with their status and delete endpoints), which HAPI runs as Batch2 jobs.
  */
 @Configuration
 public class SandboxRestConfig {
+
+	/** {@code $export} (Bulk Data Access IG): HAPI wires its collaborators into the provider's fields. */
+	@Bean
+	public BulkDataExportProvider bulkDataExportProvider() {
+		return new BulkDataExportProvider();
+	}
 
 	@Bean
 	public RestfulServer restfulServer(
@@ -37,7 +45,8 @@ public class SandboxRestConfig {
 			DatabaseBackedPagingProvider pagingProvider,
 			JpaStorageSettings storageSettings,
 			ISearchParamRegistry searchParamRegistry,
-			IValidationSupport validationSupport) {
+			IValidationSupport validationSupport,
+			BulkDataExportProvider bulkDataExportProvider) {
 		RestfulServer server = new RestfulServer(systemDao.getContext());
 		// Stored resources keep whatever narrative the client sent; none is generated.
 		server.getFhirContext().setNarrativeGenerator(new NullNarrativeGenerator());
@@ -45,6 +54,7 @@ public class SandboxRestConfig {
 		server.registerProviders(resourceProviderFactory.createProviders());
 		server.registerProvider(systemProvider);
 		server.registerProvider(valueSetOperationProvider);
+		server.registerProvider(bulkDataExportProvider);
 		server.setPagingProvider(pagingProvider);
 
 		JpaCapabilityStatementProvider capabilities = new JpaCapabilityStatementProvider(

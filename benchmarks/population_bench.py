@@ -1,0 +1,194 @@
+"""Throughput and memory of ``fhir-plugin population`` (NDJSON -> Spark -> Parquet), and export + Spark
+against the sync job's per-patient path on the same patients in HAPI.
+
+    .venv/bin/python benchmarks/population_bench.py ndjson --sizes 10000 100000 --cores 1 2 [--out r.json]
+    .venv/bin/python benchmarks/population_bench.py hapi --server http://127.0.0.1:18500/fhir --patients 1000
+
+``ndjson``: writes the synthetic population (``sandbox.population.write_ndjson``, files of
+1,000 patients per type) once per size, then for each size and core count runs the whole
+command in its own process (``fhir-plugin population --ndjson DIR --master local[C]``), so
+Spark's start-up is counted, as a user would see it.  Measured: wall time, patients/s, and
+the driver's peak memory: the Python driver's and the driver JVM's ``VmHWM``
+(in local mode the JVM also hosts the executors' task threads; the Python workers that run
+the check are separate processes, whose peak is reported as the largest one), each the
+kernel's ``VmHWM`` sampled every half second.
+
+``hapi``: loads ``--patients`` synthetic patients (and a Group of them) into a HAPI that
+offers ``$export`` (our sandbox), then times, each as its own command, ``population --server
+--group`` (kick-off, poll, download, Spark) and ``sync --group`` (check only, the per-patient
+path).  Not a timed test: the figures go to docs/benchmarks-population.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TODAY = dt.date(2026, 11, 1)
+CLI = [sys.executable, "-m", "fhir_plugin._cli"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    kids = [int(x) for x in out.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd``; wall time, exit code, and the peak RSS of its driver JVM and Python workers (sampled)."""
+    peaks = {"driver_python_kb": 0, "jvm_kb": 0, "worker_kb": 0}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks["driver_python_kb"] = max(peaks["driver_python_kb"], _status_kb(proc.pid, "VmHWM"))
+            for pid in _children(proc.pid):
+                line = _cmdline(pid)
+                hwm = _status_kb(pid, "VmHWM")
+                if "java" in line.split(" ")[0]:
+                    peaks["jvm_kb"] = max(peaks["jvm_kb"], hwm)
+                elif "pyspark" in line or "daemon" in line or "worker" in line:
+                    peaks["worker_kb"] = max(peaks["worker_kb"], hwm)
+            stop.wait(0.5)
+
+    started = time.perf_counter()
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    # VmHWM is the kernel's peak resident set of each process (KiB), sampled every half second; the CPU
+    # time is the whole process tree's (each process is reaped by its parent), so it is fair on a busy machine
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": round(wall, 2), "exit": proc.returncode, "stdout": out[-2000:], "stderr_tail": err[-1500:],
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), **peaks}
+
+
+def bench_ndjson(args: argparse.Namespace) -> list[dict]:
+    from sandbox.population import write_ndjson
+
+    results = []
+    work = Path(args.work or tempfile.mkdtemp(prefix="population-bench-"))
+    for size in args.sizes:
+        folder = work / f"ndjson-{size}"
+        if not (folder / ".complete").exists():
+            t = time.perf_counter()
+            write_ndjson(folder, TODAY, size)
+            (folder / ".complete").write_text("")
+            print(f"wrote {size} patients in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        for cores in args.cores:
+            out = work / f"out-{size}-{cores}"
+            # each run in a fresh process, so RUSAGE_CHILDREN is that run's alone: run this script again
+            cmd = [sys.executable, __file__, "one", "--", *CLI, "population", "--ndjson", str(folder), "--out",
+                   str(out), "--master", f"local[{cores}]", "--today", TODAY.isoformat()]
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            r.update(size=size, cores=cores, patients_per_s=round(size / r["wall_s"], 1))
+            print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
+            results.append(r)
+    return results
+
+
+def bench_hapi(args: argparse.Namespace) -> list[dict]:
+    import requests
+
+    from fhir_plugin.synthetic import load_into_server
+    from sandbox.population import population
+
+    base = args.server.rstrip("/")
+    group_id = f"fp-bench-{args.patients}"
+    if requests.get(f"{base}/Group/{group_id}", timeout=60).status_code != 200:
+        batch, members = [], []
+        from fhir_plugin.synthetic import SyntheticCase
+
+        for patient, resources in population(TODAY, args.patients, prefix="bench"):
+            members.append(patient.patient_id)
+            batch.append(SyntheticCase(patient.case_key, "", patient.patient_id, resources, None, {}))
+            if len(batch) == 100:
+                load_into_server(base, batch)
+                batch = []
+        if batch:
+            load_into_server(base, batch)
+        body = {"resourceType": "Group", "id": group_id, "type": "person", "actual": True,
+                "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members]}
+        requests.put(f"{base}/Group/{group_id}", json=body, timeout=120).raise_for_status()
+    if args.load_only:
+        return []
+    work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))
+    runs = []
+    for name, cmd in (
+            ("export + Spark (population --server --group, local[2])",
+             [*CLI, "population", "--server", base, "--group", group_id, "--out", str(work / "pop"), "--today",
+              TODAY.isoformat(), "--max-poll-wait", "1", "--master", "local[2]"]),
+            ("sync job, per-patient reads (sync --group, check only, concurrency 4)",
+             [*CLI, "sync", "--server", base, "--group", group_id, "--state", str(work / "sync.sqlite"),
+              "--report", str(work / "sync.jsonl"), "--today", TODAY.isoformat()])):
+        r = json.loads(subprocess.run([sys.executable, __file__, "one", "--", *cmd], capture_output=True,
+                                      text=True, check=True).stdout)
+        r.update(run=name, patients=args.patients, patients_per_s=round(args.patients / r["wall_s"], 1))
+        print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
+        runs.append(r)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    nd = sub.add_parser("ndjson")
+    nd.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    nd.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    nd.add_argument("--work", help="folder for the NDJSON and outputs (reused between runs)")
+    nd.add_argument("--out", help="results JSON file")
+    hp = sub.add_parser("hapi")
+    hp.add_argument("--server", required=True)
+    hp.add_argument("--patients", type=int, default=1000)
+    hp.add_argument("--load-only", action="store_true", help="only load the patients and their Group")
+    hp.add_argument("--out", help="results JSON file")
+    one = sub.add_parser("one")
+    one.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.what == "one":
+        print(json.dumps(timed([c for c in args.cmd if c != "--"])))
+        return
+    results = bench_ndjson(args) if args.what == "ndjson" else bench_hapi(args)
+    text = json.dumps({"cpu_count": os.cpu_count(), "results": results}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

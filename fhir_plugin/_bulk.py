@@ -1,0 +1,340 @@
+"""A FHIR Bulk Data Access client (``$export``): kick off, poll, download, resume, delete.
+
+Bulk Data Access IG v2 (https://hl7.org/fhir/uv/bulkdata/export.html):
+
+* kick-off: ``GET [base]/$export``, ``[base]/Patient/$export`` or ``[base]/Group/[id]/$export`` with
+  ``Prefer: respond-async``; the server answers 202 with the status URL in ``Content-Location``;
+* status: 202 while in progress (``X-Progress``, ``Retry-After``), 200 with the manifest
+  (``transactionTime``, ``requiresAccessToken``, ``output`` and ``error`` file lists), 4xx/5xx
+  with an OperationOutcome when the export failed, 404/410 once it expired or was deleted;
+* files: NDJSON, fetched with the bearer token when ``requiresAccessToken`` is true;
+* ``DELETE`` on the status URL ends the job and lets the server drop the files.
+
+Resumable: the status URL, the manifest and every finished file are recorded in
+``export.json`` in the download folder, so a job started again polls the same export
+(it never kicks off a second one) and fetches only the files not finished.  A file is
+written to ``NAME.part`` and renamed when complete; a server that honours ``Range``
+continues a part file, one that does not (HAPI) sends it again from the start.
+
+Why not a library: ``smart-fetch`` sends through its own async ``httpx`` client with
+its own SMART authentication, and Pathling's bulk reader runs in the JVM with its own
+auth configuration; neither takes our ``requests`` session (SMART Backend Services,
+token renewal, the token kept to its server).  See docs/population.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+
+from ._client import _normal_base, resolve_url, retry_after_seconds
+from ._errors import NotFound, ServerError, TransportError, UsageError
+
+__all__ = ["ExportRequest", "ExportFile", "Manifest", "BulkExporter", "kickoff_url", "parse_manifest",
+           "EXPORT_TYPES", "STATE_FILE"]
+
+log = logging.getLogger("fhir_plugin.bulk")
+
+#: the resource types the population check reads (SPEC §3), and the Patient for the banner
+EXPORT_TYPES = ("Patient", "Encounter", "Condition", "Observation", "CarePlan")
+STATE_FILE = "export.json"
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export: the level (``system``, ``patient``, or a Group's id), the types, and filters."""
+
+    group: str | None = None
+    level: str = "patient"  # "system" | "patient"; a group id overrides it
+    types: tuple[str, ...] = EXPORT_TYPES
+    since: str | None = None
+    type_filters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    type: str
+    url: str
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The completed export's manifest (Bulk Data IG, "Response - Complete Status")."""
+
+    transaction_time: str
+    requires_token: bool
+    output: tuple[ExportFile, ...]
+    error: tuple[ExportFile, ...] = ()
+
+
+def kickoff_url(base: str, request: ExportRequest) -> tuple[str, list[tuple[str, str]]]:
+    """The kick-off path under ``base`` and its query parameters. Pure."""
+    if request.group:
+        if "/" in request.group or not request.group.strip():
+            raise UsageError(f"--group wants a Group id, not {request.group!r}")
+        path = f"Group/{request.group}/$export"
+    elif request.level == "system":
+        path = "$export"
+    elif request.level == "patient":
+        path = "Patient/$export"
+    else:
+        raise UsageError(f"the export level is system or patient, not {request.level!r}")
+    params = [("_outputFormat", "application/fhir+ndjson")]
+    if request.types:
+        params.append(("_type", ",".join(request.types)))
+    if request.since:
+        params.append(("_since", request.since))
+    params += [("_typeFilter", f) for f in request.type_filters]
+    return resolve_url(base, path), params
+
+
+def _files(items: Any) -> tuple[ExportFile, ...]:
+    out = []
+    for item in items or []:
+        if isinstance(item, dict) and isinstance(item.get("url"), str):
+            out.append(ExportFile(str(item.get("type", "")), item["url"], item.get("count")))
+    return tuple(out)
+
+
+def parse_manifest(body: Any) -> Manifest:
+    """The manifest from a 200 status answer; a body that is not one is a ServerError. Pure."""
+    if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+        raise ServerError("the export's status answered 200 without a manifest (no 'output' list)")
+    return Manifest(str(body.get("transactionTime", "")), bool(body.get("requiresAccessToken", False)),
+                    _files(body.get("output")), _files(body.get("error")))
+
+
+def _file_name(index: int, item: ExportFile) -> str:
+    kind = "".join(c for c in item.type if c.isalnum()) or "Resource"
+    return f"{index:03d}-{kind}.ndjson"
+
+
+@dataclass
+class _State:
+    """What ``export.json`` holds: enough to resume without a second kick-off."""
+
+    status_url: str | None = None
+    manifest: dict[str, Any] | None = None
+    done: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+
+class BulkExporter:
+    """One export into one folder; ``run`` does it all, resuming what ``export.json`` records.
+
+    ``session`` carries the authentication (the sync job's SMART Backend Services session,
+    or none); a static ``token`` is added only to requests under the FHIR base.  ``max_wait``
+    caps one wait between polls (HAPI asks for 120 s); ``timeout`` ends the polling.
+    """
+
+    def __init__(self, base_url: str, folder: str | Path, *, session: requests.Session | None = None,
+                 token: str | None = None, request_timeout: float = 60.0, max_wait: float = 120.0,
+                 timeout: float = 3600.0, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, progress: TextIO | None = None) -> None:
+        self.base = _normal_base(base_url)
+        self.folder = Path(folder)
+        self._session = session or requests.Session()
+        self._token = token
+        self._request_timeout = request_timeout
+        self._max_wait = max_wait
+        self._timeout = timeout
+        self._sleep = sleep
+        self._clock = clock
+        self._progress = progress
+        self.kickoffs = 0  # for tests: a resumed run kicks off nothing
+
+    # ---- state -------------------------------------------------------------------------------
+    def _state_path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def _load(self) -> _State:
+        try:
+            data = json.loads(self._state_path().read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return _State()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self._state_path()} is not a readable export state; delete the folder "
+                             f"to start a new export ({exc})") from exc
+        return _State(**{k: data.get(k) for k in ("status_url", "manifest", "deleted") if k in data},
+                      done=list(data.get("done") or []))
+
+    def _save(self, state: _State) -> None:
+        tmp = self._state_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        os.replace(tmp, self._state_path())  # never a half-written state file
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    def _headers(self, url: str, accept: str, with_token: bool = True) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if with_token and self._token:
+            resolve_url(self.base, url)  # the token never leaves its server
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    def _get(self, method: str, url: str, *, headers: dict[str, str], params: Sequence[tuple[str, str]] = (),
+             stream: bool = False, session: requests.Session | None = None) -> requests.Response:
+        try:
+            return (session or self._session).request(method, url, headers=headers, params=list(params) or None,
+                                                      timeout=self._request_timeout, stream=stream)
+        except requests.RequestException as exc:
+            raise TransportError(f"the export at {self.base} could not be reached ({type(exc).__name__})") from exc
+
+    @staticmethod
+    def _outcome(response: requests.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def _say(self, text: str) -> None:
+        if self._progress is not None:
+            print(text, file=self._progress, flush=True)
+
+    # ---- the steps ---------------------------------------------------------------------------
+    def kickoff(self, request: ExportRequest) -> str:
+        """Start the export; return its status URL."""
+        url, params = kickoff_url(self.base, request)
+        headers = self._headers(url, "application/fhir+json")
+        headers["Prefer"] = "respond-async"
+        response = self._get("GET", url, headers=headers, params=params)
+        self.kickoffs += 1
+        if response.status_code != 202:
+            raise ServerError(f"the server refused the $export kick-off (HTTP {response.status_code})",
+                              status=response.status_code, outcome=self._outcome(response))
+        location = response.headers.get("Content-Location")
+        if not location:
+            raise ServerError("the $export kick-off answered 202 without a Content-Location status URL")
+        return resolve_url(self.base, location)
+
+    def poll(self, status_url: str) -> Manifest:
+        """Poll until the export completes, honouring Retry-After (capped by ``max_wait``)."""
+        started = self._clock()
+        while True:
+            response = self._get("GET", status_url, headers=self._headers(status_url, "application/json"))
+            if response.status_code == 200:
+                return parse_manifest(self._outcome(response))
+            if response.status_code in (404, 410):
+                raise NotFound("the export expired or was deleted on the server; start a new one with --fresh-export",
+                               status=response.status_code, outcome=self._outcome(response))
+            if response.status_code not in (202, 429):
+                raise ServerError(f"the export failed on the server (HTTP {response.status_code})",
+                                  status=response.status_code, outcome=self._outcome(response))
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            wait = min(self._max_wait, wait if wait is not None else 1.0)
+            elapsed = self._clock() - started
+            if elapsed + wait > self._timeout:
+                raise TransportError(f"the export did not finish within {self._timeout:.0f} s; run again to "
+                                     "keep waiting for the same export")
+            self._say(f"export: {response.headers.get('X-Progress') or 'in progress'} "
+                      f"({elapsed:.0f} s; next look in {wait:.0f} s)")
+            self._sleep(wait)
+
+    def download(self, manifest: Manifest, state: _State) -> list[Path]:
+        """Fetch every output file not yet done; record each as it finishes."""
+        paths = []
+        token_session = self._session if manifest.requires_token else requests.Session()
+        for index, item in enumerate(manifest.output):
+            target = self.folder / _file_name(index, item)
+            paths.append(target)
+            if target.name in state.done and target.exists():
+                continue
+            self._fetch(item, target, token_session, manifest.requires_token)
+            state.done.append(target.name)
+            self._save(state)
+            self._say(f"export: downloaded {target.name} ({len(state.done)}/{len(manifest.output)})")
+        return paths
+
+    def _fetch(self, item: ExportFile, target: Path, session: requests.Session, with_token: bool) -> None:
+        part = target.with_name(target.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        headers = self._headers(item.url, "application/fhir+ndjson", with_token)
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        response = self._get("GET", item.url, headers=headers, stream=True, session=session)
+        with response:
+            if response.status_code in (404, 410):
+                raise NotFound(f"the export's file {target.name} ({item.type}) expired on the server; start a new "
+                               "export with --fresh-export", status=response.status_code)
+            if response.status_code not in (200, 206):
+                raise ServerError(f"downloading {target.name} ({item.type}) failed (HTTP {response.status_code})",
+                                  status=response.status_code)
+            mode = "ab" if response.status_code == 206 and have else "wb"  # a 200 sends the file whole
+            try:
+                with open(part, mode) as out:
+                    for chunk in response.iter_content(_CHUNK):
+                        out.write(chunk)
+            except requests.RequestException as exc:
+                raise TransportError(f"downloading {target.name} was cut off ({type(exc).__name__}); run again "
+                                     "to resume") from exc
+        os.replace(part, target)
+
+    def errors(self, manifest: Manifest) -> list[dict[str, Any]]:
+        """The export's error files (OperationOutcomes, NDJSON), read and returned as issues."""
+        issues: list[dict[str, Any]] = []
+        for item in manifest.error:
+            headers = self._headers(item.url, "application/fhir+ndjson", manifest.requires_token)
+            response = self._get("GET", item.url, headers=headers)
+            if response.status_code != 200:
+                issues.append({"file": item.url.rsplit("/", 1)[-1], "line": None,
+                               "problem": f"the export's error file could not be read (HTTP {response.status_code})"})
+                continue
+            for lineno, line in enumerate(response.text.splitlines(), 1):
+                if line.strip():
+                    issues.append({"file": item.url.rsplit("/", 1)[-1], "line": lineno,
+                                   "problem": _issue_text(line)})
+        return issues
+
+    def delete(self, status_url: str) -> None:
+        """Tell the server the job is done (it may then drop the files); a 404 means it already has."""
+        response = self._get("DELETE", status_url, headers=self._headers(status_url, "application/json"))
+        if response.status_code >= 400 and response.status_code not in (404, 410):
+            log.warning("deleting the export job answered HTTP %s", response.status_code)
+
+    def run(self, request: ExportRequest, *, fresh: bool = False) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The whole export into ``folder``: the NDJSON paths and the export's own error issues."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = _State() if fresh else self._load()
+        if fresh:
+            for old in self.folder.glob("*.ndjson*"):
+                old.unlink()
+        if state.manifest is None:
+            if state.status_url is None:
+                state.status_url = self.kickoff(request)
+                self._save(state)
+            manifest = self.poll(state.status_url)
+            state.manifest = asdict(manifest)
+            self._save(state)
+        manifest = _manifest_from_state(state.manifest)
+        paths = self.download(manifest, state)
+        issues = self.errors(manifest) if manifest.error else []
+        if state.status_url and not state.deleted:
+            self.delete(state.status_url)
+            state.deleted = True
+            self._save(state)
+        return paths, issues
+
+
+def _manifest_from_state(data: dict[str, Any]) -> Manifest:
+    return Manifest(data["transaction_time"], data["requires_token"],
+                    tuple(ExportFile(**f) for f in data["output"]), tuple(ExportFile(**f) for f in data["error"]))
+
+
+def _issue_text(line: str) -> str:
+    """One OperationOutcome line of an error file as a sentence (the diagnostics of its issues)."""
+    try:
+        outcome = json.loads(line)
+    except ValueError:
+        return line[:300]
+    texts: Iterable[str] = (str(i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code"))
+                            for i in (outcome.get("issue") or []) if isinstance(i, dict))
+    return "; ".join(texts)[:300] or "an OperationOutcome without issues"

@@ -1,0 +1,167 @@
+"""``fhir-plugin population``: a whole population through Bulk Data ``$export`` (or NDJSON files) and Spark.
+
+This module only wires: the export (``_bulk``), the Spark job (``_population._job``), the
+summary and report (``_population._report``) and the write-back (``_population._writeback``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from .._errors import UsageError
+from .._profile import DEFAULT_PROFILE, load_profile
+from ._common import parse_today, subparser
+
+
+def add_parser(sub: Any, epilog: str) -> None:
+    parser = subparser(sub, "population", epilog,
+                       help="check a whole population (Bulk Data $export or NDJSON) on Apache Spark; worklist out")
+    parser.add_argument("--out", metavar="DIR", required=True,
+                        help="output folder: results.parquet, results.jsonl, report.html (and the export's files)")
+    source = parser.add_argument_group("where the population comes from (one of)")
+    source.add_argument("--server", metavar="URL", help="FHIR R4 base URL to $export from")
+    source.add_argument("--ndjson", metavar="DIR", help="a folder of .ndjson files from any bulk tool")
+    export = parser.add_argument_group("the export (with --server)")
+    export.add_argument("--group", metavar="ID", help="export the members of this Group (Group/ID/$export)")
+    export.add_argument("--level", choices=("patient", "system"), default="patient",
+                        help="without --group: Patient/$export (default) or the whole system ($export)")
+    export.add_argument("--type", metavar="TYPES", help="comma-separated _type (default Patient,Encounter,"
+                                                        "Condition,Observation,CarePlan)")
+    export.add_argument("--since", metavar="INSTANT", help="_since: only resources changed after this instant")
+    export.add_argument("--type-filter", metavar="QUERY", action="append", default=[],
+                        help="a _typeFilter, e.g. 'Condition?code=M62.561' (repeatable)")
+    export.add_argument("--fresh-export", action="store_true",
+                        help="start a new export instead of resuming the one recorded in DIR/export/")
+    export.add_argument("--max-poll-wait", type=float, default=120.0, metavar="SECONDS",
+                        help="longest wait between status polls, whatever Retry-After says (default 120)")
+    export.add_argument("--export-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="give up polling after this long (a later run resumes the same export)")
+    spark = parser.add_argument_group("where Spark runs (default: local mode on this machine)")
+    spark.add_argument("--master", metavar="URL", help="a Spark master, e.g. spark://host:7077 (default local[*])")
+    spark.add_argument("--remote", metavar="URL", help="a Spark Connect server, e.g. sc://host:15002")
+    spark.add_argument("--driver-memory", metavar="SIZE", help="spark.driver.memory, e.g. 2g")
+    parser.add_argument("--write", action="store_true",
+                        help="write the drafts of every patient whose drafts are allowed (needs --server)")
+    parser.add_argument("--max-writes-per-minute", type=float, metavar="N",
+                        help="rate limit for --write (default: none)")
+    parser.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
+                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout")
+    auth = parser.add_argument_group("authentication (none: an open server)")
+    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
+    auth.add_argument("--client-id", metavar="ID", help="SMART Backend Services client id (or env FHIR_CLIENT_ID)")
+    auth.add_argument("--key", metavar="FILE", help="the client's private key, PEM or JWK (or env FHIR_CLIENT_KEY)")
+    auth.add_argument("--kid", metavar="KID", help="key id for the assertion header")
+    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes)")
+    auth.add_argument("--token-url", metavar="URL", help="token endpoint (default: discovered)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
+
+
+def _session(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The HTTP session (SMART Backend Services as the sync job does it) and a static token, if any."""
+    import requests
+
+    from .._backend_auth import backend_session, load_signing_key
+    from .._sync import Selection, default_scope
+
+    session = requests.Session()
+    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
+    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
+    if client_id or key_path:
+        if not (client_id and key_path):
+            raise UsageError("SMART Backend Services needs both --client-id and --key")
+        if args.token:
+            raise UsageError("give either --token or --client-id with --key, not both")
+        scope = args.scope or default_scope(Selection((), args.group, not args.group, None), args.write)
+        backend_session(args.server, client_id, load_signing_key(key_path, kid=args.kid), scope,
+                        token_url=args.token_url, timeout=args.timeout, session=session)
+        return session, None
+    return session, args.token or os.environ.get("FHIR_TOKEN")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if bool(args.server) == bool(args.ndjson):
+        raise UsageError("give exactly one source: --server URL (a Bulk Data export) or --ndjson DIR")
+    if args.write and not args.server:
+        raise UsageError("--write needs --server: drafts are written to a FHIR server")
+    if args.ndjson and (args.group or args.since or args.type_filter or args.type):
+        raise UsageError("--group, --since, --type and --type-filter apply to an export (--server)")
+    if args.max_writes_per_minute is not None and not args.write:
+        raise UsageError("--max-writes-per-minute applies to --write")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fhir-plugin population``: exit 0 when every patient is complete, 1 when the worklist is not empty."""
+    from .._population._job import SparkSettings, iter_rows, ndjson_files, run_population, spark_session
+    from .._population._report import render_html, render_terminal, summarize
+
+    _check_args(args)
+    today = parse_today(args.today) or date.today()
+    now = datetime.now(UTC)
+    load_profile(args.profile)  # a bad profile fails here, before Spark starts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_issues: list[dict[str, Any]] = []
+    session = token = None
+    if args.server:
+        from .._bulk import EXPORT_TYPES, BulkExporter, ExportRequest
+
+        session, token = _session(args)
+        types = tuple(t.strip() for t in args.type.split(",") if t.strip()) if args.type else EXPORT_TYPES
+        request = ExportRequest(args.group, args.level, types, args.since, tuple(args.type_filter))
+        exporter = BulkExporter(args.server, out / "export", session=session, token=token,
+                                request_timeout=args.timeout, max_wait=args.max_poll_wait,
+                                timeout=args.export_timeout, progress=sys.stderr)
+        files, export_issues = exporter.run(request, fresh=args.fresh_export)
+        source = f"a Bulk Data export of {args.server}"
+        if not files:
+            raise UsageError("the export holds no files: the server has no resources of the types asked for")
+    else:
+        files = ndjson_files(args.ndjson)
+        source = f"the NDJSON files in {args.ndjson}"
+
+    spark = spark_session(SparkSettings(args.master, args.remote, driver_memory=args.driver_memory))
+    result = run_population(spark, files, out, profile_code=args.profile, today=today, now=now,
+                            keep_drafts=args.write)
+    summary = summarize(iter_rows(result.parquet, ("patient", "encounter", "complete", "code_fit", "suggested",
+                                                   "gaps", "red_flags", "referral", "drafts_allowed", "problem")))
+    page = render_html(summary, profile_code=args.profile, source=source, problems=result.problems,
+                       export_issues=export_issues, generated=now.strftime("%Y-%m-%d %H:%M UTC"))
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out / "report.html")
+    if result.problems or export_issues:
+        problems_path = out / "problems.jsonl"
+        problems_path.write_text("".join(json.dumps(p) + "\n" for p in result.problems + export_issues),
+                                 encoding="utf-8")
+    print(render_terminal(summary, result.problems, export_issues))
+    print(f"Wrote {result.parquet}, {result.jsonl} and {out / 'report.html'}.")
+
+    if args.write:
+        _write(args, result.parquet, session, token, out, iter_rows)
+    return 0 if summary.worklist_total == 0 else 1
+
+
+def _write(args: argparse.Namespace, parquet: Path, session: Any, token: str | None, out: Path,
+           iter_rows: Any) -> None:
+    from .._client import FhirClient
+    from .._population._writeback import WRITE_LOG, RateLimiter, WriteLog, write_back
+    from .._strategies import strategies_for
+
+    with FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client, \
+            WriteLog(out / WRITE_LOG) as log:
+        writer = strategies_for(client).writer
+        summary = write_back(iter_rows(parquet, ("patient", "drafts_allowed", "drafts")), writer, log,
+                             RateLimiter(args.max_writes_per_minute), progress=sys.stderr)
+    print(f"Write-back: {summary.written} patients written ({summary.created} resources created, "
+          f"{summary.existing} already there), {summary.skipped} written by an earlier run, "
+          f"{len(summary.failed)} failed.")
+    for patient, why in summary.failed:
+        print(f"write-back failed for {patient}: {why}", file=sys.stderr)

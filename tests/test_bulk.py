@@ -1,0 +1,128 @@
+"""The Bulk Data client (fhir_plugin._bulk) against mocked servers: the IG's flow, resume, failure, expiry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import responses
+
+from fhir_plugin._bulk import BulkExporter, ExportRequest, kickoff_url
+from fhir_plugin._errors import NotFound, ServerError, TransportError, UsageError
+
+BASE = "https://ehr.example/fhir"
+STATUS = f"{BASE}/$export-poll-status?_jobId=42"
+PATIENTS = '{"resourceType":"Patient","id":"a"}\n{"resourceType":"Patient","id":"b"}\n'
+CONDITIONS = '{"resourceType":"Condition","id":"c1","subject":{"reference":"Patient/a"}}\n'
+
+
+def manifest(requires_token: bool = True, errors: bool = False) -> dict:
+    return {"transactionTime": "2026-11-29T07:00:00Z", "request": f"{BASE}/Patient/$export",
+            "requiresAccessToken": requires_token,
+            "output": [{"type": "Patient", "url": f"{BASE}/Binary/p1"},
+                       {"type": "Condition", "url": f"{BASE}/Binary/c1"}],
+            "error": [{"type": "OperationOutcome", "url": f"{BASE}/Binary/e1"}] if errors else []}
+
+
+def test_kickoff_url_for_each_level():
+    url, params = kickoff_url(BASE, ExportRequest(group="g1", since="2026-01-01T00:00:00Z",
+                                                  type_filters=("Condition?code=M62.561",)))
+    assert url == f"{BASE}/Group/g1/$export"
+    assert ("_type", "Patient,Encounter,Condition,Observation,CarePlan") in params
+    assert ("_since", "2026-01-01T00:00:00Z") in params
+    assert ("_typeFilter", "Condition?code=M62.561") in params
+    assert kickoff_url(BASE, ExportRequest(level="system"))[0] == f"{BASE}/$export"
+    assert kickoff_url(BASE, ExportRequest())[0] == f"{BASE}/Patient/$export"
+    with pytest.raises(UsageError):
+        kickoff_url(BASE, ExportRequest(group="../x"))
+
+
+def _kickoff_and_poll(rsps, manifest_body):
+    rsps.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
+    rsps.get(STATUS, status=202, headers={"Retry-After": "120", "X-Progress": "50% done"})
+    rsps.get(STATUS, status=200, json=manifest_body)
+
+
+@responses.activate
+def test_whole_flow_honours_retry_after_sends_the_token_and_deletes_the_job(tmp_path):
+    _kickoff_and_poll(responses, manifest(errors=True))
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.get(f"{BASE}/Binary/e1", body=json.dumps(
+        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                                                        "diagnostics": "Observation/o9 could not be read"}]}) + "\n")
+    responses.delete(STATUS, status=202)
+    waits = []
+    exporter = BulkExporter(BASE, tmp_path, token="s3cret", max_wait=5, sleep=waits.append)
+    files, issues = exporter.run(ExportRequest())
+
+    assert waits == [5]  # Retry-After 120, capped by max_wait
+    kick = responses.calls[0].request
+    assert kick.headers["Prefer"] == "respond-async"
+    assert all(c.request.headers.get("Authorization") == "Bearer s3cret" for c in responses.calls)
+    assert [p.read_text() for p in files] == [PATIENTS, CONDITIONS]
+    assert issues == [{"file": "e1", "line": 1, "problem": "Observation/o9 could not be read"}]
+    assert responses.calls[-1].request.method == "DELETE"
+
+
+@responses.activate
+def test_no_token_on_files_that_do_not_require_one(tmp_path):
+    _kickoff_and_poll(responses, manifest(requires_token=False))
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, status=202)
+    BulkExporter(BASE, tmp_path, token="s3cret", sleep=lambda s: None).run(ExportRequest())
+    downloads = [c.request for c in responses.calls if "/Binary/" in c.request.url]
+    assert downloads and all("Authorization" not in r.headers for r in downloads)
+
+
+@responses.activate
+def test_an_interrupted_download_resumes_without_a_second_kickoff(tmp_path):
+    _kickoff_and_poll(responses, manifest())
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=requests.ConnectionError("connection reset"))
+    with pytest.raises(TransportError):
+        BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
+    assert not list(tmp_path.glob("*Condition.ndjson"))  # nothing half-written under the final name
+
+    responses.reset()
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, status=202)
+    again = BulkExporter(BASE, tmp_path, sleep=lambda s: None)
+    files, _ = again.run(ExportRequest())
+    assert again.kickoffs == 0
+    assert [c.request.url for c in responses.calls] == [f"{BASE}/Binary/c1", STATUS]  # only the missing file
+    assert [p.read_text() for p in files] == [PATIENTS, CONDITIONS]
+
+
+@responses.activate
+def test_a_failed_export_is_a_server_error_with_its_outcome(tmp_path):
+    responses.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception",
+                                                              "diagnostics": "job failed"}]}
+    responses.get(STATUS, status=500, json=outcome)
+    with pytest.raises(ServerError, match="the export failed on the server") as err:
+        BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
+    assert err.value.outcome == outcome
+    assert not list(tmp_path.glob("*.ndjson"))
+
+
+@responses.activate
+def test_an_expired_export_says_so(tmp_path):
+    _kickoff_and_poll(responses, manifest())
+    responses.get(f"{BASE}/Binary/p1", status=404)
+    with pytest.raises(NotFound, match="expired"):
+        BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
+    responses.reset()
+    responses.get(STATUS, status=404)
+    with pytest.raises(NotFound, match="--fresh-export"):
+        BulkExporter(BASE, tmp_path / "other", sleep=lambda s: None).poll(STATUS)
+
+
+@responses.activate
+def test_a_status_url_on_another_server_never_gets_the_token(tmp_path):
+    responses.get(f"{BASE}/Patient/$export", status=202,
+                  headers={"Content-Location": "https://elsewhere.example/status/1"})
+    with pytest.raises(UsageError, match="must not leave its server"):
+        BulkExporter(BASE, tmp_path, token="s3cret").run(ExportRequest())

@@ -1,0 +1,153 @@
+"""The population job on Spark: local mode with bad lines in the input, and a standalone cluster the test starts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyspark
+import pytest
+
+from fhir_plugin._population._job import ndjson_files, run_population
+from sandbox.population import write_ndjson
+
+pytestmark = pytest.mark.spark
+
+TODAY = dt.date(2026, 11, 1)
+NOW = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
+N = 80  # more than two cycles of the 36 cases, in two files per type
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ndjson")
+    patients = write_ndjson(folder, TODAY, N, file_patients=50)
+    # a line that is not JSON, a resource with no patient, and a type the check does not read
+    (folder / "Extra.ndjson").write_text(
+        '{"resourceType":"Medication","id":"m1"}\n'
+        '{"resourceType": "Observation", "id": \n'
+        '{"resourceType":"Condition","id":"orphan","code":{"text":"x"}}\n', encoding="utf-8")
+    return folder, patients
+
+
+@pytest.fixture(scope="module")
+def local_run(spark, population, tmp_path_factory):
+    folder, _ = population
+    out = tmp_path_factory.mktemp("out-local")
+    return run_population(spark, ndjson_files(folder), out, profile_code="M62.561", today=TODAY, now=NOW)
+
+
+def _rows(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+
+
+def test_every_patient_row_is_the_expected_report(local_run, population):
+    _, patients = population
+    rows = _rows(local_run.jsonl)
+    assert [r["patient"] for r in rows] == sorted(patients)  # one row per patient, in patient order
+    for row in rows:
+        expected = patients[row["patient"]].expected
+        assert row["problem"] is None
+        assert row["statuses"] == expected["elements"], row["patient"]
+        assert row["flag_statuses"] == expected["red_flags"], row["patient"]
+        assert row["code_fit"] == expected["code_fit"]
+        assert row["suggested"] == expected["suggested"]
+        assert row["complete"] is expected["complete"]
+        assert row["referral"] is expected["referral_recommended"]
+        assert set(row["gaps"]) <= {k for k, v in expected["elements"].items() if v in ("missing", "conflict")}
+
+
+def test_bad_lines_are_reported_with_file_and_line_and_the_rest_is_checked(local_run):
+    assert local_run.problems == [
+        {"file": "Extra.ndjson", "line": 2, "problem": local_run.problems[0]["problem"]},
+        {"file": "Extra.ndjson", "line": 3,
+         "problem": "Condition/orphan has no subject Patient reference, so it belongs to no record"},
+    ]
+    assert local_run.problems[0]["problem"].startswith("not valid JSON")
+    assert local_run.patients == N
+    out = local_run.parquet.parent
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "results.parquet"]  # no temporaries left
+
+
+def test_parquet_holds_the_same_rows(local_run):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(local_run.parquet)
+    assert table.num_rows == N
+    assert set(table.column_names) >= {"patient", "encounter", "complete", "code_fit", "gaps", "red_flags",
+                                       "referral", "drafts_allowed"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory):
+    """One master and two one-core workers from the PySpark distribution, on loopback; stopped at the end."""
+    spark_home = Path(pyspark.__file__).parent
+    spark_class = str(spark_home / "bin" / "spark-class")
+    logs = tmp_path_factory.mktemp("spark-logs")
+    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable,
+               SPARK_LOCAL_IP="127.0.0.1", SPARK_WORKER_DIR=str(logs / "work"))
+    port = _free_port()
+    master_url = f"spark://127.0.0.1:{port}"
+    procs = []
+
+    def start(name, *args):
+        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the cluster stops
+        procs.append((subprocess.Popen([spark_class, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL), log))
+
+    try:
+        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+              "--webui-port", str(_free_port()))
+        _wait_for(lambda: "I have been elected leader" in (logs / "master.log").read_text(), 120, "the master")
+        for i in (1, 2):
+            start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", master_url, "--host", "127.0.0.1",
+                  "--cores", "1", "--memory", "1g", "--webui-port", str(_free_port()))
+        _wait_for(lambda: all("Successfully registered with master" in (logs / f"worker{i}.log").read_text()
+                              for i in (1, 2)), 120, "two workers")
+        yield master_url, logs
+    finally:
+        for proc, log in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_cluster, local_run, population,
+                                                                tmp_path):
+    master_url, logs = standalone_cluster
+    folder, _ = population
+    out = tmp_path / "out-cluster"
+    done = subprocess.run(
+        [sys.executable, "-m", "fhir_plugin._cli", "population", "--ndjson", str(folder), "--out", str(out),
+         "--master", master_url, "--today", TODAY.isoformat()],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
+    assert f"{N} patients:" in done.stdout
+    assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
+    # the work really ran on the cluster's two workers
+    executors = list((logs / "work").glob("app-*/*"))
+    assert len(executors) == 2, executors
