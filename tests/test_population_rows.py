@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -12,6 +13,7 @@ from fhir_plugin._population._writeback import RateLimiter, WriteLog, write_back
 from fhir_plugin._profile import load_profile
 from fhir_plugin._write import WriteResult
 from fhir_plugin.synthetic import generate_cases
+from sandbox.testing import needing_drafts
 
 TODAY = dt.date(2026, 11, 1)
 NOW = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
@@ -58,10 +60,14 @@ def test_an_invalid_resource_makes_a_problem_row_naming_file_and_line():
     assert row["complete"] is False and row["code_fit"] is None
 
 
-def _rows():
+def _cases():
+    return [c for c in generate_cases(TODAY) if not c.encounter_id]
+
+
+def _rows(cases=None):
     profile = load_profile("M62.561")
-    cases = [c for c in generate_cases(TODAY) if not c.encounter_id]
-    return [patient_row(c.patient_id, _lines(c), profile, today=TODAY, now=NOW, keep_drafts=True) for c in cases]
+    return [patient_row(c.patient_id, _lines(c), profile, today=TODAY, now=NOW, keep_drafts=True)
+            for c in (cases if cases is not None else _cases())]
 
 
 def test_summary_and_report_count_what_the_rows_say():
@@ -69,7 +75,7 @@ def test_summary_and_report_count_what_the_rows_say():
     s = summarize(rows, limit=5)
     assert s.patients == len(rows)
     assert s.complete == sum(r["complete"] for r in rows)
-    assert s.referrals == sum(r["referral"] for r in rows) == 7
+    assert s.referrals == sum(r["referral"] for r in rows) == sum(c.expected["referral_recommended"] for c in _cases())
     assert s.gap_frequency["onset"] == sum("onset" in r["gaps"] for r in rows)
     assert len(s.worklist) == 5 and s.worklist_total == sum(not r["complete"] or r["referral"] for r in rows)
     page = render_html(s, profile_code="M62.561", source="test", generated="now",
@@ -98,7 +104,8 @@ class _Writer:
 
 
 def test_write_back_resumes_after_a_kill_and_keeps_to_the_rate(tmp_path):
-    rows = _rows()
+    # records that still need drafts (SPEC §7.1: most examples hold a clinician's plan already)
+    rows = _rows([dataclasses.replace(c, resources=needing_drafts(c.resources)) for c in _cases()])
     allowed = [r for r in rows if r["drafts_allowed"]]
     clock = [0.0]
     waits = []
