@@ -11,8 +11,8 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import requests
@@ -44,8 +44,13 @@ def delayed(base_url: str, latency_ms: float) -> Iterator[str]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
             with lock:  # one upstream connection pool, used one request at a time
-                answer = session.request(self.command, f"{upstream.scheme}://{upstream.netloc}{self.path}",
-                                         data=body, headers=headers, timeout=120)
+                answer = session.request(
+                    self.command,
+                    f"{upstream.scheme}://{upstream.netloc}{self.path}",
+                    data=body,
+                    headers=headers,
+                    timeout=120,
+                )
             data = answer.content
             self.send_response(answer.status_code)
             for key, value in answer.headers.items():

@@ -53,25 +53,41 @@ def _pct(values: list[float], q: float) -> float:
 
 def _prefetch(resources: list[dict]) -> dict:
     def bundle(t: str) -> dict:
-        return {"resourceType": "Bundle", "type": "searchset",
-                "entry": [{"resource": r} for r in resources if r["resourceType"] == t]}
-    return {"patient": next(r for r in resources if r["resourceType"] == "Patient"),
-            "conditions": bundle("Condition"), "observations": bundle("Observation"),
-            "encounters": bundle("Encounter"), "carePlans": bundle("CarePlan")}
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": r} for r in resources if r["resourceType"] == t],
+        }
+
+    return {
+        "patient": next(r for r in resources if r["resourceType"] == "Patient"),
+        "conditions": bundle("Condition"),
+        "observations": bundle("Observation"),
+        "encounters": bundle("Encounter"),
+        "carePlans": bundle("CarePlan"),
+    }
 
 
 def run(fhir: str, calls: int, case_key: str) -> int:
     case = load_fresh_case(fhir, next(c for c in generate_cases(dt.date.today()) if c.key == case_key))
     signer = CdsSigner(ISS)
-    settings = Settings(allowed_issuers=("https://ehr.bench.test/fhir",), session_store="memory",
-                        cds_feedback_store="memory", cds_clients=(CdsClientTrust(ISS, jwks=signer.jwks()),))
+    settings = Settings(
+        allowed_issuers=("https://ehr.bench.test/fhir",),
+        session_store="memory",
+        cds_feedback_store="memory",
+        cds_clients=(CdsClientTrust(ISS, jwks=signer.jwks()),),
+    )
     session = requests.Session()
     with live_server(create_app(settings)) as server:
         url = f"{server.url}/cds-services/{SERVICE}"
 
         def once(body_extra: dict) -> tuple[float, dict[str, float], int]:
-            body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-                    "context": {"userId": "Practitioner/1", "patientId": case.patient_id}, **body_extra}
+            body = {
+                "hook": "patient-view",
+                "hookInstance": str(uuid.uuid4()),
+                "context": {"userId": "Practitioner/1", "patientId": case.patient_id},
+                **body_extra,
+            }
             started = time.perf_counter()
             answer = session.post(url, json=body, headers={"Authorization": f"Bearer {signer.sign(url)}"}, timeout=60)
             cards = answer.json()["cards"]
@@ -79,9 +95,11 @@ def run(fhir: str, calls: int, case_key: str) -> int:
             assert answer.status_code == 200 and cards, answer.text
             return elapsed, _timings(answer.headers["Server-Timing"]), len(cards)
 
-        modes = {"full prefetch": {"prefetch": _prefetch(case.resources)},
-                 "no prefetch (reads through fhirServer)": {"fhirServer": fhir}}
-        for extra in modes.values():          # warm-up: ICD-10-CM data, profiles, connection pools
+        modes = {
+            "full prefetch": {"prefetch": _prefetch(case.resources)},
+            "no prefetch (reads through fhirServer)": {"fhirServer": fhir},
+        }
+        for extra in modes.values():  # warm-up: ICD-10-CM data, profiles, connection pools
             for _ in range(5):
                 once(extra)
         rows = []
@@ -95,10 +113,12 @@ def run(fhir: str, calls: int, case_key: str) -> int:
                 reads.append(timing["read"])
                 shares.append(timing["check"] / wall * 100)
             results[name] = walls
-            rows.append(f"| {name} | {calls} | {statistics.median(walls):.1f} ms | {_pct(walls, 0.95):.1f} ms | "
-                        f"{max(walls):.1f} ms | {statistics.median(reads):.1f} ms | "
-                        f"{statistics.median(checks):.1f} ms | "
-                        f"{statistics.median(shares):.0f} % / {_pct(shares, 0.95):.0f} % | {n_cards} |")
+            rows.append(
+                f"| {name} | {calls} | {statistics.median(walls):.1f} ms | {_pct(walls, 0.95):.1f} ms | "
+                f"{max(walls):.1f} ms | {statistics.median(reads):.1f} ms | "
+                f"{statistics.median(checks):.1f} ms | "
+                f"{statistics.median(shares):.0f} % / {_pct(shares, 0.95):.0f} % | {n_cards} |"
+            )
     print(f"patient: synthetic case {case_key} ({len(case.resources)} resources), FHIR server {fhir}")
     print("| mode | calls | median | p95 | max | read (median) | check (median) | check share (median / p95) | cards |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -110,8 +130,11 @@ def run(fhir: str, calls: int, case_key: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fhir", default=os.environ.get("FHIR_BASE_URL", "http://127.0.0.1:18090/fhir"),
-                        help="a FHIR R4 base with open access (the sandbox HAPI)")
+    parser.add_argument(
+        "--fhir",
+        default=os.environ.get("FHIR_BASE_URL", "http://127.0.0.1:18090/fhir"),
+        help="a FHIR R4 base with open access (the sandbox HAPI)",
+    )
     parser.add_argument("--calls", type=int, default=100, help="timed calls per mode")
     parser.add_argument("--case", default="missing-treatment-plan", help="synthetic case (a typical record)")
     args = parser.parse_args()

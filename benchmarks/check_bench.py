@@ -19,20 +19,23 @@ import argparse
 import platform
 import sys
 import time
-from datetime import date, datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_plugin import check, load_profile  # noqa: E402
-from fhir_plugin._record import records_from_bundle  # noqa: E402
-from fhir_plugin.synthetic import generate_cases, large_record  # noqa: E402
+from fhir_plugin import check, load_profile
+from fhir_plugin._record import records_from_bundle
+from fhir_plugin.synthetic import generate_cases, large_record
 
 SIZES_KB = (10, 30, 100, 300, 1000)
 # words a long note is made of: findings, negations, hypothetical mentions, sides, sites
-_SENTENCE = ("Patient denies fever, reports mild calf tenderness on the right side and no numbness "
-             "while walking; return if incontinence or weakness develop")
+_SENTENCE = (
+    "Patient denies fever, reports mild calf tenderness on the right side and no numbness "
+    "while walking; return if incontinence or weakness develop"
+)
 
 
 def _note(n_bytes: int, breaks: bool, salt: int) -> str:
@@ -52,9 +55,15 @@ def _note(n_bytes: int, breaks: bool, salt: int) -> str:
 
 def _record_with_note(base: list[dict[str, Any]], note: str) -> Any:
     pid = next(r["id"] for r in base if r["resourceType"] == "Patient")
-    obs = {"resourceType": "Observation", "id": "bench-note", "status": "final",
-           "code": {"text": "Progress note"}, "subject": {"reference": f"Patient/{pid}"},
-           "effectiveDateTime": "2026-01-01", "valueString": note}
+    obs = {
+        "resourceType": "Observation",
+        "id": "bench-note",
+        "status": "final",
+        "code": {"text": "Progress note"},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": "2026-01-01",
+        "valueString": note,
+    }
     return records_from_bundle(base + [obs])[0]
 
 
@@ -81,27 +90,63 @@ def _medspacy_rows(sizes: tuple[int, ...], texts: list[str]) -> list[str]:
     import medspacy  # noqa: F401 - measured only, never a dependency unless it meets the targets
     from loguru import logger
 
-    logger.remove()       # PyRuSH logs every sentence start at DEBUG: that would be the measurement
-    from medspacy.context import ConText, ConTextRule
-    from medspacy.ner import TargetRule
+    logger.remove()  # PyRuSH logs every sentence start at DEBUG: that would be the measurement
     import spacy
+    from medspacy.context import ConTextRule
+    from medspacy.ner import TargetRule
 
     nlp = spacy.blank("en")
     nlp.add_pipe("medspacy_pyrush")
     matcher = nlp.add_pipe("medspacy_target_matcher")
-    matcher.add([TargetRule(t, "FLAG") for t in ("fever", "numbness", "incontinence", "weakness", "tenderness",
-                                                   "weight loss", "cancer", "calf")])
+    matcher.add(
+        [
+            TargetRule(t, "FLAG")
+            for t in ("fever", "numbness", "incontinence", "weakness", "tenderness", "weight loss", "cancer", "calf")
+        ]
+    )
     context = nlp.add_pipe("medspacy_context", config={"rules": None})
-    rules = [ConTextRule(t, "NEGATED_EXISTENCE", direction="FORWARD") for t in
-             ("no", "not", "denies", "denied", "negative for", "without", "absent", "free of", "never")]
-    rules += [ConTextRule(t, "NEGATED_EXISTENCE", direction="BACKWARD") for t in
-              ("absent", "negative", "ruled out", "denied", "not present", "none")]
-    rules += [ConTextRule(t, "HYPOTHETICAL", direction="FORWARD") for t in
-              ("if", "should", "unless", "in case of", "return for", "watch for", "monitor for", "call for",
-               "precautions", "warning signs")]
-    rules += [ConTextRule(t, "TERMINATE", direction="TERMINATE") for t in
-              ("but", "however", "although", "though", "except", "yet", "reports", "reported", "endorses",
-               "endorsed", "complains of", "c/o", "positive for", "presents with")]
+    rules = [
+        ConTextRule(t, "NEGATED_EXISTENCE", direction="FORWARD")
+        for t in ("no", "not", "denies", "denied", "negative for", "without", "absent", "free of", "never")
+    ]
+    rules += [
+        ConTextRule(t, "NEGATED_EXISTENCE", direction="BACKWARD")
+        for t in ("absent", "negative", "ruled out", "denied", "not present", "none")
+    ]
+    rules += [
+        ConTextRule(t, "HYPOTHETICAL", direction="FORWARD")
+        for t in (
+            "if",
+            "should",
+            "unless",
+            "in case of",
+            "return for",
+            "watch for",
+            "monitor for",
+            "call for",
+            "precautions",
+            "warning signs",
+        )
+    ]
+    rules += [
+        ConTextRule(t, "TERMINATE", direction="TERMINATE")
+        for t in (
+            "but",
+            "however",
+            "although",
+            "though",
+            "except",
+            "yet",
+            "reports",
+            "reported",
+            "endorses",
+            "endorsed",
+            "complains of",
+            "c/o",
+            "positive for",
+            "presents with",
+        )
+    ]
     context.add(rules)
     rows = []
     for kb in sizes:
@@ -109,11 +154,15 @@ def _medspacy_rows(sizes: tuple[int, ...], texts: list[str]) -> list[str]:
             note = _note(kb * 1000, breaks, 7)
             c0 = time.process_time()
             nlp(note)
-            rows.append(f"| medspacy ConText | {kb} KB | {'yes' if breaks else 'no'} | "
-                        f"{(time.process_time() - c0) * 1000:.0f} ms |")
+            rows.append(
+                f"| medspacy ConText | {kb} KB | {'yes' if breaks else 'no'} | "
+                f"{(time.process_time() - c0) * 1000:.0f} ms |"
+            )
     rate = _rate(lambda: [nlp(t) for t in texts], 3.0)
-    rows.append(f"| medspacy ConText | typical record's texts ({len(texts)} fields) | - | "
-                f"{1000 / rate:.2f} ms per record = **{rate:.0f} records/s** (text only, before any check logic) |")
+    rows.append(
+        f"| medspacy ConText | typical record's texts ({len(texts)} fields) | - | "
+        f"{1000 / rate:.2f} ms per record = **{rate:.0f} records/s** (text only, before any check logic) |"
+    )
     return rows
 
 
@@ -127,17 +176,21 @@ def main() -> int:
     profile = load_profile("M62.561")
     complete = next(c for c in generate_cases(today) if c.key == "complete")
 
-    lines = [f"Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()} "
-             f"({platform.python_implementation()} {platform.python_version()}); CPU time of one thread.", "",
-             "| note size | sentence breaks | whole check (best of 3) | per MB |", "|---|---|---|---|"]
+    lines = [
+        f"Run {datetime.now(UTC).isoformat(timespec='seconds')} on {platform.node()} "
+        f"({platform.python_implementation()} {platform.python_version()}); CPU time of one thread.",
+        "",
+        "| note size | sentence breaks | whole check (best of 3) | per MB |",
+        "|---|---|---|---|",
+    ]
     salt = 0
     for kb in (s for s in SIZES_KB if s <= args.max_kb):
         for breaks in (True, False):
             records = []
             for _ in range(3):
-                salt += 1     # a new text each run: nothing is served from a cache
+                salt += 1  # a new text each run: nothing is served from a cache
                 records.append(_record_with_note(complete.resources, _note(kb * 1000, breaks, salt)))
-            t = _best_of(lambda: check(records.pop(), profile, today=today), 3)
+            t = _best_of(lambda records=records: check(records.pop(), profile, today=today), 3)
             lines.append(f"| {kb} KB | {'yes' if breaks else 'no'} | {t * 1000:.0f} ms | {t / kb * 1000:.2f} s |")
 
     typical = records_from_bundle(complete.resources)[0]
@@ -145,13 +198,18 @@ def main() -> int:
     big = records_from_bundle(big_case.resources)[0]
     typical_rate = _rate(lambda: check(typical, profile, today=today), 3.0)
     big_rate = _rate(lambda: check(big, profile, today=today), 3.0)
-    lines += ["", "| record | checks per CPU second (one core) | time per check |", "|---|---|---|",
-              f"| typical ({len(complete.resources)} resources) | **{typical_rate:.0f}** | {1000 / typical_rate:.2f} ms |",
-              f"| large ({len(big_case.resources)} resources, 2,000 Observations) | {big_rate:.1f} | "
-              f"**{1000 / big_rate:.1f} ms** |"]
+    lines += [
+        "",
+        "| record | checks per CPU second (one core) | time per check |",
+        "|---|---|---|",
+        f"| typical ({len(complete.resources)} resources) | **{typical_rate:.0f}** | {1000 / typical_rate:.2f} ms |",
+        f"| large ({len(big_case.resources)} resources, 2,000 Observations) | {big_rate:.1f} | "
+        f"**{1000 / big_rate:.1f} ms** |",
+    ]
     print("\n".join(lines), flush=True)
     if args.medspacy:
         from fhir_plugin._check import _fields
+
         texts = [t for r in complete.resources for t in _fields(r)]
         lines += ["", "| engine | input | sentence breaks | time |", "|---|---|---|---|"]
         lines += _medspacy_rows(tuple(s for s in SIZES_KB if s <= min(args.max_kb, 100)), texts)

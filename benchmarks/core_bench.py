@@ -17,18 +17,26 @@ import re
 import statistics
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _hapi import RUN, fhir_server  # noqa: E402
-from _latency import delayed  # noqa: E402
+from _hapi import RUN, fhir_server
+from _latency import delayed
 
-from fhir_plugin import (BatchReader, FhirClient, PerResourceWriter, PerTypeReader, TransactionWriter,  # noqa: E402
-                         check, load_profile, review)
-from fhir_plugin._record import records_from_bundle  # noqa: E402
-from fhir_plugin.synthetic import generate_cases, large_record, load_into_server, renamed_case  # noqa: E402
+from fhir_plugin import (
+    BatchReader,
+    FhirClient,
+    PerResourceWriter,
+    PerTypeReader,
+    TransactionWriter,
+    check,
+    load_profile,
+    review,
+)
+from fhir_plugin._record import records_from_bundle
+from fhir_plugin.synthetic import generate_cases, large_record, load_into_server, renamed_case
 
 #: the JVM options of a HAPI started here: the JIT as in production (the sandbox's default stops at C1
 #: to start faster for tests), so the server's steady-state work is what is compared
@@ -54,15 +62,22 @@ def _flow(who: str, base: str, case, profile, today: date, now: datetime) -> dic
         t2 = time.perf_counter()
         writer.write(drafts)
         t3 = time.perf_counter()
-        return {"read_rt": read_rt, "write_rt": client.round_trips - read_rt,
-                "io_s": (t1 - t0) + (t3 - t2), "cpu_s": t2 - t1, "total_s": t3 - t0}
+        return {
+            "read_rt": read_rt,
+            "write_rt": client.round_trips - read_rt,
+            "io_s": (t1 - t0) + (t3 - t2),
+            "cpu_s": t2 - t1,
+            "total_s": t3 - t0,
+        }
 
 
 def _per_patient(base: str, ours_cases: list, naive_cases: list, profile, today: date) -> dict[str, dict[str, list]]:
     """Each patient (two copies: one per client) through both clients; who goes first alternates."""
     out: dict[str, dict[str, list]] = {"ours": {}, "naive": {}}
-    now = datetime.now(timezone.utc)
-    for i, copies in enumerate({"ours": mine, "naive": theirs} for mine, theirs in zip(ours_cases, naive_cases)):
+    now = datetime.now(UTC)
+    for i, copies in enumerate(
+        {"ours": mine, "naive": theirs} for mine, theirs in zip(ours_cases, naive_cases, strict=True)
+    ):
         for who in ("ours", "naive") if i % 2 == 0 else ("naive", "ours"):
             for key, value in _flow(who, base, copies[who], profile, today, now).items():
                 out[who].setdefault(key, []).append(value)
@@ -104,8 +119,7 @@ def _writable(cases: list, profile, today: date) -> list:
     out = []
     for case in cases:
         [record] = records_from_bundle(case.resources)
-        if review(record, profile, today=today, now=datetime.now(timezone.utc),
-                  encounter_id=case.encounter_id).drafts_allowed:
+        if review(record, profile, today=today, now=datetime.now(UTC), encounter_id=case.encounter_id).drafts_allowed:
             out.append(case)
     return out
 
@@ -127,10 +141,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", help="FHIR base URL (default: start the sandbox HAPI)")
     parser.add_argument("--port", type=int, default=18095, help="port for the sandbox HAPI")
-    parser.add_argument("--latency", type=float, action="append", default=[], metavar="MS",
-                        help="also run behind a proxy adding MS milliseconds per request (repeatable)")
-    parser.add_argument("--warm-up", type=int, default=3, metavar="N",
-                        help="passes over the patients, not measured, before the runs (default 3)")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        action="append",
+        default=[],
+        metavar="MS",
+        help="also run behind a proxy adding MS milliseconds per request (repeatable)",
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=int,
+        default=3,
+        metavar="N",
+        help="passes over the patients, not measured, before the runs (default 3)",
+    )
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args()
     today = date.today()
@@ -157,7 +182,7 @@ def main() -> int:
 
     server = "given" if args.server else f"sandbox HAPI ({SERVER_JAVA_OPTS})"
     lines = [
-        f"Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()} "
+        f"Run {datetime.now(UTC).isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.python_implementation()} {platform.python_version()}), server {server}, after {args.warm_up} "
         f"warm-up passes; {len(runs[0][1]['ours']['io_s'])} patients written per client per run (records whose code does "
         "not fit are skipped).",
@@ -172,15 +197,19 @@ def main() -> int:
     for latency, figures, _ in runs:
         med = {who: {k: statistics.median(v) for k, v in f.items()} for who, f in figures.items()}
         where = "none (loopback)" if latency == 0 else f"{latency:.0f} ms"
-        for who, label in (("ours", "ours (batch read, one transaction)"),
-                           ("naive", "naive (search per type, POST per resource)")):
+        for who, label in (
+            ("ours", "ours (batch read, one transaction)"),
+            ("naive", "naive (search per type, POST per resource)"),
+        ):
             m, f = med[who], figures[who]
             io_x = med["naive"]["io_s"] / m["io_s"]
             total_x = med["naive"]["total_s"] / m["total_s"]
-            lines.append(f"| {where} | {label} | {m['read_rt']:.0f} (max {max(f['read_rt']):.0f}) | "
-                         f"{m['write_rt']:.0f} (max {max(f['write_rt']):.0f}) | {m['io_s'] * 1000:.1f} ms | "
-                         f"**{io_x:.1f}x** | {m['cpu_s'] * 1000:.1f} ms | {m['total_s'] * 1000:.1f} ms | "
-                         f"{total_x:.1f}x |")
+            lines.append(
+                f"| {where} | {label} | {m['read_rt']:.0f} (max {max(f['read_rt']):.0f}) | "
+                f"{m['write_rt']:.0f} (max {max(f['write_rt']):.0f}) | {m['io_s'] * 1000:.1f} ms | "
+                f"**{io_x:.1f}x** | {m['cpu_s'] * 1000:.1f} ms | {m['total_s'] * 1000:.1f} ms | "
+                f"{total_x:.1f}x |"
+            )
     server_runs = [(latency, ms, figures) for latency, figures, ms in runs if ms]
     if server_runs:
         lines += [
@@ -198,9 +227,11 @@ def main() -> int:
             n = len(figures["ours"]["io_s"])
             wall = {who: statistics.fmean(figures[who]["io_s"]) * 1000 for who in ("ours", "naive")}
             where = "none (loopback)" if latency == 0 else f"{latency:.0f} ms"
-            lines.append(f"| {where} | {ms['ours'] / n:.1f} ms / {wall['ours']:.1f} ms | "
-                         f"{ms['naive'] / n:.1f} ms / {wall['naive']:.1f} ms | {wall['naive'] / wall['ours']:.1f}x | "
-                         f"{wall['naive'] / (ms['ours'] / n):.1f}x |")
+            lines.append(
+                f"| {where} | {ms['ours'] / n:.1f} ms / {wall['ours']:.1f} ms | "
+                f"{ms['naive'] / n:.1f} ms / {wall['naive']:.1f} ms | {wall['naive'] / wall['ours']:.1f}x | "
+                f"{wall['naive'] / (ms['ours'] / n):.1f}x |"
+            )
     lines += [
         "",
         "| check in memory, one thread | patients per CPU second (one core) | patients per wall second |",

@@ -94,8 +94,14 @@ def timed(cmd: list[str]) -> dict:
     # VmHWM is the kernel's peak resident set of each process (KiB), sampled every half second; the CPU
     # time is the whole process tree's (each process is reaped by its parent), so it is fair on a busy machine
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": round(wall, 2), "exit": proc.returncode, "stdout": out[-2000:], "stderr_tail": err[-1500:],
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), **peaks}
+    return {
+        "wall_s": round(wall, 2),
+        "exit": proc.returncode,
+        "stdout": out[-2000:],
+        "stderr_tail": err[-1500:],
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        **peaks,
+    }
 
 
 def bench_ndjson(args: argparse.Namespace) -> list[dict]:
@@ -113,8 +119,22 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
         for cores in args.cores:
             out = work / f"out-{size}-{cores}"
             # each run in a fresh process, so RUSAGE_CHILDREN is that run's alone: run this script again
-            cmd = [sys.executable, __file__, "one", "--", *CLI, "population", "--ndjson", str(folder), "--out",
-                   str(out), "--master", f"local[{cores}]", "--today", TODAY.isoformat()]
+            cmd = [
+                sys.executable,
+                __file__,
+                "one",
+                "--",
+                *CLI,
+                "population",
+                "--ndjson",
+                str(folder),
+                "--out",
+                str(out),
+                "--master",
+                f"local[{cores}]",
+                "--today",
+                TODAY.isoformat(),
+            ]
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             r.update(size=size, cores=cores, patients_per_s=round(size / r["wall_s"], 1))
             print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
@@ -142,22 +162,61 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
                 batch = []
         if batch:
             load_into_server(base, batch)
-        body = {"resourceType": "Group", "id": group_id, "type": "person", "actual": True,
-                "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members]}
+        body = {
+            "resourceType": "Group",
+            "id": group_id,
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members],
+        }
         requests.put(f"{base}/Group/{group_id}", json=body, timeout=120).raise_for_status()
     if args.load_only:
         return []
     work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))
     runs = []
     for name, cmd in (
-            ("export + Spark (population --server --group, local[2])",
-             [*CLI, "population", "--server", base, "--group", group_id, "--out", str(work / "pop"), "--today",
-              TODAY.isoformat(), "--max-poll-wait", "1", "--master", "local[2]"]),
-            ("sync job, per-patient reads (sync --group, check only, concurrency 4)",
-             [*CLI, "sync", "--server", base, "--group", group_id, "--state", str(work / "sync.sqlite"),
-              "--report", str(work / "sync.jsonl"), "--today", TODAY.isoformat()])):
-        r = json.loads(subprocess.run([sys.executable, __file__, "one", "--", *cmd], capture_output=True,
-                                      text=True, check=True).stdout)
+        (
+            "export + Spark (population --server --group, local[2])",
+            [
+                *CLI,
+                "population",
+                "--server",
+                base,
+                "--group",
+                group_id,
+                "--out",
+                str(work / "pop"),
+                "--today",
+                TODAY.isoformat(),
+                "--max-poll-wait",
+                "1",
+                "--master",
+                "local[2]",
+            ],
+        ),
+        (
+            "sync job, per-patient reads (sync --group, check only, concurrency 4)",
+            [
+                *CLI,
+                "sync",
+                "--server",
+                base,
+                "--group",
+                group_id,
+                "--state",
+                str(work / "sync.sqlite"),
+                "--report",
+                str(work / "sync.jsonl"),
+                "--today",
+                TODAY.isoformat(),
+            ],
+        ),
+    ):
+        r = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "one", "--", *cmd], capture_output=True, text=True, check=True
+            ).stdout
+        )
         r.update(run=name, patients=args.patients, patients_per_s=round(args.patients / r["wall_s"], 1))
         print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
         runs.append(r)

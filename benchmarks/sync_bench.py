@@ -48,6 +48,7 @@ AS_OF = date(2026, 11, 26)
 
 # ---------------------------------------------------------------- loading
 
+
 def _group_size(base: str, group: str) -> int:
     answer = requests.get(f"{base}/Group/{group}", timeout=60)
     return len(answer.json().get("member") or []) if answer.status_code == 200 else -1
@@ -77,9 +78,17 @@ def load_set(base: str, prefix: str, n: int, chunk: int = 50) -> str:
             flush()
     if batch:
         flush()
-    requests.put(f"{base}/Group/{prefix}", json={
-        "resourceType": "Group", "id": prefix, "type": "person", "actual": True,
-        "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids]}, timeout=300).raise_for_status()
+    requests.put(
+        f"{base}/Group/{prefix}",
+        json={
+            "resourceType": "Group",
+            "id": prefix,
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids],
+        },
+        timeout=300,
+    ).raise_for_status()
     print(f"  loaded {n} patients as Group/{prefix} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return prefix
 
@@ -88,12 +97,16 @@ def union_group(base: str, name: str, groups: list[str]) -> str:
     members = []
     for group in groups:
         members += requests.get(f"{base}/Group/{group}", timeout=60).json()["member"]
-    requests.put(f"{base}/Group/{name}", json={"resourceType": "Group", "id": name, "type": "person", "actual": True,
-                                               "member": members}, timeout=300).raise_for_status()
+    requests.put(
+        f"{base}/Group/{name}",
+        json={"resourceType": "Group", "id": name, "type": "person", "actual": True, "member": members},
+        timeout=300,
+    ).raise_for_status()
     return name
 
 
 # ---------------------------------------------------------------- one measured run (its own process)
+
 
 def _status_mb(field: str) -> float | None:
     """VmRSS (now) or VmHWM (peak) of this process from /proc, in MiB; None off Linux."""
@@ -137,7 +150,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             try:
                 response = super().send(*a, **kw)
-                response.content  # the body is read here, not later in our code
+                _ = response.content  # the body is read here, not later in our code
                 return response
             finally:
                 with self.lock:
@@ -156,32 +169,60 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     adapter = TimingAdapter(pool_maxsize=max(10, concurrency + 2))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as out, \
-            Checkpoint(Path(tmp) / "state.sqlite") as checkpoint, \
-            FhirClient(args.server, session=session, timeout=120) as client:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        open(os.devnull, "w") as out,
+        Checkpoint(Path(tmp) / "state.sqlite") as checkpoint,
+        FhirClient(args.server, session=session, timeout=120) as client,
+    ):
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        result = run_sync(client, checkpoint, SyncOptions(Selection(group=args.group), args.write, concurrency,
-                                                          AS_OF), profile=profile, out=out)
+        result = run_sync(
+            client,
+            checkpoint,
+            SyncOptions(Selection(group=args.group), args.write, concurrency, AS_OF),
+            profile=profile,
+            out=out,
+        )
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     traced = tracemalloc.get_traced_memory()[1] / 2**20 if args.tracemalloc else None
-    return {"group": args.group, "write": args.write, "concurrency": concurrency, "patients": result.total,
-            "statuses": result.counts, "created": result.created, "existing": result.existing,
-            "wall_s": round(wall, 2), "patients_per_s": round(result.total / wall, 2),
-            "http_s": round(adapter.seconds, 2), "http_calls": adapter.calls,
-            "outside_http_share": round(1 - adapter.seconds / (wall * concurrency), 3),
-            "cpu_s": round(cpu, 2), "cpu_per_patient_ms": round(1000 * cpu / max(1, result.total), 1),
-            "baseline_rss_mb": round(baseline, 1),
-            # the peak since the baseline when /proc allows resetting it, else the process's lifetime peak
-            "peak_rss_mb": round((_status_mb("VmHWM") if peak_reset else None)
-                                 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "rss_growth_mb": round((_status_mb("VmHWM") if peak_reset else 0.0) - baseline, 1)
-            if peak_reset else None,
-            "traced_peak_mb": round(traced, 1) if traced is not None else None}
+    return {
+        "group": args.group,
+        "write": args.write,
+        "concurrency": concurrency,
+        "patients": result.total,
+        "statuses": result.counts,
+        "created": result.created,
+        "existing": result.existing,
+        "wall_s": round(wall, 2),
+        "patients_per_s": round(result.total / wall, 2),
+        "http_s": round(adapter.seconds, 2),
+        "http_calls": adapter.calls,
+        "outside_http_share": round(1 - adapter.seconds / (wall * concurrency), 3),
+        "cpu_s": round(cpu, 2),
+        "cpu_per_patient_ms": round(1000 * cpu / max(1, result.total), 1),
+        "baseline_rss_mb": round(baseline, 1),
+        # the peak since the baseline when /proc allows resetting it, else the process's lifetime peak
+        "peak_rss_mb": round(
+            (_status_mb("VmHWM") if peak_reset else None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            1,
+        ),
+        "rss_growth_mb": round((_status_mb("VmHWM") if peak_reset else 0.0) - baseline, 1) if peak_reset else None,
+        "traced_peak_mb": round(traced, 1) if traced is not None else None,
+    }
 
 
 def measure(server: str, group: str, concurrency: int, *, write: bool, trace: bool = False) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--one", "--server", server, "--group", group,
-               "--concurrency", str(concurrency)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        "--server",
+        server,
+        "--group",
+        group,
+        "--concurrency",
+        str(concurrency),
+    ]
     command += (["--write"] if write else []) + (["--tracemalloc"] if trace else [])
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -189,12 +230,15 @@ def measure(server: str, group: str, concurrency: int, *, write: bool, trace: bo
 
 # ---------------------------------------------------------------- the whole benchmark
 
+
 def _row(label: str, r: dict[str, Any]) -> str:
     traced = f"{r['traced_peak_mb']:.1f}" if r.get("traced_peak_mb") is not None else "-"
-    return (f"| {label} | {r['patients']} | {r['concurrency']} | {r['created']}/{r['existing']} | {r['wall_s']:.1f} | "
-            f"**{r['patients_per_s']:.1f}** | {r['http_calls']} | {100 * r['outside_http_share']:.0f} % | "
-            f"{r['cpu_per_patient_ms']:.0f} | {r['baseline_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_growth_mb'] if r['rss_growth_mb'] is not None else '-'} | {traced} |")
+    return (
+        f"| {label} | {r['patients']} | {r['concurrency']} | {r['created']}/{r['existing']} | {r['wall_s']:.1f} | "
+        f"**{r['patients_per_s']:.1f}** | {r['http_calls']} | {100 * r['outside_http_share']:.0f} % | "
+        f"{r['cpu_per_patient_ms']:.0f} | {r['baseline_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+        f"{r['rss_growth_mb'] if r['rss_growth_mb'] is not None else '-'} | {traced} |"
+    )
 
 
 def main() -> int:
@@ -203,8 +247,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18095)
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--memory-patients", type=int, default=5000,
-                        help="the larger dry run for the memory comparison (0: skip)")
+    parser.add_argument(
+        "--memory-patients", type=int, default=5000, help="the larger dry run for the memory comparison (0: skip)"
+    )
     parser.add_argument("--out", help="write the results as JSON here too")
     # one measured run, in a process of its own
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -219,8 +264,10 @@ def main() -> int:
     from _hapi import fhir_server
 
     n = args.patients
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                                          f"{platform.python_version()}", "runs": []}
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "runs": [],
+    }
     with fhir_server(args.server, args.port) as base:
         rows = []
         for c in args.concurrency:
@@ -248,9 +295,11 @@ def main() -> int:
             results["runs"].append({"label": "dry run, large", **large})
             rows.append(_row("dry run + tracemalloc", large))
             print(rows[-1], file=sys.stderr)
-    header = ("| run | patients | concurrency | drafts created/existing | wall s | patients/s | HTTP requests | "
-              "workers' time outside HTTP | CPU ms/patient | RSS before MB | peak RSS MB | peak growth MB | "
-              "traced peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| run | patients | concurrency | drafts created/existing | wall s | patients/s | HTTP requests | "
+        "workers' time outside HTTP | CPU ms/patient | RSS before MB | peak RSS MB | peak growth MB | "
+        "traced peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     print(results["machine"])
     print(header)
     print("\n".join(rows))

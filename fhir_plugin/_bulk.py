@@ -38,8 +38,16 @@ import requests
 from ._client import _normal_base, resolve_url, retry_after_seconds
 from ._errors import NotFound, ServerError, TransportError, UsageError
 
-__all__ = ["ExportRequest", "ExportFile", "Manifest", "BulkExporter", "kickoff_url", "parse_manifest",
-           "EXPORT_TYPES", "STATE_FILE"]
+__all__ = [
+    "ExportRequest",
+    "ExportFile",
+    "Manifest",
+    "BulkExporter",
+    "kickoff_url",
+    "parse_manifest",
+    "EXPORT_TYPES",
+    "STATE_FILE",
+]
 
 log = logging.getLogger("fhir_plugin.bulk")
 
@@ -110,8 +118,12 @@ def parse_manifest(body: Any) -> Manifest:
     """The manifest from a 200 status answer; a body that is not one is a ServerError. Pure."""
     if not isinstance(body, dict) or not isinstance(body.get("output"), list):
         raise ServerError("the export's status answered 200 without a manifest (no 'output' list)")
-    return Manifest(str(body.get("transactionTime", "")), bool(body.get("requiresAccessToken", False)),
-                    _files(body.get("output")), _files(body.get("error")))
+    return Manifest(
+        str(body.get("transactionTime", "")),
+        bool(body.get("requiresAccessToken", False)),
+        _files(body.get("output")),
+        _files(body.get("error")),
+    )
 
 
 def _file_name(index: int, item: ExportFile) -> str:
@@ -137,10 +149,20 @@ class BulkExporter:
     caps one wait between polls (HAPI asks for 120 s); ``timeout`` ends the polling.
     """
 
-    def __init__(self, base_url: str, folder: str | Path, *, session: requests.Session | None = None,
-                 token: str | None = None, request_timeout: float = 60.0, max_wait: float = 120.0,
-                 timeout: float = 3600.0, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic, progress: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        folder: str | Path,
+        *,
+        session: requests.Session | None = None,
+        token: str | None = None,
+        request_timeout: float = 60.0,
+        max_wait: float = 120.0,
+        timeout: float = 3600.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        progress: TextIO | None = None,
+    ) -> None:
         self.base = _normal_base(base_url)
         self.folder = Path(folder)
         self._session = session or requests.Session()
@@ -163,10 +185,13 @@ class BulkExporter:
         except FileNotFoundError:
             return _State()
         except (OSError, ValueError) as exc:
-            raise UsageError(f"{self._state_path()} is not a readable export state; delete the folder "
-                             f"to start a new export ({exc})") from exc
-        return _State(**{k: data.get(k) for k in ("status_url", "manifest", "deleted") if k in data},
-                      done=list(data.get("done") or []))
+            raise UsageError(
+                f"{self._state_path()} is not a readable export state; delete the folder to start a new export ({exc})"
+            ) from exc
+        return _State(
+            **{k: data.get(k) for k in ("status_url", "manifest", "deleted") if k in data},
+            done=list(data.get("done") or []),
+        )
 
     def _save(self, state: _State) -> None:
         tmp = self._state_path().with_suffix(".tmp")
@@ -181,11 +206,20 @@ class BulkExporter:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    def _get(self, method: str, url: str, *, headers: dict[str, str], params: Sequence[tuple[str, str]] = (),
-             stream: bool = False, session: requests.Session | None = None) -> requests.Response:
+    def _get(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        params: Sequence[tuple[str, str]] = (),
+        stream: bool = False,
+        session: requests.Session | None = None,
+    ) -> requests.Response:
         try:
-            return (session or self._session).request(method, url, headers=headers, params=list(params) or None,
-                                                      timeout=self._request_timeout, stream=stream)
+            return (session or self._session).request(
+                method, url, headers=headers, params=list(params) or None, timeout=self._request_timeout, stream=stream
+            )
         except requests.RequestException as exc:
             raise TransportError(f"the export at {self.base} could not be reached ({type(exc).__name__})") from exc
 
@@ -209,8 +243,11 @@ class BulkExporter:
         response = self._get("GET", url, headers=headers, params=params)
         self.kickoffs += 1
         if response.status_code != 202:
-            raise ServerError(f"the server refused the $export kick-off (HTTP {response.status_code})",
-                              status=response.status_code, outcome=self._outcome(response))
+            raise ServerError(
+                f"the server refused the $export kick-off (HTTP {response.status_code})",
+                status=response.status_code,
+                outcome=self._outcome(response),
+            )
         location = response.headers.get("Content-Location")
         if not location:
             raise ServerError("the $export kick-off answered 202 without a Content-Location status URL")
@@ -224,19 +261,29 @@ class BulkExporter:
             if response.status_code == 200:
                 return parse_manifest(self._outcome(response))
             if response.status_code in (404, 410):
-                raise NotFound("the export expired or was deleted on the server; start a new one with --fresh-export",
-                               status=response.status_code, outcome=self._outcome(response))
+                raise NotFound(
+                    "the export expired or was deleted on the server; start a new one with --fresh-export",
+                    status=response.status_code,
+                    outcome=self._outcome(response),
+                )
             if response.status_code not in (202, 429):
-                raise ServerError(f"the export failed on the server (HTTP {response.status_code})",
-                                  status=response.status_code, outcome=self._outcome(response))
+                raise ServerError(
+                    f"the export failed on the server (HTTP {response.status_code})",
+                    status=response.status_code,
+                    outcome=self._outcome(response),
+                )
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             wait = min(self._max_wait, wait if wait is not None else 1.0)
             elapsed = self._clock() - started
             if elapsed + wait > self._timeout:
-                raise TransportError(f"the export did not finish within {self._timeout:.0f} s; run again to "
-                                     "keep waiting for the same export")
-            self._say(f"export: {response.headers.get('X-Progress') or 'in progress'} "
-                      f"({elapsed:.0f} s; next look in {wait:.0f} s)")
+                raise TransportError(
+                    f"the export did not finish within {self._timeout:.0f} s; run again to "
+                    "keep waiting for the same export"
+                )
+            self._say(
+                f"export: {response.headers.get('X-Progress') or 'in progress'} "
+                f"({elapsed:.0f} s; next look in {wait:.0f} s)"
+            )
             self._sleep(wait)
 
     def download(self, manifest: Manifest, state: _State) -> list[Path]:
@@ -263,19 +310,25 @@ class BulkExporter:
         response = self._get("GET", item.url, headers=headers, stream=True, session=session)
         with response:
             if response.status_code in (404, 410):
-                raise NotFound(f"the export's file {target.name} ({item.type}) expired on the server; start a new "
-                               "export with --fresh-export", status=response.status_code)
+                raise NotFound(
+                    f"the export's file {target.name} ({item.type}) expired on the server; start a new "
+                    "export with --fresh-export",
+                    status=response.status_code,
+                )
             if response.status_code not in (200, 206):
-                raise ServerError(f"downloading {target.name} ({item.type}) failed (HTTP {response.status_code})",
-                                  status=response.status_code)
+                raise ServerError(
+                    f"downloading {target.name} ({item.type}) failed (HTTP {response.status_code})",
+                    status=response.status_code,
+                )
             mode = "ab" if response.status_code == 206 and have else "wb"  # a 200 sends the file whole
             try:
                 with open(part, mode) as out:
                     for chunk in response.iter_content(_CHUNK):
                         out.write(chunk)
             except requests.RequestException as exc:
-                raise TransportError(f"downloading {target.name} was cut off ({type(exc).__name__}); run again "
-                                     "to resume") from exc
+                raise TransportError(
+                    f"downloading {target.name} was cut off ({type(exc).__name__}); run again to resume"
+                ) from exc
         os.replace(part, target)
 
     def errors(self, manifest: Manifest) -> list[dict[str, Any]]:
@@ -285,13 +338,17 @@ class BulkExporter:
             headers = self._headers(item.url, "application/fhir+ndjson", manifest.requires_token)
             response = self._get("GET", item.url, headers=headers)
             if response.status_code != 200:
-                issues.append({"file": item.url.rsplit("/", 1)[-1], "line": None,
-                               "problem": f"the export's error file could not be read (HTTP {response.status_code})"})
+                issues.append(
+                    {
+                        "file": item.url.rsplit("/", 1)[-1],
+                        "line": None,
+                        "problem": f"the export's error file could not be read (HTTP {response.status_code})",
+                    }
+                )
                 continue
             for lineno, line in enumerate(response.text.splitlines(), 1):
                 if line.strip():
-                    issues.append({"file": item.url.rsplit("/", 1)[-1], "line": lineno,
-                                   "problem": _issue_text(line)})
+                    issues.append({"file": item.url.rsplit("/", 1)[-1], "line": lineno, "problem": _issue_text(line)})
         return issues
 
     def delete(self, status_url: str) -> None:
@@ -325,8 +382,12 @@ class BulkExporter:
 
 
 def _manifest_from_state(data: dict[str, Any]) -> Manifest:
-    return Manifest(data["transaction_time"], data["requires_token"],
-                    tuple(ExportFile(**f) for f in data["output"]), tuple(ExportFile(**f) for f in data["error"]))
+    return Manifest(
+        data["transaction_time"],
+        data["requires_token"],
+        tuple(ExportFile(**f) for f in data["output"]),
+        tuple(ExportFile(**f) for f in data["error"]),
+    )
 
 
 def _issue_text(line: str) -> str:
@@ -335,6 +396,9 @@ def _issue_text(line: str) -> str:
         outcome = json.loads(line)
     except ValueError:
         return line[:300]
-    texts: Iterable[str] = (str(i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code"))
-                            for i in (outcome.get("issue") or []) if isinstance(i, dict))
+    texts: Iterable[str] = (
+        str(i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code"))
+        for i in (outcome.get("issue") or [])
+        if isinstance(i, dict)
+    )
     return "; ".join(texts)[:300] or "an OperationOutcome without issues"

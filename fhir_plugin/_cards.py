@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ._check import conditions_under_review
 from ._profile import Profile
@@ -22,9 +23,22 @@ from ._report import ElementResult, Report
 from ._review import Review
 from ._vocab import ICD10CM, URI_IDENTIFIER, is_plugin_draft
 
-__all__ = ["CardContext", "PREFETCH", "SUMMARY_LIMIT", "cds_service_id", "cds_discovery", "cards_for_review",
-           "order_sign_cards", "needs_review", "orders_for_code", "gap_phrase", "suggestion_actions",
-           "OVERRIDE_REASONS", "OVERRIDE_SYSTEM", "HOOKS"]
+__all__ = [
+    "CardContext",
+    "PREFETCH",
+    "SUMMARY_LIMIT",
+    "cds_service_id",
+    "cds_discovery",
+    "cards_for_review",
+    "order_sign_cards",
+    "needs_review",
+    "orders_for_code",
+    "gap_phrase",
+    "suggestion_actions",
+    "OVERRIDE_REASONS",
+    "OVERRIDE_SYSTEM",
+    "HOOKS",
+]
 
 #: CDS Hooks 2.0, Card.summary: "<140-character summary"
 SUMMARY_LIMIT = 140
@@ -57,8 +71,8 @@ class CardContext:
 
     service_id: str
     hook_instance: str
-    app_launch_url: str          # the SMART app's launch URL (the card's ``smart`` link)
-    source_url: str              # a page about the service (Card.source.url)
+    app_launch_url: str  # the SMART app's launch URL (the card's ``smart`` link)
+    source_url: str  # a page about the service (Card.source.url)
     encounter: str | None = None  # ``Encounter/id`` from the hook's context, carried in appContext
 
 
@@ -72,16 +86,22 @@ def cds_discovery(profiles: Iterable[Profile]) -> dict[str, Any]:
     services = []
     for profile in profiles:
         for hook in HOOKS:
-            what = ("when a patient's chart is opened" if hook == "patient-view"
-                    else "when an order whose reason is the code is signed")
-            services.append({
-                "hook": hook, "id": cds_service_id(hook, profile.code),
-                "title": f"{profile.code} documentation check ({hook})",
-                "description": f"Checks the documentation {profile.code} ({profile.display}) needs, {what}: "
-                               "red flags, code fit and documentation gaps, with the review app one click away.",
-                "prefetch": dict(PREFETCH),
-                "usageRequirements": "Send a signed JWT; send the prefetch, or fhirServer with fhirAuthorization.",
-            })
+            what = (
+                "when a patient's chart is opened"
+                if hook == "patient-view"
+                else "when an order whose reason is the code is signed"
+            )
+            services.append(
+                {
+                    "hook": hook,
+                    "id": cds_service_id(hook, profile.code),
+                    "title": f"{profile.code} documentation check ({hook})",
+                    "description": f"Checks the documentation {profile.code} ({profile.display}) needs, {what}: "
+                    "red flags, code fit and documentation gaps, with the review app one click away.",
+                    "prefetch": dict(PREFETCH),
+                    "usageRequirements": "Send a signed JWT; send the prefetch, or fhirServer with fhirAuthorization.",
+                }
+            )
     return {"services": services}
 
 
@@ -153,8 +173,12 @@ def _uuid(ctx: CardContext, patient: str, kind: str) -> str:
 def _link(ctx: CardContext, profile: Profile, encounter: str | None) -> dict[str, Any]:
     # CDS Hooks 2.0 Link: type "smart" launches the app; appContext is a string the app receives at launch
     app_context = json.dumps({"encounter": encounter, "profile": profile.code}, separators=(",", ":"))
-    return {"label": "Open the documentation review", "url": ctx.app_launch_url, "type": "smart",
-            "appContext": app_context}
+    return {
+        "label": "Open the documentation review",
+        "url": ctx.app_launch_url,
+        "type": "smart",
+        "appContext": app_context,
+    }
 
 
 def _logical(resource: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -162,8 +186,9 @@ def _logical(resource: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"identifier": {"system": ident["system"], "value": ident["value"]}} if ident else None
 
 
-def suggestion_actions(drafts: Mapping[str, Any],
-                       record_resources: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def suggestion_actions(
+    drafts: Mapping[str, Any], record_resources: Iterable[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """The create actions for the provisional Condition and the draft plan, from the review's drafts.
 
     Each resource keeps the plugin's identifier (SPEC §7), so a client that
@@ -172,8 +197,12 @@ def suggestion_actions(drafts: Mapping[str, Any],
     ``urn:uuid`` links do not survive separate creates: the plan addresses the
     Condition by its identifier, and the Goals (not part of a card) are dropped.
     """
-    held = {(i.get("system"), i.get("value")) for r in record_resources if is_plugin_draft(r)
-            for i in r.get("identifier") or []}
+    held = {
+        (i.get("system"), i.get("value"))
+        for r in record_resources
+        if is_plugin_draft(r)
+        for i in r.get("identifier") or []
+    }
     by_url = {e.get("fullUrl"): e.get("resource") or {} for e in drafts.get("entry") or []}
     actions = []
     for entry in drafts.get("entry") or []:
@@ -184,8 +213,9 @@ def suggestion_actions(drafts: Mapping[str, Any],
         if any((i.get("system"), i.get("value")) in held for i in resource.get("identifier") or []):
             continue
         if rtype == "CarePlan":
-            resource["addresses"] = [_logical(by_url.get(a.get("reference"), {})) or a
-                                     for a in resource.get("addresses") or []]
+            resource["addresses"] = [
+                _logical(by_url.get(a.get("reference"), {})) or a for a in resource.get("addresses") or []
+            ]
             resource.pop("goal", None)
             resource["activity"] = [_without_goals(a) for a in resource.get("activity") or []]
             description = "Create the draft care plan (status draft, for clinician review)"
@@ -200,29 +230,46 @@ def _without_goals(activity: Mapping[str, Any]) -> dict[str, Any]:
     return {**activity, "detail": detail}
 
 
-def _card(ctx: CardContext, profile: Profile, review: Review, kind: str, indicator: str, summary: str,
-          detail: str, actions: list[dict[str, Any]]) -> dict[str, Any]:
+def _card(
+    ctx: CardContext,
+    profile: Profile,
+    review: Review,
+    kind: str,
+    indicator: str,
+    summary: str,
+    detail: str,
+    actions: list[dict[str, Any]],
+) -> dict[str, Any]:
     patient = review.report.patient
     card: dict[str, Any] = {
         "uuid": _uuid(ctx, patient, kind),
         "summary": summary,
         "detail": detail,
         "indicator": indicator,
-        "source": {"label": f"fhir-plugin documentation check ({profile.code})", "url": ctx.source_url,
-                   "topic": {"system": OVERRIDE_SYSTEM.replace("override-reason", "card"), "code": kind}},
+        "source": {
+            "label": f"fhir-plugin documentation check ({profile.code})",
+            "url": ctx.source_url,
+            "topic": {"system": OVERRIDE_SYSTEM.replace("override-reason", "card"), "code": kind},
+        },
         "links": [_link(ctx, profile, ctx.encounter or review.report.encounter)],
         "overrideReasons": [dict(r) for r in OVERRIDE_REASONS],
     }
     if actions:
-        card["suggestions"] = [{"label": f"Add the provisional {profile.code} diagnosis and the draft plan",
-                                "uuid": _uuid(ctx, patient, kind + "/suggestion"), "isRecommended": True,
-                                "actions": actions}]
+        card["suggestions"] = [
+            {
+                "label": f"Add the provisional {profile.code} diagnosis and the draft plan",
+                "uuid": _uuid(ctx, patient, kind + "/suggestion"),
+                "isRecommended": True,
+                "actions": actions,
+            }
+        ]
         card["selectionBehavior"] = "any"
     return card
 
 
-def cards_for_review(review: Review, profile: Profile, ctx: CardContext,
-                     record_resources: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def cards_for_review(
+    review: Review, profile: Profile, ctx: CardContext, record_resources: Iterable[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """The patient-view cards of one review (issue 14 "Cards"): red flags, code mismatch, documentation gaps.
 
     The caller has already established that the code is under review (``needs_review``);
@@ -234,18 +281,38 @@ def cards_for_review(review: Review, profile: Profile, ctx: CardContext,
     present = [f for f in report.red_flags if f.status == "present"]
     if present:  # SPEC §4: any present red flag makes the report say "referral recommended"
         names = ", ".join(f.title.lower() for f in present)
-        cards.append(_card(ctx, profile, review, "red-flags", "critical",
-                           _fit("Referral recommended: red flags present: ", [f.title.lower() for f in present]),
-                           f"Red flags documented for this patient: {names}. Evaluate before starting the "
-                           f"{profile.code} protocol; the draft plan holds its phases until then.", actions))
+        cards.append(
+            _card(
+                ctx,
+                profile,
+                review,
+                "red-flags",
+                "critical",
+                _fit("Referral recommended: red flags present: ", [f.title.lower() for f in present]),
+                f"Red flags documented for this patient: {names}. Evaluate before starting the "
+                f"{profile.code} protocol; the draft plan holds its phases until then.",
+                actions,
+            )
+        )
     if report.code_fit.status == "mismatch":  # SPEC §5: name the suggested codes with their official titles
         suggested = report.code_fit.suggested
         codes = [s.code for s in suggested]
         lines = "\n".join(f"- **{s.code}** {s.display}: {s.reason}" for s in suggested)
-        detail = (f"The documentation does not support {profile.code} ({profile.display}). "
-                  + (f"Suggested codes:\n\n{lines}" if lines else report.code_fit.detail))
-        cards.append(_card(ctx, profile, review, "code-mismatch", "warning",
-                           _fit(f"{profile.code} may not fit the documentation; consider ", codes), detail, []))
+        detail = f"The documentation does not support {profile.code} ({profile.display}). " + (
+            f"Suggested codes:\n\n{lines}" if lines else report.code_fit.detail
+        )
+        cards.append(
+            _card(
+                ctx,
+                profile,
+                review,
+                "code-mismatch",
+                "warning",
+                _fit(f"{profile.code} may not fit the documentation; consider ", codes),
+                detail,
+                [],
+            )
+        )
     open_, reminders = _gaps(report)
     if open_ or reminders:
         gaps = open_ + reminders
@@ -253,13 +320,28 @@ def cards_for_review(review: Review, profile: Profile, ctx: CardContext,
         count = len(gaps)
         start = f"{count} documentation gap{'s' if count != 1 else ''} for {profile.code}: "
         lines = "\n".join(f"- {p[:1].upper() + p[1:]} ({e.status})" for p, e in zip(phrases, gaps, strict=True))
-        cards.append(_card(ctx, profile, review, "documentation-gaps", "warning" if open_ else "info",
-                           _fit(start, phrases), f"Documentation the code needs:\n\n{lines}", actions))
+        cards.append(
+            _card(
+                ctx,
+                profile,
+                review,
+                "documentation-gaps",
+                "warning" if open_ else "info",
+                _fit(start, phrases),
+                f"Documentation the code needs:\n\n{lines}",
+                actions,
+            )
+        )
     return cards
 
 
-def order_sign_cards(review: Review, profile: Profile, ctx: CardContext, orders: Sequence[str],
-                     record_resources: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def order_sign_cards(
+    review: Review,
+    profile: Profile,
+    ctx: CardContext,
+    orders: Sequence[str],
+    record_resources: Iterable[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
     """The order-sign card: a draft order's reason is the profile's code and required documentation is missing."""
     open_, _reminders = _gaps(review.report)
     if not orders or not open_:
@@ -268,7 +350,15 @@ def order_sign_cards(review: Review, profile: Profile, ctx: CardContext, orders:
     phrases = [gap_phrase(e, profile) for e in open_]
     count = len(open_)
     lines = "\n".join(f"- {p[:1].upper() + p[1:]}" for p in phrases)
-    return [_card(ctx, profile, review, "order-documentation", "warning",
-                  _fit(f"Order for {profile.code} needs {count} more item{'s' if count != 1 else ''}: ", phrases),
-                  f"The order ({', '.join(orders)}) gives {profile.code} as its reason; the record still "
-                  f"needs:\n\n{lines}", actions)]
+    return [
+        _card(
+            ctx,
+            profile,
+            review,
+            "order-documentation",
+            "warning",
+            _fit(f"Order for {profile.code} needs {count} more item{'s' if count != 1 else ''}: ", phrases),
+            f"The order ({', '.join(orders)}) gives {profile.code} as its reason; the record still needs:\n\n{lines}",
+            actions,
+        )
+    ]

@@ -9,10 +9,11 @@ the record arrived in.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from functools import cached_property
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from . import _icd10cm as icd
 from ._errors import UsageError
@@ -28,8 +29,8 @@ __all__ = ["check", "conditions_under_review"]
 _ACTIVE = {"active", "recurrence", "relapse"}
 _VISIT = {"finished", "in-progress", "arrived", "triaged", "onleave"}
 _PLAN_COUNTS = {"draft", "active", "on-hold"}
-_NO = "373067005"      # SNOMED "No": a documented negative answer
-_YES = "373066001"     # SNOMED "Yes"
+_NO = "373067005"  # SNOMED "No": a documented negative answer
+_YES = "373066001"  # SNOMED "Yes"
 # SPEC §3.2 *Answers as values*
 _NEGATIVE_ANSWERS = {"no", "absent", "negative", "none", "denied", "not present"}
 _POSITIVE_ANSWERS = {"yes", "present", "positive"}
@@ -42,6 +43,7 @@ def _family_history_code(code: str) -> bool:
 
 
 # --- reading FHIR values -------------------------------------------------------------------
+
 
 def _date(value: Any) -> date | None:
     """A FHIR date/dateTime (possibly partial) as a date; partial dates take their first day."""
@@ -61,14 +63,14 @@ def _instant(value: Any) -> datetime:
     """A FHIR date/dateTime as an aware instant for ordering (a date or a time without zone: UTC)."""
     day = _date(value)
     if day is None:
-        return datetime.min.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
     if isinstance(value, str) and len(value) > 10:
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
         except ValueError:
             pass
-    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def _ref(resource: Mapping[str, Any]) -> str:
@@ -103,7 +105,8 @@ def _own_code(resource: Mapping[str, Any]) -> bool:
     document nothing.
     """
     return resource.get("resourceType") == "Condition" and any(
-        c.get("system") == ICD10CM for c in _codings(resource.get("code") or {}))
+        c.get("system") == ICD10CM for c in _codings(resource.get("code") or {})
+    )
 
 
 def _official_title_text(concept: Mapping[str, Any]) -> bool:
@@ -113,7 +116,7 @@ def _official_title_text(concept: Mapping[str, Any]) -> bool:
             try:
                 if icd.title(c["code"]).strip().lower() == text:
                     return True
-            except Exception:  # an unknown code has no title to repeat  # noqa: BLE001
+            except Exception:  # an unknown code has no title to repeat
                 continue
     return False
 
@@ -199,22 +202,27 @@ def _body_site_text(resource: Mapping[str, Any]) -> str:
 
 
 def _site_codes(resource: Mapping[str, Any]) -> set[str]:
-    return {c["code"] for concept in _concept_list(resource.get("bodySite")) for c in _codings(concept)
-            if isinstance(c.get("code"), str)}
+    return {
+        c["code"]
+        for concept in _concept_list(resource.get("bodySite"))
+        for c in _codings(concept)
+        if isinstance(c.get("code"), str)
+    }
 
 
 def _has_value(resource: Mapping[str, Any]) -> bool:
     if any(k.startswith("value") for k in resource):
         return True
-    return any(any(k.startswith("value") for k in comp) for comp in resource.get("component") or []
-               if isinstance(comp, dict))
+    return any(
+        any(k.startswith("value") for k in comp) for comp in resource.get("component") or [] if isinstance(comp, dict)
+    )
 
 
 def _status_code(resource: Mapping[str, Any], key: str) -> str | None:
     concept = resource.get(key) or {}
     for coding in _codings(concept) if isinstance(concept, dict) else []:
         if coding.get("code"):
-            return coding["code"]
+            return str(coding["code"])
     return None
 
 
@@ -245,8 +253,12 @@ def _text_date(resource: Mapping[str, Any]) -> date | None:
     """SPEC §4: a text's date is its resource's."""
     rtype = resource.get("resourceType")
     if rtype == "Observation":
-        return (_date(resource.get("effectiveDateTime")) or _date(resource.get("effectiveInstant"))
-                or _date((resource.get("effectivePeriod") or {}).get("start")) or _date(resource.get("issued")))
+        return (
+            _date(resource.get("effectiveDateTime"))
+            or _date(resource.get("effectiveInstant"))
+            or _date((resource.get("effectivePeriod") or {}).get("start"))
+            or _date(resource.get("issued"))
+        )
     if rtype == "Condition":
         return _onset_date(resource) or _date(resource.get("recordedDate"))
     if rtype == "Encounter":
@@ -269,7 +281,7 @@ def _references(resource: Mapping[str, Any], *keys: str) -> set[str]:
 def _answer(obs: Mapping[str, Any]) -> bool | None:
     """SPEC §3.2 *Answers as values*: True for a yes, False for a no, None for anything else."""
     if isinstance(obs.get("valueBoolean"), bool):
-        return obs["valueBoolean"]
+        return bool(obs["valueBoolean"])
     concept = obs.get("valueCodeableConcept")
     texts: list[str] = []
     if isinstance(concept, dict):
@@ -293,6 +305,7 @@ def _answer(obs: Mapping[str, Any]) -> bool | None:
 
 # --- the record, prepared once -------------------------------------------------------------
 
+
 class _RuleIndex:
     """Which rules a resource could satisfy, from its codes and the first words of its text.
 
@@ -310,14 +323,17 @@ class _RuleIndex:
             key = id(rule)
             for token in rule.terms.first_tokens:
                 self.by_token.setdefault(token, set()).add(key)
-            for table, values in ((self.by_code, rule.codes), (self.by_loinc, rule.loinc),
-                                  (self.by_category, rule.categories)):
+            for table, values in (
+                (self.by_code, rule.codes),
+                (self.by_loinc, rule.loinc),
+                (self.by_category, rule.categories),
+            ):
                 for value in values:
                     table.setdefault(value, set()).add(key)
             if rule.condition_fields or rule.icd10cm is not None:
                 self.for_conditions.add(key)
 
-    def candidates(self, doc: "_Doc") -> set[int]:
+    def candidates(self, doc: _Doc) -> set[int]:
         out: set[int] = set()
         for token in doc.index:
             out |= self.by_token.get(token, set())
@@ -341,8 +357,11 @@ def _rule_index(profile: Profile) -> tuple[_RuleIndex, dict[str, Rule]]:
     found = _RULE_INDEXES.get(id(profile))
     if found is None or found[0] is not profile:
         findings = {name: Rule(terms=terms, codes=codes) for name, (codes, terms) in profile.finding_terms.items()}
-        found = (profile, _RuleIndex(list(profile.rules.values()) + list(profile.flag_rules.values())
-                                     + list(findings.values())), findings)
+        found = (
+            profile,
+            _RuleIndex(list(profile.rules.values()) + list(profile.flag_rules.values()) + list(findings.values())),
+            findings,
+        )
         _RULE_INDEXES[id(profile)] = found
     return found[1], found[2]
 
@@ -409,8 +428,11 @@ class _Doc:
 
     @cached_property
     def icd_codes(self) -> frozenset[str]:
-        return frozenset(c["code"] for c in _codings(self.resource.get("code") or {})
-                         if c.get("system") == ICD10CM and isinstance(c.get("code"), str))
+        return frozenset(
+            c["code"]
+            for c in _codings(self.resource.get("code") or {})
+            if c.get("system") == ICD10CM and isinstance(c.get("code"), str)
+        )
 
     @cached_property
     def active(self) -> bool:
@@ -455,16 +477,15 @@ class _SiteDoc:
 
     ref: str
     resource: Mapping[str, Any]
-    body_text: str            # bodySite text and displays: a side word there documents the side
-    other_text: str           # code.text and notes: a side word needs a site word near it
+    body_text: str  # bodySite text and displays: a side word there documents the side
+    other_text: str  # code.text and notes: a side word needs a site word near it
     is_condition: bool
 
 
 def _measure_key(resource: Mapping[str, Any]) -> tuple[Any, ...]:
     """The same measure: the same coding, or the same ``code.text`` when uncoded (SPEC §3)."""
     code = resource.get("code") or {}
-    codings = tuple(sorted((str(c.get("system", "")), str(c.get("code", ""))) for c in _codings(code)
-                           if c.get("code")))
+    codings = tuple(sorted((str(c.get("system", "")), str(c.get("code", ""))) for c in _codings(code) if c.get("code")))
     if codings:
         return codings
     return (" ".join(str(code.get("text") or "").lower().split()),)
@@ -478,7 +499,8 @@ class _Context:
         self.today = today
         # sorted by reference: the report is the same whatever order the record came in
         usable = sorted((r for r in record.resources if _counts_at_all(r)), key=_ref)
-        self.drafts, clinical = [], []
+        self.drafts: list[dict[str, Any]] = []
+        clinical: list[dict[str, Any]] = []
         for r in usable:
             (self.drafts if "meta" in r and is_plugin_draft(r) else clinical).append(r)
         vocab = profile.vocabulary
@@ -500,8 +522,10 @@ class _Context:
         self.under_review_refs = {d.ref for d in self.under_review}
         encounters = [d for d in self.docs if d.type == "Encounter"]
         # SPEC §3.1: the latest visit by period start (instants compared across time zones)
-        self.visits = sorted((d for d in encounters if d.resource.get("status") in _VISIT),
-                             key=lambda d: (_instant((d.resource.get("period") or {}).get("start")), d.ref))
+        self.visits = sorted(
+            (d for d in encounters if d.resource.get("status") in _VISIT),
+            key=lambda d: (_instant((d.resource.get("period") or {}).get("start")), d.ref),
+        )
         self.encounter = self._pick_encounter(encounters, encounter_id, record.patient_id)
         start = (self.encounter.resource.get("period") or {}).get("start") if self.encounter else None
         self.reference_date = _date(start) or today
@@ -528,22 +552,36 @@ class _Context:
 
     @cached_property
     def site_docs(self) -> list[_SiteDoc]:
-        out = [_SiteDoc(d.ref, d.resource, _body_site_text(d.resource),
-                        _joined([_code_text(d.resource)] + [str(n.get("text")) for n in d.resource.get("note") or []
-                                                             if isinstance(n, dict) and n.get("text")])[0], True)
-               for d in self.under_review]
+        out = [
+            _SiteDoc(
+                d.ref,
+                d.resource,
+                _body_site_text(d.resource),
+                _joined(
+                    [_code_text(d.resource)]
+                    + [
+                        str(n.get("text"))
+                        for n in d.resource.get("note") or []
+                        if isinstance(n, dict) and n.get("text")
+                    ]
+                )[0],
+                True,
+            )
+            for d in self.under_review
+        ]
         rules = [self.profile.rules[e["id"]] for e in self.profile.elements if e["kind"] == "evidence"]
         for d in self.observations:
             # only an Observation that documents one of the profile's elements (a blood pressure does not)
             if d.resource.get("bodySite") and any(_matches(rule, d, self) for rule in rules):
-                other = [str(d.code_words)] + [str(n.get("text")) for n in d.resource.get("note") or []
-                                               if isinstance(n, dict) and n.get("text")]
+                other = [str(d.code_words)] + [
+                    str(n.get("text")) for n in d.resource.get("note") or [] if isinstance(n, dict) and n.get("text")
+                ]
                 out.append(_SiteDoc(d.ref, d.resource, _body_site_text(d.resource), _joined(other)[0], False))
         return out
 
     def _all_site_spans(self, index: TextIndex) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
-        for _label, _codes_, terms in self.profile.site_terms.values():
+        for _label, _codes, terms in self.profile.site_terms.values():
             spans.extend((m.start, m.end) for m in terms.mentions(index) if m.present)
         return sorted(spans)
 
@@ -594,7 +632,7 @@ class _Context:
                 groups.setdefault(key, []).append((sd, self._doc_sides(sd)))
             for members in groups.values():
                 if len(set().union(*(s for _sd, s in members))) > 1:
-                    continue          # a comparison of both sides
+                    continue  # a comparison of both sides
                 for sd, found in members:
                     for side in found:
                         out.setdefault(side, []).append(sd.ref)
@@ -606,8 +644,9 @@ class _Context:
         """SPEC §3: the other side's code also active (e.g. M62.562 beside M62.561)."""
         others = self.profile.raw["laterality"].get("both_sides_with") or []
         wanted = {icd.normalize(c) for c in others}
-        return bool(wanted) and any(d.active and {icd.normalize(c) for c in d.icd_codes} & wanted
-                                    for d in self.conditions)
+        return bool(wanted) and any(
+            d.active and {icd.normalize(c) for c in d.icd_codes} & wanted for d in self.conditions
+        )
 
 
 def _is_under_review(doc: _Doc, profile: Profile, site_codes: frozenset[str], site_terms: Terms) -> bool:
@@ -633,12 +672,16 @@ def conditions_under_review(conditions: Iterable[Mapping[str, Any]], profile: Pr
     whether the profile's code is under review before reading the rest of a record.
     """
     _label, site_codes, site_terms = profile.site_terms[profile.region]
-    docs = [_Doc(c, profile.vocabulary) for c in conditions
-            if c.get("resourceType") == "Condition" and _counts_at_all(c) and not is_plugin_draft(c)]
+    docs = [
+        _Doc(c, profile.vocabulary)
+        for c in conditions
+        if c.get("resourceType") == "Condition" and _counts_at_all(c) and not is_plugin_draft(c)
+    ]
     return [d.ref for d in docs if _is_under_review(d, profile, site_codes, site_terms)]
 
 
 # --- matching a rule -----------------------------------------------------------------------
+
 
 def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> bool:
     """Does ``doc`` document this element?  ``history`` False leaves out resolved Conditions (SPEC §3.1)."""
@@ -653,9 +696,8 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> b
                 return True
             if field_name == "severity" and res.get("severity"):
                 return True
-    if rule.icd10cm is not None and doc.type == "Condition":
-        if any(code in rule.icd10cm for code in doc.icd_codes):
-            return True
+    if rule.icd10cm is not None and doc.type == "Condition" and any(code in rule.icd10cm for code in doc.icd_codes):
+        return True
     value_ok = not rule.with_value or doc.has_value
     if doc.type == "Observation" and doc.answer is not None:
         # SPEC §3.2 answers as values: the answer decides, a "no" counting as a negated mention
@@ -670,8 +712,9 @@ def _matches(rule: Rule, doc: _Doc, ctx: _Context, *, history: bool = True) -> b
         if rule.categories and not doc.categories.isdisjoint(rule.categories):
             return True
     if rule.terms and doc.type in rule.resource_types and value_ok:
-        return any(m.present or (m.negated and not m.hypothetical and rule.negated_counts)
-                   for m in doc.mentions(rule.terms))
+        return any(
+            m.present or (m.negated and not m.hypothetical and rule.negated_counts) for m in doc.mentions(rule.terms)
+        )
     return False
 
 
@@ -695,11 +738,14 @@ def _documents_finding(doc: _Doc, codes: frozenset[str], terms: Terms) -> bool:
 
 # --- the elements --------------------------------------------------------------------------
 
+
 def _lower_title(element: Mapping[str, Any]) -> str:
     return str(element.get("title", element["id"])).lower()
 
 
-def _evidence_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _evidence_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     # SPEC §3.1: a resolved Condition never documents the finding
     history = element["id"] not in ctx.finding_rules
     found = _evidence(ctx.profile.rules[element["id"]], ctx, history=history)
@@ -720,20 +766,27 @@ def _side_of(sides: Mapping[str, list[str]]) -> str:
     return "unspecified"
 
 
-def _site_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _site_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     sites = ctx.sites()
     own = ctx.profile.region
     others = {r: refs for r, refs in sites.items() if r != own}
     if others:
         names = ", ".join(f"{ctx.profile.site_terms[r][0]} ({', '.join(refs)})" for r, refs in others.items())
-        return "conflict", sorted({x for refs in others.values() for x in refs}), \
-            f"the record documents a site other than the {ctx.profile.site_terms[own][0]}: {names}"
+        return (
+            "conflict",
+            sorted({x for refs in others.values() for x in refs}),
+            f"the record documents a site other than the {ctx.profile.site_terms[own][0]}: {names}",
+        )
     if own in sites:
         return "met", sites[own], f"{ctx.profile.site_terms[own][0]} documented"
     return "missing", [], "no body site documented on the condition or a site-bearing observation"
 
 
-def _laterality_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _laterality_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     sides = ctx.sides()
     side = _side_of(sides)
     refs = sorted({x for v in sides.values() for x in v})
@@ -760,7 +813,9 @@ def _excludes1_found(ctx: _Context) -> list[tuple[str, str, str]]:
     return out
 
 
-def _excludes1_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _excludes1_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     found = _excludes1_found(ctx)
     if found:
         names = "; ".join(f"{note} on {ref}" for _code, note, ref in found)
@@ -771,12 +826,16 @@ def _excludes1_element(element: Mapping[str, Any], ctx: _Context, done: dict[str
 def _truncation_note(ctx: _Context) -> str:
     if not ctx.truncated:
         return ""
-    return (f"text beyond {MAX_FIELD_CHARS:,} characters of a field was not read in "
-            + ", ".join(ctx.truncated[:5]) + (f" and {len(ctx.truncated) - 5} more" if len(ctx.truncated) > 5 else ""))
+    return (
+        f"text beyond {MAX_FIELD_CHARS:,} characters of a field was not read in "
+        + ", ".join(ctx.truncated[:5])
+        + (f" and {len(ctx.truncated) - 5} more" if len(ctx.truncated) > 5 else "")
+    )
 
 
-def _flag_screen_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult],
-                         flags: list[RedFlagResult]) -> tuple[str, list[str], str]:
+def _flag_screen_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult], flags: list[RedFlagResult]
+) -> tuple[str, list[str], str]:
     undocumented = [f.id for f in flags if f.status == "not-documented"]
     refs = sorted({r for f in flags for r in f.evidence})
     cut = _truncation_note(ctx)
@@ -785,16 +844,22 @@ def _flag_screen_element(element: Mapping[str, Any], ctx: _Context, done: dict[s
     return "met", refs, "every red flag documented as present or absent" + (f"; {cut}" if cut else "")
 
 
-def _care_plan_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
-    own_drafts = {_ref(r) for r in ctx.drafts if r["resourceType"] == "Condition"
-                  and any(c.get("code") == ctx.profile.code for c in (r.get("code") or {}).get("coding") or [])}
+def _care_plan_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
+    own_drafts = {
+        _ref(r)
+        for r in ctx.drafts
+        if r["resourceType"] == "Condition"
+        and any(c.get("code") == ctx.profile.code for c in (r.get("code") or {}).get("coding") or [])
+    }
     clinician, proposed = [], []
     for plan in ctx.care_plans:
         addressed = _references(plan, "addresses")
         if is_plugin_draft(plan):
             if addressed & (ctx.under_review_refs | own_drafts):
                 proposed.append(_ref(plan))
-        elif plan.get("status") in _PLAN_COUNTS and addressed & ctx.under_review_refs:   # SPEC §3.1, §7.1
+        elif plan.get("status") in _PLAN_COUNTS and addressed & ctx.under_review_refs:  # SPEC §3.1, §7.1
             clinician.append(_ref(plan))
     if clinician:
         return "met", clinician, "a care plan addresses the condition"
@@ -813,15 +878,21 @@ def _visits_for_condition(ctx: _Context, done: dict[str, ElementResult]) -> list
     out = []
     for doc in ctx.visits:
         refs = _references(doc.resource, "reasonReference", "diagnosis")
-        coded = any(c.get("system") == ICD10CM and isinstance(c.get("code"), str)
-                    and icd.normalize(c["code"]) == ctx.profile.code
-                    for concept in _concept_list(doc.resource.get("reasonCode")) for c in _codings(concept))
+        coded = any(
+            c.get("system") == ICD10CM
+            and isinstance(c.get("code"), str)
+            and icd.normalize(c["code"]) == ctx.profile.code
+            for concept in _concept_list(doc.resource.get("reasonCode"))
+            for c in _codings(concept)
+        )
         if refs & ctx.under_review_refs or doc.ref in linked or coded:
             out.append(doc)
     return out
 
 
-def _follow_up_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _follow_up_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     days: dict[str, str] = {}
     for doc in _visits_for_condition(ctx, done):
         start = (doc.resource.get("period") or {}).get("start")
@@ -845,11 +916,14 @@ def _follow_up_element(element: Mapping[str, Any], ctx: _Context, done: dict[str
     return "missing", [], "no visit for the condition"
 
 
-def _repeated_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _repeated_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     by_code: dict[tuple[str, str], dict[date, str]] = {}
     for doc in ctx.observations:
-        when = _date(doc.resource.get("effectiveDateTime")) or \
-            _date((doc.resource.get("effectivePeriod") or {}).get("start"))
+        when = _date(doc.resource.get("effectiveDateTime")) or _date(
+            (doc.resource.get("effectivePeriod") or {}).get("start")
+        )
         codings = _codings(doc.resource.get("code") or {})
         if when and codings and codings[0].get("code"):
             key = (str(codings[0].get("system", "")), str(codings[0]["code"]))
@@ -860,12 +934,17 @@ def _repeated_element(element: Mapping[str, Any], ctx: _Context, done: dict[str,
     return "missing", [], "no observation repeated on two dates"
 
 
-def _all_of_element(element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]) -> tuple[str, list[str], str]:
+def _all_of_element(
+    element: Mapping[str, Any], ctx: _Context, done: dict[str, ElementResult]
+) -> tuple[str, list[str], str]:
     missing = [ref for ref in element["of"] if done[ref].status != "met"]
     if missing:
         return "missing", [], "not supported yet: " + ", ".join(missing) + " must be met"
-    return "met", sorted({r for ref in element["of"] for r in done[ref].evidence}), "supported by " + \
-        ", ".join(element["of"])
+    return (
+        "met",
+        sorted({r for ref in element["of"] for r in done[ref].evidence}),
+        "supported by " + ", ".join(element["of"]),
+    )
 
 
 _KINDS: dict[str, Callable[..., tuple[str, list[str], str]]] = {
@@ -881,6 +960,7 @@ _KINDS: dict[str, Callable[..., tuple[str, list[str], str]]] = {
 
 
 # --- red flags -----------------------------------------------------------------------------
+
 
 def _quantity_celsius(obs: Mapping[str, Any]) -> float | None:
     q = obs.get("valueQuantity") or {}
@@ -909,7 +989,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
     details: list[str] = []
     for doc in ctx.by_rule.get(id(rule), ()):
         if doc.type == "Condition" and any(_family_history_code(c) for c in doc.icd_codes):
-            continue                      # SPEC §4: Z80–Z84 (family history) document nothing
+            continue  # SPEC §4: Z80–Z84 (family history) document nothing
         if not _in_window(doc.when, ctx, window):
             continue
         if doc.type == "Condition" and rule.icd10cm is not None and any(c in rule.icd10cm for c in doc.icd_codes):
@@ -962,6 +1042,7 @@ def _red_flag(flag: Mapping[str, Any], ctx: _Context) -> RedFlagResult:
 
 # --- code fit ------------------------------------------------------------------------------
 
+
 def _suggest(codes: Iterable[str], reason: str) -> tuple[Suggestion, ...]:
     return tuple(Suggestion(c, icd.title(c), reason) for c in codes)
 
@@ -971,16 +1052,26 @@ def _code_fit(ctx: _Context) -> CodeFit:
     sites = ctx.sites()
     sides = ctx.sides()
     side = _side_of(sides)
-    findings = [name for name, (codes, terms) in profile.finding_terms.items()
-                if any(_documents_finding(d, codes, terms)
-                       for d in ctx.by_rule.get(id(ctx.finding_rules_by_name[name]), ()))]
-    documented = {"site": tuple(sites), "side": None if side == "unspecified" else side, "finding": tuple(findings)}
+    findings = [
+        name
+        for name, (codes, terms) in profile.finding_terms.items()
+        if any(_documents_finding(d, codes, terms) for d in ctx.by_rule.get(id(ctx.finding_rules_by_name[name]), ()))
+    ]
+    documented: dict[str, Any] = {
+        "site": tuple(sites),
+        "side": None if side == "unspecified" else side,
+        "finding": tuple(findings),
+    }
     excluded = _excludes1_found(ctx)
     if excluded:
         codes = list(dict.fromkeys(code for code, _note, _ref in excluded))
         notes = "; ".join(dict.fromkeys(note for _c, note, _r in excluded))
-        return CodeFit("mismatch", _suggest(codes, f"an active condition is excluded by the Excludes1 note: {notes}"),
-                       f"{profile.code} may not be coded with {', '.join(codes)}", **documented)
+        return CodeFit(
+            "mismatch",
+            _suggest(codes, f"an active condition is excluded by the Excludes1 note: {notes}"),
+            f"{profile.code} may not be coded with {', '.join(codes)}",
+            **documented,
+        )
     if not sites or not findings:
         # SPEC §5: site and side without a finding, or no site: the record documents too little to tell
         lacking = [name for name, have in (("site", sites), ("finding", findings)) if not have]
@@ -989,7 +1080,7 @@ def _code_fit(ctx: _Context) -> CodeFit:
     effective = [profile.expected_finding] if profile.expected_finding in findings else findings
     fit_side = side
     if side == "bilateral" and ctx.both_sides_coded and profile.expected_side is not None:
-        fit_side = profile.expected_side      # both sides documented and both coded (SPEC §5)
+        fit_side = profile.expected_side  # both sides documented and both coded (SPEC §5)
     for rule in profile.raw["code_fit"]["rules"]:
         when = rule["when"]
         if "finding" in when and when["finding"] not in effective:
@@ -1000,11 +1091,18 @@ def _code_fit(ctx: _Context) -> CodeFit:
             continue
         if "side" in when and when["side"] != fit_side:
             continue
-        return CodeFit("mismatch", _suggest(rule["suggest"], rule.get("reason", "")),
-                       f"the documentation does not support {profile.code}", **documented)
+        return CodeFit(
+            "mismatch",
+            _suggest(rule["suggest"], rule.get("reason", "")),
+            f"the documentation does not support {profile.code}",
+            **documented,
+        )
     expected_side = profile.expected_side
-    if profile.expected_finding in findings and profile.region in sites and \
-            (expected_side is None or fit_side == expected_side):
+    if (
+        profile.expected_finding in findings
+        and profile.region in sites
+        and (expected_side is None or fit_side == expected_side)
+    ):
         return CodeFit("fits", (), f"site, side and finding support {profile.code}", **documented)
     if expected_side is not None and side == "unspecified":
         return CodeFit("insufficient", (), "the record does not document the side", **documented)
@@ -1012,6 +1110,7 @@ def _code_fit(ctx: _Context) -> CodeFit:
 
 
 # --- the check -----------------------------------------------------------------------------
+
 
 def check(record: PatientRecord, profile: Profile, *, today: date, encounter_id: str | None = None) -> Report:
     """Check one patient's record against a profile (SPEC §3–§6). Pure: no I/O, no clock."""
@@ -1024,9 +1123,14 @@ def check(record: PatientRecord, profile: Profile, *, today: date, encounter_id:
             status, evidence, detail = _flag_screen_element(element, ctx, done, flags)
         else:
             status, evidence, detail = _KINDS[kind](element, ctx, done)
-        done[element["id"]] = ElementResult(element["id"], str(element.get("title", element["id"])),
-                                            bool(element["required"]), status,  # type: ignore[arg-type]
-                                            tuple(dict.fromkeys(evidence)), detail)
+        done[element["id"]] = ElementResult(
+            element["id"],
+            str(element.get("title", element["id"])),
+            bool(element["required"]),
+            status,  # type: ignore[arg-type]
+            tuple(dict.fromkeys(evidence)),
+            detail,
+        )
     return Report(
         patient=f"Patient/{record.patient_id}",
         encounter=ctx.encounter.ref if ctx.encounter else None,

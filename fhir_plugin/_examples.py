@@ -51,8 +51,10 @@ def shift_dates(value: Any, as_of: date, today: date) -> Any:
     """
     days = (today - as_of).days
     if isinstance(value, dict):
-        return {key: (_same_age(item, as_of, today) if key == "birthDate" else shift_dates(item, as_of, today))
-                for key, item in value.items()}
+        return {
+            key: (_same_age(item, as_of, today) if key == "birthDate" else shift_dates(item, as_of, today))
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [shift_dates(item, as_of, today) for item in value]
     if isinstance(value, str) and days:
@@ -83,8 +85,7 @@ def _read_examples(folder: str) -> tuple[tuple[date, dict[str, Any]], ...]:
             data = json.loads(path.read_text(encoding="utf-8"))
             found.append((date.fromisoformat(data["as_of"]), data))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ProfileError(f"the example patient file is malformed ({type(exc).__name__})",
-                               path=str(path)) from exc
+            raise ProfileError(f"the example patient file is malformed ({type(exc).__name__})", path=str(path)) from exc
     found.sort(key=lambda item: int(item[1].get("order", 0)))
     return tuple(found)
 
@@ -96,9 +97,16 @@ def example_cases(today: date, profile_code: str = DEFAULT_PROFILE) -> list[Exam
     folder = profiles_root() / profile_code / "examples"
     cases = []
     for as_of, data in _read_examples(str(folder)):
-        cases.append(ExampleCase(data["key"], data["title"], data["patient_id"],
-                                 shift_dates(data["resources"], as_of, today), data.get("encounter_id"),
-                                 copy.deepcopy(data["expected"])))
+        cases.append(
+            ExampleCase(
+                data["key"],
+                data["title"],
+                data["patient_id"],
+                shift_dates(data["resources"], as_of, today),
+                data.get("encounter_id"),
+                copy.deepcopy(data["expected"]),
+            )
+        )
     return cases
 
 
@@ -112,15 +120,23 @@ def cases_bundle(cases: list[ExampleCase]) -> dict[str, Any]:
     entries = []
     for case in cases:
         for res in _entries_in_order(case.resources):
-            entries.append({"resource": copy.deepcopy(res),
-                            "request": {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}})
+            entries.append(
+                {
+                    "resource": copy.deepcopy(res),
+                    "request": {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"},
+                }
+            )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
 def case_bundle(case: ExampleCase) -> dict[str, Any]:
     """One case as an R4 collection Bundle (what ``save_cases`` writes)."""
-    return {"resourceType": "Bundle", "id": f"{case.patient_id}-bundle", "type": "collection",
-            "entry": [{"resource": copy.deepcopy(r)} for r in _entries_in_order(case.resources)]}
+    return {
+        "resourceType": "Bundle",
+        "id": f"{case.patient_id}-bundle",
+        "type": "collection",
+        "entry": [{"resource": copy.deepcopy(r)} for r in _entries_in_order(case.resources)],
+    }
 
 
 def _dump(data: Any) -> str:
@@ -137,8 +153,12 @@ def save_cases(cases: list[ExampleCase], directory: str | Path) -> list[Path]:
         path = folder / f"{case.key}.json"
         path.write_text(_dump(case_bundle(case)), encoding="utf-8")
         written.append(path)
-        expected[case.key] = {"title": case.title, "patient_id": case.patient_id,
-                              "encounter_id": case.encounter_id, "expected": case.expected}
+        expected[case.key] = {
+            "title": case.title,
+            "patient_id": case.patient_id,
+            "encounter_id": case.encounter_id,
+            "expected": case.expected,
+        }
     path = folder / "expected.json"
     path.write_text(_dump(expected), encoding="utf-8")
     written.append(path)

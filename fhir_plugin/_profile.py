@@ -16,27 +16,49 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError as SchemaViolation, best_match
-from pydantic import ValidationError
 from fhir.resources.R4B.plandefinition import PlanDefinition
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaViolation
+from jsonschema.exceptions import best_match
+from pydantic import ValidationError
 
 from . import _icd10cm as icd
 from ._errors import ProfileError, UsageError
 from ._text import Terms, Vocabulary
 
-__all__ = ["Profile", "Rule", "IcdSet", "Referral", "load_profile", "available_profiles", "profiles_root",
-           "DEFAULT_PROFILE", "PROFILES_ENV"]
+__all__ = [
+    "Profile",
+    "Rule",
+    "IcdSet",
+    "Referral",
+    "load_profile",
+    "available_profiles",
+    "profiles_root",
+    "DEFAULT_PROFILE",
+    "PROFILES_ENV",
+]
 
 #: element kinds the check implements; an unknown kind is refused at load (fail closed)
-ELEMENT_KINDS = frozenset({"evidence", "site", "laterality", "excludes1", "red-flag-screen",
-                           "care-plan", "follow-up", "repeated-observation", "all-of"})
+ELEMENT_KINDS = frozenset(
+    {
+        "evidence",
+        "site",
+        "laterality",
+        "excludes1",
+        "red-flag-screen",
+        "care-plan",
+        "follow-up",
+        "repeated-observation",
+        "all-of",
+    }
+)
 SIDES = ("right", "left", "bilateral")
 _CONDITION_FIELDS = {"onset", "onset-date", "severity"}
 _TYPES = ("Condition", "Observation", "Encounter")
@@ -72,8 +94,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ProfileError(f"cannot read the file: {exc.strerror or exc}", path=str(path)) from exc
     except json.JSONDecodeError as exc:
-        raise ProfileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-                           path=str(path)) from exc
+        raise ProfileError(
+            f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=str(path)
+        ) from exc
     if not isinstance(data, dict):
         raise ProfileError("expected a JSON object", path=str(path))
     return data
@@ -81,8 +104,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # --- the JSON Schemas: every key the engine reads, unknown keys fail closed (SPEC §2) -------------
 
-_TYPE_NAMES = {"object": "an object", "array": "a list", "string": "a string", "integer": "an integer",
-               "number": "a number", "boolean": "true or false", "null": "null"}
+_TYPE_NAMES = {
+    "object": "an object",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
 
 
 @lru_cache(maxsize=4)
@@ -100,8 +130,14 @@ def _field_path(parts: Iterable[str | int]) -> str:
 
 
 def _json_type(value: Any) -> str:
-    for name, kind in (("true or false", bool), ("an integer", int), ("a number", float), ("a string", str),
-                       ("a list", list), ("an object", dict)):
+    for name, kind in (
+        ("true or false", bool),
+        ("an integer", int),
+        ("a number", float),
+        ("a string", str),
+        ("a list", list),
+        ("an object", dict),
+    ):
         if isinstance(value, kind):
             return name
     return "null"
@@ -201,24 +237,24 @@ class Rule:
     """What documents an element or a red flag: any one of its matchers."""
 
     terms: Terms
-    codes: frozenset[str] = frozenset()          # SNOMED (or other) codes in code/bodySite/value
+    codes: frozenset[str] = frozenset()  # SNOMED (or other) codes in code/bodySite/value
     loinc: frozenset[str] = frozenset()
-    categories: frozenset[str] = frozenset()     # Observation.category codes
-    icd10cm: IcdSet | None = None                # Condition.code in this set
-    condition_fields: tuple[str, ...] = ()       # onset / onset-date / severity on a Condition under review
-    resource_types: tuple[str, ...] = _TYPES     # where keywords are searched
-    with_value: bool = False                     # an Observation must carry a value
-    negated_counts: bool = True                  # does a negated mention still document it?
+    categories: frozenset[str] = frozenset()  # Observation.category codes
+    icd10cm: IcdSet | None = None  # Condition.code in this set
+    condition_fields: tuple[str, ...] = ()  # onset / onset-date / severity on a Condition under review
+    resource_types: tuple[str, ...] = _TYPES  # where keywords are searched
+    with_value: bool = False  # an Observation must carry a value
+    negated_counts: bool = True  # does a negated mention still document it?
 
 
 @dataclass(frozen=True)
 class Referral:
     """The referral the draft CarePlan leads with when red flags hold the protocol (SPEC §4, §7.1)."""
 
-    when: str            # the rule; "any-red-flag-present" is the one the engine implements (SPEC §4)
-    activity: str        # the activity's code.text
-    description: str     # the activity's description; "{red_flags}" becomes the flags present
-    narrative: str       # the CarePlan narrative's line; "{red_flags}" as above
+    when: str  # the rule; "any-red-flag-present" is the one the engine implements (SPEC §4)
+    activity: str  # the activity's code.text
+    description: str  # the activity's description; "{red_flags}" becomes the flags present
+    narrative: str  # the CarePlan narrative's line; "{red_flags}" as above
     #: each held phase activity's statusReason (SPEC §7.1: red flags hold the protocol); "{red_flags}" as above
     hold_reason: str = "On hold: red flags present ({red_flags}); the protocol waits for the evaluation."
     #: the CarePlan narrative's line saying the protocol waits
@@ -226,7 +262,7 @@ class Referral:
 
     def applies(self, present: Sequence[str]) -> bool:
         """Whether the red flags present (their ids) recommend a referral."""
-        if self.when != "any-red-flag-present":   # the schema admits no other rule: fail closed
+        if self.when != "any-red-flag-present":  # the schema admits no other rule: fail closed
             raise ProfileError(f"unknown referral rule {self.when!r}", field="referral.when")
         return bool(present)
 
@@ -249,7 +285,7 @@ class Profile:
     rules: dict[str, Rule]
     red_flags: tuple[dict[str, Any], ...]
     flag_rules: dict[str, Rule]
-    site_terms: dict[str, tuple[str, frozenset[str], Terms]]     # region -> (label, codes, terms)
+    site_terms: dict[str, tuple[str, frozenset[str], Terms]]  # region -> (label, codes, terms)
     side_terms: dict[str, tuple[frozenset[str], Terms]]
     finding_terms: dict[str, tuple[frozenset[str], Terms]]
     plan_definition: dict[str, Any] = field(repr=False)
@@ -259,15 +295,16 @@ class Profile:
 
     @property
     def region(self) -> str:
-        return self.raw["site"]["region"]
+        return str(self.raw["site"]["region"])
 
     @property
     def expected_side(self) -> str | None:
-        return self.raw["laterality"].get("expected")
+        side = self.raw["laterality"].get("expected")
+        return None if side is None else str(side)
 
     @property
     def expected_finding(self) -> str:
-        return self.raw["findings"]["expected"]
+        return str(self.raw["findings"]["expected"])
 
     @property
     def referral(self) -> Referral:
@@ -305,12 +342,14 @@ def _rule(spec: dict[str, Any], path: str, where: str) -> Rule:
     fields = _str_list(spec, "condition_fields", path, where)
     bad = set(fields) - _CONDITION_FIELDS
     if bad:
-        raise ProfileError(f"unknown condition field(s) {', '.join(sorted(bad))}", path=path,
-                           field=f"{where}.condition_fields")
+        raise ProfileError(
+            f"unknown condition field(s) {', '.join(sorted(bad))}", path=path, field=f"{where}.condition_fields"
+        )
     types = _str_list(spec, "resource_types", path, where) or list(_TYPES)
     if set(types) - set(_TYPES):
-        raise ProfileError("resource_types may name Condition, Observation, Encounter", path=path,
-                           field=f"{where}.resource_types")
+        raise ProfileError(
+            "resource_types may name Condition, Observation, Encounter", path=path, field=f"{where}.resource_types"
+        )
     negated = spec.get("negated", "counts")
     if negated not in ("counts", "ignored"):
         raise ProfileError("negated is 'counts' or 'ignored'", path=path, field=f"{where}.negated")
@@ -345,8 +384,9 @@ def _plan_definition(folder: Path, name: str, path: str) -> dict[str, Any]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "root")
-        raise ProfileError(f"not a valid R4 PlanDefinition: {first.get('msg')}", path=str(pd_path),
-                           field=where or None) from exc
+        raise ProfileError(
+            f"not a valid R4 PlanDefinition: {first.get('msg')}", path=str(pd_path), field=where or None
+        ) from exc
     goal_ids = {g.get("id") for g in plan.get("goal", [])}
     phases = plan.get("action") or []
     if not phases:
@@ -367,8 +407,9 @@ def _load(folder: Path) -> Profile:
     _validate(raw, "profile.schema.json", folder / "profile.json")
     code = _billable(_need(raw, "code", str, path), path, "code")
     if folder.name != code:
-        raise ProfileError(f"the folder is named {folder.name} but the profile's code is {code}", path=path,
-                           field="code")
+        raise ProfileError(
+            f"the folder is named {folder.name} but the profile's code is {code}", path=path, field="code"
+        )
     family = IcdSet(_str_list(raw, "family", path, ""), where="family", path=path)
     excludes: list[tuple[str, str, bool]] = []
     for source in _str_list(raw, "excludes1_from", path, ""):
@@ -378,17 +419,29 @@ def _load(folder: Path) -> Profile:
 
     site = _need(raw, "site", dict, path)
     _need(site, "region", str, path, "site")
-    site_terms = {site["region"]: (site.get("label", site["region"]), frozenset(_str_list(site, "codes", path, "site")),
-                                   Terms(_str_list(site, "keywords", path, "site")))}
+    site_terms = {
+        site["region"]: (
+            site.get("label", site["region"]),
+            frozenset(_str_list(site, "codes", path, "site")),
+            Terms(_str_list(site, "keywords", path, "site")),
+        )
+    }
     for i, other in enumerate(raw.get("other_sites", [])):
         where = f"other_sites[{i}]"
         region = _need(other, "region", str, path, where)
-        site_terms[region] = (other.get("label", region), frozenset(_str_list(other, "codes", path, where)),
-                              Terms(_str_list(other, "keywords", path, where)))
+        site_terms[region] = (
+            other.get("label", region),
+            frozenset(_str_list(other, "codes", path, where)),
+            Terms(_str_list(other, "keywords", path, where)),
+        )
     laterality = _need(raw, "laterality", dict, path)
-    side_terms = {side: (frozenset(_str_list(laterality.get(side, {}), "codes", path, f"laterality.{side}")),
-                         Terms(_str_list(laterality.get(side, {}), "keywords", path, f"laterality.{side}")))
-                  for side in SIDES}
+    side_terms = {
+        side: (
+            frozenset(_str_list(laterality.get(side, {}), "codes", path, f"laterality.{side}")),
+            Terms(_str_list(laterality.get(side, {}), "keywords", path, f"laterality.{side}")),
+        )
+        for side in SIDES
+    }
     if laterality.get("expected") not in (None, *SIDES):
         raise ProfileError("expected is right, left, bilateral or null", path=path, field="laterality.expected")
     # SPEC §3: the other side's code, active beside this one, means both sides are coded
@@ -396,12 +449,18 @@ def _load(folder: Path) -> Profile:
         _billable(other, path, f"laterality.both_sides_with[{j}]")
     findings = _need(raw, "findings", dict, path)
     _need(findings, "expected", str, path, "findings")
-    finding_terms = {name: (frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
-                            Terms(_str_list(spec, "keywords", path, f"findings.{name}")))
-                     for name, spec in findings.items() if isinstance(spec, dict)}
+    finding_terms = {
+        name: (
+            frozenset(_str_list(spec, "codes", path, f"findings.{name}")),
+            Terms(_str_list(spec, "keywords", path, f"findings.{name}")),
+        )
+        for name, spec in findings.items()
+        if isinstance(spec, dict)
+    }
     if findings["expected"] not in finding_terms:
-        raise ProfileError(f"{findings['expected']!r} is not one of the profile's findings", path=path,
-                           field="findings.expected")
+        raise ProfileError(
+            f"{findings['expected']!r} is not one of the profile's findings", path=path, field="findings.expected"
+        )
 
     elements = _need(raw, "elements", list, path)
     rules: dict[str, Rule] = {}
@@ -421,8 +480,9 @@ def _load(folder: Path) -> Profile:
         if kind == "all-of":
             for ref in _need(element, "of", list, path, where):
                 if ref not in seen:
-                    raise ProfileError(f"{ref!r} is not an element listed before this one", path=path,
-                                       field=f"{where}.of")
+                    raise ProfileError(
+                        f"{ref!r} is not an element listed before this one", path=path, field=f"{where}.of"
+                    )
         rules[eid] = _rule(element, path, where)
 
     flags = _need(raw, "red_flags", list, path)
@@ -435,8 +495,11 @@ def _load(folder: Path) -> Profile:
         recent = flag.get("recent_icd10cm")
         if recent is not None:
             _need(recent, "days", int, path, f"{where}.recent_icd10cm")
-            recent_codes[fid] = IcdSet(_str_list(recent, "codes", path, f"{where}.recent_icd10cm"),
-                                       where=f"{where}.recent_icd10cm.codes", path=path)
+            recent_codes[fid] = IcdSet(
+                _str_list(recent, "codes", path, f"{where}.recent_icd10cm"),
+                where=f"{where}.recent_icd10cm.codes",
+                path=path,
+            )
 
     fit = _need(raw, "code_fit", dict, path)
     for i, rule in enumerate(_need(fit, "rules", list, path, "code_fit")):
@@ -446,23 +509,50 @@ def _load(folder: Path) -> Profile:
         when = _need(rule, "when", dict, path, where)
         # a value that names nothing would make the rule never match (SPEC §5): refuse it
         if "finding" in when and when["finding"] not in finding_terms:
-            raise ProfileError(f"finding {when['finding']!r} is not one of the profile's findings", path=path,
-                               field=f"{where}.when.finding")
+            raise ProfileError(
+                f"finding {when['finding']!r} is not one of the profile's findings",
+                path=path,
+                field=f"{where}.when.finding",
+            )
         if "region" in when and when["region"] not in site_terms:
-            raise ProfileError(f"region {when['region']!r} is not the profile's site or one of its other_sites",
-                               path=path, field=f"{where}.when.region")
+            raise ProfileError(
+                f"region {when['region']!r} is not the profile's site or one of its other_sites",
+                path=path,
+                field=f"{where}.when.region",
+            )
         if "without_region" in when and when["without_region"] not in site_terms:
-            raise ProfileError(f"region {when['without_region']!r} is not the profile's site or one of its "
-                               "other_sites", path=path, field=f"{where}.when.without_region")
+            raise ProfileError(
+                f"region {when['without_region']!r} is not the profile's site or one of its other_sites",
+                path=path,
+                field=f"{where}.when.without_region",
+            )
 
     plan = _plan_definition(folder, _need(raw, "plan_definition", str, path), path)
-    vocabulary = Vocabulary([r.terms for r in rules.values()] + [r.terms for r in flag_rules.values()]
-                            + [t for _l, _c, t in site_terms.values()] + [t for _c, t in side_terms.values()]
-                            + [t for _c, t in finding_terms.values()])
-    return Profile(vocabulary=vocabulary, recent_codes=recent_codes, code=code, display=icd.title(code), folder=folder, raw=raw, family=family,
-                   excludes1=tuple(excludes), elements=tuple(elements), rules=rules, red_flags=tuple(flags),
-                   flag_rules=flag_rules, site_terms=site_terms, side_terms=side_terms,
-                   finding_terms=finding_terms, plan_definition=plan)
+    vocabulary = Vocabulary(
+        [r.terms for r in rules.values()]
+        + [r.terms for r in flag_rules.values()]
+        + [t for _l, _c, t in site_terms.values()]
+        + [t for _c, t in side_terms.values()]
+        + [t for _c, t in finding_terms.values()]
+    )
+    return Profile(
+        vocabulary=vocabulary,
+        recent_codes=recent_codes,
+        code=code,
+        display=icd.title(code),
+        folder=folder,
+        raw=raw,
+        family=family,
+        excludes1=tuple(excludes),
+        elements=tuple(elements),
+        rules=rules,
+        red_flags=tuple(flags),
+        flag_rules=flag_rules,
+        site_terms=site_terms,
+        side_terms=side_terms,
+        finding_terms=finding_terms,
+        plan_definition=plan,
+    )
 
 
 @lru_cache(maxsize=16)

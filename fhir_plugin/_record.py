@@ -11,17 +11,24 @@ deeper in.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from pydantic import ValidationError
 from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
 
 from ._errors import InputError
 
-__all__ = ["PatientRecord", "CLINICAL_TYPES", "validate_resource", "records_from_bundle",
-           "load_bundle_file", "subject_patient_id"]
+__all__ = [
+    "PatientRecord",
+    "CLINICAL_TYPES",
+    "validate_resource",
+    "records_from_bundle",
+    "load_bundle_file",
+    "subject_patient_id",
+]
 
 #: resource types the check reads (SPEC §3); Patient is kept for the banner
 CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")
@@ -114,7 +121,7 @@ def _resolved(value: Any, full_urls: Mapping[str, str]) -> Any:
         return value if out is None else out
     if isinstance(value, list):
         items = [_resolved(v, full_urls) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else items
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     return value
 
 
@@ -128,7 +135,7 @@ def _bundle_resources(bundle: Mapping[str, Any]) -> list[Any]:
         url = entry.get("fullUrl")
         if isinstance(res, dict) and isinstance(url, str):
             if not res.get("id") and url.startswith("urn:uuid:"):
-                res = {**res, "id": url[len("urn:uuid:"):]}     # Synthea-style: the uuid is the id
+                res = {**res, "id": url[len("urn:uuid:") :]}  # Synthea-style: the uuid is the id
             if isinstance(res.get("resourceType"), str) and isinstance(res.get("id"), str):
                 full_urls[url] = f"{res['resourceType']}/{res['id']}"
         resources.append(res)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["ElementResult", "RedFlagResult", "Suggestion", "CodeFit", "Report", "ELEMENT_STATUSES",
-           "FLAG_STATUSES"]
+__all__ = ["ElementResult", "RedFlagResult", "Suggestion", "CodeFit", "Report", "ELEMENT_STATUSES", "FLAG_STATUSES"]
 
 ElementStatus = Literal["met", "missing", "conflict", "not-yet-due", "proposed"]
 FlagStatus = Literal["present", "absent", "not-documented"]
@@ -29,8 +28,14 @@ class ElementResult:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "required": self.required, "status": self.status,
-                "evidence": list(self.evidence), "detail": self.detail}
+        return {
+            "id": self.id,
+            "title": self.title,
+            "required": self.required,
+            "status": self.status,
+            "evidence": list(self.evidence),
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,13 @@ class RedFlagResult:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "status": self.status, "evidence": list(self.evidence),
-                "detail": self.detail}
+        return {
+            "id": self.id,
+            "title": self.title,
+            "status": self.status,
+            "evidence": list(self.evidence),
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,12 @@ class CodeFit:
     finding: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "suggested": [s.to_json() for s in self.suggested], "detail": self.detail,
-                "documented": {"site": list(self.site), "side": self.side, "finding": list(self.finding)}}
+        return {
+            "status": self.status,
+            "suggested": [s.to_json() for s in self.suggested],
+            "detail": self.detail,
+            "documented": {"site": list(self.site), "side": self.side, "finding": list(self.finding)},
+        }
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,8 @@ class Report:
     def complete(self) -> bool:
         """SPEC §6: every required element met (or not yet due) and the code fits."""
         return self.code_fit.status == "fits" and all(
-            e.status in ("met", "not-yet-due") for e in self.elements if e.required)
+            e.status in ("met", "not-yet-due") for e in self.elements if e.required
+        )
 
     @property
     def referral_recommended(self) -> bool:
@@ -108,8 +123,12 @@ class Report:
             "patient": self.patient,
             "encounter": self.encounter,
             "reference_date": self.reference_date,
-            "profile": {"code": self.profile_code, "system": "http://hl7.org/fhir/sid/icd-10-cm",
-                        "display": self.profile_display, "icd10cm_release": self.icd10cm_release},
+            "profile": {
+                "code": self.profile_code,
+                "system": "http://hl7.org/fhir/sid/icd-10-cm",
+                "display": self.profile_display,
+                "icd10cm_release": self.icd10cm_release,
+            },
             "elements": [e.to_json() for e in self.elements],
             "red_flags": [f.to_json() for f in self.red_flags],
             "code_fit": self.code_fit.to_json(),

@@ -44,8 +44,9 @@ class Review:
         return self.drafts is not None
 
 
-def review(record: PatientRecord, profile: Profile, *, today: date, now: datetime,
-           encounter_id: str | None = None) -> Review:
+def review(
+    record: PatientRecord, profile: Profile, *, today: date, now: datetime, encounter_id: str | None = None
+) -> Review:
     """Check ``record`` against ``profile`` at ``today`` and draft what SPEC §7 writes back, dated ``now``.
 
     A code mismatch refuses the drafts (SPEC §5, §7): the refusal is part of
@@ -56,11 +57,21 @@ def review(record: PatientRecord, profile: Profile, *, today: date, now: datetim
     if report.code_fit.status != "mismatch":
         # SPEC §7.1: after a write, or with a diagnosis and a plan in the chart, nothing new is offered
         if existing.written:
-            return Review(report, None, None, existing,
-                          "the drafts are already in the record (" + ", ".join(existing.written) + ")")
+            return Review(
+                report,
+                None,
+                None,
+                existing,
+                "the drafts are already in the record (" + ", ".join(existing.written) + ")",
+            )
         if existing.condition and existing.careplan:
-            return Review(report, None, None, existing,
-                          f"an active plan exists: {existing.careplan} addresses {existing.condition}")
+            return Review(
+                report,
+                None,
+                None,
+                existing,
+                f"an active plan exists: {existing.careplan} addresses {existing.condition}",
+            )
     try:
         return Review(report, build_drafts(report, profile, now=now, existing=existing), existing=existing)
     except DraftsRefused as exc:

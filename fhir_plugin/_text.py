@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
-__all__ = ["Terms", "Mention", "Vocabulary", "TextIndex", "analyze", "MAX_FIELD_CHARS", "capped",
-           "side_mentions"]
+__all__ = ["Terms", "Mention", "Vocabulary", "TextIndex", "analyze", "MAX_FIELD_CHARS", "capped", "side_mentions"]
 
 #: the most characters read from one field of a resource (SPEC §3.2 *Cost*).  A field longer
 #: than this is read up to the cap and the check names it in the red flags' and the
@@ -36,7 +35,7 @@ MAX_FIELD_CHARS = 2_000_000
 _W = "0-9A-Za-z"
 _START = rf"(?<![{_W}])"
 _END = rf"(?![{_W}])"
-_GAP = r"[\s\-/]+"          # between the words of a phrase: white space, hyphens, slashes
+_GAP = r"[\s\-/]+"  # between the words of a phrase: white space, hyphens, slashes
 
 
 def _phrase(words: str) -> str:
@@ -49,21 +48,74 @@ def _alternation(phrases: Iterable[str]) -> str:
 
 
 # SPEC §3.2 *Negation*: clause ends, and the words that start a new clause
-_CLAUSE_WORDS = ("but", "however", "although", "though", "except", "yet", "reports", "reported", "endorses",
-                 "endorsed", "complains of", "c/o", "positive for", "presents with")
+_CLAUSE_WORDS = (
+    "but",
+    "however",
+    "although",
+    "though",
+    "except",
+    "yet",
+    "reports",
+    "reported",
+    "endorses",
+    "endorsed",
+    "complains of",
+    "c/o",
+    "positive for",
+    "presents with",
+)
 _CLAUSE = re.compile(rf"(?P<stop>[.;!?]+(?=\s|$)|\n)|{_START}(?:{_alternation(_CLAUSE_WORDS)}){_END}")
 _PRE_NEGATION = ("no", "not", "denies", "denied", "negative for", "without", "absent", "free of", "never")
 _POST_NEGATION = ("absent", "negative", "ruled out", "denied", "not present", "none")
 # SPEC §3.2 *Hypothetical mentions* (ConText's hypothetical modifier)
-_HYPOTHETICAL = ("if", "should", "unless", "in case of", "return for", "watch for", "monitor for", "call for",
-                 "precautions", "precaution", "warning signs", "warning sign")
+_HYPOTHETICAL = (
+    "if",
+    "should",
+    "unless",
+    "in case of",
+    "return for",
+    "watch for",
+    "monitor for",
+    "call for",
+    "precautions",
+    "precaution",
+    "warning signs",
+    "warning sign",
+)
 # SPEC §4: text about relatives documents nothing for red flags
-_RELATIVES = ("mother", "father", "parent", "parents", "sibling", "siblings", "brother", "brothers", "sister",
-              "sisters", "child", "children", "son", "sons", "daughter", "daughters", "grandmother",
-              "grandfather", "grandparent", "aunt", "uncle", "cousin", "relative", "relatives", "mom", "dad")
+_RELATIVES = (
+    "mother",
+    "father",
+    "parent",
+    "parents",
+    "sibling",
+    "siblings",
+    "brother",
+    "brothers",
+    "sister",
+    "sisters",
+    "child",
+    "children",
+    "son",
+    "sons",
+    "daughter",
+    "daughters",
+    "grandmother",
+    "grandfather",
+    "grandparent",
+    "aunt",
+    "uncle",
+    "cousin",
+    "relative",
+    "relatives",
+    "mom",
+    "dad",
+)
 _FAMILY_HISTORY = ("family history", "fhx", "fh")
-_TRIGGER = re.compile(rf"{_START}(?:{_alternation(_PRE_NEGATION + _POST_NEGATION + _HYPOTHETICAL + _RELATIVES)})"
-                      rf"{_END}")
+_TRIGGER = re.compile(
+    rf"{_START}(?:{_alternation(_PRE_NEGATION + _POST_NEGATION + _HYPOTHETICAL + _RELATIVES)})"
+    rf"{_END}"
+)
 _FH_START = re.compile(rf"\s*(?:{_alternation(_FAMILY_HISTORY)}){_END}")
 _SPACES = re.compile(r"\s+")
 _PRE = {p.replace(" ", "") for p in _PRE_NEGATION} | {"notpresent"}
@@ -88,12 +140,12 @@ class TextIndex:
     __slots__ = ("text", "starts", "pre", "post", "hypo", "relative", "family_clauses")
 
     def __init__(self, text: str) -> None:
-        text = text.lower()      # every offset below is into the lower-cased text
+        text = text.lower()  # every offset below is into the lower-cased text
         self.text = text
         starts = [0]
         for m in _CLAUSE.finditer(text):
             starts.append(m.end() if m.group("stop") else m.start())
-        self.starts = starts          # sorted: finditer yields in order, and each boundary is past the last
+        self.starts = starts  # sorted: finditer yields in order, and each boundary is past the last
         pre: list[int] = []
         post: list[int] = []
         hypo: list[int] = []
@@ -190,7 +242,7 @@ class Vocabulary:
     one per element.
     """
 
-    def __init__(self, terms: Iterable["Terms"]) -> None:
+    def __init__(self, terms: Iterable[Terms]) -> None:
         tokens = sorted(set().union(*(t.first_tokens for t in terms)), key=len, reverse=True)
         self._pattern = re.compile(r"(?<![0-9a-z])(?:" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
         # a longer token found at a position also shows every token that is its prefix
@@ -269,8 +321,9 @@ class Terms:
         return bool(self._pattern and text and self._pattern.search(text.lower()))
 
 
-def side_mentions(index: TextIndex, side_terms: Terms, site_spans: list[tuple[int, int]],
-                  *, max_words: int = 3) -> list[Mention]:
+def side_mentions(
+    index: TextIndex, side_terms: Terms, site_spans: list[tuple[int, int]], *, max_words: int = 3
+) -> list[Mention]:
     """Side words that document a side: within ``max_words`` words of a site word in their clause.
 
     SPEC §3.2 *Sides*.  ``site_spans`` are the site words of the text (the profile's site or
@@ -283,15 +336,16 @@ def side_mentions(index: TextIndex, side_terms: Terms, site_spans: list[tuple[in
     site_starts = [s for s, _e in site_spans]
     out: list[Mention] = []
     for m in side_terms.mentions(index):
-        if len(m.term) == 1 and ((m.start > 0 and text[m.start - 1] in "/-")
-                                 or (m.end < len(text) and text[m.end] in "/-")):
+        if len(m.term) == 1 and (
+            (m.start > 0 and text[m.start - 1] in "/-") or (m.end < len(text) and text[m.end] in "/-")
+        ):
             continue
         if m.term == "right" and _NOT_A_SIDE.search(text, max(0, m.start - 4), min(len(text), m.end + 6)):
             continue
         ci, cs, ce = index.clause(m.start)
         i = bisect_left(site_starts, m.end)
         near = False
-        if i < len(site_spans) and site_spans[i][0] < ce:          # the next site word, after the side word
+        if i < len(site_spans) and site_spans[i][0] < ce:  # the next site word, after the side word
             near = index.words_between(m.end, site_spans[i][0], max_words) <= max_words
         if not near and i > 0 and site_spans[i - 1][1] <= m.start and site_spans[i - 1][0] >= cs:
             near = index.words_between(site_spans[i - 1][1], m.start, max_words) <= max_words

@@ -14,8 +14,10 @@ from ._errors import UsageError
 
 __all__ = ["TOKEN_HELP", "TOKEN_FILE_HELP", "read_token"]
 
-TOKEN_HELP = ("bearer token for the server; other local users can see it in the process list, "
-              "so prefer --token-file or env FHIR_TOKEN")
+TOKEN_HELP = (
+    "bearer token for the server; other local users can see it in the process list, "
+    "so prefer --token-file or env FHIR_TOKEN"
+)
 TOKEN_FILE_HELP = "file holding the bearer token (read once; surrounding whitespace ignored)"
 
 

@@ -43,13 +43,14 @@ def generate_cases(as_of: dt.date) -> list[ExampleCase]:
 
 def _renamed(resources: Iterable[dict[str, Any]], old: str, new: str) -> list[dict[str, Any]]:
     """Copies of ``resources`` with every id and reference starting ``old`` moved to ``new``."""
+
     def fix(value: Any) -> Any:
         if isinstance(value, dict):
             out = {}
             for k, v in value.items():
                 if k == "reference" and isinstance(v, str):
                     rtype, _, rid = v.partition("/")
-                    out[k] = f"{rtype}/{new}{rid[len(old):]}" if rid.startswith(old) else v
+                    out[k] = f"{rtype}/{new}{rid[len(old) :]}" if rid.startswith(old) else v
                 else:
                     out[k] = fix(v)
             return out
@@ -61,19 +62,23 @@ def _renamed(resources: Iterable[dict[str, Any]], old: str, new: str) -> list[di
     for res in resources:
         copy_ = fix(res)
         if copy_["id"].startswith(old):
-            copy_["id"] = new + copy_["id"][len(old):]
+            copy_["id"] = new + copy_["id"][len(old) :]
         renamed.append(copy_)
     return renamed
 
 
 def renamed_case(case: ExampleCase, tag: str) -> ExampleCase:
     """The case under new ids (``fp-x`` -> ``fp-<tag>-x``), for a writer that must not touch the original."""
+
     def move(value: str | None) -> str | None:
         return value.replace("fp-", f"fp-{tag}-", 1) if value else value
 
-    return dataclasses.replace(case, patient_id=move(case.patient_id) or case.patient_id,
-                               encounter_id=move(case.encounter_id),
-                               resources=_renamed(case.resources, "fp-", f"fp-{tag}-"))
+    return dataclasses.replace(
+        case,
+        patient_id=move(case.patient_id) or case.patient_id,
+        encounter_id=move(case.encounter_id),
+        resources=_renamed(case.resources, "fp-", f"fp-{tag}-"),
+    )
 
 
 def many_patients(as_of: dt.date, n: int) -> Iterator[list[dict[str, Any]]]:
@@ -85,14 +90,19 @@ def many_patients(as_of: dt.date, n: int) -> Iterator[list[dict[str, Any]]]:
         yield _renamed(case.resources, "fp-", f"fp-{i + 1:0{width}d}-")
 
 
-def _vital_sign(oid: str, pid: str, when: dt.date, code: str, display: str, value: float,
-                minute: int) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": oid, "status": "final",
-            "category": [{"coding": [{"system": _OBS_CATEGORY, "code": "vital-signs", "display": "Vital Signs"}]}],
-            "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
-            "subject": {"reference": f"Patient/{pid}"},
-            "effectiveDateTime": f"{when.isoformat()}T09:{minute:02d}:00Z",
-            "valueQuantity": {"value": value, "unit": "/min", "system": UCUM, "code": "/min"}}
+def _vital_sign(
+    oid: str, pid: str, when: dt.date, code: str, display: str, value: float, minute: int
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "category": [{"coding": [{"system": _OBS_CATEGORY, "code": "vital-signs", "display": "Vital Signs"}]}],
+        "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": f"{when.isoformat()}T09:{minute:02d}:00Z",
+        "valueQuantity": {"value": value, "unit": "/min", "system": UCUM, "code": "/min"},
+    }
 
 
 def large_record(as_of: dt.date, n_observations: int = 2000) -> ExampleCase:
@@ -114,11 +124,18 @@ def large_record(as_of: dt.date, n_observations: int = 2000) -> ExampleCase:
         when = as_of - dt.timedelta(days=1 + (i // 3) % 730)
         minute = (i % 3) * 10 + 20
         if i % 2 == 0:
-            obs = _vital_sign(f"{pid}-vs{i + 1:05d}", pid, when, "8867-4", "Heart rate", float(58 + (i * 7) % 40),
-                              minute)
+            obs = _vital_sign(
+                f"{pid}-vs{i + 1:05d}", pid, when, "8867-4", "Heart rate", float(58 + (i * 7) % 40), minute
+            )
         else:
-            obs = _vital_sign(f"{pid}-vs{i + 1:05d}", pid, when, "9279-1", "Respiratory rate",
-                              float(12 + (i * 5) % 8), minute)
+            obs = _vital_sign(
+                f"{pid}-vs{i + 1:05d}", pid, when, "9279-1", "Respiratory rate", float(12 + (i * 5) % 8), minute
+            )
         resources.append(obs)
-    return dataclasses.replace(case, key="large", title=f"Complete case with {n_observations} Observations",
-                               resources=resources, encounter_id=None)
+    return dataclasses.replace(
+        case,
+        key="large",
+        title=f"Complete case with {n_observations} Observations",
+        resources=resources,
+        encounter_id=None,
+    )

@@ -42,8 +42,9 @@ def _cases(as_of: dt.date) -> list[SyntheticCase]:
     return [c for c in generate_cases(as_of) if c.encounter_id is None]
 
 
-def population(as_of: dt.date, n: int, *,
-               prefix: str = "p") -> Iterator[tuple[PopulationPatient, list[dict[str, Any]]]]:
+def population(
+    as_of: dt.date, n: int, *, prefix: str = "p"
+) -> Iterator[tuple[PopulationPatient, list[dict[str, Any]]]]:
     """``n`` patients (and their resources), cycling through the synthetic cases. Deterministic."""
     cases = _cases(as_of)
     width = max(6, len(str(n)))
@@ -52,8 +53,9 @@ def population(as_of: dt.date, n: int, *,
         yield PopulationPatient(case.patient_id, case.key, case.expected), case.resources
 
 
-def write_ndjson(folder: str | Path, as_of: dt.date, n: int, *, seed: int = 15, prefix: str = "p",
-                 file_patients: int = FILE_PATIENTS) -> dict[str, PopulationPatient]:
+def write_ndjson(
+    folder: str | Path, as_of: dt.date, n: int, *, seed: int = 15, prefix: str = "p", file_patients: int = FILE_PATIENTS
+) -> dict[str, PopulationPatient]:
     """Write ``n`` patients as ``<Type>.<k>.ndjson`` files (lines shuffled); return the patients by id."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import requests
 from joserfc import jwt
@@ -49,9 +50,9 @@ class CdsClientTrust:
     """One trusted CDS client: its ``iss`` and where its keys come from."""
 
     iss: str
-    jwks: Mapping[str, Any] | None = None       # pre-registered public keys
-    jwks_url: str | None = None                 # or a registered JWKS URL
-    jku: tuple[str, ...] = ()                   # JWKS URLs a JWT's ``jku`` header may name
+    jwks: Mapping[str, Any] | None = None  # pre-registered public keys
+    jwks_url: str | None = None  # or a registered JWKS URL
+    jku: tuple[str, ...] = ()  # JWKS URLs a JWT's ``jku`` header may name
 
 
 def trust_from_json(data: Any) -> tuple[CdsClientTrust, ...]:
@@ -59,8 +60,14 @@ def trust_from_json(data: Any) -> tuple[CdsClientTrust, ...]:
     items = data.get("clients", []) if isinstance(data, dict) else data
     out = []
     for item in items or []:
-        out.append(CdsClientTrust(iss=str(item["iss"]), jwks=item.get("jwks"), jwks_url=item.get("jwks_url"),
-                                  jku=tuple(item.get("jku") or ())))
+        out.append(
+            CdsClientTrust(
+                iss=str(item["iss"]),
+                jwks=item.get("jwks"),
+                jwks_url=item.get("jwks_url"),
+                jku=tuple(item.get("jku") or ()),
+            )
+        )
     return tuple(out)
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from fhir_plugin import UsageError
 
@@ -72,8 +73,17 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------- cards and feedback
     def issued(self, service: str, cards: Iterable[Mapping[str, Any]]) -> None:
-        rows = [(c["uuid"], service, str((c.get("source") or {}).get("topic", {}).get("code", "")), c["indicator"],
-                 self._clock()) for c in cards if c.get("uuid")]
+        rows = [
+            (
+                c["uuid"],
+                service,
+                str((c.get("source") or {}).get("topic", {}).get("code", "")),
+                c["indicator"],
+                self._clock(),
+            )
+            for c in cards
+            if c.get("uuid")
+        ]
         if rows:
             with self._lock:
                 self._db.executemany("INSERT OR IGNORE INTO card VALUES (?, ?, ?, ?, ?)", rows)
@@ -85,18 +95,34 @@ class FeedbackStore:
             raise UsageError("the feedback body must be an object with a non-empty 'feedback' array")
         rows = []
         for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("card"), str) \
-                    or entry.get("outcome") not in OUTCOMES:
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("card"), str)
+                or entry.get("outcome") not in OUTCOMES
+            ):
                 raise UsageError("each feedback entry needs a card uuid and an outcome of accepted or overridden")
             accepted = entry.get("acceptedSuggestions") or []
             reason: dict[str, Any] = entry["overrideReason"] if isinstance(entry.get("overrideReason"), dict) else {}
             coding: dict[str, Any] = reason["reason"] if isinstance(reason.get("reason"), dict) else {}
-            rows.append((service, entry["card"], entry["outcome"], len(accepted) if isinstance(accepted, list) else 0,
-                         coding.get("system"), coding.get("code"), int(bool(reason.get("userComment"))),
-                         str(entry.get("outcomeTimestamp") or "") or None, self._clock()))
+            rows.append(
+                (
+                    service,
+                    entry["card"],
+                    entry["outcome"],
+                    len(accepted) if isinstance(accepted, list) else 0,
+                    coding.get("system"),
+                    coding.get("code"),
+                    int(bool(reason.get("userComment"))),
+                    str(entry.get("outcomeTimestamp") or "") or None,
+                    self._clock(),
+                )
+            )
         with self._lock:
-            self._db.executemany("INSERT INTO feedback (service, card, outcome, suggestions, reason_system, "
-                                 "reason_code, has_comment, outcome_time, received) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            self._db.executemany(
+                "INSERT INTO feedback (service, card, outcome, suggestions, reason_system, "
+                "reason_code, has_comment, outcome_time, received) VALUES (?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
         return len(rows)
 
     def counts(self) -> dict[str, Any]:
@@ -105,11 +131,14 @@ class FeedbackStore:
             issued = self._db.execute("SELECT service, kind, COUNT(*) FROM card GROUP BY service, kind").fetchall()
             outcomes = self._db.execute(
                 "SELECT f.service, COALESCE(c.kind, '?'), f.outcome, COUNT(*) FROM feedback f "
-                "LEFT JOIN card c ON c.uuid = f.card GROUP BY 1, 2, 3").fetchall()
+                "LEFT JOIN card c ON c.uuid = f.card GROUP BY 1, 2, 3"
+            ).fetchall()
             reasons = self._db.execute(
                 "SELECT COALESCE(reason_code, '(none given)'), COUNT(*) FROM feedback WHERE outcome = 'overridden' "
-                "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()
+                "GROUP BY 1 ORDER BY 2 DESC, 1"
+            ).fetchall()
         services: dict[str, dict[str, dict[str, int]]] = {}
+
         def row(service: str, kind: str) -> dict[str, int]:
             return services.setdefault(service, {}).setdefault(kind, {"issued": 0, "accepted": 0, "overridden": 0})
 

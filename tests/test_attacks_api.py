@@ -25,9 +25,9 @@ from schemathesis.python.asgi import get_client
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from test_check_cases import CASES
 
+from sandbox.testing import FakeEhr
 from smart_launch import MemoryStore, Settings, create_app
 from smart_launch._app import COOKIE
-from sandbox.testing import FakeEhr
 
 # hypothesis keeps caches in ./.hypothesis; a test run must leave the work tree as it found it
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
@@ -35,13 +35,18 @@ set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
 ISS = "http://ehr.test/fhir"
 CHECKS = [not_a_server_error, response_schema_conformance]
 # derandomize: the same requests every run (a failure reproduces); database=None: nothing written to disk
-EXAMPLES = settings(max_examples=80, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+EXAMPLES = settings(
+    max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 _mock = responses.RequestsMock(assert_all_requests_are_fired=False)
 _case = next(c for c in CASES if c.key == "missing-treatment-plan")
-app = create_app(Settings(allowed_issuers=(ISS,), session_store="memory", client_id="app",
-                          redirect_uri="http://127.0.0.1:1/callback"), store=MemoryStore())
+app = create_app(
+    Settings(
+        allowed_issuers=(ISS,), session_store="memory", client_id="app", redirect_uri="http://127.0.0.1:1/callback"
+    ),
+    store=MemoryStore(),
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -59,14 +64,14 @@ def ehr():
 @pytest.fixture(scope="module")
 def session_cookie(ehr) -> dict[str, str]:
     """A launched session for the synthetic patient, as the cookie the browser would hold."""
-    with get_client(app) as browser:     # schemathesis's own in-process transport, as the cases use
+    with get_client(app) as browser:  # schemathesis's own in-process transport, as the cases use
         started = browser.get("/launch", params={"iss": ISS, "launch": "L1"}, allow_redirects=False)
         assert started.status_code == 302, started.text[:300]
         back = ehr.authorize(started.headers["location"], patient=_case.patient_id)
         done = browser.get("/callback?" + urlsplit(back).query, allow_redirects=False)
         assert done.status_code == 303, done.text[:300]
         cookie = {COOKIE: browser.cookies[COOKIE]}
-        assert browser.get("/api/report", cookies=cookie).status_code == 200   # the session is live
+        assert browser.get("/api/report", cookies=cookie).status_code == 200  # the session is live
         return cookie
 
 

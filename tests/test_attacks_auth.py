@@ -24,8 +24,11 @@ def ehr():
 
 
 def refresh(ehr, refresh_token: str) -> requests.Response:
-    return requests.post(ehr.config.token_url, data={"grant_type": "refresh_token", "client_id": APP,
-                                                     "refresh_token": refresh_token}, timeout=10)
+    return requests.post(
+        ehr.config.token_url,
+        data={"grant_type": "refresh_token", "client_id": APP, "refresh_token": refresh_token},
+        timeout=10,
+    )
 
 
 def live(ehr, access_token: str) -> bool:
@@ -38,7 +41,7 @@ def test_a_replayed_rotated_refresh_token_revokes_its_whole_family(ehr):
     second = refresh(ehr, first["refresh_token"]).json()
     third = refresh(ehr, second["refresh_token"]).json()
     assert live(ehr, third["access_token"])
-    other = sign_in(ehr, patient="p-1", scope=SCOPE)     # another grant of the same user: not this family
+    other = sign_in(ehr, patient="p-1", scope=SCOPE)  # another grant of the same user: not this family
 
     # The first refresh token was rotated away: whoever presents it again holds a stolen copy
     # (or the legitimate app does, and the thief holds the newer one).  Both lose.

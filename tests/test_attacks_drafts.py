@@ -56,8 +56,12 @@ def _answer_with(bundle, resource_for):
     entries = []
     for i, entry in enumerate(bundle["entry"]):
         rtype = entry["resource"]["resourceType"]
-        entries.append({"response": {"status": "200 OK", "location": f"{rtype}/m{i}/_history/1"},
-                        "resource": resource_for(entry, f"m{i}")})
+        entries.append(
+            {
+                "response": {"status": "200 OK", "location": f"{rtype}/m{i}/_history/1"},
+                "resource": resource_for(entry, f"m{i}"),
+            }
+        )
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
 
 
@@ -85,10 +89,21 @@ def test_a_match_for_another_patient_is_an_error_not_already_there(who):
 def test_the_patients_own_matches_are_already_there():
     _, _, bundle = _drafts_for(_case("missing-onset"))
     with responses.RequestsMock() as mock:
-        mock.post(BASE, json=_answer_with(bundle, lambda entry, rid: {
-            **entry["resource"], "id": rid,
-            **({"target": [{"reference": "Condition/m0"}]} if entry["resource"]["resourceType"] == "Provenance"
-               else {})}))
+        mock.post(
+            BASE,
+            json=_answer_with(
+                bundle,
+                lambda entry, rid: {
+                    **entry["resource"],
+                    "id": rid,
+                    **(
+                        {"target": [{"reference": "Condition/m0"}]}
+                        if entry["resource"]["resourceType"] == "Provenance"
+                        else {}
+                    ),
+                },
+            ),
+        )
         result = TransactionWriter(FhirClient(BASE, retries=0)).write(bundle)
     assert result.created == () and len(result.existing) == len(bundle["entry"])
 
@@ -101,12 +116,19 @@ def test_a_planted_identifier_does_not_capture_the_patients_drafts(fhir_base_url
     ids = draft_identifiers(report, profile)
     with FhirClient(fhir_base_url) as client:
         # The attacker, allowed to write for their own patient, plants B's draft identifier there.
-        planted = client.request("POST", "Condition", body={
-            "resourceType": "Condition", "subject": {"reference": f"Patient/{attacker.patient_id}"},
-            "identifier": [{"system": URI_IDENTIFIER, "value": ids["condition"]}], "code": {"text": "planted"}})
+        planted = client.request(
+            "POST",
+            "Condition",
+            body={
+                "resourceType": "Condition",
+                "subject": {"reference": f"Patient/{attacker.patient_id}"},
+                "identifier": [{"system": URI_IDENTIFIER, "value": ids["condition"]}],
+                "code": {"text": "planted"},
+            },
+        )
         try:
             _write_and_check(client, bundle, victim.patient_id, ids, planted["id"])
-        finally:   # the server is shared: leave no planted duplicate behind for other runs to trip on
+        finally:  # the server is shared: leave no planted duplicate behind for other runs to trip on
             client.request("DELETE", f"Condition/{planted['id']}")
 
 
@@ -114,11 +136,13 @@ def _write_and_check(client: FhirClient, bundle: dict, victim: str, ids: dict[st
     """B's write creates B's own drafts, never takes the planted one as "already there", and repeats as a no-op."""
     result = TransactionWriter(client).write(bundle)
     assert f"Condition/{planted}" not in result.created + result.existing
-    mine = client.search("Condition", {"identifier": f"{URI_IDENTIFIER}|{ids['condition']}",
-                                       "subject": f"Patient/{victim}"})
+    mine = client.search(
+        "Condition", {"identifier": f"{URI_IDENTIFIER}|{ids['condition']}", "subject": f"Patient/{victim}"}
+    )
     assert len(mine) == 1 and f"Condition/{mine[0]['id']}" in result.created
-    [careplan] = client.search("CarePlan", {"identifier": f"{URI_IDENTIFIER}|{ids['careplan']}",
-                                            "subject": f"Patient/{victim}"})
+    [careplan] = client.search(
+        "CarePlan", {"identifier": f"{URI_IDENTIFIER}|{ids['careplan']}", "subject": f"Patient/{victim}"}
+    )
     assert careplan["addresses"] == [{"reference": f"Condition/{mine[0]['id']}"}]
     again = TransactionWriter(client).write(bundle)
     assert again.created == () and sorted(again.existing) == sorted(result.created)

@@ -31,8 +31,7 @@ from sandbox.testing import sandbox_stack
 
 pytestmark = pytest.mark.server
 
-SCOPES = ("launch/patient patient/*.rs patient/Condition.c patient/CarePlan.c patient/Goal.c "
-          "patient/Provenance.c")
+SCOPES = "launch/patient patient/*.rs patient/Condition.c patient/CarePlan.c patient/Goal.c patient/Provenance.c"
 FHIR_JSON = "application/fhir+json"
 LINKS = ("subject", "patient")
 
@@ -72,8 +71,14 @@ def _owner(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def _leaks(holder: str, patients: dict[str, dict[str, list[str]]], sent: str, answer: requests.Response,
-           id_pattern: re.Pattern[str], owner_of: dict[str, str]) -> list[str]:
+def _leaks(
+    holder: str,
+    patients: dict[str, dict[str, list[str]]],
+    sent: str,
+    answer: requests.Response,
+    id_pattern: re.Pattern[str],
+    owner_of: dict[str, str],
+) -> list[str]:
     """What of other patients an answer shows: their resources, or ids of theirs the request did not name."""
     found = []
     answer_text = answer.text + json.dumps(dict(answer.headers))
@@ -107,31 +112,64 @@ def _attacks(base: str, holder: str, patients: dict[str, dict[str, list[str]]]) 
     for n, other in enumerate(others):
         yield "GET", f"{base}/Patient/{other}", {}
         yield "GET", f"{base}/Patient/{other}/Condition", {}
-        for rid in patients[other].get(types[n % len(types)], [])[:1]:   # every type, spread over the others
+        for rid in patients[other].get(types[n % len(types)], [])[:1]:  # every type, spread over the others
             yield "GET", f"{base}/{types[n % len(types)]}/{rid}", {}
     yield "GET", f"{base}/Condition", {"params": {"patient": ",".join(others)}}
     yield "GET", f"{base}/Observation", {"params": {"subject": f"Patient/{first}"}}
     yield "GET", f"{base}/Patient", {"params": {"_id": ",".join(others)}}
-    yield "GET", f"{base}/Condition", {"params": {"patient": holder, "_id": ",".join(
-        i for o in others for i in patients[o].get("Condition", []))}}
+    yield (
+        "GET",
+        f"{base}/Condition",
+        {"params": {"patient": holder, "_id": ",".join(i for o in others for i in patients[o].get("Condition", []))}},
+    )
     yield "GET", f"{base}/Condition", {"params": {"patient": holder, "_include": "Condition:subject"}}
     yield "GET", f"{base}/Patient", {"params": {"_id": holder, "_revinclude": "Condition:subject"}}
     yield "GET", f"{base}/Organization", {"params": {"_has:Patient:organization:_id": first}}
     yield "GET", f"{base}/Condition", {"params": {"patient": holder, "_has:Observation:subject:_id": cond}}
     yield "GET", base, {"params": {"_type": "Condition"}}
-    yield "POST", f"{base}/Condition/_search", {"data": {"patient": first},
-                                                "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+    yield (
+        "POST",
+        f"{base}/Condition/_search",
+        {"data": {"patient": first}, "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+    )
     mine = {"resourceType": "Condition", "subject": {"reference": f"Patient/{holder}"}, "code": {"text": "x"}}
     for search in (f"_id={cond}", f"subject=Patient/{first}", f"patient={first}"):
-        yield "POST", f"{base}/Condition", {"json": mine, "headers": {"If-None-Exist": search,
-                                                                    "Prefer": "return=representation"}}
-        yield "POST", base, {"json": {"resourceType": "Bundle", "type": "batch", "entry": [
-            {"resource": mine, "request": {"method": "POST", "url": "Condition", "ifNoneExist": search}}]},
-            "headers": {"Prefer": "return=representation"}}
-    yield "POST", f"{base}/Condition", {"json": {**mine, "subject": {"reference": f"Patient?_id={first}"},
-                                                 "patient": {"reference": f"Patient/{holder}"}}}
-    reads = [{"request": {"method": "GET", "url": f"{rtype}/{rid}"}}
-             for o in others for rtype in ("Patient", *types) for rid in patients[o].get(rtype, [])[:1]]
+        yield (
+            "POST",
+            f"{base}/Condition",
+            {"json": mine, "headers": {"If-None-Exist": search, "Prefer": "return=representation"}},
+        )
+        yield (
+            "POST",
+            base,
+            {
+                "json": {
+                    "resourceType": "Bundle",
+                    "type": "batch",
+                    "entry": [
+                        {"resource": mine, "request": {"method": "POST", "url": "Condition", "ifNoneExist": search}}
+                    ],
+                },
+                "headers": {"Prefer": "return=representation"},
+            },
+        )
+    yield (
+        "POST",
+        f"{base}/Condition",
+        {
+            "json": {
+                **mine,
+                "subject": {"reference": f"Patient?_id={first}"},
+                "patient": {"reference": f"Patient/{holder}"},
+            }
+        },
+    )
+    reads = [
+        {"request": {"method": "GET", "url": f"{rtype}/{rid}"}}
+        for o in others
+        for rtype in ("Patient", *types)
+        for rid in patients[o].get(rtype, [])[:1]
+    ]
     yield "POST", base, {"json": {"resourceType": "Bundle", "type": "batch", "entry": reads}}
 
 
@@ -145,14 +183,16 @@ def test_no_proxy_answer_carries_another_patients_data(fhir_base_url, patients):
         for holder in patients:
             token = sign_in(ehr, patient=holder, scope=SCOPES)["access_token"]
             for method, url, kwargs in _attacks(ehr.fhir_base_url, holder, patients):
-                headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON,
-                           **kwargs.pop("headers", {})}
+                headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON, **kwargs.pop("headers", {})}
                 answer = http.request(method, url, headers=headers, timeout=60, **kwargs)
                 asked += 1
                 sent = url + json.dumps(kwargs, default=str) + json.dumps(headers)
                 leaks = _leaks(holder, patients, sent, answer, id_pattern, owner_of)
-                if leaks or answer.status_code >= 500 or (method == "POST" and answer.status_code < 300
-                                                          and "_search" not in url):
+                if (
+                    leaks
+                    or answer.status_code >= 500
+                    or (method == "POST" and answer.status_code < 300 and "_search" not in url)
+                ):
                     failures.append(f"{holder}: {method} {url.split('?')[0]} -> {answer.status_code} {leaks[:3]}")
     assert asked > 30 * len(patients) and len(patients) == len(CASES)
     assert not failures, "\n".join(failures[:20])
@@ -169,8 +209,11 @@ def test_no_app_page_or_api_answer_carries_another_patients_data(fhir_base_url, 
             csrf = browser.get(stack.app_url + "/api/session", timeout=30).json().get("csrf")
             others = [p for p in patients if p != holder]
             viewable = ("Condition", "Observation", "Encounter", "Patient")
-            targets = [f"/resource/{viewable[n % 4]}/{patients[o][viewable[n % 4]][0]}"   # every type, spread
-                       for n, o in enumerate(others) if patients[o].get(viewable[n % 4])]
+            targets = [
+                f"/resource/{viewable[n % 4]}/{patients[o][viewable[n % 4]][0]}"  # every type, spread
+                for n, o in enumerate(others)
+                if patients[o].get(viewable[n % 4])
+            ]
             for path in ["/review", "/api/session", "/api/report", "/api/drafts", "/style.css", *targets]:
                 answer = browser.get(stack.app_url + path, timeout=60)
                 leaks = _leaks(holder, patients, path, answer, id_pattern, owner_of)
@@ -178,8 +221,12 @@ def test_no_app_page_or_api_answer_carries_another_patients_data(fhir_base_url, 
                     failures.append(f"{holder}: GET {path} -> {answer.status_code} {leaks[:3]}")
             # The patient's own drafts, through the proxy's new rules (a body naming another patient is
             # ignored: the app writes for the launched patient only); 409 when the code does not fit.
-            written = browser.post(stack.app_url + "/api/write", headers={"X-CSRF-Token": str(csrf)},
-                                   json={"patient": next(p for p in patients if p != holder)}, timeout=60)
+            written = browser.post(
+                stack.app_url + "/api/write",
+                headers={"X-CSRF-Token": str(csrf)},
+                json={"patient": next(p for p in patients if p != holder)},
+                timeout=60,
+            )
             if _leaks(holder, patients, "", written, id_pattern, owner_of) or written.status_code not in (200, 409):
                 failures.append(f"{holder}: POST /api/write -> {written.status_code} {written.text[:200]}")
     assert not failures, "\n".join(failures[:20])

@@ -31,9 +31,16 @@ TOKEN = "secret-token-value"
 
 
 def searchset(n: int, next_url: str | None) -> dict:
-    bundle = {"resourceType": "Bundle", "type": "searchset",
-              "entry": [{"resource": {"resourceType": "Condition", "id": f"c{n}",
-                                      "subject": {"reference": "Patient/p1"}}, "search": {"mode": "match"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {
+                "resource": {"resourceType": "Condition", "id": f"c{n}", "subject": {"reference": "Patient/p1"}},
+                "search": {"mode": "match"},
+            }
+        ],
+    }
     if next_url:
         bundle["link"] = [{"relation": "next", "url": next_url}]
     return bundle
@@ -47,11 +54,15 @@ def mock():
 
 # ------------------------------------------------------------------ item 4: the token leaves its server
 
-@pytest.mark.parametrize("link", [
-    f"http://{EVIL}\\@fhir.test:8080/fhir?_getpages=x",       # urlsplit: fhir.test; urllib3: evil.test
-    f"http://{EVIL}%5C@fhir.test:8080/fhir?_getpages=x",      # the same, encoded
-    "http://user:pw@fhir.test:8080/fhir?_getpages=x",        # userinfo
-])
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        f"http://{EVIL}\\@fhir.test:8080/fhir?_getpages=x",  # urlsplit: fhir.test; urllib3: evil.test
+        f"http://{EVIL}%5C@fhir.test:8080/fhir?_getpages=x",  # the same, encoded
+        "http://user:pw@fhir.test:8080/fhir?_getpages=x",  # userinfo
+    ],
+)
 def test_a_next_link_that_parsers_read_differently_never_carries_the_token(mock, link):
     mock.get(f"{BASE}/Condition", json=searchset(1, link))
     stolen = mock.get(f"http://{EVIL}/%5C@fhir.test:8080/fhir", json=searchset(2, None))
@@ -74,19 +85,22 @@ def test_an_encoded_dot_dot_link_does_not_climb_out_of_the_base(mock):
     assert admin.call_count == 0
 
 
-@pytest.mark.parametrize("url, ok", [
-    ("http://h/fhir/Patient/1", True),
-    ("https://H.example:8443/fhir?x=a..b", True),
-    ("http://a:1\\@b:2/", False),
-    ("http://a%5c@b/", False),
-    ("http://u@h/", False),
-    ("http://h/fhir/%2E%2E/x", False),
-    ("http://h/fhir/./x", False),
-    ("http://h/fhir/a%2f..%2fb", False),
-    ("ftp://h/x", False),
-    ("http:///x", False),
-    ("http://h/a b", False),
-])
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("http://h/fhir/Patient/1", True),
+        ("https://H.example:8443/fhir?x=a..b", True),
+        ("http://a:1\\@b:2/", False),
+        ("http://a%5c@b/", False),
+        ("http://u@h/", False),
+        ("http://h/fhir/%2E%2E/x", False),
+        ("http://h/fhir/./x", False),
+        ("http://h/fhir/a%2f..%2fb", False),
+        ("ftp://h/x", False),
+        ("http:///x", False),
+        ("http://h/a b", False),
+    ],
+)
 def test_the_url_check(url, ok):
     if ok:
         assert safe_url(url).host == url.split("//")[1].split("/")[0].split(":")[0].lower()
@@ -97,11 +111,15 @@ def test_the_url_check(url, ok):
 
 # ------------------------------------------------------------------ item 6: endless paging
 
+
 def test_distinct_next_links_are_followed_only_up_to_the_page_cap(mock):
     def page(request):
         n = int(request.params.get("page", "0"))
-        return 200, {"Content-Type": "application/fhir+json"}, \
-            json.dumps(searchset(n, f"{BASE}/Condition?page={n + 1}"))
+        return (
+            200,
+            {"Content-Type": "application/fhir+json"},
+            json.dumps(searchset(n, f"{BASE}/Condition?page={n + 1}")),
+        )
 
     mock.add_callback("GET", f"{BASE}/Condition", callback=page)
     client = FhirClient(BASE, retries=0, max_pages=25)
@@ -121,6 +139,7 @@ def test_the_page_cap_is_documented_and_configurable():
 
 
 # ------------------------------------------------------------------ a huge answer
+
 
 def test_an_answer_declaring_more_than_the_cap_is_refused_unread(mock):
     mock.get(f"{BASE}/Patient/p1", body=b"{" + b" " * 5000 + b"}", content_type="application/fhir+json")
@@ -142,7 +161,7 @@ class _Endless(http.server.BaseHTTPRequestHandler):
         chunk = b" " * 65536
         try:
             self.wfile.write(b"1\r\n{\r\n")
-            for _ in range(2000):                    # 128 MB if nobody stops reading
+            for _ in range(2000):  # 128 MB if nobody stops reading
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 type(self).sent += len(chunk)
             self.wfile.write(b"0\r\n\r\n")
@@ -175,6 +194,7 @@ def test_a_streamed_answer_is_read_only_up_to_the_cap():
 
 # ------------------------------------------------------------------ item 7: smart_style_url
 
+
 def test_a_style_url_with_the_backslash_trick_is_not_fetched(mock):
     from smart_launch._app import _fetch_style
 
@@ -186,15 +206,20 @@ def test_a_style_url_with_the_backslash_trick_is_not_fetched(mock):
 
 
 def test_backend_auth_refuses_a_token_endpoint_that_parsers_read_differently(mock):
-    mock.get(f"{BASE}/.well-known/smart-configuration", json={
-        "token_endpoint": f"https://{EVIL}\\@fhir.test/token",
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-        "grant_types_supported": ["client_credentials"]})
+    mock.get(
+        f"{BASE}/.well-known/smart-configuration",
+        json={
+            "token_endpoint": f"https://{EVIL}\\@fhir.test/token",
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "grant_types_supported": ["client_credentials"],
+        },
+    )
     with pytest.raises(LaunchError, match="backslash"):
         discover_token_endpoint(requests.Session(), BASE)
 
 
 # ------------------------------------------------------------------ --token in the process list
+
 
 def test_the_token_can_come_from_a_file(tmp_path, monkeypatch):
     monkeypatch.delenv("FHIR_TOKEN", raising=False)
@@ -248,6 +273,7 @@ def test_an_answer_cut_off_mid_body_is_retried():
 
 
 # ------------------------------------------------------------------ item 4 end to end: check and sync
+
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
     """The other host: records every Authorization header that reaches it."""
@@ -310,4 +336,4 @@ def test_check_and_sync_never_send_the_token_to_the_host_urllib3_sees(tmp_path, 
         if command == "sync":
             args += ["--state", str(tmp_path / "state.sqlite"), "--report", str(tmp_path / "r.jsonl")]
         main(args)
-    assert _Recorder.seen == []          # before the fix: ["Bearer secret-token-value"]
+    assert _Recorder.seen == []  # before the fix: ["Bearer secret-token-value"]

@@ -18,16 +18,19 @@ CONDITIONS = '{"resourceType":"Condition","id":"c1","subject":{"reference":"Pati
 
 
 def manifest(requires_token: bool = True, errors: bool = False) -> dict:
-    return {"transactionTime": "2026-11-29T07:00:00Z", "request": f"{BASE}/Patient/$export",
-            "requiresAccessToken": requires_token,
-            "output": [{"type": "Patient", "url": f"{BASE}/Binary/p1"},
-                       {"type": "Condition", "url": f"{BASE}/Binary/c1"}],
-            "error": [{"type": "OperationOutcome", "url": f"{BASE}/Binary/e1"}] if errors else []}
+    return {
+        "transactionTime": "2026-11-29T07:00:00Z",
+        "request": f"{BASE}/Patient/$export",
+        "requiresAccessToken": requires_token,
+        "output": [{"type": "Patient", "url": f"{BASE}/Binary/p1"}, {"type": "Condition", "url": f"{BASE}/Binary/c1"}],
+        "error": [{"type": "OperationOutcome", "url": f"{BASE}/Binary/e1"}] if errors else [],
+    }
 
 
 def test_kickoff_url_for_each_level():
-    url, params = kickoff_url(BASE, ExportRequest(group="g1", since="2026-01-01T00:00:00Z",
-                                                  type_filters=("Condition?code=M62.561",)))
+    url, params = kickoff_url(
+        BASE, ExportRequest(group="g1", since="2026-01-01T00:00:00Z", type_filters=("Condition?code=M62.561",))
+    )
     assert url == f"{BASE}/Group/g1/$export"
     assert ("_type", "Patient,Encounter,Condition,Observation,CarePlan") in params
     assert ("_since", "2026-01-01T00:00:00Z") in params
@@ -49,9 +52,18 @@ def test_whole_flow_honours_retry_after_sends_the_token_and_deletes_the_job(tmp_
     _kickoff_and_poll(responses, manifest(errors=True))
     responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
     responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
-    responses.get(f"{BASE}/Binary/e1", body=json.dumps(
-        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                                                        "diagnostics": "Observation/o9 could not be read"}]}) + "\n")
+    responses.get(
+        f"{BASE}/Binary/e1",
+        body=json.dumps(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "error", "code": "processing", "diagnostics": "Observation/o9 could not be read"}
+                ],
+            }
+        )
+        + "\n",
+    )
     responses.delete(STATUS, status=202)
     waits = []
     exporter = BulkExporter(BASE, tmp_path, token="s3cret", max_wait=5, sleep=waits.append)
@@ -99,8 +111,10 @@ def test_an_interrupted_download_resumes_without_a_second_kickoff(tmp_path):
 @responses.activate
 def test_a_failed_export_is_a_server_error_with_its_outcome(tmp_path):
     responses.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
-    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception",
-                                                              "diagnostics": "job failed"}]}
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "exception", "diagnostics": "job failed"}],
+    }
     responses.get(STATUS, status=500, json=outcome)
     with pytest.raises(ServerError, match="the export failed on the server") as err:
         BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
@@ -122,7 +136,8 @@ def test_an_expired_export_says_so(tmp_path):
 
 @responses.activate
 def test_a_status_url_on_another_server_never_gets_the_token(tmp_path):
-    responses.get(f"{BASE}/Patient/$export", status=202,
-                  headers={"Content-Location": "https://elsewhere.example/status/1"})
+    responses.get(
+        f"{BASE}/Patient/$export", status=202, headers={"Content-Location": "https://elsewhere.example/status/1"}
+    )
     with pytest.raises(UsageError, match="must not leave its server"):
         BulkExporter(BASE, tmp_path, token="s3cret").run(ExportRequest())

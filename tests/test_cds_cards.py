@@ -32,8 +32,12 @@ from sandbox.testing import needing_drafts
 TODAY = dt.date(2026, 11, 26)
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 CASES = generate_cases(TODAY)
-CTX = CardContext(service_id="patient-view-m62-561", hook_instance="hook-1", app_launch_url="https://app.test/launch",
-                  source_url="https://app.test/")
+CTX = CardContext(
+    service_id="patient-view-m62-561",
+    hook_instance="hook-1",
+    app_launch_url="https://app.test/launch",
+    source_url="https://app.test/",
+)
 
 
 def _cards(case, code="M62.561"):
@@ -52,14 +56,20 @@ def test_discovery_lists_patient_view_and_order_sign_per_profile_with_prefetch_t
     profiles = [load_profile("M62.561"), load_profile("M62.830")]
     services = cds_discovery(profiles)["services"]
     assert {(s["hook"], s["id"]) for s in services} == {
-        ("patient-view", "patient-view-m62-561"), ("order-sign", "order-sign-m62-561"),
-        ("patient-view", "patient-view-m62-830"), ("order-sign", "order-sign-m62-830")}
+        ("patient-view", "patient-view-m62-561"),
+        ("order-sign", "order-sign-m62-561"),
+        ("patient-view", "patient-view-m62-830"),
+        ("order-sign", "order-sign-m62-830"),
+    }
     for service in services:
-        assert service["title"] and service["description"]   # required by the Discovery response
+        assert service["title"] and service["description"]  # required by the Discovery response
         assert set(service["prefetch"].values()) == {
-            "Patient/{{context.patientId}}", "Condition?patient={{context.patientId}}",
-            "Observation?patient={{context.patientId}}", "Encounter?patient={{context.patientId}}",
-            "CarePlan?patient={{context.patientId}}"}
+            "Patient/{{context.patientId}}",
+            "Condition?patient={{context.patientId}}",
+            "Observation?patient={{context.patientId}}",
+            "Encounter?patient={{context.patientId}}",
+            "CarePlan?patient={{context.patientId}}",
+        }
     assert PREFETCH["conditions"] == "Condition?patient={{context.patientId}}"
 
 
@@ -91,8 +101,10 @@ def test_every_synthetic_patients_cards_agree_with_its_report(case):
         assert card["indicator"] == ("warning" if open_gaps else "info")
         count = len(open_gaps) + len(reminders)
         assert card["summary"].startswith(f"{count} documentation gap")
-        first = (([e for e in open_gaps if e.status == "conflict"] + [e for e in open_gaps if e.status == "missing"])
-                 or reminders)[0]
+        first = (
+            ([e for e in open_gaps if e.status == "conflict"] + [e for e in open_gaps if e.status == "missing"])
+            or reminders
+        )[0]
         assert gap_phrase(first, profile) in card["summary"]
     for card in cards:
         assert len(card["summary"]) < SUMMARY_LIMIT
@@ -109,8 +121,11 @@ def test_every_synthetic_patients_cards_agree_with_its_report(case):
             assert suggestion["uuid"] and suggestion["label"]
             types = [a["resource"]["resourceType"] for a in suggestion["actions"]]
             # what the drafts hold (SPEC §7.1: an existing diagnosis is not drafted again)
-            assert types == [e["resource"]["resourceType"] for e in result.drafts["entry"]
-                             if e["resource"]["resourceType"] in ("Condition", "CarePlan")]
+            assert types == [
+                e["resource"]["resourceType"]
+                for e in result.drafts["entry"]
+                if e["resource"]["resourceType"] in ("Condition", "CarePlan")
+            ]
             assert all(a["type"] == "create" for a in suggestion["actions"])
     assert len({c["uuid"] for c in cards}) == len(cards)
 
@@ -139,8 +154,11 @@ def test_the_suggestion_creates_the_provisional_condition_with_the_plugins_ident
 def test_a_draft_already_in_the_record_is_not_suggested_again():
     case = _needing_drafts("missing-onset")
     profile, result, _cards_ = _cards(case)
-    held = [dict(e["resource"], id=f"held-{i}") for i, e in enumerate(result.drafts["entry"])
-            if e["resource"]["resourceType"] in ("Condition", "CarePlan")]
+    held = [
+        dict(e["resource"], id=f"held-{i}")
+        for i, e in enumerate(result.drafts["entry"])
+        if e["resource"]["resourceType"] in ("Condition", "CarePlan")
+    ]
     cards = cards_for_review(result, profile, CTX, [*case.resources, *held])
     assert all("suggestions" not in c for c in cards)
 
@@ -148,9 +166,14 @@ def test_a_draft_already_in_the_record_is_not_suggested_again():
 def test_order_sign_card_only_for_an_order_whose_reason_is_the_code_and_documentation_missing():
     case = _needing_drafts("missing-onset")
     profile, result, _ = _cards(case)
-    order = {"resourceType": "ServiceRequest", "id": "pt-referral", "status": "draft", "intent": "order",
-             "subject": {"reference": f"Patient/{case.patient_id}"},
-             "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M62561"}]}]}
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "pt-referral",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{case.patient_id}"},
+        "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M62561"}]}],
+    }
     other = dict(order, reasonCode=[{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M54.50"}]}])
     bundle = {"resourceType": "Bundle", "entry": [{"resource": order}]}
     assert orders_for_code(bundle, profile) == ["ServiceRequest/pt-referral"]
@@ -168,10 +191,12 @@ def test_gap_words_come_from_the_profiles_action_when_it_has_one():
     case = next(c for c in CASES if c.key == "missing-onset")
     profile, result, _ = _cards(case)
     onset = result.report.element("onset")
-    without = dataclasses.replace(profile, elements=tuple({k: v for k, v in e.items() if k != "action"}
-                                                          for e in profile.elements))
-    assert gap_phrase(onset, without) == "document onset"   # no action in the profile: words from the title
-    elements = tuple(dict(e, action="record when the symptoms began") if e["id"] == "onset" else e
-                     for e in profile.elements)
+    without = dataclasses.replace(
+        profile, elements=tuple({k: v for k, v in e.items() if k != "action"} for e in profile.elements)
+    )
+    assert gap_phrase(onset, without) == "document onset"  # no action in the profile: words from the title
+    elements = tuple(
+        dict(e, action="record when the symptoms began") if e["id"] == "onset" else e for e in profile.elements
+    )
     with_action = dataclasses.replace(profile, elements=elements)
     assert gap_phrase(onset, with_action) == "record when the symptoms began"

@@ -23,8 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _count(base: str, rtype: str, patient: str) -> int:
-    bundle = requests.get(f"{base}/{rtype}", params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
-                          headers={"Cache-Control": "no-cache"}, timeout=30).json()
+    bundle = requests.get(
+        f"{base}/{rtype}",
+        params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
     return int(bundle.get("total", 0))
 
 
@@ -35,8 +39,9 @@ def test_ehr_patient_page_shows_cards_launches_the_app_and_applies_the_suggestio
     today = dt.date.today()
     case = load_fresh_case(fhir_base_url, next(c for c in generate_cases(today) if c.key == "missing-onset"))
     pid = case.patient_id
-    encounter = max((r for r in case.resources if r["resourceType"] == "Encounter"),
-                    key=lambda r: r["period"]["start"])["id"]
+    encounter = max(
+        (r for r in case.resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"]
+    )["id"]
     profile = load_profile("M62.561")
     with FhirClient(fhir_base_url) as hapi:
         record = hapi.read_patient_record(pid)
@@ -54,8 +59,10 @@ def test_ehr_patient_page_shows_cards_launches_the_app_and_applies_the_suggestio
         page.wait_for_selector("section.card")
         page.screenshot(path=str(ARTIFACTS / "cds-patient-cards.png"), full_page=True)
         cards = page.locator("section.card")
-        shown = [(cards.nth(i).get_attribute("data-indicator"), cards.nth(i).locator(".summary").inner_text())
-                 for i in range(cards.count())]
+        shown = [
+            (cards.nth(i).get_attribute("data-indicator"), cards.nth(i).locator(".summary").inner_text())
+            for i in range(cards.count())
+        ]
         assert shown == [(c["indicator"], c["summary"]) for c in expected]
 
         # 2. the card's SMART link launches the app for this patient and encounter

@@ -57,9 +57,11 @@ class _Jwks(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def keys():
-    return {"ec": ECKey.generate_key("P-384", parameters={"kid": "ec-1"}, private=True),
-            "rsa": RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True),
-            "stranger": ECKey.generate_key("P-384", parameters={"kid": "ec-1"}, private=True)}
+    return {
+        "ec": ECKey.generate_key("P-384", parameters={"kid": "ec-1"}, private=True),
+        "rsa": RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True),
+        "stranger": ECKey.generate_key("P-384", parameters={"kid": "ec-1"}, private=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +81,30 @@ def clock():
 
 @pytest.fixture(scope="module")
 def app(keys, jwks_host, clock):
-    trust = (CdsClientTrust(ISS, jwks={"keys": [keys["ec"].as_dict(private=False)]}),
-             CdsClientTrust(JKU_ISS, jku=(f"{jwks_host}/jwks.json",)))
-    settings = Settings(allowed_issuers=("https://ehr.example.test/fhir",), session_store="memory",
-                        cds_feedback_store="memory", cds_clients=trust)
+    trust = (
+        CdsClientTrust(ISS, jwks={"keys": [keys["ec"].as_dict(private=False)]}),
+        CdsClientTrust(JKU_ISS, jku=(f"{jwks_host}/jwks.json",)),
+    )
+    settings = Settings(
+        allowed_issuers=("https://ehr.example.test/fhir",),
+        session_store="memory",
+        cds_feedback_store="memory",
+        cds_clients=trust,
+    )
     with live_server(create_app(settings, clock=clock)) as server:
         yield server
 
 
 def _claims(app, clock, **over):
     now = int(clock())
-    claims = {"iss": ISS, "sub": "ehr", "aud": f"{app.url}/cds-services/{PV}", "iat": now, "exp": now + 300,
-              "jti": secrets.token_hex(8)}
+    claims = {
+        "iss": ISS,
+        "sub": "ehr",
+        "aud": f"{app.url}/cds-services/{PV}",
+        "iat": now,
+        "exp": now + 300,
+        "jti": secrets.token_hex(8),
+    }
     claims.update(over)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -103,13 +117,24 @@ def _body():
     res = CASE.resources
 
     def bundle(t):
-        return {"resourceType": "Bundle", "type": "searchset",
-                "entry": [{"resource": r} for r in res if r["resourceType"] == t]}
-    return {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-            "context": {"userId": "Practitioner/1", "patientId": CASE.patient_id},
-            "prefetch": {"patient": next(r for r in res if r["resourceType"] == "Patient"),
-                         "conditions": bundle("Condition"), "observations": bundle("Observation"),
-                         "encounters": bundle("Encounter"), "carePlans": bundle("CarePlan")}}
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": r} for r in res if r["resourceType"] == t],
+        }
+
+    return {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/1", "patientId": CASE.patient_id},
+        "prefetch": {
+            "patient": next(r for r in res if r["resourceType"] == "Patient"),
+            "conditions": bundle("Condition"),
+            "observations": bundle("Observation"),
+            "encounters": bundle("Encounter"),
+            "carePlans": bundle("CarePlan"),
+        },
+    }
 
 
 def _post(app, token, path=f"/cds-services/{PV}", body=None):
@@ -160,8 +185,12 @@ def _jku_url(jwks_host):
 
 def test_missing_jwt(app):
     assert _refused(_post(app, None), "no bearer JWT")
-    assert _refused(requests.post(app.url + f"/cds-services/{PV}", json=_body(),
-                                  headers={"Authorization": "Basic abc"}, timeout=10), "no bearer JWT")
+    assert _refused(
+        requests.post(
+            app.url + f"/cds-services/{PV}", json=_body(), headers={"Authorization": "Basic abc"}, timeout=10
+        ),
+        "no bearer JWT",
+    )
 
 
 def test_alg_none(app, clock):
@@ -186,7 +215,7 @@ def test_expired(app, keys, clock):
     token = _sign(keys["ec"], _claims(app, clock, iat=int(clock()) - 400, exp=int(clock()) - 100))
     assert _refused(_post(app, token), "expired")
     fresh = _sign(keys["ec"], _claims(app, clock))
-    clock.advance(600)   # the app's clock moves past exp: the same token is now refused
+    clock.advance(600)  # the app's clock moves past exp: the same token is now refused
     try:
         assert _refused(_post(app, fresh), "expired")
     finally:
@@ -211,7 +240,7 @@ def test_jku_off_the_allow_list_is_never_fetched(app, keys, clock, jwks_host):
     before = _Jwks.hits
     token = _sign(keys["rsa"], _claims(app, clock, iss=JKU_ISS), alg="RS384", jku=f"{jwks_host}/other.json")
     assert _refused(_post(app, token), "jku not on the allow-list")
-    token = _sign(keys["ec"], _claims(app, clock), jku=f"{jwks_host}/jwks.json")   # ISS registered no jku
+    token = _sign(keys["ec"], _claims(app, clock), jku=f"{jwks_host}/jwks.json")  # ISS registered no jku
     assert _refused(_post(app, token), "jku not on the allow-list")
     assert _Jwks.hits == before
 
@@ -229,8 +258,9 @@ def test_feedback_needs_the_jwt_too(app, keys, clock):
 
 
 def test_a_bad_jwt_is_refused_before_the_body_is_read(app):
-    answer = requests.post(app.url + f"/cds-services/{PV}", data=b"{not json",
-                           headers={"Content-Type": "application/json"}, timeout=10)
+    answer = requests.post(
+        app.url + f"/cds-services/{PV}", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10
+    )
     assert _refused(answer, "no bearer JWT")
 
 
@@ -242,9 +272,14 @@ def test_no_token_or_patient_name_in_any_log_line(app, keys, clock, caplog):
     body = _body()
     access = "fhir-access-" + secrets.token_hex(12)
     body["fhirServer"] = "http://127.0.0.1:9/fhir"
-    body["fhirAuthorization"] = {"access_token": access, "token_type": "Bearer", "expires_in": 300,
-                                 "scope": "patient/*.rs", "subject": "ehr"}
-    body["prefetch"]["carePlans"] = None   # forces a read through fhirServer (unreachable: 412), token in use
+    body["fhirAuthorization"] = {
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.rs",
+        "subject": "ehr",
+    }
+    body["prefetch"]["carePlans"] = None  # forces a read through fhirServer (unreachable: 412), token in use
     token = _sign(keys["ec"], _claims(app, clock))
     assert _post(app, token, body=body).status_code == 412
     good = _sign(keys["ec"], _claims(app, clock))
@@ -252,7 +287,7 @@ def test_no_token_or_patient_name_in_any_log_line(app, keys, clock, caplog):
     bad = _sign(keys["ec"], _claims(app, clock, aud="https://elsewhere.test"))
     assert _refused(_post(app, bad))
     lines = [r.getMessage() for r in caplog.records]
-    assert any("cds" in line for line in lines)            # the service did log: ids and reasons
+    assert any("cds" in line for line in lines)  # the service did log: ids and reasons
     for line in lines:
         for secret in (access, token, good, bad, *names):
             assert secret not in line, line

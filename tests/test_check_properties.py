@@ -11,38 +11,128 @@ import json
 import random
 import uuid
 
+from _records import TODAY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _records import TODAY
 from fhir_plugin import check, load_profile, records_from_bundle
 
 PID = "p1"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 SCT = "http://snomed.info/sct"
 LNC = "http://loinc.org"
-_ICD_CODES = ["M62.561", "M62.562", "M62.569", "M62.5", "M62.830", "M62.838", "M62.84", "G72.0", "C50.911",
-              "Z85.3", "Z80.0", "S82.201D", "R50.9", "R63.4", "R32", "M79.1", "E11.9"]
-_SCT_CODES = ["32696007", "48979004", "30021000", "77568009", "88092000", "45352006", "24028007", "7771000",
-              "51440002", "373067005", "373066001"]
+_ICD_CODES = [
+    "M62.561",
+    "M62.562",
+    "M62.569",
+    "M62.5",
+    "M62.830",
+    "M62.838",
+    "M62.84",
+    "G72.0",
+    "C50.911",
+    "Z85.3",
+    "Z80.0",
+    "S82.201D",
+    "R50.9",
+    "R63.4",
+    "R32",
+    "M79.1",
+    "E11.9",
+]
+_SCT_CODES = [
+    "32696007",
+    "48979004",
+    "30021000",
+    "77568009",
+    "88092000",
+    "45352006",
+    "24028007",
+    "7771000",
+    "51440002",
+    "373067005",
+    "373066001",
+]
 _LOINC_CODES = ["8310-5", "72514-3", "11341-5", "8867-4"]
-_WORDS = ["right", "left", "rt", "l", "b/l", "bilateral", "calf", "calves", "lower leg", "back", "lumbar",
-          "trapezius", "thigh", "atrophy", "wasting", "spasm", "fever", "numbness", "weight loss", "cancer",
-          "metastatic", "fracture", "incontinence", "denies", "no", "not", "without", "absent", "negative",
-          "ruled out", "none", "if", "return for", "should", "watch for", "but", "reports", "c/o", "mother",
-          "family history", "FHx", "tender", "nontender", "non-tender", "ROM", "range of motion", "exam",
-          "strength", "MMT", "circumference", "onset", "duration", "aggravated", "limited", "disuse", ",", ".",
-          ";", "\n", "?", "all right", "right now", "background", "-", "/"]
+_WORDS = [
+    "right",
+    "left",
+    "rt",
+    "l",
+    "b/l",
+    "bilateral",
+    "calf",
+    "calves",
+    "lower leg",
+    "back",
+    "lumbar",
+    "trapezius",
+    "thigh",
+    "atrophy",
+    "wasting",
+    "spasm",
+    "fever",
+    "numbness",
+    "weight loss",
+    "cancer",
+    "metastatic",
+    "fracture",
+    "incontinence",
+    "denies",
+    "no",
+    "not",
+    "without",
+    "absent",
+    "negative",
+    "ruled out",
+    "none",
+    "if",
+    "return for",
+    "should",
+    "watch for",
+    "but",
+    "reports",
+    "c/o",
+    "mother",
+    "family history",
+    "FHx",
+    "tender",
+    "nontender",
+    "non-tender",
+    "ROM",
+    "range of motion",
+    "exam",
+    "strength",
+    "MMT",
+    "circumference",
+    "onset",
+    "duration",
+    "aggravated",
+    "limited",
+    "disuse",
+    ",",
+    ".",
+    ";",
+    "\n",
+    "?",
+    "all right",
+    "right now",
+    "background",
+    "-",
+    "/",
+]
 
 # FHIR strings: no control characters other than tab, CR, LF; no lone surrogates
 _CHARS = st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"))
-_phrase = st.lists(st.one_of(st.sampled_from(_WORDS), st.text(_CHARS, min_size=1, max_size=12)),
-                   min_size=1, max_size=30).map(" ".join)
+_phrase = st.lists(
+    st.one_of(st.sampled_from(_WORDS), st.text(_CHARS, min_size=1, max_size=12)), min_size=1, max_size=30
+).map(" ".join)
 # up to 100 KB: a drawn passage repeated, with or without its sentence breaks
 _text = st.one_of(
     _phrase,
-    st.builds(lambda p, n, breaks: ((p + ". ") if breaks else (p + ", ")) * n,
-              _phrase, st.integers(1, 400), st.booleans()).map(lambda t: t[:100_000]),
+    st.builds(
+        lambda p, n, breaks: ((p + ". ") if breaks else (p + ", ")) * n, _phrase, st.integers(1, 400), st.booleans()
+    ).map(lambda t: t[:100_000]),
 ).filter(lambda t: t.strip() != "")
 _dates = st.dates(min_value=TODAY.replace(year=2024), max_value=TODAY.replace(year=2027)).map(lambda d: d.isoformat())
 _datetimes = st.one_of(_dates, _dates.map(lambda d: d + "T09:30:00Z"), _dates.map(lambda d: d + "T23:10:00-05:00"))
@@ -60,8 +150,12 @@ def _concept(draw, systems) -> dict:
 
 @st.composite
 def _condition(draw, rid: str, encounters: list[str]) -> dict:
-    res: dict = {"resourceType": "Condition", "id": rid, "subject": {"reference": f"Patient/{PID}"},
-                 "code": _concept(draw, [(ICD, _ICD_CODES), (SCT, _SCT_CODES)])}
+    res: dict = {
+        "resourceType": "Condition",
+        "id": rid,
+        "subject": {"reference": f"Patient/{PID}"},
+        "code": _concept(draw, [(ICD, _ICD_CODES), (SCT, _SCT_CODES)]),
+    }
     clinical = draw(st.sampled_from([None, "active", "recurrence", "relapse", "inactive", "remission", "resolved"]))
     if clinical:
         res["clinicalStatus"] = {"coding": [{"code": clinical}]}
@@ -83,18 +177,23 @@ def _condition(draw, rid: str, encounters: list[str]) -> dict:
 
 @st.composite
 def _observation(draw, rid: str, encounters: list[str]) -> dict:
-    res: dict = {"resourceType": "Observation", "id": rid,
-                 "status": draw(st.sampled_from(["final", "amended", "preliminary", "cancelled", "entered-in-error"])),
-                 "subject": {"reference": f"Patient/{PID}"},
-                 "code": _concept(draw, [(LNC, _LOINC_CODES), (SCT, _SCT_CODES)])}
+    res: dict = {
+        "resourceType": "Observation",
+        "id": rid,
+        "status": draw(st.sampled_from(["final", "amended", "preliminary", "cancelled", "entered-in-error"])),
+        "subject": {"reference": f"Patient/{PID}"},
+        "code": _concept(draw, [(LNC, _LOINC_CODES), (SCT, _SCT_CODES)]),
+    }
     if draw(st.booleans()):
         res["category"] = [{"coding": [{"code": draw(st.sampled_from(["exam", "vital-signs", "social-history"]))}]}]
     kind = draw(st.sampled_from(["none", "string", "quantity", "boolean", "concept"]))
     if kind == "string":
         res["valueString"] = draw(st.one_of(_text, st.sampled_from(["absent", "Negative", "yes", "no", "none"])))
     elif kind == "quantity":
-        res["valueQuantity"] = {"value": draw(st.floats(30, 45, allow_nan=False)),
-                                "code": draw(st.sampled_from(["Cel", "[degF]", "cm"]))}
+        res["valueQuantity"] = {
+            "value": draw(st.floats(30, 45, allow_nan=False)),
+            "code": draw(st.sampled_from(["Cel", "[degF]", "cm"])),
+        }
     elif kind == "boolean":
         res["valueBoolean"] = draw(st.booleans())
     elif kind == "concept":
@@ -112,10 +211,17 @@ def _observation(draw, rid: str, encounters: list[str]) -> dict:
 
 @st.composite
 def _encounter(draw, rid: str, conditions: list[str]) -> dict:
-    res: dict = {"resourceType": "Encounter", "id": rid,
-                 "status": draw(st.sampled_from(["finished", "in-progress", "arrived", "triaged", "onleave",
-                                                 "planned", "cancelled", "entered-in-error"])),
-                 "class": {"code": "AMB"}, "subject": {"reference": f"Patient/{PID}"}}
+    res: dict = {
+        "resourceType": "Encounter",
+        "id": rid,
+        "status": draw(
+            st.sampled_from(
+                ["finished", "in-progress", "arrived", "triaged", "onleave", "planned", "cancelled", "entered-in-error"]
+            )
+        ),
+        "class": {"code": "AMB"},
+        "subject": {"reference": f"Patient/{PID}"},
+    }
     if draw(st.booleans()):
         res["period"] = {"start": draw(_datetimes)}
     if conditions and draw(st.booleans()):
@@ -170,8 +276,13 @@ def _report(bundle: dict, code: str) -> dict:
     return check(record, load_profile(code), today=TODAY).to_json()
 
 
-_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @_SETTINGS

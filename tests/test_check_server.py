@@ -1,11 +1,11 @@
 """The same oracle as test_check_cases.py, with each record read back from a real FHIR server."""
 
 import pytest
+from fresh import fresh_cases
+from test_check_cases import CASES, TODAY, diff, outcome
 
 from fhir_plugin import FhirClient, check, load_profile
 from fhir_plugin.synthetic import load_into_server
-from fresh import fresh_cases
-from test_check_cases import CASES, TODAY, diff, outcome
 
 pytestmark = pytest.mark.server
 
@@ -23,8 +23,9 @@ def test_report_matches_the_oracle_from_the_server(index, loaded, fhir_base_url)
     with FhirClient(fhir_base_url) as client:
         record = client.read_patient_record(case.patient_id)
         assert client.round_trips <= 2  # one batch read (a second only when a search pages)
-    assert record.counts() == {t: sum(r["resourceType"] == t for r in case.resources)
-                               for t in {r["resourceType"] for r in case.resources}}
+    assert record.counts() == {
+        t: sum(r["resourceType"] == t for r in case.resources) for t in {r["resourceType"] for r in case.resources}
+    }
     report = check(record, load_profile("M62.561"), today=TODAY, encounter_id=case.encounter_id)
     problems = diff(outcome(report), case.expected)
     assert not problems, f"{case.key}:\n  " + "\n  ".join(problems)

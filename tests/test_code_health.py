@@ -24,12 +24,15 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(("lint-imports",), id="import-linter: the layers of docs/architecture.md"),
-    pytest.param(("ruff", "check", "."), id="ruff check"),
-    pytest.param(("ruff", "format", "--check", "."), id="ruff format --check"),
-    pytest.param(("mypy",), id="mypy (the pure core at the strict flags)"),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(("lint-imports",), id="import-linter: the layers of docs/architecture.md"),
+        pytest.param(("ruff", "check", "."), id="ruff check"),
+        pytest.param(("ruff", "format", "--check", "."), id="ruff format --check"),
+        pytest.param(("mypy",), id="mypy (the pure core at the strict flags)"),
+    ],
+)
 def test_code_health(command):
     result = _run(str(BIN / command[0]), *command[1:])
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
@@ -45,7 +48,6 @@ def test_breaking_a_layer_contract_fails_the_check(tmp_path):
     review = copy / "fhir_plugin" / "_review.py"
     review.write_text(review.read_text() + "\nfrom ._client import FhirClient  # a layer broken on purpose\n")
     env = {**os.environ, "PYTHONPATH": str(copy)}
-    result = subprocess.run([str(BIN / "lint-imports")], cwd=copy, capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = subprocess.run([str(BIN / "lint-imports")], cwd=copy, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert "fhir_plugin._review -> fhir_plugin._client" in result.stdout

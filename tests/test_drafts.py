@@ -1,14 +1,14 @@
 """Drafting is pure: same report, same Bundle; every entry a conditional create (SPEC §7)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
+from test_check_cases import CASES, TODAY
 
 from fhir_plugin import DraftsRefused, build_drafts, check, load_profile, phases_of, records_from_bundle
 from fhir_plugin._vocab import DRAFT_TAG
-from test_check_cases import CASES, TODAY
 
-NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 PROFILE = load_profile("M62.561")
 
 
@@ -58,17 +58,25 @@ def test_condition_is_provisional_coded_from_the_code_set_and_notes_the_gaps():
 
 def test_same_report_gives_the_same_identifiers_and_a_new_encounter_new_ones():
     first = build_drafts(_report("missing-onset"), PROFILE, now=NOW)
-    again = build_drafts(_report("missing-onset"), PROFILE, now=datetime(2027, 1, 1, tzinfo=timezone.utc))
-    assert [e["request"]["ifNoneExist"] for e in first["entry"]] == [e["request"]["ifNoneExist"] for e in again["entry"]]
+    again = build_drafts(_report("missing-onset"), PROFILE, now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert [e["request"]["ifNoneExist"] for e in first["entry"]] == [
+        e["request"]["ifNoneExist"] for e in again["entry"]
+    ]
     other = build_drafts(_report("complete"), PROFILE, now=NOW)
-    assert not {e["request"]["ifNoneExist"] for e in first["entry"]} & {e["request"]["ifNoneExist"] for e in other["entry"]}
+    assert not {e["request"]["ifNoneExist"] for e in first["entry"]} & {
+        e["request"]["ifNoneExist"] for e in other["entry"]
+    }
 
 
 def test_the_four_phases_read_back_in_order():
     plan = _by_type(build_drafts(_report("missing-onset"), PROFILE, now=NOW))["CarePlan"][0]["resource"]
     phases = phases_of(plan)
     assert [(p.number, p.title) for p in phases] == [
-        (1, "Acute management"), (2, "Recovery"), (3, "Strengthening"), (4, "Functional")]
+        (1, "Acute management"),
+        (2, "Recovery"),
+        (3, "Strengthening"),
+        (4, "Functional"),
+    ]
     assert "Isometric calf contractions and ankle pumps" in phases[0].activities
     assert "Seated heel raises" in phases[1].activities
     assert all(len(p.goals) == 1 for p in phases)
@@ -85,8 +93,9 @@ def test_a_present_red_flag_adds_a_referral_activity():
     assert len(phases_of(plan)) == 4
 
 
-@pytest.mark.parametrize("key, code", [("clinical-example", "M62.830"), ("left-lower-leg", "M62.562"),
-                                       ("excludes1", "M62.84")])
+@pytest.mark.parametrize(
+    "key, code", [("clinical-example", "M62.830"), ("left-lower-leg", "M62.562"), ("excludes1", "M62.84")]
+)
 def test_a_record_that_supports_another_code_gets_no_drafts(key, code):
     with pytest.raises(DraftsRefused, match=code):
         build_drafts(_report(key), PROFILE, now=NOW)
@@ -105,6 +114,7 @@ def test_a_profile_that_drafts_invalid_r4_is_refused_before_anything_is_sent():
 
 # ---------------------------------------------------------------- SPEC §7.1: what already exists, red flags
 
+
 def _case(key):
     case = next(c for c in CASES if c.key == key)
     [record] = records_from_bundle(case.resources)
@@ -122,8 +132,7 @@ def test_an_existing_confirmed_condition_is_not_drafted_again_and_the_plan_addre
 
     case, record = _case("missing-treatment-plan")  # a confirmed M62.561 Condition; its CarePlan entered in error
     existing = existing_in(record, PROFILE)
-    condition = next(r for r in record.of_type("Condition")
-                     if r["code"]["coding"][0]["code"] == "M62.561")
+    condition = next(r for r in record.of_type("Condition") if r["code"]["coding"][0]["code"] == "M62.561")
     assert existing.condition == f"Condition/{condition['id']}" and existing.careplan is None
     result = review(record, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
     kinds = _by_type(result.drafts)
@@ -140,9 +149,12 @@ def test_a_refuted_or_resolved_condition_does_not_count_as_existing():
 
     _, record = _case("missing-treatment-plan")
     for field, code in (("verificationStatus", "refuted"), ("clinicalStatus", "resolved")):
-        changed = [dict(r, **{field: {"coding": [{"code": code}]}}) if r["resourceType"] == "Condition" else r
-                   for r in record.resources]
+        changed = [
+            dict(r, **{field: {"coding": [{"code": code}]}}) if r["resourceType"] == "Condition" else r
+            for r in record.resources
+        ]
         from fhir_plugin import PatientRecord
+
         assert existing_in(PatientRecord(record.patient_id, tuple(changed)), PROFILE).condition is None
 
 
@@ -157,8 +169,9 @@ def test_an_active_plan_means_no_plan_drafts_and_the_review_names_it():
     assert "an active plan exists" in result.settled and existing.careplan in result.settled
     # the plan without the chart's Condition: only the diagnosis is drafted, no CarePlan, Goal or Provenance
     only_plan = existing_in(record, PROFILE)
-    bundle = build_drafts(_report("complete"), PROFILE, now=NOW,
-                          existing=type(only_plan)(condition=None, careplan=only_plan.careplan))
+    bundle = build_drafts(
+        _report("complete"), PROFILE, now=NOW, existing=type(only_plan)(condition=None, careplan=only_plan.careplan)
+    )
     assert {k: len(v) for k, v in _by_type(bundle).items()} == {"Condition": 1}
 
 
@@ -187,8 +200,11 @@ def test_after_a_write_nothing_new_is_offered():
     first = review(record, PROFILE, today=TODAY, now=NOW, encounter_id=case.encounter_id)
     # the server after the write: the drafts with ids, as the server keeps them
     written = [dict(e["resource"], id=f"w{i}") for i, e in enumerate(first.drafts["entry"])]
-    urls = {e["fullUrl"]: f"{r['resourceType']}/{r['id']}" for e, r in zip(first.drafts["entry"], written)}
+    urls = {
+        e["fullUrl"]: f"{r['resourceType']}/{r['id']}" for e, r in zip(first.drafts["entry"], written, strict=False)
+    }
     import json
+
     text = json.dumps(written)
     for url, ref in urls.items():
         text = text.replace(url, ref)

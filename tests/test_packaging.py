@@ -23,26 +23,59 @@ def test_compose_file_is_valid_and_pins_hapi_r4():
 
 
 def test_wheel_carries_the_profiles(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     [wheel] = tmp_path.glob("fhir_plugin-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for code in ("M62.561", "M62.830"):
         assert f"fhir_plugin/profiles/{code}/profile.json" in names
         assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
-    for name in ("profile.schema.json", "profiles.json", "profiles.schema.json"):   # validated at load
+    for name in ("profile.schema.json", "profiles.json", "profiles.schema.json"):  # validated at load
         assert f"fhir_plugin/profiles/{name}" in names
     assert "sandbox/ehr/clients.example.json" in names
     # the command line, the population job and the app's routers are subpackages, listed in pyproject.toml
-    assert {"fhir_plugin/_cli/population.py", "fhir_plugin/_population/_job.py",
-            "smart_launch/routes/review.py"} <= set(names)
+    assert {
+        "fhir_plugin/_cli/population.py",
+        "fhir_plugin/_population/_job.py",
+        "smart_launch/routes/review.py",
+    } <= set(names)
 
 
 def test_wheel_carries_the_example_patients_and_type_hints(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     [wheel] = tmp_path.glob("fhir_plugin-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"fhir_plugin/profiles/M62.561/examples/{p.name}" for p in (ROOT / "profiles/M62.561/examples").iterdir()}
+    shipped = {
+        f"fhir_plugin/profiles/M62.561/examples/{p.name}" for p in (ROOT / "profiles/M62.561/examples").iterdir()
+    }
     assert shipped and shipped <= names  # the embedded default works from an installed wheel
     assert "fhir_plugin/py.typed" in names

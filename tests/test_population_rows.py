@@ -66,8 +66,10 @@ def _cases():
 
 def _rows(cases=None):
     profile = load_profile("M62.561")
-    return [patient_row(c.patient_id, _lines(c), profile, today=TODAY, now=NOW, keep_drafts=True)
-            for c in (cases if cases is not None else _cases())]
+    return [
+        patient_row(c.patient_id, _lines(c), profile, today=TODAY, now=NOW, keep_drafts=True)
+        for c in (cases if cases is not None else _cases())
+    ]
 
 
 def test_summary_and_report_count_what_the_rows_say():
@@ -78,8 +80,13 @@ def test_summary_and_report_count_what_the_rows_say():
     assert s.referrals == sum(r["referral"] for r in rows) == sum(c.expected["referral_recommended"] for c in _cases())
     assert s.gap_frequency["onset"] == sum("onset" in r["gaps"] for r in rows)
     assert len(s.worklist) == 5 and s.worklist_total == sum(not r["complete"] or r["referral"] for r in rows)
-    page = render_html(s, profile_code="M62.561", source="test", generated="now",
-                       problems=[{"file": "Observation.ndjson", "line": 7, "problem": "not valid JSON"}])
+    page = render_html(
+        s,
+        profile_code="M62.561",
+        source="test",
+        generated="now",
+        problems=[{"file": "Observation.ndjson", "line": 7, "problem": "not valid JSON"}],
+    )
     # offline: no script, no external resource; every plot has a title and a table beside it
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert page.count("<svg") == 4 == page.count('role="img"') == page.count("<title id=")

@@ -29,21 +29,42 @@ def group(sandbox_hapi_url):
     cases = [renamed_case(c, tag) for c in generate_cases(TODAY) if not c.encounter_id]
     load_into_server(sandbox_hapi_url, cases)
     group_id = f"fp-{tag}-group"
-    body = {"resourceType": "Group", "id": group_id, "type": "person", "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{c.patient_id}"}} for c in cases]}
-    r = requests.put(f"{sandbox_hapi_url}/Group/{group_id}", json=body, timeout=60,
-                     headers={"Content-Type": "application/fhir+json"})
+    body = {
+        "resourceType": "Group",
+        "id": group_id,
+        "type": "person",
+        "actual": True,
+        "member": [{"entity": {"reference": f"Patient/{c.patient_id}"}} for c in cases],
+    }
+    r = requests.put(
+        f"{sandbox_hapi_url}/Group/{group_id}", json=body, timeout=60, headers={"Content-Type": "application/fhir+json"}
+    )
     assert r.status_code in (200, 201), r.text[:500]
     return group_id, cases
 
 
 def _population(base, group_id, out, *extra):
-    return main(["population", "--server", base, "--group", group_id, "--out", str(out), "--today",
-                 TODAY.isoformat(), "--max-poll-wait", "1", *extra])
+    return main(
+        [
+            "population",
+            "--server",
+            base,
+            "--group",
+            group_id,
+            "--out",
+            str(out),
+            "--today",
+            TODAY.isoformat(),
+            "--max-poll-wait",
+            "1",
+            *extra,
+        ]
+    )
 
 
-def test_a_real_export_feeds_the_job_and_every_row_equals_the_cli_report(sandbox_hapi_url, group, spark,
-                                                                           tmp_path, capsys):
+def test_a_real_export_feeds_the_job_and_every_row_equals_the_cli_report(
+    sandbox_hapi_url, group, spark, tmp_path, capsys
+):
     group_id, cases = group
     assert _population(sandbox_hapi_url, group_id, tmp_path) == 1  # gaps found: exit 1
     capsys.readouterr()
@@ -102,14 +123,16 @@ def _drafted_conditions(base, patients):
 
 
 def test_kills_during_download_and_write_back_resume_without_exporting_again_or_duplicating(
-        sandbox_hapi_url, group, spark, tmp_path, monkeypatch, capsys):
+    sandbox_hapi_url, group, spark, tmp_path, monkeypatch, capsys
+):
     group_id, cases = group
     session = requests.Session()
     cut = _CutAfter()
     session.mount("http://", cut)
     with pytest.raises(TransportError):
         BulkExporter(sandbox_hapi_url, tmp_path / "export", session=session, max_wait=1).run(
-            ExportRequest(group=group_id))
+            ExportRequest(group=group_id)
+        )
     assert cut.downloads == 2
 
     # the job started again (with --write) must not kick off a second export ...

@@ -32,7 +32,9 @@ def population(tmp_path_factory):
     (folder / "Extra.ndjson").write_text(
         '{"resourceType":"Medication","id":"m1"}\n'
         '{"resourceType": "Observation", "id": \n'
-        '{"resourceType":"Condition","id":"orphan","code":{"text":"x"}}\n', encoding="utf-8")
+        '{"resourceType":"Condition","id":"orphan","code":{"text":"x"}}\n',
+        encoding="utf-8",
+    )
     return folder, patients
 
 
@@ -66,8 +68,11 @@ def test_every_patient_row_is_the_expected_report(local_run, population):
 def test_bad_lines_are_reported_with_file_and_line_and_the_rest_is_checked(local_run):
     assert local_run.problems == [
         {"file": "Extra.ndjson", "line": 2, "problem": local_run.problems[0]["problem"]},
-        {"file": "Extra.ndjson", "line": 3,
-         "problem": "Condition/orphan has no subject Patient reference, so it belongs to no record"},
+        {
+            "file": "Extra.ndjson",
+            "line": 3,
+            "problem": "Condition/orphan has no subject Patient reference, so it belongs to no record",
+        },
     ]
     assert local_run.problems[0]["problem"].startswith("not valid JSON")
     assert local_run.patients == N
@@ -80,8 +85,16 @@ def test_parquet_holds_the_same_rows(local_run):
 
     table = pq.read_table(local_run.parquet)
     assert table.num_rows == N
-    assert set(table.column_names) >= {"patient", "encounter", "complete", "code_fit", "gaps", "red_flags",
-                                       "referral", "drafts_allowed"}
+    assert set(table.column_names) >= {
+        "patient",
+        "encounter",
+        "complete",
+        "code_fit",
+        "gaps",
+        "red_flags",
+        "referral",
+        "drafts_allowed",
+    }
 
 
 def _free_port() -> int:
@@ -104,26 +117,59 @@ def standalone_cluster(tmp_path_factory):
     spark_home = Path(pyspark.__file__).parent
     spark_class = str(spark_home / "bin" / "spark-class")
     logs = tmp_path_factory.mktemp("spark-logs")
-    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1", SPARK_WORKER_DIR=str(logs / "work"))
+    env = dict(
+        os.environ,
+        SPARK_HOME=str(spark_home),
+        PYSPARK_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+        SPARK_WORKER_DIR=str(logs / "work"),
+    )
     port = _free_port()
     master_url = f"spark://127.0.0.1:{port}"
     procs = []
 
     def start(name, *args):
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the cluster stops
-        procs.append((subprocess.Popen([spark_class, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [spark_class, *args], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                ),
+                log,
+            )
+        )
 
     try:
-        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-              "--webui-port", str(_free_port()))
+        start(
+            "master",
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            str(_free_port()),
+        )
         _wait_for(lambda: "I have been elected leader" in (logs / "master.log").read_text(), 120, "the master")
         for i in (1, 2):
-            start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", master_url, "--host", "127.0.0.1",
-                  "--cores", "1", "--memory", "1g", "--webui-port", str(_free_port()))
-        _wait_for(lambda: all("Successfully registered with master" in (logs / f"worker{i}.log").read_text()
-                              for i in (1, 2)), 120, "two workers")
+            start(
+                f"worker{i}",
+                "org.apache.spark.deploy.worker.Worker",
+                master_url,
+                "--host",
+                "127.0.0.1",
+                "--cores",
+                "1",
+                "--memory",
+                "1g",
+                "--webui-port",
+                str(_free_port()),
+            )
+        _wait_for(
+            lambda: all("Successfully registered with master" in (logs / f"worker{i}.log").read_text() for i in (1, 2)),
+            120,
+            "two workers",
+        )
         yield master_url, logs
     finally:
         for proc, log in reversed(procs):
@@ -136,15 +182,30 @@ def standalone_cluster(tmp_path_factory):
             log.close()
 
 
-def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_cluster, local_run, population,
-                                                                tmp_path):
+def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_cluster, local_run, population, tmp_path):
     master_url, logs = standalone_cluster
     folder, _ = population
     out = tmp_path / "out-cluster"
     done = subprocess.run(
-        [sys.executable, "-m", "fhir_plugin._cli", "population", "--ndjson", str(folder), "--out", str(out),
-         "--master", master_url, "--today", TODAY.isoformat()],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+        [
+            sys.executable,
+            "-m",
+            "fhir_plugin._cli",
+            "population",
+            "--ndjson",
+            str(folder),
+            "--out",
+            str(out),
+            "--master",
+            master_url,
+            "--today",
+            TODAY.isoformat(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
+    )
     assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
     assert f"{N} patients:" in done.stdout
     assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)

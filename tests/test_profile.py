@@ -5,21 +5,29 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import simple_icd_10_cm as cm
 from jsonschema import Draft202012Validator
+from test_check_cases import CASES, TODAY
 
-from fhir_plugin import (DEFAULT_PROFILE, ProfileError, UsageError, available_profiles, build_drafts, check,
-                         load_profile, records_from_bundle)
+from fhir_plugin import (
+    DEFAULT_PROFILE,
+    ProfileError,
+    UsageError,
+    available_profiles,
+    build_drafts,
+    check,
+    load_profile,
+    records_from_bundle,
+)
 from fhir_plugin import _profile as profile_module
 from fhir_plugin._check import _KINDS
 from fhir_plugin._profile import ELEMENT_KINDS, PROFILES_ENV, profiles_root
-from test_check_cases import CASES, TODAY
 
-NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 
 
 def _copy(tmp_path: Path, code: str = "M62.561", as_code: str | None = None) -> Path:
@@ -58,17 +66,20 @@ def test_a_third_condition_needs_only_a_new_folder(tmp_path):
     assert profile.expected_side == "left"
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda d: d.update(code="M62.5"), "code"),                                  # a category, not billable
-    (lambda d: d.update(code="Q99.999"), "code"),                                # not a code at all
-    (lambda d: d["elements"][0].update(kind="guess"), "elements[0].kind"),       # unknown rule kind: fail closed
-    (lambda d: d["elements"][0].pop("required"), "elements[0].required"),
-    (lambda d: d["red_flags"][1].update(icd10cm=["R99.999"]), "red_flags[1].icd10cm"),
-    (lambda d: d["code_fit"]["rules"][0].update(suggest=["M54.5"]), "code_fit.rules[0].suggest[0]"),
-    (lambda d: d["elements"][0].update(keywords="onset"), "elements[0].keywords"),
-    (lambda d: d["laterality"].update(both_sides_with=["M62.5"]), "laterality.both_sides_with[0]"),  # not billable
-    (lambda d: d["code_fit"]["rules"][0]["when"].update(near="back"), "code_fit.rules[0].when"),      # unknown test
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d.update(code="M62.5"), "code"),  # a category, not billable
+        (lambda d: d.update(code="Q99.999"), "code"),  # not a code at all
+        (lambda d: d["elements"][0].update(kind="guess"), "elements[0].kind"),  # unknown rule kind: fail closed
+        (lambda d: d["elements"][0].pop("required"), "elements[0].required"),
+        (lambda d: d["red_flags"][1].update(icd10cm=["R99.999"]), "red_flags[1].icd10cm"),
+        (lambda d: d["code_fit"]["rules"][0].update(suggest=["M54.5"]), "code_fit.rules[0].suggest[0]"),
+        (lambda d: d["elements"][0].update(keywords="onset"), "elements[0].keywords"),
+        (lambda d: d["laterality"].update(both_sides_with=["M62.5"]), "laterality.both_sides_with[0]"),  # not billable
+        (lambda d: d["code_fit"]["rules"][0]["when"].update(near="back"), "code_fit.rules[0].when"),  # unknown test
+    ],
+)
 def test_malformed_profile_names_file_and_field(tmp_path, change, field):
     folder = _copy(tmp_path)
     _edit(folder, change)
@@ -104,6 +115,7 @@ def test_unknown_profile_lists_the_known_ones():
 
 # --- the JSON Schema (profiles/profile.schema.json): every key the engine reads, unknown keys fail closed ----
 
+
 def _element_index(data: dict, kind: str) -> int:
     return next(i for i, e in enumerate(data["elements"]) if e["kind"] == kind)
 
@@ -112,27 +124,42 @@ def _pop_follow_up_window(data: dict) -> None:
     data["elements"][_element_index(data, "follow-up")].pop("due_after_days")
 
 
-@pytest.mark.parametrize("change, field, message", [
-    (lambda d: d.pop("snomed"), "snomed", "a required field is missing"),
-    (lambda d: d["site"].pop("draft_body_site"), "site.draft_body_site", "a required field is missing"),
-    (lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"), "code_fit.rules[2].when.sitee",
-     "unknown field"),
-    (lambda d: d.update(red_flag=[]), "red_flag", "unknown field"),
-    (lambda d: d["red_flags"][5]["threshold"].update(unit="[degF]"), "red_flags[5].threshold.unit",
-     'expected one of "Cel"'),
-    (lambda d: d["red_flags"][0].update(loinc=["8310-5"]), "red_flags[0].loinc", "unknown field"),
-    (lambda d: d.update(snomed="88092000"), "snomed", "expected an object, found a string"),
-    (lambda d: d["laterality"].update(expected="up"), "laterality.expected", "expected one of"),
-    (lambda d: d["code_fit"]["rules"][0].update(when={}), "code_fit.rules[0].when", "must not be empty"),
-    (lambda d: d["referral"].update(when="some-red-flag-present"), "referral.when", "expected one of"),
-    (lambda d: d.pop("referral"), "referral", "a required field is missing"),
-    (_pop_follow_up_window, "due_after_days", "a required field is missing"),
-    # what a schema cannot say: a when value must name something the profile defines
-    (lambda d: d["code_fit"]["rules"][0]["when"].update(finding="spasmm"), "code_fit.rules[0].when.finding",
-     "not one of the profile's findings"),
-    (lambda d: d["code_fit"]["rules"][2]["when"].update(region="knee"), "code_fit.rules[2].when.region",
-     "not the profile's site"),
-])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        (lambda d: d.pop("snomed"), "snomed", "a required field is missing"),
+        (lambda d: d["site"].pop("draft_body_site"), "site.draft_body_site", "a required field is missing"),
+        (
+            lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"),
+            "code_fit.rules[2].when.sitee",
+            "unknown field",
+        ),
+        (lambda d: d.update(red_flag=[]), "red_flag", "unknown field"),
+        (
+            lambda d: d["red_flags"][5]["threshold"].update(unit="[degF]"),
+            "red_flags[5].threshold.unit",
+            'expected one of "Cel"',
+        ),
+        (lambda d: d["red_flags"][0].update(loinc=["8310-5"]), "red_flags[0].loinc", "unknown field"),
+        (lambda d: d.update(snomed="88092000"), "snomed", "expected an object, found a string"),
+        (lambda d: d["laterality"].update(expected="up"), "laterality.expected", "expected one of"),
+        (lambda d: d["code_fit"]["rules"][0].update(when={}), "code_fit.rules[0].when", "must not be empty"),
+        (lambda d: d["referral"].update(when="some-red-flag-present"), "referral.when", "expected one of"),
+        (lambda d: d.pop("referral"), "referral", "a required field is missing"),
+        (_pop_follow_up_window, "due_after_days", "a required field is missing"),
+        # what a schema cannot say: a when value must name something the profile defines
+        (
+            lambda d: d["code_fit"]["rules"][0]["when"].update(finding="spasmm"),
+            "code_fit.rules[0].when.finding",
+            "not one of the profile's findings",
+        ),
+        (
+            lambda d: d["code_fit"]["rules"][2]["when"].update(region="knee"),
+            "code_fit.rules[2].when.region",
+            "not the profile's site",
+        ),
+    ],
+)
 def test_a_profile_that_breaks_the_schema_names_file_and_field_in_one_sentence(tmp_path, change, field, message):
     folder = _copy(tmp_path)
     _edit(folder, change)
@@ -154,15 +181,19 @@ def test_a_misspelt_when_key_no_longer_matches_every_record(tmp_path):
 
 def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, FHIR_PLUGIN_PROFILES=str(tmp_path))
-    script = Path(sys.executable).parent / "fhir-plugin"   # the installed console script
-    return subprocess.run([str(script), *argv], env=env, capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    script = Path(sys.executable).parent / "fhir-plugin"  # the installed console script
+    return subprocess.run(
+        [str(script), *argv], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda d: d.pop("snomed"), "'snomed'"),                                            # was exit 70 at drafting
-    (lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"), "'code_fit.rules[2].when.sitee'"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d.pop("snomed"), "'snomed'"),  # was exit 70 at drafting
+        (lambda d: d["code_fit"]["rules"][2]["when"].update(sitee="thigh"), "'code_fit.rules[2].when.sitee'"),
+    ],
+)
 def test_the_command_line_refuses_a_malformed_profile_with_exit_3(tmp_path, change, field):
     folder = _copy(tmp_path)
     _edit(folder, change)
@@ -196,6 +227,7 @@ def test_the_shipped_schemas_are_draft_2020_12_and_name_the_kinds_the_check_impl
 
 # --- clinical defaults are profile data --------------------------------------------------------------
 
+
 def _case_report(key: str, profile):
     case = next(c for c in CASES if c.key == key)
     [record] = records_from_bundle(case.resources)
@@ -214,8 +246,10 @@ def test_the_follow_up_window_is_read_from_the_profile(tmp_path):
 
 def test_the_referral_wording_is_read_from_the_profile(tmp_path):
     folder = _copy(tmp_path)
-    _edit(folder, lambda d: d["referral"].update(activity="Urgent specialist referral",
-                                                 narrative="Referral first: {red_flags}."))
+    _edit(
+        folder,
+        lambda d: d["referral"].update(activity="Urgent specialist referral", narrative="Referral first: {red_flags}."),
+    )
     profile = load_profile("M62.561", root=tmp_path)
     bundle = build_drafts(_case_report("flag-fever", profile), profile, now=NOW)
     [plan] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan"]
@@ -241,7 +275,7 @@ def test_the_default_profile_is_read_from_profiles_json():
 def test_a_malformed_profiles_json_names_its_file_and_field(tmp_path, monkeypatch):
     for name in ("profiles.schema.json", "profile.schema.json"):
         shutil.copy(profiles_root() / name, tmp_path / name)
-    (tmp_path / "profiles.json").write_text(json.dumps({"defualt": "M62.561"}))   # misspelt: fails closed
+    (tmp_path / "profiles.json").write_text(json.dumps({"defualt": "M62.561"}))  # misspelt: fails closed
     monkeypatch.setattr(profile_module, "_shipped_root", lambda: tmp_path)
     with pytest.raises(ProfileError) as err:
         profile_module._default_profile()
@@ -253,9 +287,19 @@ def test_spec_3_2_stems_are_written_with_a_star_in_both_profiles(code):
     raw = load_profile(code).raw
     keywords = {k for item in raw["elements"] + raw["red_flags"] for k in item.get("keywords", [])}
     # SPEC §3 and §4 write these as stems; every other keyword is a whole word
-    assert {"aggravat*", "exacerbat*", "function*", "limit*", "malignan*", "metasta*", "trauma*",
-            "fractur*", "previous injur*", "prior injur*"} <= keywords
-    assert code != "M62.561" or "immobiliz*" in keywords        # M62.561's etiology (M62.830 has its own)
+    assert {
+        "aggravat*",
+        "exacerbat*",
+        "function*",
+        "limit*",
+        "malignan*",
+        "metasta*",
+        "trauma*",
+        "fractur*",
+        "previous injur*",
+        "prior injur*",
+    } <= keywords
+    assert code != "M62.561" or "immobiliz*" in keywords  # M62.561's etiology (M62.830 has its own)
     assert "aggravat" not in keywords and "metasta" not in keywords
     assert "nontender" in next(e for e in raw["elements"] if e["id"] == "palpation")["keywords"]
 
@@ -268,7 +312,15 @@ def test_spec_2_m62830_profile():
     assert profile.expected_side is None and profile.expected_finding == "spasm"
     assert set(profile.family.entries) == {"M62.8", "M62.83"}
     back = profile.raw["site"]["keywords"]
-    assert {"back", "lumbar", "thoracic", "paraspinal", "trapezius", "erector spinae", "multifidus",
-            "latissimus"} <= set(back)
+    assert {
+        "back",
+        "lumbar",
+        "thoracic",
+        "paraspinal",
+        "trapezius",
+        "erector spinae",
+        "multifidus",
+        "latissimus",
+    } <= set(back)
     assert {r["region"] for r in profile.raw["other_sites"]} == {"lower-leg", "thigh"}
     assert [f["id"] for f in profile.red_flags] == [f["id"] for f in load_profile("M62.561").red_flags]

@@ -25,19 +25,44 @@ from fhir_plugin.synthetic import (
 
 # SPEC.md §3 table, in its order (read by hand from the spec, not from the library: no drift)
 ELEMENT_IDS = (
-    "onset", "duration", "severity", "exacerbating-factors", "prior-treatment-response",
-    "injury-history", "lifestyle-occupation", "physical-exam", "range-of-motion", "palpation",
-    "neuro-exam", "posture-inspection", "body-site", "laterality", "atrophy-finding",
-    "objective-measure", "etiology", "excludes1", "functional-limitation", "red-flag-screen",
-    "treatment-plan", "follow-up", "treatment-response", "medical-necessity",
+    "onset",
+    "duration",
+    "severity",
+    "exacerbating-factors",
+    "prior-treatment-response",
+    "injury-history",
+    "lifestyle-occupation",
+    "physical-exam",
+    "range-of-motion",
+    "palpation",
+    "neuro-exam",
+    "posture-inspection",
+    "body-site",
+    "laterality",
+    "atrophy-finding",
+    "objective-measure",
+    "etiology",
+    "excludes1",
+    "functional-limitation",
+    "red-flag-screen",
+    "treatment-plan",
+    "follow-up",
+    "treatment-response",
+    "medical-necessity",
 )
-OPTIONAL_ELEMENTS = frozenset({"injury-history", "lifestyle-occupation", "posture-inspection", "etiology",
-                               "treatment-response"})
+OPTIONAL_ELEMENTS = frozenset(
+    {"injury-history", "lifestyle-occupation", "posture-inspection", "etiology", "treatment-response"}
+)
 REQUIRED_ELEMENTS = tuple(e for e in ELEMENT_IDS if e not in OPTIONAL_ELEMENTS)
 # SPEC.md §4 table
 FLAG_IDS = (
-    "progressive-neuro-deficit", "bowel-bladder-dysfunction", "cancer-history", "significant-trauma",
-    "weight-loss", "fever", "persistent-beyond-expected",
+    "progressive-neuro-deficit",
+    "bowel-bladder-dysfunction",
+    "cancer-history",
+    "significant-trauma",
+    "weight-loss",
+    "fever",
+    "persistent-beyond-expected",
 )
 ELEMENT_STATUSES = {"met", "missing", "conflict", "not-yet-due", "proposed"}
 FLAG_STATUSES = {"present", "absent", "not-documented"}
@@ -79,6 +104,7 @@ def _dates(resource) -> list[dt.date]:
 
 # --- determinism and validity -----------------------------------------------------------------
 
+
 def test_same_as_of_gives_identical_cases():
     first, second = generate_cases(AS_OF), generate_cases(AS_OF)
     assert first == second
@@ -96,10 +122,10 @@ def test_saved_files_are_byte_identical(tmp_path):
 
 def test_dates_are_relative_to_as_of():
     shifted = generate_cases(AS_OF + dt.timedelta(days=100))
-    for old, new in zip(generate_cases(AS_OF), shifted):
+    for old, new in zip(generate_cases(AS_OF), shifted, strict=True):
         assert old.expected == new.expected
-        for a, b in zip(old.resources, new.resources):
-            for da, db in zip(_dates(a), _dates(b)):
+        for a, b in zip(old.resources, new.resources, strict=True):
+            for da, db in zip(_dates(a), _dates(b), strict=False):
                 if a["resourceType"] != "Patient":
                     assert (db - da).days == 100, (a["id"], da, db)
 
@@ -155,6 +181,7 @@ def test_patients_are_synthetic_people(cases):
 
 # --- the oracle covers SPEC -------------------------------------------------------------------
 
+
 def test_every_case_states_every_element_and_flag(cases):
     for case in cases:
         exp = case.expected
@@ -183,8 +210,9 @@ def test_expected_outcomes_are_consistent_with_spec_rules(cases):
         exp = case.expected
         els = exp["elements"]
         # SPEC §6: complete = every required element met (or not-yet-due) and code fit fits
-        assert exp["complete"] == (all(els[e] in ("met", "not-yet-due") for e in REQUIRED_ELEMENTS)
-                                   and exp["code_fit"] == "fits"), case.key
+        assert exp["complete"] == (
+            all(els[e] in ("met", "not-yet-due") for e in REQUIRED_ELEMENTS) and exp["code_fit"] == "fits"
+        ), case.key
         # SPEC §4: any present flag recommends referral
         assert exp["referral_recommended"] == ("present" in exp["red_flags"].values()), case.key
         # SPEC §3: red-flag-screen met iff every flag is documented
@@ -217,29 +245,39 @@ def test_one_case_per_required_element_taken_away(by_key):
     assert by_key["missing-severity"].expected["elements"]["medical-necessity"] == "missing"
 
 
-@pytest.mark.parametrize("key, code_fit, suggested", [
-    ("complete", "fits", []),
-    ("left-lower-leg", "mismatch", ["M62.562"]),
-    ("bilateral", "mismatch", ["M62.561", "M62.562"]),
-    ("missing-laterality", "mismatch", ["M62.569"]),
-    ("thigh-right", "mismatch", ["M62.551"]),
-    ("thigh-left", "mismatch", ["M62.552"]),
-    ("clinical-example", "mismatch", ["M62.830"]),
-    ("spasm-calf", "mismatch", ["M62.838"]),
-    ("excludes1", "mismatch", ["M62.84"]),
-    ("insufficient", "insufficient", []),
-    ("missing-body-site", "insufficient", []),
-    ("missing-atrophy-finding", "insufficient", []),
-])
+@pytest.mark.parametrize(
+    "key, code_fit, suggested",
+    [
+        ("complete", "fits", []),
+        ("left-lower-leg", "mismatch", ["M62.562"]),
+        ("bilateral", "mismatch", ["M62.561", "M62.562"]),
+        ("missing-laterality", "mismatch", ["M62.569"]),
+        ("thigh-right", "mismatch", ["M62.551"]),
+        ("thigh-left", "mismatch", ["M62.552"]),
+        ("clinical-example", "mismatch", ["M62.830"]),
+        ("spasm-calf", "mismatch", ["M62.838"]),
+        ("excludes1", "mismatch", ["M62.84"]),
+        ("insufficient", "insufficient", []),
+        ("missing-body-site", "insufficient", []),
+        ("missing-atrophy-finding", "insufficient", []),
+    ],
+)
 def test_code_fit_cases(by_key, key, code_fit, suggested):
     assert (by_key[key].expected["code_fit"], by_key[key].expected["suggested"]) == (code_fit, suggested)
 
 
-@pytest.mark.parametrize("key, flag", [
-    ("flag-neuro", "progressive-neuro-deficit"), ("flag-bowel-bladder", "bowel-bladder-dysfunction"),
-    ("flag-cancer", "cancer-history"), ("flag-trauma", "significant-trauma"), ("flag-weight-loss", "weight-loss"),
-    ("flag-fever", "fever"), ("flag-persistent", "persistent-beyond-expected"),
-])
+@pytest.mark.parametrize(
+    "key, flag",
+    [
+        ("flag-neuro", "progressive-neuro-deficit"),
+        ("flag-bowel-bladder", "bowel-bladder-dysfunction"),
+        ("flag-cancer", "cancer-history"),
+        ("flag-trauma", "significant-trauma"),
+        ("flag-weight-loss", "weight-loss"),
+        ("flag-fever", "fever"),
+        ("flag-persistent", "persistent-beyond-expected"),
+    ],
+)
 def test_each_red_flag_present_in_its_case(by_key, key, flag):
     exp = by_key[key].expected
     assert exp["red_flags"][flag] == "present" and exp["referral_recommended"] is True
@@ -273,23 +311,38 @@ def test_reference_encounter_changes_the_persistence_flag(by_key):
     assert case.expected["red_flags"]["persistent-beyond-expected"] == "absent"
     cond = next(r for r in case.resources if r["resourceType"] == "Condition")
     onset = dt.date.fromisoformat(cond["onsetDateTime"])
-    starts = {r["id"]: dt.date.fromisoformat(r["period"]["start"][:10])
-              for r in case.resources if r["resourceType"] == "Encounter"}
+    starts = {
+        r["id"]: dt.date.fromisoformat(r["period"]["start"][:10])
+        for r in case.resources
+        if r["resourceType"] == "Encounter"
+    }
     assert (starts[case.encounter_id] - onset).days <= 42 < (max(starts.values()) - onset).days
 
 
 def test_negation_and_word_start_probes_are_in_the_data(by_key):
     text = json.dumps(by_key["complete"].resources)
-    for probe in ("No numbness", "Denies weight loss", "Negative for trauma", "feedback", "upright",
-                  "Left calf, measured for comparison", '"valueBoolean": false', "373067005"):
+    for probe in (
+        "No numbness",
+        "Denies weight loss",
+        "Negative for trauma",
+        "feedback",
+        "upright",
+        "Left calf, measured for comparison",
+        '"valueBoolean": false',
+        "373067005",
+    ):
         assert probe in text, probe
-    temps = [r["valueQuantity"]["value"] for r in by_key["complete"].resources
-             if r["resourceType"] == "Observation" and r["code"].get("coding", [{}])[0].get("code") == "8310-5"]
+    temps = [
+        r["valueQuantity"]["value"]
+        for r in by_key["complete"].resources
+        if r["resourceType"] == "Observation" and r["code"].get("coding", [{}])[0].get("code") == "8310-5"
+    ]
     assert temps and max(temps) < 38.0
     assert "Notes numbness" in json.dumps(by_key["flag-neuro"].resources)
 
 
 # --- output -----------------------------------------------------------------------------------
+
 
 def test_saved_bundles_read_back_as_one_record_each(tmp_path, cases):
     paths = save_cases(cases, tmp_path)
@@ -362,8 +415,12 @@ def test_many_patients_are_distinct(cases):
 
 @responses.activate
 def test_load_into_server_posts_one_transaction(cases):
-    responses.add(responses.POST, "http://fhir.test/fhir",
-                  json={"resourceType": "Bundle", "type": "transaction-response", "entry": []}, status=200)
+    responses.add(
+        responses.POST,
+        "http://fhir.test/fhir",
+        json={"resourceType": "Bundle", "type": "transaction-response", "entry": []},
+        status=200,
+    )
     answer = load_into_server("http://fhir.test/fhir/", cases[:2])
     assert answer["type"] == "transaction-response"
     sent = json.loads(responses.calls[0].request.body)

@@ -30,13 +30,14 @@ from typing import Any
 from .._errors import UsageError
 from ._rows import ROW_COLUMNS, key_line, patient_row, problem_row
 
-__all__ = ["SparkSettings", "spark_session", "run_population", "PopulationResult", "ROW_SCHEMA",
-           "ndjson_files"]
+__all__ = ["SparkSettings", "spark_session", "run_population", "PopulationResult", "ROW_SCHEMA", "ndjson_files"]
 
 #: the Spark schema of a worklist row (``_rows.ROW_COLUMNS`` in order)
-ROW_SCHEMA = ("patient string, encounter string, complete boolean, code_fit string, suggested array<string>, "
-              "gaps array<string>, red_flags array<string>, referral boolean, drafts_allowed boolean, "
-              "refused string, statuses string, flag_statuses string, problem string, drafts string")
+ROW_SCHEMA = (
+    "patient string, encounter string, complete boolean, code_fit string, suggested array<string>, "
+    "gaps array<string>, red_flags array<string>, referral boolean, drafts_allowed boolean, "
+    "refused string, statuses string, flag_statuses string, problem string, drafts string"
+)
 _KEYED_SCHEMA = "file string, line long, patient string, type string, text string, problem string"
 
 
@@ -83,14 +84,15 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     if settings.driver_memory:
         builder = builder.config("spark.driver.memory", settings.driver_memory)
-    session = (builder
-               .config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or os.cpu_count() or 2))
-               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               # workers forked with the check already loaded (see _daemon)
-               .config("spark.python.daemon.module", "fhir_plugin._population._daemon")
-               .getOrCreate())
+    session = (
+        builder.config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or os.cpu_count() or 2))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # workers forked with the check already loaded (see _daemon)
+        .config("spark.python.daemon.module", "fhir_plugin._population._daemon")
+        .getOrCreate()
+    )
     session.sparkContext.setLogLevel("ERROR")  # the summary is the output; Spark's warnings are noise there
     return session
 
@@ -136,8 +138,14 @@ def _reviewer(profile_code: str, today: date, now: datetime, keep_drafts: bool) 
         group = group.sort_values(["file", "line"])
         patient = str(group["patient"].iloc[0])
         try:
-            row = patient_row(patient, zip(group["file"], group["line"], group["text"], strict=True),
-                              load_profile(profile_code), today=today, now=now, keep_drafts=keep_drafts)
+            row = patient_row(
+                patient,
+                zip(group["file"], group["line"], group["text"], strict=True),
+                load_profile(profile_code),
+                today=today,
+                now=now,
+                keep_drafts=keep_drafts,
+            )
         except Exception as exc:  # one patient's failure must not stop the population
             row = problem_row(patient, f"the check failed ({type(exc).__name__})")
         return pd.DataFrame([row], columns=list(ROW_COLUMNS))
@@ -156,8 +164,16 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def run_population(spark: Any, files: Sequence[Path], out: Path, *, profile_code: str, today: date,
-                   now: datetime, keep_drafts: bool = False) -> PopulationResult:
+def run_population(
+    spark: Any,
+    files: Sequence[Path],
+    out: Path,
+    *,
+    profile_code: str,
+    today: date,
+    now: datetime,
+    keep_drafts: bool = False,
+) -> PopulationResult:
     """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -168,14 +184,18 @@ def run_population(spark: Any, files: Sequence[Path], out: Path, *, profile_code
     lines = raw.select("file", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
     keyed = lines.mapInPandas(_key_batches, schema=_KEYED_SCHEMA).cache()
     try:
-        problems = [{"file": r["file"], "line": r["line"], "problem": r["problem"]}
-                    for r in keyed.where(F.col("problem").isNotNull()).orderBy("file", "line").collect()]
+        problems = [
+            {"file": r["file"], "line": r["line"], "problem": r["problem"]}
+            for r in keyed.where(F.col("problem").isNotNull()).orderBy("file", "line").collect()
+        ]
         # persisted: the sort samples its input before sorting it, which would run every check twice
-        rows = (keyed.where(F.col("problem").isNull())
-                .select("patient", "file", "line", "text")
-                .groupBy("patient")
-                .applyInPandas(_reviewer(profile_code, today, now, keep_drafts), schema=ROW_SCHEMA)
-                .persist(StorageLevel.MEMORY_AND_DISK))
+        rows = (
+            keyed.where(F.col("problem").isNull())
+            .select("patient", "file", "line", "text")
+            .groupBy("patient")
+            .applyInPandas(_reviewer(profile_code, today, now, keep_drafts), schema=ROW_SCHEMA)
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
         tmp = out / ".results.parquet.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -19,8 +19,12 @@ __all__ = ["Summary", "summarize", "render_terminal", "render_html", "WORKLIST_L
 #: rows the HTML worklist shows; the whole worklist is results.jsonl / results.parquet
 WORKLIST_LIMIT = 500
 
-_FIT_WORDS = {"fits": "code fits", "mismatch": "another code fits better", "insufficient": "not enough to tell",
-              None: "not checked (record problem)"}
+_FIT_WORDS = {
+    "fits": "code fits",
+    "mismatch": "another code fits better",
+    "insufficient": "not enough to tell",
+    None: "not checked (record problem)",
+}
 
 
 @dataclass
@@ -68,9 +72,23 @@ def summarize(rows: Iterable[Mapping[str, Any]], limit: int = WORKLIST_LIMIT) ->
         if needs_attention(row):
             s.worklist_total += 1
             if len(s.worklist) < limit:
-                s.worklist.append({k: row.get(k) for k in ("patient", "encounter", "complete", "code_fit",
-                                                           "suggested", "gaps", "red_flags", "referral",
-                                                           "drafts_allowed", "problem")})
+                s.worklist.append(
+                    {
+                        k: row.get(k)
+                        for k in (
+                            "patient",
+                            "encounter",
+                            "complete",
+                            "code_fit",
+                            "suggested",
+                            "gaps",
+                            "red_flags",
+                            "referral",
+                            "drafts_allowed",
+                            "problem",
+                        )
+                    }
+                )
     return s
 
 
@@ -78,14 +96,18 @@ def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "0%"
 
 
-def render_terminal(s: Summary, problems: Sequence[Mapping[str, Any]] = (), export_issues: Sequence[
-        Mapping[str, Any]] = ()) -> str:
+def render_terminal(
+    s: Summary, problems: Sequence[Mapping[str, Any]] = (), export_issues: Sequence[Mapping[str, Any]] = ()
+) -> str:
     """The summary the command prints: counts, the most frequent gaps, and every reported problem."""
-    lines = [f"{s.patients} patients: {s.complete} complete ({_pct(s.complete, s.patients)}), "
-             f"{s.checked - s.complete} with documentation gaps or a code that does not fit, "
-             f"{s.referrals} with a referral recommended, {s.problems} whose record could not be checked.",
-             "Code fit: " + ", ".join(f"{_FIT_WORDS.get(k if k != 'none' else None, k)} {n}"
-                                      for k, n in sorted(s.code_fit.items())) + "."]
+    lines = [
+        f"{s.patients} patients: {s.complete} complete ({_pct(s.complete, s.patients)}), "
+        f"{s.checked - s.complete} with documentation gaps or a code that does not fit, "
+        f"{s.referrals} with a referral recommended, {s.problems} whose record could not be checked.",
+        "Code fit: "
+        + ", ".join(f"{_FIT_WORDS.get(k if k != 'none' else None, k)} {n}" for k, n in sorted(s.code_fit.items()))
+        + ".",
+    ]
     if s.gap_frequency:
         top = ", ".join(f"{k} {n}" for k, n in s.gap_frequency.most_common(5))
         lines.append(f"Most frequent gaps: {top}.")
@@ -100,6 +122,7 @@ def render_terminal(s: Summary, problems: Sequence[Mapping[str, Any]] = (), expo
 
 # ---- HTML ------------------------------------------------------------------------------------------
 
+
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -113,20 +136,30 @@ def _bar_chart(chart_id: str, title: str, items: Sequence[tuple[str, int]], tota
     for i, (label, n) in enumerate(items):
         y = 5 + i * row_h
         w = max(1, round(bar_w * n / peak)) if n else 0
-        bars.append(f'<text x="{label_w - 6}" y="{y + 16}" text-anchor="end">{_e(label)}</text>'
-                    f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row_h - 8}" class="bar"/>'
-                    f'<text x="{label_w + w + 6}" y="{y + 16}">{n}</text>')
+        bars.append(
+            f'<text x="{label_w - 6}" y="{y + 16}" text-anchor="end">{_e(label)}</text>'
+            f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row_h - 8}" class="bar"/>'
+            f'<text x="{label_w + w + 6}" y="{y + 16}">{n}</text>'
+        )
     desc = "; ".join(f"{label}: {n}" for label, n in items) or "nothing to show"
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-labelledby="{chart_id}-t {chart_id}-d" '
-           f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-           f'<title id="{chart_id}-t">{_e(title)}</title><desc id="{chart_id}-d">{_e(desc)}</desc>'
-           + "".join(bars) + "</svg>")
-    rows = "".join(f"<tr><th scope=\"row\">{_e(label)}</th><td>{n}</td><td>{_pct(n, total)}</td></tr>"
-                   for label, n in items)
-    table = (f'<table aria-describedby="{chart_id}-h"><thead><tr><th scope="col">{_e(unit)}</th>'
-             f'<th scope="col">patients</th><th scope="col">share</th></tr></thead><tbody>{rows}</tbody></table>')
-    return (f'<section class="plot" aria-labelledby="{chart_id}-h"><h2 id="{chart_id}-h">{_e(title)}</h2>'
-            f'<div class="pair"><figure>{svg}</figure>{table}</div></section>')
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-labelledby="{chart_id}-t {chart_id}-d" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+        f'<title id="{chart_id}-t">{_e(title)}</title><desc id="{chart_id}-d">{_e(desc)}</desc>'
+        + "".join(bars)
+        + "</svg>"
+    )
+    rows = "".join(
+        f'<tr><th scope="row">{_e(label)}</th><td>{n}</td><td>{_pct(n, total)}</td></tr>' for label, n in items
+    )
+    table = (
+        f'<table aria-describedby="{chart_id}-h"><thead><tr><th scope="col">{_e(unit)}</th>'
+        f'<th scope="col">patients</th><th scope="col">share</th></tr></thead><tbody>{rows}</tbody></table>'
+    )
+    return (
+        f'<section class="plot" aria-labelledby="{chart_id}-h"><h2 id="{chart_id}-h">{_e(title)}</h2>'
+        f'<div class="pair"><figure>{svg}</figure>{table}</div></section>'
+    )
 
 
 def _list(values: Any) -> str:
@@ -134,23 +167,32 @@ def _list(values: Any) -> str:
 
 
 def _worklist(s: Summary) -> str:
-    head = ("<tr><th scope=\"col\">patient</th><th scope=\"col\">encounter</th><th scope=\"col\">code fit</th>"
-            "<th scope=\"col\">documentation gaps</th><th scope=\"col\">red flags present</th>"
-            "<th scope=\"col\">referral</th><th scope=\"col\">drafts allowed</th><th scope=\"col\">problem</th></tr>")
+    head = (
+        '<tr><th scope="col">patient</th><th scope="col">encounter</th><th scope="col">code fit</th>'
+        '<th scope="col">documentation gaps</th><th scope="col">red flags present</th>'
+        '<th scope="col">referral</th><th scope="col">drafts allowed</th><th scope="col">problem</th></tr>'
+    )
     body = "".join(
-        f"<tr><th scope=\"row\">{_e(r['patient'])}</th><td>{_e(r.get('encounter') or '—')}</td>"
+        f'<tr><th scope="row">{_e(r["patient"])}</th><td>{_e(r.get("encounter") or "—")}</td>'
         f"<td>{_e(_FIT_WORDS.get(r.get('code_fit'), r.get('code_fit')))}"
         f"{' (suggests ' + _e(_list(r.get('suggested'))) + ')' if r.get('suggested') else ''}</td>"
         f"<td>{_e(_list(r.get('gaps')))}</td><td>{_e(_list(r.get('red_flags')))}</td>"
         f"<td>{'yes' if r.get('referral') else 'no'}</td><td>{'yes' if r.get('drafts_allowed') else 'no'}</td>"
-        f"<td>{_e(r.get('problem') or '—')}</td></tr>" for r in s.worklist)
-    shown = (f"The first {len(s.worklist)} of {s.worklist_total} patients who need attention; the whole "
-             "worklist is in results.jsonl and results.parquet." if s.worklist_total > len(s.worklist)
-             else f"All {s.worklist_total} patients who need attention.")
-    return (f'<section aria-labelledby="worklist-h"><h2 id="worklist-h">Worklist</h2><p>{_e(shown)}</p>'
-            f'<div class="scroll"><table><caption>Patients with documentation gaps, a code that does not fit, '
-            f'a referral recommended, or a record that could not be checked</caption><thead>{head}</thead>'
-            f'<tbody>{body}</tbody></table></div></section>')
+        f"<td>{_e(r.get('problem') or '—')}</td></tr>"
+        for r in s.worklist
+    )
+    shown = (
+        f"The first {len(s.worklist)} of {s.worklist_total} patients who need attention; the whole "
+        "worklist is in results.jsonl and results.parquet."
+        if s.worklist_total > len(s.worklist)
+        else f"All {s.worklist_total} patients who need attention."
+    )
+    return (
+        f'<section aria-labelledby="worklist-h"><h2 id="worklist-h">Worklist</h2><p>{_e(shown)}</p>'
+        f'<div class="scroll"><table><caption>Patients with documentation gaps, a code that does not fit, '
+        f"a referral recommended, or a record that could not be checked</caption><thead>{head}</thead>"
+        f"<tbody>{body}</tbody></table></div></section>"
+    )
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2rem;color:#1a1a1a;max-width:80rem}
@@ -162,8 +204,15 @@ thead th{background:#eef2f6}.scroll{overflow-x:auto}caption{text-align:left;font
 .problems li{margin:.2rem 0}"""
 
 
-def render_html(s: Summary, *, profile_code: str, source: str, generated: str,
-                problems: Sequence[Mapping[str, Any]] = (), export_issues: Sequence[Mapping[str, Any]] = ()) -> str:
+def render_html(
+    s: Summary,
+    *,
+    profile_code: str,
+    source: str,
+    generated: str,
+    problems: Sequence[Mapping[str, Any]] = (),
+    export_issues: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """The whole report page (offline: no script, no external resource)."""
     checked = s.checked
     fit = [(_FIT_WORDS.get(k if k != "none" else None, k), n) for k, n in sorted(s.code_fit.items())]
@@ -173,24 +222,32 @@ def render_html(s: Summary, *, profile_code: str, source: str, generated: str,
     all_problems = list(problems) + list(export_issues)
     problem_items = "".join(
         f"<li>{_e(p.get('file') or '?')}{' line ' + _e(p['line']) if p.get('line') else ''}: "
-        f"{_e(p.get('problem'))}</li>" for p in all_problems)
-    problem_part = (f'<section aria-labelledby="problems-h"><h2 id="problems-h">Problems in the input</h2>'
-                    f'<p>These lines were left out; every other patient was checked.</p>'
-                    f'<ul class="problems">{problem_items}</ul></section>' if all_problems else "")
+        f"{_e(p.get('problem'))}</li>"
+        for p in all_problems
+    )
+    problem_part = (
+        f'<section aria-labelledby="problems-h"><h2 id="problems-h">Problems in the input</h2>'
+        f"<p>These lines were left out; every other patient was checked.</p>"
+        f'<ul class="problems">{problem_items}</ul></section>'
+        if all_problems
+        else ""
+    )
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-        "img-src data:\">"
+        'img-src data:">'
         f"<title>Documentation worklist for {_e(profile_code)}</title><style>{_CSS}</style></head><body><main>"
         f"<h1>Documentation worklist for {_e(profile_code)}</h1>"
         f"<p>{s.patients} patients from {_e(source)}, checked {_e(generated)}. "
         f"{s.complete} ({_pct(s.complete, s.patients)}) have complete documentation and a code that fits; "
         f"{checked - s.complete} need more documentation or another code; {s.referrals} have a red flag, so a "
         f"referral is recommended; {s.problems} records could not be checked.</p>"
-        + _bar_chart("gaps", "How often each documentation element is missing or conflicting", gaps, checked,
-                     "element")
+        + _bar_chart("gaps", "How often each documentation element is missing or conflicting", gaps, checked, "element")
         + _bar_chart("fit", "Does the code fit the documentation?", fit, s.patients, "code fit")
         + _bar_chart("ref", "Referrals recommended (a red flag is present)", referrals, checked, "referral")
         + _bar_chart("count", "Patients by number of documentation gaps", by_count, checked, "gaps")
-        + _worklist(s) + problem_part + "</main></body></html>\n")
+        + _worklist(s)
+        + problem_part
+        + "</main></body></html>\n"
+    )

@@ -24,8 +24,22 @@ __all__ = ["Keyed", "key_line", "patient_row", "problem_row", "ROW_COLUMNS", "RE
 READ_TYPES = frozenset({"Patient", "Condition", "Observation", "Encounter", "CarePlan"})
 
 #: one row per patient: the worklist's columns, in order (``_job`` gives their Spark types)
-ROW_COLUMNS = ("patient", "encounter", "complete", "code_fit", "suggested", "gaps", "red_flags", "referral",
-               "drafts_allowed", "refused", "statuses", "flag_statuses", "problem", "drafts")
+ROW_COLUMNS = (
+    "patient",
+    "encounter",
+    "complete",
+    "code_fit",
+    "suggested",
+    "gaps",
+    "red_flags",
+    "referral",
+    "drafts_allowed",
+    "refused",
+    "statuses",
+    "flag_statuses",
+    "problem",
+    "drafts",
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +76,22 @@ def key_line(text: str) -> Keyed | None:
 
 
 def _empty_row(patient: str) -> dict[str, Any]:
-    return {"patient": patient, "encounter": None, "complete": False, "code_fit": None, "suggested": [],
-            "gaps": [], "red_flags": [], "referral": False, "drafts_allowed": False, "refused": None,
-            "statuses": None, "flag_statuses": None, "problem": None, "drafts": None}
+    return {
+        "patient": patient,
+        "encounter": None,
+        "complete": False,
+        "code_fit": None,
+        "suggested": [],
+        "gaps": [],
+        "red_flags": [],
+        "referral": False,
+        "drafts_allowed": False,
+        "refused": None,
+        "statuses": None,
+        "flag_statuses": None,
+        "problem": None,
+        "drafts": None,
+    }
 
 
 def problem_row(patient: str, problem: str) -> dict[str, Any]:
@@ -74,8 +101,15 @@ def problem_row(patient: str, problem: str) -> dict[str, Any]:
     return row
 
 
-def patient_row(patient: str, lines: Iterable[tuple[str, int, str]], profile: Profile, *, today: date,
-                now: datetime, keep_drafts: bool = False) -> dict[str, Any]:
+def patient_row(
+    patient: str,
+    lines: Iterable[tuple[str, int, str]],
+    profile: Profile,
+    *,
+    today: date,
+    now: datetime,
+    keep_drafts: bool = False,
+) -> dict[str, Any]:
     """Review one patient's resources (``(file, line, json)``) and return the worklist row.
 
     A resource that is not valid R4 makes the row a problem row naming its file and line:
@@ -95,20 +129,22 @@ def patient_row(patient: str, lines: Iterable[tuple[str, int, str]], profile: Pr
     result = review(PatientRecord(patient, tuple(resources)), profile, today=today, now=now)
     report = result.report
     row = _empty_row(patient)
-    row.update({
-        "encounter": report.encounter,
-        "complete": report.complete,
-        "code_fit": report.code_fit.status,
-        "suggested": sorted(s.code for s in report.code_fit.suggested),
-        "gaps": [e.id for e in report.gaps()],
-        "red_flags": [f.id for f in report.red_flags if f.status == "present"],
-        "referral": report.referral_recommended,
-        "drafts_allowed": result.drafts_allowed,
-        "refused": result.refused,
-        "statuses": json.dumps({e.id: e.status for e in report.elements}, sort_keys=True),
-        "flag_statuses": json.dumps({f.id: f.status for f in report.red_flags}, sort_keys=True),
-        "drafts": json.dumps(result.drafts) if keep_drafts and result.drafts is not None else None,
-    })
+    row.update(
+        {
+            "encounter": report.encounter,
+            "complete": report.complete,
+            "code_fit": report.code_fit.status,
+            "suggested": sorted(s.code for s in report.code_fit.suggested),
+            "gaps": [e.id for e in report.gaps()],
+            "red_flags": [f.id for f in report.red_flags if f.status == "present"],
+            "referral": report.referral_recommended,
+            "drafts_allowed": result.drafts_allowed,
+            "refused": result.refused,
+            "statuses": json.dumps({e.id: e.status for e in report.elements}, sort_keys=True),
+            "flag_statuses": json.dumps({f.id: f.status for f in report.red_flags}, sort_keys=True),
+            "drafts": json.dumps(result.drafts) if keep_drafts and result.drafts is not None else None,
+        }
+    )
     return row
 
 

@@ -27,8 +27,13 @@ WRITE_LOG = "writeback.sqlite"
 class RateLimiter:
     """At most ``per_minute`` calls a minute, evenly spaced (None: no limit)."""
 
-    def __init__(self, per_minute: float | None, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        per_minute: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if per_minute is not None and per_minute <= 0:
             raise UsageError("--max-writes-per-minute must be a positive number")
         self._interval = 60.0 / per_minute if per_minute else 0.0
@@ -51,16 +56,18 @@ class WriteLog:
 
     def __init__(self, path: str | Path) -> None:
         self._db = sqlite3.connect(str(path))
-        self._db.execute("CREATE TABLE IF NOT EXISTS written (patient TEXT PRIMARY KEY, created INTEGER, "
-                         "existing INTEGER, at REAL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS written (patient TEXT PRIMARY KEY, created INTEGER, existing INTEGER, at REAL)"
+        )
         self._db.commit()
 
     def done(self, patient: str) -> bool:
         return self._db.execute("SELECT 1 FROM written WHERE patient = ?", (patient,)).fetchone() is not None
 
     def record(self, patient: str, created: int, existing: int) -> None:
-        self._db.execute("INSERT OR REPLACE INTO written VALUES (?, ?, ?, ?)",
-                         (patient, created, existing, time.time()))
+        self._db.execute(
+            "INSERT OR REPLACE INTO written VALUES (?, ?, ?, ?)", (patient, created, existing, time.time())
+        )
         self._db.commit()
 
     def count(self) -> int:
@@ -85,8 +92,14 @@ class WriteSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def write_back(rows: Iterable[Mapping[str, Any]], writer: Any, log: WriteLog, limiter: RateLimiter, *,
-               progress: TextIO | None = None) -> WriteSummary:
+def write_back(
+    rows: Iterable[Mapping[str, Any]],
+    writer: Any,
+    log: WriteLog,
+    limiter: RateLimiter,
+    *,
+    progress: TextIO | None = None,
+) -> WriteSummary:
     """Write the drafts of every row whose drafts are allowed and not yet logged; a failure skips that patient."""
     summary = WriteSummary()
     for row in rows:
@@ -107,6 +120,9 @@ def write_back(rows: Iterable[Mapping[str, Any]], writer: Any, log: WriteLog, li
         summary.created += len(result.created)
         summary.existing += len(result.existing)
         if progress is not None:
-            print(f"write-back: {patient} ({len(result.created)} created, {len(result.existing)} already there)",
-                  file=progress, flush=True)
+            print(
+                f"write-back: {patient} ({len(result.created)} created, {len(result.existing)} already there)",
+                file=progress,
+                flush=True,
+            )
     return summary

@@ -43,8 +43,9 @@ log = logging.getLogger("sandbox.ehr.cds")
 JWKS_PATH = "/cds/jwks.json"
 CLIENT_ID = "sandbox-ehr-cds"
 IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
-_TEMPLATES = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
-                         autoescape=select_autoescape(default=True))
+_TEMPLATES = Environment(
+    loader=FileSystemLoader(str(Path(__file__).parent / "templates")), autoescape=select_autoescape(default=True)
+)
 
 
 class CdsSigner:
@@ -54,8 +55,9 @@ class CdsSigner:
         self.iss = iss
         self.jku = jku
         self.lifetime = lifetime
-        self.key = ECKey.generate_key("P-384", parameters={"kid": secrets.token_hex(8), "use": "sig",
-                                                          "alg": "ES384"}, private=True)
+        self.key = ECKey.generate_key(
+            "P-384", parameters={"kid": secrets.token_hex(8), "use": "sig", "alg": "ES384"}, private=True
+        )
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.key.as_dict(private=False)]}
@@ -65,8 +67,14 @@ class CdsSigner:
         header = {"alg": "ES384", "typ": "JWT", "kid": self.key.kid}
         if self.jku:
             header["jku"] = self.jku
-        claims = {"iss": self.iss, "sub": CLIENT_ID, "aud": aud, "iat": now, "exp": now + self.lifetime,
-                  "jti": secrets.token_urlsafe(16)}
+        claims = {
+            "iss": self.iss,
+            "sub": CLIENT_ID,
+            "aud": aud,
+            "iat": now,
+            "exp": now + self.lifetime,
+            "jti": secrets.token_urlsafe(16),
+        }
         return jwt.encode(header, claims, self.key, algorithms=["ES384"])
 
 
@@ -84,16 +92,23 @@ class CdsClient:
         self.services_url = services_url.rstrip("/")
         self.signer = CdsSigner(self.config.base_url, self.config.base_url + JWKS_PATH)
         self.http = requests.Session()
-        self._cards: dict[str, tuple[str, str, dict[str, Any]]] = {}   # card uuid -> (service, patient, card)
+        self._cards: dict[str, tuple[str, str, dict[str, Any]]] = {}  # card uuid -> (service, patient, card)
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------- what a hook call carries
     def _token(self, patient: str, scope: str) -> str:
         """A proxy access token for ``patient`` (the service reads, the EHR itself writes an accepted suggestion)."""
         now = self.ehr.store.now()
-        token = Token(token_id=secrets.token_hex(8), client_id=CLIENT_ID, scope=scope,
-                      context=LaunchContext(patient=patient), access_token=secrets.token_urlsafe(32),
-                      issued_at=now, expires_at=now + 300, grant_type="cds-hooks")
+        token = Token(
+            token_id=secrets.token_hex(8),
+            client_id=CLIENT_ID,
+            scope=scope,
+            context=LaunchContext(patient=patient),
+            access_token=secrets.token_urlsafe(32),
+            issued_at=now,
+            expires_at=now + 300,
+            grant_type="cds-hooks",
+        )
         self.ehr.store.add_token(token)
         return token.access_token
 
@@ -104,9 +119,10 @@ class CdsClient:
             query = template.replace("{{context.patientId}}", patient)
             path, _, params = query.partition("?")
             url = f"{self.config.fhir_upstream}/{path}" + (f"?{params}&_count=500" if params else "")
-            answer = self.ehr.proxy.session().get(url, headers={"Accept": FHIR_JSON, "Cache-Control": "no-cache"},
-                                                  timeout=self.config.upstream_timeout)
-            out[key] = answer.json() if answer.status_code == 200 else None   # null: the service reads it itself
+            answer = self.ehr.proxy.session().get(
+                url, headers={"Accept": FHIR_JSON, "Cache-Control": "no-cache"}, timeout=self.config.upstream_timeout
+            )
+            out[key] = answer.json() if answer.status_code == 200 else None  # null: the service reads it itself
         return out
 
     def services(self) -> list[dict[str, Any]]:
@@ -114,23 +130,35 @@ class CdsClient:
         answer.raise_for_status()
         return [s for s in answer.json().get("services", []) if isinstance(s, dict)]
 
-    def call(self, service: dict[str, Any], patient: str, encounter: str | None, *,
-             with_prefetch: bool = True) -> list[dict[str, Any]]:
+    def call(
+        self, service: dict[str, Any], patient: str, encounter: str | None, *, with_prefetch: bool = True
+    ) -> list[dict[str, Any]]:
         """One hook call; the cards it answered, remembered by uuid for accept and override."""
         url = f"{self.services_url}/{service['id']}"
-        context = {"userId": self.config.user_id, "patientId": patient,
-                   **({"encounterId": encounter} if encounter else {})}
+        context = {
+            "userId": self.config.user_id,
+            "patientId": patient,
+            **({"encounterId": encounter} if encounter else {}),
+        }
         body: dict[str, Any] = {
-            "hook": service["hook"], "hookInstance": str(uuid.uuid4()), "context": context,
+            "hook": service["hook"],
+            "hookInstance": str(uuid.uuid4()),
+            "context": context,
             "fhirServer": self.config.fhir_base_url,
-            "fhirAuthorization": {"access_token": self._token(patient, "patient/*.rs"), "token_type": "Bearer",
-                                  "expires_in": 300, "scope": "patient/*.rs", "subject": CLIENT_ID,
-                                  "patient": patient},
+            "fhirAuthorization": {
+                "access_token": self._token(patient, "patient/*.rs"),
+                "token_type": "Bearer",
+                "expires_in": 300,
+                "scope": "patient/*.rs",
+                "subject": CLIENT_ID,
+                "patient": patient,
+            },
         }
         if with_prefetch:
             body["prefetch"] = self.prefetch(patient, service.get("prefetch") or {})
-        answer = self.http.post(url, json=body, timeout=30,
-                                headers={"Authorization": f"Bearer {self.signer.sign(url)}"})
+        answer = self.http.post(
+            url, json=body, timeout=30, headers={"Authorization": f"Bearer {self.signer.sign(url)}"}
+        )
         if answer.status_code != 200:
             log.info("CDS service %s answered %d", service["id"], answer.status_code)
             return []
@@ -173,17 +201,25 @@ class CdsClient:
                     lines.append(f"{rtype} not accepted by the FHIR server (HTTP {result.status})")
         return lines
 
-    def feedback(self, service_id: str, card: dict[str, Any], outcome: str,
-                 reason: dict[str, Any] | None = None) -> int:
-        entry: dict[str, Any] = {"card": card["uuid"], "outcome": outcome,
-                                 "outcomeTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def feedback(
+        self, service_id: str, card: dict[str, Any], outcome: str, reason: dict[str, Any] | None = None
+    ) -> int:
+        entry: dict[str, Any] = {
+            "card": card["uuid"],
+            "outcome": outcome,
+            "outcomeTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if outcome == "accepted":
             entry["acceptedSuggestions"] = [{"id": s["uuid"]} for s in card.get("suggestions") or [] if s.get("uuid")]
         if reason:
             entry["overrideReason"] = {"reason": reason}
         url = f"{self.services_url}/{service_id}"
-        answer = self.http.post(url + "/feedback", json={"feedback": [entry]}, timeout=10,
-                                headers={"Authorization": f"Bearer {self.signer.sign(url)}"})
+        answer = self.http.post(
+            url + "/feedback",
+            json={"feedback": [entry]},
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.signer.sign(url)}"},
+        )
         return answer.status_code
 
 
@@ -216,15 +252,18 @@ def cds_router(ehr: Any, services_url: str) -> APIRouter:
                 if service.get("hook") != "patient-view":
                     continue
                 for card in client.call(service, patient, encounter):
-                    links = [{"label": link.get("label", "Open app"),
-                              "href": _launch_link(link, patient, encounter)}
-                             for link in card.get("links") or [] if link.get("type") == "smart"]
+                    links = [
+                        {"label": link.get("label", "Open app"), "href": _launch_link(link, patient, encounter)}
+                        for link in card.get("links") or []
+                        if link.get("type") == "smart"
+                    ]
                     shown.append({"card": card, "links": links, "service": service["id"]})
             error = ""
         except (requests.RequestException, ValueError):
             shown, error = [], "The CDS service did not answer."
         html = _TEMPLATES.get_template("cds_patient.html").render(
-            patient=patient, encounter=encounter, cards=shown, message=message or [], error=error)
+            patient=patient, encounter=encounter, cards=shown, message=message or [], error=error
+        )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     def _ids(patient: str, encounter: str | None) -> Response | None:
@@ -265,7 +304,11 @@ def cds_router(ehr: Any, services_url: str) -> APIRouter:
         service_id, card = found
         reason = next((r for r in card.get("overrideReasons") or [] if r.get("code") == form.get("reason")), None)
         await run_in_threadpool(client.feedback, service_id, card, "overridden", reason)
-        return await run_in_threadpool(_page, patient, str(encounter) if encounter else None,
-                                       ["Card dismissed; the reason was sent to the CDS service."])
+        return await run_in_threadpool(
+            _page,
+            patient,
+            str(encounter) if encounter else None,
+            ["Card dismissed; the reason was sent to the CDS service."],
+        )
 
     return router

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import requests
 from fastapi import APIRouter, Request
@@ -60,8 +61,13 @@ router = APIRouter(tags=["CDS Hooks"])
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: prefetch key -> the resource type its template searches (fhir_plugin._cards.PREFETCH)
-_PREFETCH_TYPES = {"patient": "Patient", "conditions": "Condition", "observations": "Observation",
-                   "encounters": "Encounter", "carePlans": "CarePlan"}
+_PREFETCH_TYPES = {
+    "patient": "Patient",
+    "conditions": "Condition",
+    "observations": "Observation",
+    "encounters": "Encounter",
+    "carePlans": "CarePlan",
+}
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,14 @@ class CdsServices:
     clock: Callable[[], float]
 
     @classmethod
-    def build(cls, settings: Settings, *, http: requests.Session | None = None, today: Callable[[], date] = date.today,
-              clock: Callable[[], float] = time.time) -> CdsServices:
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        http: requests.Session | None = None,
+        today: Callable[[], date] = date.today,
+        clock: Callable[[], float] = time.time,
+    ) -> CdsServices:
         profiles = [load_profile(code) for code in available_profiles()]
         discovery = cds_discovery(profiles)
         by_code = {p.code: p for p in profiles}
@@ -123,8 +135,9 @@ def discovery_document(request: Request) -> dict[str, Any]:
     return _cds(request).discovery
 
 
-async def _authorized_body(request: Request, cds: CdsServices, service_id: str,
-                           extra_aud: tuple[str, ...] = ()) -> tuple[dict[str, Any] | None, Response | None]:
+async def _authorized_body(
+    request: Request, cds: CdsServices, service_id: str, extra_aud: tuple[str, ...] = ()
+) -> tuple[dict[str, Any] | None, Response | None]:
     """The JSON body once the JWT checks out (checked before the body is even parsed)."""
     audiences = cds.audiences(request, service_id) + extra_aud
     try:
@@ -181,12 +194,17 @@ async def cds_feedback(service_id: str, request: Request) -> Response:
 
 # ---------------------------------------------------------------- the hook call, off the event loop
 
+
 def _resources(value: Any, rtype: str) -> list[dict[str, Any]]:
     """A prefetch value's resources of ``rtype``: a searchset Bundle's entries, or the one resource."""
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-        return [e["resource"] for e in value.get("entry") or []
-                if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-                and e["resource"].get("resourceType") == rtype]
+        return [
+            e["resource"]
+            for e in value.get("entry") or []
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == rtype
+        ]
     if isinstance(value, dict) and value.get("resourceType") == rtype:
         return [value]
     return []
@@ -227,7 +245,8 @@ class _Source:
         if self.sent("conditions"):
             return _resources(self.prefetch["conditions"], "Condition")
         found: list[dict[str, Any]] = self._read(
-            lambda c: c.search("Condition", {"patient": self.patient_id, "_count": 500}))
+            lambda c: c.search("Condition", {"patient": self.patient_id, "_count": 500})
+        )
         return [r for r in found if r.get("resourceType") == "Condition"]
 
     def record(self, conditions: list[dict[str, Any]]) -> PatientRecord:
@@ -271,14 +290,18 @@ def _answer(cds: CdsServices, service: Service, body: Mapping[str, Any]) -> tupl
     read_done = time.perf_counter()
     encounters = {r.get("id") for r in record.of_type("Encounter")}
     now = datetime.fromtimestamp(cds.clock(), UTC)
-    result = review_record(record, profile, today=cds.today(), now=now,
-                           encounter_id=encounter_id if encounter_id in encounters else None)
+    result = review_record(
+        record, profile, today=cds.today(), now=now, encounter_id=encounter_id if encounter_id in encounters else None
+    )
     check_done = time.perf_counter()
     base = cds.settings.cds_base_url or ""
-    ctx = CardContext(service_id=service.id, hook_instance=str(body.get("hookInstance") or ""),
-                      app_launch_url=cds.settings.app_launch_url, source_url=(base or cds.settings.app_launch_url
-                                                                              .rsplit("/", 1)[0]) + "/",
-                      encounter=f"Encounter/{encounter_id}" if encounter_id else None)
+    ctx = CardContext(
+        service_id=service.id,
+        hook_instance=str(body.get("hookInstance") or ""),
+        app_launch_url=cds.settings.app_launch_url,
+        source_url=(base or cds.settings.app_launch_url.rsplit("/", 1)[0]) + "/",
+        encounter=f"Encounter/{encounter_id}" if encounter_id else None,
+    )
     if service.hook == "order-sign":
         cards = order_sign_cards(result, profile, ctx, orders, record.resources)
     else:
@@ -286,5 +309,9 @@ def _answer(cds: CdsServices, service: Service, body: Mapping[str, Any]) -> tupl
     cds.store.issued(service.id, cards)
     done = time.perf_counter()
     log.info("cds %s: Patient/%s, %d card(s), %d server read(s)", service.id, patient_id, len(cards), source.reads)
-    return {"cards": cards}, {"read": read_done - started, "check": check_done - read_done,
-                              "cards": done - check_done, "total": done - started}
+    return {"cards": cards}, {
+        "read": read_done - started,
+        "check": check_done - read_done,
+        "cards": done - check_done,
+        "total": done - started,
+    }
