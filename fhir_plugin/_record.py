@@ -20,6 +20,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ._errors import InputError
+from ._vocab import CLINICAL_TYPES, READ_TYPES
 
 __all__ = [
     "PatientRecord",
@@ -28,11 +29,8 @@ __all__ = [
     "records_from_bundle",
     "load_bundle_file",
     "subject_patient_id",
+    "patient_id_of",
 ]
-
-#: resource types the check reads (SPEC §3); Patient is kept for the banner
-CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")
-_READ_TYPES = ("Patient",) + CLINICAL_TYPES
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,20 @@ def validate_resource(resource: Any) -> dict[str, Any]:
     return resource
 
 
+def patient_id_of(reference: Any) -> str | None:
+    """The id a ``Patient/id`` reference (relative or absolute) names, or None for anything else."""
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] else None
+
+
 def subject_patient_id(resource: Mapping[str, Any]) -> str | None:
     """The Patient id a clinical resource belongs to (``subject`` or ``patient``), or None."""
     if resource.get("resourceType") == "Patient":
-        return resource.get("id")
-    ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
-    if not isinstance(ref, str):
-        return None
-    parts = ref.split("/")
-    if len(parts) >= 2 and parts[-2] == "Patient":
-        return parts[-1]
-    return None
+        found = resource.get("id")
+        return found if isinstance(found, str) else None
+    return patient_id_of((resource.get("subject") or resource.get("patient") or {}).get("reference"))
 
 
 def _local_ref(ref: str) -> str | None:
@@ -165,7 +166,7 @@ def records_from_bundle(bundle: Any) -> list[PatientRecord]:
         if not isinstance(res, dict):
             raise InputError("a Bundle entry's resource is not a JSON object")
         rtype = res.get("resourceType")
-        if rtype not in _READ_TYPES:
+        if rtype not in READ_TYPES:
             wrong_types.add(str(rtype))
             continue
         validate_resource(res)

@@ -53,7 +53,7 @@ from ._checkpoint import Checkpoint, Run
 from ._client import FhirClient, search_matches
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
 from ._profile import Profile
-from ._record import CLINICAL_TYPES, subject_patient_id
+from ._record import CLINICAL_TYPES, patient_id_of, subject_patient_id
 from ._review import review
 from ._strategies import strategies_for
 from ._vocab import DRAFT_TAG, DRAFT_TYPES, READ_TYPES
@@ -204,13 +204,6 @@ def _bundle_time(bundle: Mapping[str, Any]) -> datetime | None:
     return None
 
 
-def _patient_id(reference: Any) -> str | None:
-    if not isinstance(reference, str):
-        return None
-    parts = reference.split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] else None
-
-
 # ---------------------------------------------------------------- the server's clock
 
 class ServerClock:
@@ -281,7 +274,7 @@ def group_members(client: FhirClient, group_id: str) -> list[str]:
     for member in group.get("member") or []:
         if not isinstance(member, dict) or member.get("inactive") is True:
             continue
-        pid = _patient_id((member.get("entity") or {}).get("reference"))
+        pid = patient_id_of((member.get("entity") or {}).get("reference"))
         if pid:
             ids.setdefault(pid, None)
     return list(ids)

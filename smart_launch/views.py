@@ -22,6 +22,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from fhir_plugin import PatientRecord, PluginError, Profile, Report, __version__, phases_of
+from fhir_plugin._record import subject_patient_id
 from fhir_plugin._urls import origin, safe_url
 
 from .state import LaunchSession
@@ -43,12 +44,8 @@ GROUPS = (("conflict", "Conflicts"), ("missing", "Missing"), ("not-yet-due", "No
 # ---------------------------------------------------------------- pure helpers for the views
 
 def subject_of(resource: Mapping[str, Any]) -> str | None:
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id")
-    ref = (resource.get("subject") or resource.get("patient") or {}).get("reference")
-    if isinstance(ref, str) and ref.split("/")[-2:-1] == ["Patient"]:
-        return ref.split("/")[-1]
-    return None
+    """The patient a resource belongs to: the same reading as the check's (``subject_patient_id``)."""
+    return subject_patient_id(resource)
 
 
 def _human_name(patient: Mapping[str, Any] | None) -> str:
