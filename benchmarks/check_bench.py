@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fhir_plugin import check, load_profile
 from fhir_plugin._record import records_from_bundle
+from fhir_plugin._text import _CLAUSE_WORDS, _HYPOTHETICAL, _POST_NEGATION, _PRE_NEGATION
 from fhir_plugin.synthetic import generate_cases, large_record
 
 SIZES_KB = (10, 30, 100, 300, 1000)
@@ -105,48 +106,11 @@ def _medspacy_rows(sizes: tuple[int, ...], texts: list[str]) -> list[str]:
         ]
     )
     context = nlp.add_pipe("medspacy_context", config={"rules": None})
-    rules = [
-        ConTextRule(t, "NEGATED_EXISTENCE", direction="FORWARD")
-        for t in ("no", "not", "denies", "denied", "negative for", "without", "absent", "free of", "never")
-    ]
-    rules += [
-        ConTextRule(t, "NEGATED_EXISTENCE", direction="BACKWARD")
-        for t in ("absent", "negative", "ruled out", "denied", "not present", "none")
-    ]
-    rules += [
-        ConTextRule(t, "HYPOTHETICAL", direction="FORWARD")
-        for t in (
-            "if",
-            "should",
-            "unless",
-            "in case of",
-            "return for",
-            "watch for",
-            "monitor for",
-            "call for",
-            "precautions",
-            "warning signs",
-        )
-    ]
-    rules += [
-        ConTextRule(t, "TERMINATE", direction="TERMINATE")
-        for t in (
-            "but",
-            "however",
-            "although",
-            "though",
-            "except",
-            "yet",
-            "reports",
-            "reported",
-            "endorses",
-            "endorsed",
-            "complains of",
-            "c/o",
-            "positive for",
-            "presents with",
-        )
-    ]
+    # SPEC §3.2's triggers, the same lists the plugin's own clause engine reads
+    rules = [ConTextRule(t, "NEGATED_EXISTENCE", direction="FORWARD") for t in _PRE_NEGATION]
+    rules += [ConTextRule(t, "NEGATED_EXISTENCE", direction="BACKWARD") for t in _POST_NEGATION]
+    rules += [ConTextRule(t, "HYPOTHETICAL", direction="FORWARD") for t in _HYPOTHETICAL]
+    rules += [ConTextRule(t, "TERMINATE", direction="TERMINATE") for t in _CLAUSE_WORDS]
     context.add(rules)
     rows = []
     for kb in sizes:

@@ -5,6 +5,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,25 +23,20 @@ def test_compose_file_is_valid_and_pins_hapi_r4():
         assert isinstance(services[name]["command"], list)
 
 
-def test_wheel_carries_the_profiles(tmp_path):
+@pytest.fixture(scope="module")
+def names(tmp_path_factory):
+    """The files of the wheel ``pip wheel`` builds from this checkout (built once for these tests)."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
         check=True,
         capture_output=True,
     )
-    [wheel] = tmp_path.glob("fhir_plugin-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    [wheel] = out.glob("fhir_plugin-*.whl")
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_wheel_carries_the_profiles(names):
     for code in ("M62.561", "M62.830"):
         assert f"fhir_plugin/profiles/{code}/profile.json" in names
         assert f"fhir_plugin/profiles/{code}/plandefinition.json" in names
@@ -55,25 +51,7 @@ def test_wheel_carries_the_profiles(tmp_path):
     } <= set(names)
 
 
-def test_wheel_carries_the_example_patients_and_type_hints(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    [wheel] = tmp_path.glob("fhir_plugin-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_wheel_carries_the_example_patients_and_type_hints(names):
     shipped = {
         f"fhir_plugin/profiles/M62.561/examples/{p.name}" for p in (ROOT / "profiles/M62.561/examples").iterdir()
     }

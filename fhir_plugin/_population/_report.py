@@ -72,24 +72,23 @@ def summarize(rows: Iterable[Mapping[str, Any]], limit: int = WORKLIST_LIMIT) ->
         if needs_attention(row):
             s.worklist_total += 1
             if len(s.worklist) < limit:
-                s.worklist.append(
-                    {
-                        k: row.get(k)
-                        for k in (
-                            "patient",
-                            "encounter",
-                            "complete",
-                            "code_fit",
-                            "suggested",
-                            "gaps",
-                            "red_flags",
-                            "referral",
-                            "drafts_allowed",
-                            "problem",
-                        )
-                    }
-                )
+                s.worklist.append({k: row.get(k) for k in WORKLIST_COLUMNS})
     return s
+
+
+#: the row's columns the worklist shows (the rest of ``_rows.ROW_COLUMNS`` is detail for the Parquet file)
+WORKLIST_COLUMNS = (
+    "patient",
+    "encounter",
+    "complete",
+    "code_fit",
+    "suggested",
+    "gaps",
+    "red_flags",
+    "referral",
+    "drafts_allowed",
+    "problem",
+)
 
 
 def _pct(n: int, total: int) -> str:
