@@ -8,6 +8,7 @@ process.  Screenshots go to test-artifacts/ (gitignored).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from test_smart_e2e import ARTIFACTS, DRAFT_TAG, browser  # noqa: F401  (the sha
 
 from fhir_plugin import CardContext, FhirClient, cards_for_review, load_profile, review
 from fhir_plugin.synthetic import generate_cases
+from sandbox.testing import needing_drafts
 from sandbox.testing import load_fresh_case, sandbox_stack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +39,9 @@ def _count(base: str, rtype: str, patient: str) -> int:
 def test_ehr_patient_page_shows_cards_launches_the_app_and_applies_the_suggestion_once(fhir_base_url, browser):  # noqa: F811
     ARTIFACTS.mkdir(exist_ok=True)
     today = dt.date.today()
-    case = load_fresh_case(fhir_base_url, next(c for c in generate_cases(today) if c.key == "missing-onset"))
+    # a record that still needs its drafts (SPEC §7.1: no clinician plan, the chart coded M62.56)
+    chart = next(c for c in generate_cases(today) if c.key == "missing-onset")
+    case = load_fresh_case(fhir_base_url, dataclasses.replace(chart, resources=needing_drafts(chart.resources)))
     pid = case.patient_id
     encounter = max(
         (r for r in case.resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"]
@@ -68,8 +72,8 @@ def test_ehr_patient_page_shows_cards_launches_the_app_and_applies_the_suggestio
         # 2. the card's SMART link launches the app for this patient and encounter
         page.locator("section.card a.smart-link").first.click()
         page.wait_for_selector("#summary")
-        assert page.url == f"{stack.app_url}/review"
-        session = page.evaluate("fetch('/api/session').then(r => r.json())")
+        assert page.url.startswith(f"{stack.app_url}/review?launch=")  # each launch its own session (issue 13)
+        session = page.evaluate("fetch('/api/session' + location.search).then(r => r.json())")
         assert session["patient"] == f"Patient/{pid}" and session["encounter"] == f"Encounter/{encounter}"
         page.screenshot(path=str(ARTIFACTS / "cds-launched-app.png"))
 

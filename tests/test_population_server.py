@@ -3,6 +3,7 @@ write-back resume without a second export and without a duplicate draft (counted
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import uuid
@@ -16,6 +17,7 @@ from fhir_plugin._errors import TransportError
 from fhir_plugin._vocab import DRAFT_TAG
 from fhir_plugin._write import TransactionWriter
 from fhir_plugin.synthetic import generate_cases, load_into_server, renamed_case
+from sandbox.testing import needing_drafts
 
 pytestmark = [pytest.mark.server, pytest.mark.spark]
 
@@ -24,9 +26,14 @@ TODAY = dt.date(2026, 11, 1)
 
 @pytest.fixture(scope="module")
 def group(sandbox_hapi_url):
-    """The synthetic cases under fresh ids, loaded into HAPI, as the members of a new Group."""
+    """The synthetic cases under fresh ids, loaded into HAPI, as the members of a new Group.
+
+    Each record still needs its drafts (SPEC §7.1: no clinician plan, the chart coded M62.56), so the
+    write-back has patients to write.
+    """
     tag = "bk" + uuid.uuid4().hex[:6]
-    cases = [renamed_case(c, tag) for c in generate_cases(TODAY) if not c.encounter_id]
+    cases = [dataclasses.replace(c, resources=needing_drafts(c.resources))
+             for c in (renamed_case(c, tag) for c in generate_cases(TODAY) if not c.encounter_id)]
     load_into_server(sandbox_hapi_url, cases)
     group_id = f"fp-{tag}-group"
     body = {
