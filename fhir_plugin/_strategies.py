@@ -3,22 +3,39 @@
 A CapabilityStatement (FHIR ``metadata``) that lists the ``batch`` system
 interaction gets the one-round-trip ``BatchReader``, one that lists
 ``transaction`` gets the ``TransactionWriter``; a server that declares neither
-gets the per-type reader and the per-resource writer.  With no statement at
-hand the defaults are batch and transaction, which every open FHIR server
-(HAPI, Azure, Google, Medplum, Firely, Aidbox) offers.
+gets the per-type reader and, for the writer (issue 12, "Writing"):
+
+- the per-resource writer (one conditional create each) when the draft types
+  it declares all allow conditional create (or it declares none of them);
+- the ledger writer (search, then plain create, with a local ledger) when a
+  draft type it declares has no ``conditionalCreate``.
+
+With no statement at hand the defaults are batch and transaction, which every
+open FHIR server (HAPI, Azure, Google, Medplum, Firely, Aidbox) offers.  An
+explicit ``strategy`` overrides the writer for a server whose statement is
+wrong (``--strategy`` / ``FHIR_PLUGIN_STRATEGY``).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from ._capabilities import ServerCapabilities
 from ._client import FhirClient
+from ._errors import UsageError
+from ._ledger import DEFAULT_LEDGER, Ledger
 from ._read import BatchReader, PerTypeReader, RecordReader
-from ._write import DraftWriter, PerResourceWriter, TransactionWriter
+from ._write import DraftWriter, LedgerWriter, PerResourceWriter, TransactionWriter
 
-__all__ = ["Strategies", "strategies_for"]
+__all__ = ["Strategies", "strategies_for", "STRATEGIES", "DRAFT_TYPES", "ledger_at"]
+
+#: the writer choices an operator may force; ``auto`` is detection from the CapabilityStatement
+STRATEGIES = ("auto", "transaction", "per-resource", "ledger")
+#: the resource types the drafts create (SPEC §7)
+DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 
 
 @dataclass(frozen=True)
@@ -29,13 +46,48 @@ class Strategies:
     writer: DraftWriter
 
 
+_ledgers: dict[str, Ledger] = {}
+_lock = threading.Lock()
+
+
+def ledger_at(path: str | Path | None = None) -> Ledger:
+    """The process's one open ledger for ``path`` (default beside the sync state), shared by every patient."""
+    key = str(Path(path or DEFAULT_LEDGER).resolve())
+    with _lock:
+        if key not in _ledgers:
+            _ledgers[key] = Ledger(key)
+        return _ledgers[key]
+
+
+def _needs_ledger(capabilities: ServerCapabilities) -> bool:
+    """A draft type the server declares, without conditional create: it cannot de-duplicate for us."""
+    return any(t in capabilities.types and not capabilities.can_create_conditionally(t) for t in DRAFT_TYPES)
+
+
 def strategies_for(client: FhirClient,
-                   capabilities: ServerCapabilities | Mapping[str, Any] | None = None) -> Strategies:
-    """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given."""
-    if capabilities is None:
-        return Strategies(BatchReader(client), TransactionWriter(client))
-    if not isinstance(capabilities, ServerCapabilities):
+                   capabilities: ServerCapabilities | Mapping[str, Any] | None = None, *,
+                   strategy: str = "auto", ledger: str | Path | None = None) -> Strategies:
+    """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given.
+
+    ``strategy`` forces the writer (one of ``STRATEGIES``); ``ledger`` is the
+    ledger file's path, opened only when the ledger writer is chosen.
+    """
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown write strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if capabilities is not None and not isinstance(capabilities, ServerCapabilities):
         capabilities = ServerCapabilities.from_statement(capabilities)
-    reader: RecordReader = BatchReader(client) if capabilities.batch else PerTypeReader(client)
-    writer: DraftWriter = TransactionWriter(client) if capabilities.transaction else PerResourceWriter(client)
+    reader: RecordReader = BatchReader(client) if capabilities is None or capabilities.batch \
+        else PerTypeReader(client)
+    if strategy == "auto":
+        if capabilities is None or capabilities.transaction:
+            strategy = "transaction"
+        else:
+            strategy = "ledger" if _needs_ledger(capabilities) else "per-resource"
+    writer: DraftWriter
+    if strategy == "transaction":
+        writer = TransactionWriter(client)
+    elif strategy == "per-resource":
+        writer = PerResourceWriter(client)
+    else:
+        writer = LedgerWriter(client, ledger_at(ledger), capabilities=capabilities)
     return Strategies(reader, writer)

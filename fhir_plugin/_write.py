@@ -4,19 +4,26 @@ A writer takes the draft transaction Bundle (SPEC §7) and returns one
 ``WriteResult``, whatever way it sends it.  ``TransactionWriter`` sends one
 transaction of conditional creates (all or nothing); ``PerResourceWriter``
 sends one conditional create per resource in Bundle order, for servers
-without transactions.  Both are idempotent: sending twice creates nothing new.
+without transactions; ``LedgerWriter`` looks for each draft among the
+patient's resources and creates only what is missing, remembering what it
+created in a local ledger, for servers without conditional create.  All are
+idempotent: sending twice creates nothing new.
 Which one a server gets is decided in ``_strategies``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
+from ._capabilities import ServerCapabilities
 from ._client import FhirClient, is_safe_to_repeat
-from ._errors import Forbidden, InputError, ServerError, UsageError
+from ._errors import Forbidden, InputError, NotFound, ServerError, UsageError
+from ._ledger import Ledger
+from ._vocab import URI_IDENTIFIER
 
-__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "read_outcome", "check_matches"]
+__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "read_outcome",
+           "check_matches", "draft_key"]
 
 
 @dataclass(frozen=True)
@@ -215,3 +222,126 @@ def _with_ids(query: str, assigned: Mapping[str, str]) -> str:
     for placeholder, ref in assigned.items():
         query = query.replace(placeholder, ref)
     return query
+
+
+def draft_key(resource: Mapping[str, Any]) -> str:
+    """The stable identifier a draft carries (SPEC §7): its ``identifier`` value, or a Provenance's tag code."""
+    if resource.get("resourceType") == "Provenance":
+        found = [t.get("code") for t in (resource.get("meta") or {}).get("tag") or []
+                 if isinstance(t, Mapping) and t.get("system") == URI_IDENTIFIER]
+    else:
+        found = [i.get("value") for i in resource.get("identifier") or []
+                 if isinstance(i, Mapping) and i.get("system") == URI_IDENTIFIER]
+    if not found or not isinstance(found[0], str):
+        raise UsageError(f"a draft {resource.get('resourceType')} carries no plugin identifier to be found by")
+    return found[0]
+
+
+def _is_the_draft(found: Mapping[str, Any], mine: Mapping[str, Any], key: str) -> bool:
+    """``found`` is ``mine`` on the server: same type, same identifier (or tag), same patient (or Condition)."""
+    if found.get("resourceType") != mine.get("resourceType"):
+        return False
+    try:
+        if draft_key(found) != key:
+            return False
+    except UsageError:
+        return False
+    if mine.get("resourceType") == "Provenance":
+        # bound to the Condition it is about, as the conditional-create key is (``_drafts``)
+        wanted = _local_ref((mine.get("target") or [{}])[0].get("reference"))
+        return wanted in {_local_ref(t.get("reference")) for t in found.get("target") or [] if isinstance(t, Mapping)}
+    return _local_ref((found.get("subject") or {}).get("reference")) == _local_ref(mine["subject"]["reference"])
+
+
+class LedgerWriter:
+    """One plain create per missing draft, for servers without conditional create (issue 12, writer c).
+
+    For each draft, in Bundle order: a resource the ledger says was created is
+    read back by id; otherwise the patient's resources are searched for the
+    draft's identifier (with ``identifier=`` where the server declares that
+    search parameter, else all of the patient's resources of the type, matched
+    here).  Only a draft found nowhere is created — and its intent is committed
+    to the ledger before the create, its id after it, so a crash in between
+    leaves an ``intent`` row whose rerun searches before creating: neither lost
+    nor doubled.  ``after_create`` is a test hook called in that window.
+    """
+
+    def __init__(self, client: FhirClient, ledger: Ledger, *, capabilities: ServerCapabilities | None = None,
+                 after_create: Callable[[str], None] | None = None) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.capabilities = capabilities
+        self.after_create = after_create
+
+    def write(self, drafts: Mapping[str, Any]) -> WriteResult:
+        assigned: dict[str, str] = {}
+        created: list[str] = []
+        existing: list[str] = []
+        base = self.client.base_url
+        for entry in drafts.get("entry") or []:
+            if str((entry.get("request") or {}).get("method", "")).upper() != "POST":
+                raise UsageError("the ledger writer sends POST entries only")
+            resource = _replace_references(entry.get("resource") or {}, assigned)
+            pending = _urn_references(resource)
+            if pending:
+                raise UsageError(f"drafts are written in Bundle order, and an entry refers to "
+                                 f"{sorted(pending)[0]} before it is written")
+            key = draft_key(resource)
+            ref = self._known(base, key, resource) or self._search(resource, key)
+            if ref is not None:
+                self.ledger.record(base, key, ref)
+                existing.append(ref)
+            else:
+                ref = self._create(base, key, resource)
+                created.append(ref)
+            if entry.get("fullUrl"):
+                assigned[entry["fullUrl"]] = ref
+        return WriteResult(tuple(created), tuple(existing))
+
+    def _known(self, base: str, key: str, resource: Mapping[str, Any]) -> str | None:
+        """The ledger's id for the draft, read back to be sure it is still there and still this patient's."""
+        entry = self.ledger.get(base, key)
+        if entry is None or entry.state != "created" or not entry.ref or "/" not in entry.ref:
+            return None
+        rtype, rid = entry.ref.split("/", 1)
+        try:
+            found = self.client.read(rtype, rid)
+        except NotFound:
+            self.ledger.forget(base, key)  # deleted on the server since: look for it anew
+            return None
+        if not _is_the_draft(found, resource, key):
+            raise Forbidden(f"the draft ledger names {entry.ref} for a draft {rtype}, but the server holds another "
+                            "resource there; nothing was taken as already there")
+        return entry.ref
+
+    def _search(self, resource: Mapping[str, Any], key: str) -> str | None:
+        """The draft among the patient's resources (or the Condition's Provenances), if it is there."""
+        rtype = str(resource["resourceType"])
+        if rtype == "Provenance":
+            params = {"target": _local_ref((resource.get("target") or [{}])[0].get("reference"))}
+            if self._declares(rtype, "_tag"):
+                params["_tag"] = f"{URI_IDENTIFIER}|{key}"
+        else:
+            # per patient, as every EHR requires (``patient=``); the identifier narrows it where declared
+            params = {"patient": _local_ref(resource["subject"]["reference"]).split("/")[-1]}
+            if self._declares(rtype, "identifier"):
+                params["identifier"] = f"{URI_IDENTIFIER}|{key}"
+        for found in self.client.search(rtype, params):
+            if _is_the_draft(found, resource, key) and found.get("id"):
+                return f"{rtype}/{found['id']}"
+        return None
+
+    def _declares(self, resource_type: str, param: str) -> bool:
+        return self.capabilities is None or self.capabilities.searches_by(resource_type, param)
+
+    def _create(self, base: str, key: str, resource: Mapping[str, Any]) -> str:
+        self.ledger.intend(base, key)  # committed before the request: a crash after it is searched for on rerun
+        _, answer = self.client.send_resource("POST", str(resource["resourceType"]), resource,
+                                              headers={"Prefer": "return=representation"}, safe_to_retry=False)
+        if not answer.get("resourceType") or not answer.get("id"):
+            raise InputError("the server did not return the created resource with its id")
+        ref = f"{answer['resourceType']}/{answer['id']}"
+        if self.after_create is not None:
+            self.after_create(ref)
+        self.ledger.record(base, key, ref)
+        return ref
