@@ -19,7 +19,7 @@ from ._render import render_text
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._read import BatchReader, PerTypeReader, RecordReader
 from ._review import Review, review
-from ._strategies import Strategies, strategies_for
+from ._strategies import STRATEGIES, Strategies, detected_strategies, strategies_for
 from ._ledger import Ledger
 from ._write import DraftWriter, LedgerWriter, PerResourceWriter, TransactionWriter, WriteResult
 
@@ -34,7 +34,7 @@ __all__ = [
     "orders_for_code",
     "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
     "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "Ledger", "WriteResult", "Strategies",
-    "strategies_for",
+    "strategies_for", "detected_strategies", "STRATEGIES",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
     "AuthError", "MultipleMatches", "DataUnavailable", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
 ]

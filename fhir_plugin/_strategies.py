@@ -1,7 +1,7 @@
 """Which reader and writer a server gets: decided in this one place, from what the server declares.
 
-A CapabilityStatement (FHIR ``metadata``) that lists the ``batch`` system
-interaction gets the one-round-trip ``BatchReader``, one that lists
+A CapabilityStatement (FHIR ``metadata``) that lists the ``batch`` (or the
+``transaction``) system interaction gets the one-round-trip ``BatchReader``, one that lists
 ``transaction`` gets the ``TransactionWriter``; a server that declares neither
 gets the per-type reader and, for the writer (issue 12, "Writing"):
 
@@ -23,14 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ._capabilities import ServerCapabilities
+from ._capabilities import ServerCapabilities, capabilities_of
 from ._client import FhirClient
-from ._errors import UsageError
+from ._errors import AuthError, ServerError, TransportError, UsageError
 from ._ledger import DEFAULT_LEDGER, Ledger
 from ._read import BatchReader, PerTypeReader, RecordReader
 from ._write import DraftWriter, LedgerWriter, PerResourceWriter, TransactionWriter
 
-__all__ = ["Strategies", "strategies_for", "STRATEGIES", "DRAFT_TYPES", "ledger_at"]
+__all__ = ["Strategies", "strategies_for", "detected_strategies", "STRATEGIES", "DRAFT_TYPES", "ledger_at",
+           "STRATEGY_ENV"]
+
+#: the environment variable an operator sets to force the writer (CLI ``--strategy`` wins over it)
+STRATEGY_ENV = "FHIR_PLUGIN_STRATEGY"
 
 #: the writer choices an operator may force; ``auto`` is detection from the CapabilityStatement
 STRATEGIES = ("auto", "transaction", "per-resource", "ledger")
@@ -76,8 +80,12 @@ def strategies_for(client: FhirClient,
         raise UsageError(f"unknown write strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if capabilities is not None and not isinstance(capabilities, ServerCapabilities):
         capabilities = ServerCapabilities.from_statement(capabilities)
-    reader: RecordReader = BatchReader(client) if capabilities is None or capabilities.batch \
-        else PerTypeReader(client)
+    if capabilities is not None and not capabilities.declared:
+        capabilities = None  # nothing usable declared: today's defaults
+    # HAPI declares only ``transaction`` yet answers batches at the same endpoint, as every server with
+    # transactions does (Azure, Google, Medplum, Firely, Aidbox); the EHRs that refuse batches refuse both
+    reader: RecordReader = BatchReader(client) \
+        if capabilities is None or capabilities.batch or capabilities.transaction else PerTypeReader(client)
     if strategy == "auto":
         if capabilities is None or capabilities.transaction:
             strategy = "transaction"
@@ -91,3 +99,19 @@ def strategies_for(client: FhirClient,
     else:
         writer = LedgerWriter(client, ledger_at(ledger), capabilities=capabilities)
     return Strategies(reader, writer)
+
+
+def detected_strategies(client: FhirClient, *, strategy: str = "auto", ledger: str | Path | None = None) -> Strategies:
+    """What every entry point calls: the server's CapabilityStatement (fetched once per base URL) decides.
+
+    A server whose ``metadata`` cannot be read (an error status, no answer)
+    gets the defaults, as before detection: the reads and writes that follow
+    report their own errors.  A refused token is not hidden: it is raised.
+    """
+    try:
+        capabilities: ServerCapabilities | None = capabilities_of(client)
+    except AuthError:
+        raise
+    except (ServerError, TransportError):
+        capabilities = None
+    return strategies_for(client, capabilities, strategy=strategy, ledger=ledger)

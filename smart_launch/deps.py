@@ -34,7 +34,16 @@ from typing import Annotated, Any, Callable, Iterator
 import requests
 from fastapi import Depends, Form, Header, Request
 
-from fhir_plugin import FhirClient, Forbidden, NotLaunched, PatientRecord, Profile, Report, strategies_for
+from fhir_plugin import (
+    DraftWriter,
+    FhirClient,
+    Forbidden,
+    NotLaunched,
+    PatientRecord,
+    Profile,
+    Report,
+    detected_strategies,
+)
 from fhir_plugin import review as review_record
 
 from . import _launch as smart
@@ -215,7 +224,7 @@ class Reviewed:
 def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: Today, now: Now) -> Reviewed:
     """Read the record (one round trip through the chosen reader) and run the one review pipeline."""
     t0 = time.perf_counter()
-    record = strategies_for(client).reader.read(sess.patient)
+    record = detected_strategies(client).reader.read(sess.patient)
     t1 = time.perf_counter()
     result = review_record(record, profile, today=today, now=now, encounter_id=sess.encounter)
     t2 = time.perf_counter()
@@ -223,3 +232,12 @@ def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: To
 
 
 ReviewedDep = Annotated[Reviewed, Depends(_reviewed)]
+
+
+def _writer(client: Fhir, s: Services) -> DraftWriter:
+    """The writer the EHR's CapabilityStatement calls for (issue 12), unless the settings force one."""
+    settings = s.settings
+    return detected_strategies(client, strategy=settings.write_strategy, ledger=settings.ledger_store).writer
+
+
+WriterDep = Annotated[DraftWriter, Depends(_writer)]

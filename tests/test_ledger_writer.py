@@ -37,6 +37,7 @@ BASE = "http://ehr.test/fhir"
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
 PROFILE = load_profile("M62.561")
 TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
+ALL_TYPES = ("Patient", "Observation", "Encounter", *TYPES)
 
 
 class Crash(BaseException):
@@ -66,9 +67,10 @@ class FakeServer:
     """A FHIR server of plain creates, reads and searches, in memory; it never de-duplicates anything."""
 
     def __init__(self, mock: responses.RequestsMock) -> None:
-        self.store: dict[str, dict[str, dict]] = {t: {} for t in TYPES}
+        self.store: dict[str, dict[str, dict]] = {t: {} for t in ALL_TYPES}
         self.seen: list[tuple[str, str]] = []
-        for rtype in TYPES:
+        self.mock = mock
+        for rtype in ALL_TYPES:
             mock.add_callback(responses.POST, f"{BASE}/{rtype}", callback=self._create)
             mock.add_callback(responses.GET, f"{BASE}/{rtype}", callback=self._search)
             mock.add_callback(responses.GET, re.compile(rf"{BASE}/{rtype}/[^/?]+$"), callback=self._read)
@@ -80,7 +82,7 @@ class FakeServer:
                 {"severity": "error", "code": "not-supported", "diagnostics": "If-None-Exist is not supported"}]})
         resource = json.loads(request.body)
         rtype = resource["resourceType"]
-        resource["id"] = f"{rtype[:3].lower()}{sum(len(v) for v in self.store.values()) + 1}"
+        resource["id"] = f"new-{rtype[:3].lower()}{sum(len(v) for v in self.store.values()) + 1}"
         self.store[rtype][resource["id"]] = resource
         return 201, {"Location": f"{BASE}/{rtype}/{resource['id']}/_history/1"}, json.dumps(resource)
 
@@ -110,8 +112,12 @@ class FakeServer:
                   "entry": [{"resource": r, "search": {"mode": "match"}} for r in matches]}
         return 200, {}, json.dumps(bundle)
 
+    def load(self, resources: list[dict]) -> None:
+        for resource in resources:
+            self.store[resource["resourceType"]][resource["id"]] = json.loads(json.dumps(resource))
+
     def count(self) -> dict[str, int]:
-        return {t: len(v) for t, v in self.store.items()}
+        return {t: sum(1 for r in self.store[t].values() if r["id"].startswith("new-")) for t in TYPES}
 
     def creates(self) -> int:
         return sum(1 for method, _ in self.seen if method == "POST")
@@ -121,6 +127,14 @@ class FakeServer:
 def server():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield FakeServer(mock)
+
+
+@pytest.fixture(autouse=True)
+def _forget_capabilities():
+    from fhir_plugin import _capabilities
+
+    yield
+    _capabilities._cache.clear()
 
 
 @pytest.fixture
@@ -237,3 +251,36 @@ def test_auto_picks_the_ledger_writer_when_the_server_declares_no_conditional_cr
     # the override wins over what the statement says, both ways
     assert type(strategies_for(client, plain, strategy="transaction").writer) is TransactionWriter
     assert type(strategies_for(client, None, strategy="ledger", ledger=tmp_path / "l.sqlite").writer) is LedgerWriter
+
+
+@pytest.mark.detects_capabilities
+def test_propose_write_detects_the_server_and_writes_through_the_ledger_twice_without_doubling(
+        server, tmp_path, capsys):
+    from fhir_plugin._cli import main
+
+    cases = [c for c in CASES if c.key in ("missing-onset", "complete")]
+    for case in cases:
+        server.load(case.resources)
+    statement = _statement(identifier_search=True)
+    body = {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+            "rest": [{"mode": "server", "resource": [
+                {"type": t, "interaction": [{"code": c} for c in sorted(statement.of(t).interactions)],
+                 "searchParam": [{"name": n} for n in sorted(statement.of(t).search_params)]} for t in TYPES]
+                + [{"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [{"name": "patient"}]} for t in ("Patient", "Observation", "Encounter")]}]}
+    metadata = server.mock.get(f"{BASE}/metadata", json=body)
+    args = ["propose", "--server", BASE, "--write", "--format", "json", "--today", TODAY.isoformat(),
+            "--ledger", str(tmp_path / "ledger.sqlite")]
+    for case in cases:
+        args += ["--patient", case.patient_id]
+
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+
+    assert server.count() == {"Condition": 2, "Goal": 8, "CarePlan": 2, "Provenance": 2}
+    assert [len(o["written"]["created"]) for o in first] == [7, 7]
+    assert [o["written"]["created"] for o in second] == [[], []]
+    assert metadata.call_count == 1       # once per server and process: not per patient, not per run
+    assert not any(path.endswith("/fhir") for method, path in server.seen if method == "POST")  # no Bundle

@@ -13,9 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from fhir_plugin import strategies_for
-
-from ..deps import CurrentSession, Fhir, HeaderCsrf, MayWrite, ReviewedDep
+from ..deps import CurrentSession, HeaderCsrf, MayWrite, ReviewedDep, WriterDep
 from ..views import draft_view
 
 __all__ = ["router"]
@@ -49,9 +47,9 @@ def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
 
 
 @router.post("/write", summary="Write the drafts as one transaction (needs the X-CSRF-Token header)")
-def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir) -> Response:
+def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, writer: WriterDep) -> Response:
     if loaded.drafts is None:
         return JSONResponse({"error": loaded.refused, "refused": True}, status_code=409)
-    result = strategies_for(client).writer.write(loaded.drafts)
+    result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return JSONResponse({**result.to_json(), "summary": result.summary()})

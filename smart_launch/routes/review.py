@@ -15,9 +15,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
-from fhir_plugin import Forbidden, UsageError, strategies_for
+from fhir_plugin import Forbidden, UsageError
 
-from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep
+from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep, WriterDep
 from ..views import VIEWABLE, draft_view, review_context, subject_of
 
 __all__ = ["router"]
@@ -35,14 +35,14 @@ def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: P
 
 
 @router.post("/write", response_class=HTMLResponse, summary="Confirm, then write the drafts (form, CSRF token)")
-def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir, pages: PagesDep,
+def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, writer: WriterDep, pages: PagesDep,
           confirmed: Annotated[str, Form()] = "") -> Response:
     if loaded.drafts is None:
         return pages.page(request, "error.html", 409, title="No drafts to write", message=loaded.refused or "")
     if confirmed != "yes":
         return pages.page(request, "confirm.html", drafts=draft_view(loaded.drafts), csrf=sess.csrf,
                           report=loaded.report)
-    result = strategies_for(client).writer.write(loaded.drafts)
+    result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return pages.page(request, "written.html", result=result, report=loaded.report)
 
