@@ -21,7 +21,7 @@ from ._read import BatchReader, PerTypeReader, RecordReader
 from ._review import Review, review
 from ._strategies import STRATEGIES, Strategies, detected_strategies, strategies_for
 from ._ledger import Ledger
-from ._write import DraftWriter, LedgerWriter, PerResourceWriter, TransactionWriter, WriteResult
+from ._write import DraftWriter, FoldingWriter, LedgerWriter, PerResourceWriter, TransactionWriter, WriteResult
 
 __all__ = [
     "__version__",
@@ -33,7 +33,8 @@ __all__ = [
     "CardContext", "cards_for_review", "order_sign_cards", "cds_discovery", "cds_service_id", "needs_review",
     "orders_for_code",
     "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
-    "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "Ledger", "WriteResult", "Strategies",
+    "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "FoldingWriter", "Ledger", "WriteResult",
+    "Strategies",
     "strategies_for", "detected_strategies", "STRATEGIES",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
     "AuthError", "MultipleMatches", "DataUnavailable", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",

@@ -28,7 +28,7 @@ from ._client import FhirClient
 from ._errors import AuthError, ServerError, TransportError, UsageError
 from ._ledger import DEFAULT_LEDGER, Ledger
 from ._read import BatchReader, PerTypeReader, RecordReader
-from ._write import DraftWriter, LedgerWriter, PerResourceWriter, TransactionWriter
+from ._write import DraftWriter, FoldingWriter, LedgerWriter, PerResourceWriter, TransactionWriter, needs_folding
 
 __all__ = ["Strategies", "strategies_for", "detected_strategies", "STRATEGIES", "DRAFT_TYPES", "ledger_at",
            "STRATEGY_ENV"]
@@ -65,7 +65,8 @@ def ledger_at(path: str | Path | None = None) -> Ledger:
 
 def _needs_ledger(capabilities: ServerCapabilities) -> bool:
     """A draft type the server declares, without conditional create: it cannot de-duplicate for us."""
-    return any(t in capabilities.types and not capabilities.can_create_conditionally(t) for t in DRAFT_TYPES)
+    return any(t in capabilities.types and capabilities.can_create(t) and not capabilities.can_create_conditionally(t)
+               for t in (*DRAFT_TYPES, "DocumentReference"))
 
 
 def strategies_for(client: FhirClient,
@@ -98,6 +99,8 @@ def strategies_for(client: FhirClient,
         writer = PerResourceWriter(client)
     else:
         writer = LedgerWriter(client, ledger_at(ledger), capabilities=capabilities)
+    if capabilities is not None and needs_folding(capabilities):
+        writer = FoldingWriter(writer, capabilities)  # what it cannot create goes in a form it can (writer d)
     return Strategies(reader, writer)
 
 

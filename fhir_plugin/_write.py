@@ -19,32 +19,55 @@ from typing import Any, Callable, Mapping, Protocol
 from ._capabilities import ServerCapabilities
 from ._client import FhirClient, is_safe_to_repeat
 from ._errors import Forbidden, InputError, NotFound, ServerError, UsageError
+from ._fold import ENCOUNTER_DIAGNOSIS_PROFILE, PROBLEM_LIST_PROFILE, fold_drafts
 from ._ledger import Ledger
 from ._vocab import URI_IDENTIFIER
 
-__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "read_outcome",
+__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "FoldingWriter",
+           "needs_folding", "read_outcome",
            "check_matches", "draft_key"]
 
 
 @dataclass(frozen=True)
 class WriteResult:
-    """Per draft, the server's id; ``created`` were new, ``existing`` matched a conditional create."""
+    """Per draft, the server's id; ``created`` were new, ``existing`` matched a conditional create.
+
+    ``forms`` says in which form each draft went (``draft type -> form``; empty:
+    every draft as drafted) and ``not_written`` which drafts no form could carry,
+    with why (issue 12, writer d: nothing is dropped silently).
+    """
 
     created: tuple[str, ...]
     existing: tuple[str, ...]
+    forms: tuple[tuple[str, str], ...] = ()
+    not_written: tuple[tuple[str, str], ...] = ()
 
     @property
     def wrote_anything(self) -> bool:
         return bool(self.created)
 
+    @property
+    def folded(self) -> tuple[tuple[str, str], ...]:
+        """Each draft type written in another form than drafted, once (what a user must be told)."""
+        return tuple(dict.fromkeys((d, f) for d, f in self.forms if f != d))
+
     def to_json(self) -> dict[str, Any]:
-        return {"created": list(self.created), "existing": list(self.existing)}
+        return {"created": list(self.created), "existing": list(self.existing),
+                "forms": [{"draft": d, "form": f} for d, f in self.forms],
+                "not_written": [{"draft": d, "reason": r} for d, r in self.not_written]}
 
     def summary(self) -> str:
         if not self.created:
-            return "nothing new written; the drafts already exist: " + ", ".join(self.existing)
-        text = "created " + ", ".join(self.created)
-        return text + (f"; already there: {', '.join(self.existing)}" if self.existing else "")
+            text = "nothing new written; the drafts already exist: " + ", ".join(self.existing)
+        else:
+            text = "created " + ", ".join(self.created)
+            text += f"; already there: {', '.join(self.existing)}" if self.existing else ""
+        folded = [f"{d} as {f}" for d, f in self.folded]
+        if folded:
+            text += "; written as: " + "; ".join(folded)
+        if self.not_written:
+            text += "; not written: " + "; ".join(f"{d} ({r})" for d, r in self.not_written)
+        return text
 
 
 def _resource_ref(location: str) -> str:
@@ -345,3 +368,39 @@ class LedgerWriter:
             self.after_create(ref)
         self.ledger.record(base, key, ref)
         return ref
+
+
+def _condition_category(capabilities: ServerCapabilities) -> str | None:
+    """The one Condition category the server's declared profiles allow, if it allows only one."""
+    profiles = capabilities.of("Condition").profiles
+    if PROBLEM_LIST_PROFILE in profiles and ENCOUNTER_DIAGNOSIS_PROFILE not in profiles:
+        return "problem-list-item"
+    if ENCOUNTER_DIAGNOSIS_PROFILE in profiles and PROBLEM_LIST_PROFILE not in profiles:
+        return "encounter-diagnosis"
+    return None
+
+
+def needs_folding(capabilities: ServerCapabilities) -> bool:
+    """A server that declares its types and cannot create one of the drafts' as drafted (issue 12, writer d)."""
+    declared = [t for t in ("Condition", "Goal", "CarePlan", "Provenance") if t in capabilities.types]
+    return bool(declared) and (any(not capabilities.can_create(t) for t in ("Condition", "Goal", "CarePlan",
+                                                                            "Provenance"))
+                               or _condition_category(capabilities) not in (None, "encounter-diagnosis"))
+
+
+class FoldingWriter:
+    """Folds the drafts into what the server can create, then sends them with ``inner`` (issue 12, writer d).
+
+    The result keeps the inner writer's ids and adds each draft's form and
+    what could not be written, so every entry point shows it.
+    """
+
+    def __init__(self, inner: DraftWriter, capabilities: ServerCapabilities) -> None:
+        self.inner = inner
+        self.capabilities = capabilities
+
+    def write(self, drafts: Mapping[str, Any]) -> WriteResult:
+        folded = fold_drafts(drafts, self.capabilities.can_create,
+                             condition_category=_condition_category(self.capabilities))
+        result = self.inner.write(folded.drafts)
+        return WriteResult(result.created, result.existing, folded.forms, folded.not_written)

@@ -13,13 +13,13 @@ import sys
 import textwrap
 
 import pytest
+from fresh import fresh_cases
+from test_check_cases import CASES, TODAY
+from test_write_server import _counts
 
 from fhir_plugin import FhirClient
 from fhir_plugin._cli import main
 from fhir_plugin.synthetic import load_into_server
-from fresh import fresh_cases
-from test_check_cases import CASES, TODAY
-from test_write_server import _counts
 
 pytestmark = pytest.mark.server
 

@@ -37,7 +37,7 @@ BASE = "http://ehr.test/fhir"
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
 PROFILE = load_profile("M62.561")
 TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
-ALL_TYPES = ("Patient", "Observation", "Encounter", *TYPES)
+ALL_TYPES = ("Patient", "Observation", "Encounter", "DocumentReference", *TYPES)
 
 
 class Crash(BaseException):
@@ -284,3 +284,51 @@ def test_propose_write_detects_the_server_and_writes_through_the_ledger_twice_wi
     assert [o["written"]["created"] for o in second] == [[], []]
     assert metadata.call_count == 1       # once per server and process: not per patient, not per run
     assert not any(path.endswith("/fhir") for method, path in server.seen if method == "POST")  # no Bundle
+
+
+def _epic_like_statement() -> ServerCapabilities:
+    """Epic's facts (issue 12): no conditional create; Condition only as a problem-list item; a note, no plan."""
+    read_only = [{"code": "read"}, {"code": "search-type"}]
+    return ServerCapabilities.from_statement({
+        "resourceType": "CapabilityStatement",
+        "rest": [{"mode": "server", "resource": [
+            {"type": "Condition", "interaction": [{"code": "create"}, *read_only],
+             "supportedProfile": ["http://hl7.org/fhir/us/core/StructureDefinition/"
+                                  "us-core-condition-problems-health-concerns"],
+             "searchParam": [{"name": "patient"}]},
+            {"type": "DocumentReference", "interaction": [{"code": "create"}, *read_only],
+             "searchParam": [{"name": "patient"}]},
+            *({"type": t, "interaction": read_only, "searchParam": [{"name": "patient"}]}
+              for t in ("CarePlan", "Goal", "Provenance"))]}]})
+
+
+def test_a_server_without_plan_creates_gets_the_plan_as_a_preliminary_note_and_the_result_says_so(
+        server, tmp_path):
+    import base64
+
+    from fhir_plugin import FoldingWriter
+
+    drafts = _drafts()
+    chosen = strategies_for(FhirClient(BASE, retries=0), _epic_like_statement(), ledger=tmp_path / "l.sqlite")
+    assert type(chosen.writer) is FoldingWriter and type(chosen.writer.inner) is LedgerWriter
+
+    first = chosen.writer.write(drafts)
+    second = chosen.writer.write(drafts)
+
+    assert server.count() == {"Condition": 1, "Goal": 0, "CarePlan": 0, "Provenance": 0}
+    [condition] = server.store["Condition"].values()
+    assert condition["category"][0]["coding"][0]["code"] == "problem-list-item"
+    assert condition["verificationStatus"]["coding"][0]["code"] == "provisional"
+    [note] = server.store["DocumentReference"].values()
+    assert note["docStatus"] == "preliminary" and note["context"]["encounter"] == [
+        {"reference": drafts["entry"][0]["resource"]["encounter"]["reference"]}]
+    html, attached = (base64.b64decode(c["attachment"]["data"]).decode() for c in note["content"])
+    assert "Phase 1: Acute management" in html and "Eccentric heel drops" in html
+    plan = json.loads(attached)["entry"][0]["resource"]
+    assert plan["resourceType"] == "CarePlan" and len(json.loads(attached)["entry"]) == 5   # plan + 4 goals
+    # the result names every draft's form and what could not be written
+    forms = {d["draft"]: d["form"] for d in first.to_json()["forms"]}
+    assert forms["CarePlan"].startswith("DocumentReference (preliminary") and "problem-list-item" in forms["Condition"]
+    assert [d["draft"] for d in first.to_json()["not_written"]] == ["Provenance"]
+    assert "not written: Provenance" in first.summary()
+    assert len(first.created) == 2 and second.created == () and len(second.existing) == 2
