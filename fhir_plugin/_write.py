@@ -326,6 +326,8 @@ class LedgerWriter:
         entry = self.ledger.get(base, key)
         if entry is None or entry.state != "created" or not entry.ref or "/" not in entry.ref:
             return None
+        if resource.get("resourceType") == "Provenance":
+            return None  # about other resources, not a patient: EHRs let it be found by its target only
         rtype, rid = entry.ref.split("/", 1)
         try:
             found = self.client.read(rtype, rid)

@@ -31,7 +31,7 @@ def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
-                auto_approve: bool = False) -> int:
+                auto_approve: bool = False, personality: str = "hapi") -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
     from fhir_plugin._examples import example_cases
     from fhir_plugin._sources import load_into_server
@@ -62,6 +62,7 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         clients = ClientRegistry()
         clients.register(Client.from_dict(entry, base_dir=EXAMPLE_CLIENTS.parent))
         ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve,
+                              personality=personality,
                               cds_services_url=f"{app_url}/cds-services")
         # the app's CDS Hooks service trusts this EHR's signed JWTs by iss + jku (its key is made at start)
         settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",

@@ -258,12 +258,13 @@ class SandboxStack:
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
                   access_token_lifetime: int = 300, store: Any = None, clock: Callable[[], float] = time.time,
-                  cds: bool = False, **app_settings: Any) -> Iterator[SandboxStack]:
+                  cds: bool = False, personality: str = "hapi", **app_settings: Any) -> Iterator[SandboxStack]:
     """Start the sandbox EHR and the app on free ports, the app registered as a public client.
 
     ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
     ``cds=True`` makes the EHR a CDS Hooks client of the app (its patient page shows the cards) and has
-    the app trust the EHR's signed JWTs.
+    the app trust the EHR's signed JWTs.  ``personality`` shapes the EHR's proxy like a vendor's server
+    (``hapi``, ``epic-like``, ``oracle-like``; issue 12).
     """
     from sandbox.ehr import Client, running_ehr
 
@@ -274,7 +275,7 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     app_url = f"http://127.0.0.1:{port}"
     ehr_settings: dict[str, Any] = {"cds_services_url": f"{app_url}/cds-services"} if cds else {}
     with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime,
-                     **ehr_settings) as ehr:
+                     personality=personality, **ehr_settings) as ehr:
         ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
                                     launch_url=f"{app_url}/launch", name="M62.561 documentation check",
                                     scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))

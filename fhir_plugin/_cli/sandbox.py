@@ -15,6 +15,8 @@ def add_parser(sub: Any, epilog: str) -> None:
     parser.add_argument("--ehr-port", type=int, default=9090, help="sandbox EHR port (default 9090)")
     parser.add_argument("--app-port", type=int, default=8000, help="SMART app port (default 8000)")
     parser.add_argument("--auto-approve", action="store_true", help="skip the EHR's approval page")
+    parser.add_argument("--personality", choices=("hapi", "epic-like", "oracle-like"), default="hapi",
+                        help="shape the sandbox EHR's FHIR server like a vendor's (default hapi; issue 12)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -22,4 +24,4 @@ def run(args: argparse.Namespace) -> int:
     from sandbox.demo import run_sandbox
 
     return run_sandbox(hapi_port=args.hapi_port, ehr_port=args.ehr_port, app_port=args.app_port,
-                       auto_approve=args.auto_approve)
+                       auto_approve=args.auto_approve, personality=args.personality)
