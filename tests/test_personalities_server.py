@@ -86,3 +86,26 @@ def test_launch_review_write_twice_on_each_personality(fhir_base_url, tmp_path, 
         assert counts["Provenance"] == 0 and [n["draft"] for n in first["not_written"]] == ["Provenance"]
     if personality == "oracle-like":
         assert counts["Provenance"] == 1 and first["not_written"] == []
+
+
+@pytest.mark.parametrize("personality", ["epic-like", "oracle-like"])
+def test_fewer_scopes_granted_than_asked_gives_a_working_read_only_review(fhir_base_url, personality):
+    """The client is registered read-only, so the EHR grants fewer scopes than the app asks (on epic-like, in
+    v1 spelling): the review works, and writing is refused by the app before anything reaches the EHR."""
+    today = dt.date.today()
+    case = load_fresh_case(fhir_base_url, next(c for c in generate_cases(today) if c.key == "missing-onset"))
+    with sandbox_stack(fhir_base_url, personality=personality, read_only=True) as stack:
+        browser = requests.Session()
+        page = browser.get(stack.launch_url(case.patient_id), timeout=60)
+        assert page.status_code == 200 and page.url.endswith("/review"), page.text[:300]
+        session = browser.get(f"{stack.app_url}/api/session", timeout=30).json()
+        report = browser.get(f"{stack.app_url}/api/report", timeout=60).json()
+        refused = browser.post(f"{stack.app_url}/api/write", headers={"X-CSRF-Token": session["csrf"]}, timeout=60)
+        seen = list(stack.ehr.proxy.seen)
+    print(f"\n{personality}: granted {session['scopes']}")
+    assert not session["write_allowed"] and session["missing_write_scopes"]
+    if personality == "epic-like":
+        assert all(".read" in s or "/" not in s for s in session["scopes"])   # v1 spellings, no crash
+    assert {e["status"] for e in report["elements"]} and report["patient"].endswith(case.patient_id)
+    assert refused.status_code == 403
+    assert not any(method == "POST" for method, _ in seen)
