@@ -32,13 +32,13 @@ from typing import Sequence
 
 from .._errors import PluginError
 from .._version import __version__
-from . import cds_feedback, check, propose, sandbox, serve, sync, synthetic
+from . import cds_feedback, check, keygen, propose, sandbox, serve, sync, synthetic
 
 __all__ = ["main"]
 
 _EXIT_HELP = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 _COMMANDS = {"check": check, "propose": propose, "synthetic": synthetic, "sync": sync, "serve": serve,
-             "sandbox": sandbox, "cds-feedback": cds_feedback}
+             "sandbox": sandbox, "cds-feedback": cds_feedback, "keygen": keygen}
 
 
 def _parser() -> argparse.ArgumentParser:
