@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _latency import delayed  # noqa: E402
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from sandbox.testing import load_fresh_case, sandbox_stack  # noqa: E402
+from sandbox.testing import forget_folded_drafts, load_fresh_case, sandbox_stack  # noqa: E402
 
 PERSONALITIES = ("hapi", "epic-like", "oracle-like")
 
@@ -80,6 +80,7 @@ def main() -> int:
                     encounter = sorted((r for r in case.resources if r["resourceType"] == "Encounter"),
                                        key=lambda r: r["period"]["start"])[-1]["id"]
                     results.append(_one(stack, case, encounter))
+                    forget_folded_drafts(args.fhir, case.patient_id)  # the shared HAPI outlives the run
             rows.append((personality, {k: statistics.median(r[k] for r in results) for k in results[0]}))
     print(f"| personality | read round trips | read wall (ms) | write round trips | write wall (ms) | created |")
     print("|---|---|---|---|---|---|")

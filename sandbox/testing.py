@@ -306,3 +306,24 @@ def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
     moved = renamed_case(case, tag or uuid.uuid4().hex[:8])
     load_into_server(fhir_base, [moved])
     return moved
+
+
+def forget_folded_drafts(fhir_base: str, patient_id: str) -> int:
+    """Delete the Provenances a folded write left about ``patient_id`` (targets include a plan note).
+
+    The sandbox HAPI is shared by every personality: a Provenance about a
+    DocumentReference plan note, left behind, is later matched by another
+    test's transaction for the same patient and refused as "about other
+    resources" (``_write.check_matches``).  Returns how many were deleted.
+    """
+    from fhir_plugin import FhirClient
+
+    deleted = 0
+    with FhirClient(fhir_base) as client:
+        for condition in client.search("Condition", {"patient": patient_id}):
+            for provenance in client.search("Provenance", {"target": f"Condition/{condition['id']}"}):
+                if any(str(t.get("reference", "")).startswith("DocumentReference/")
+                       for t in provenance.get("target") or []):
+                    client.request("DELETE", f"Provenance/{provenance['id']}")
+                    deleted += 1
+    return deleted
