@@ -82,7 +82,7 @@ def main() -> int:
                     results.append(_one(stack, case, encounter))
                     forget_folded_drafts(args.fhir, case.patient_id)  # the shared HAPI outlives the run
             rows.append((personality, {k: statistics.median(r[k] for r in results) for k in results[0]}))
-    print(f"| personality | read round trips | read wall (ms) | write round trips | write wall (ms) | created |")
+    print("| personality | read round trips | read wall (ms) | write round trips | write wall (ms) | created |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['read_trips']:.0f} | {r['read_s'] * 1000:.0f} | {r['write_trips']:.0f} | "
