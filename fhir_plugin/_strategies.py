@@ -98,7 +98,7 @@ def strategies_for(client: FhirClient,
     elif strategy == "per-resource":
         writer = PerResourceWriter(client)
     else:
-        writer = LedgerWriter(client, ledger_at(ledger), capabilities=capabilities)
+        writer = LedgerWriter(client, lambda: ledger_at(ledger), capabilities=capabilities)
     if capabilities is not None and needs_folding(capabilities):
         writer = FoldingWriter(writer, capabilities)  # what it cannot create goes in a form it can (writer d)
     return Strategies(reader, writer)

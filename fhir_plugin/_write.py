@@ -289,12 +289,20 @@ class LedgerWriter:
     nor doubled.  ``after_create`` is a test hook called in that window.
     """
 
-    def __init__(self, client: FhirClient, ledger: Ledger, *, capabilities: ServerCapabilities | None = None,
+    def __init__(self, client: FhirClient, ledger: Ledger | Callable[[], Ledger], *,
+                 capabilities: ServerCapabilities | None = None,
                  after_create: Callable[[str], None] | None = None) -> None:
         self.client = client
-        self.ledger = ledger
+        self._ledger = ledger
         self.capabilities = capabilities
         self.after_create = after_create
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger, opened on first use: a writer chosen only for its reader's sake opens no file."""
+        if not isinstance(self._ledger, Ledger):
+            self._ledger = self._ledger()
+        return self._ledger
 
     def write(self, drafts: Mapping[str, Any]) -> WriteResult:
         assigned: dict[str, str] = {}
