@@ -19,8 +19,9 @@ from ._render import render_text
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._read import BatchReader, PerTypeReader, RecordReader
 from ._review import Review, review
-from ._strategies import Strategies, strategies_for
-from ._write import DraftWriter, PerResourceWriter, TransactionWriter, WriteResult
+from ._strategies import STRATEGIES, Strategies, detected_strategies, strategies_for
+from ._ledger import Ledger
+from ._write import DraftWriter, FoldingWriter, LedgerWriter, PerResourceWriter, TransactionWriter, WriteResult
 
 __all__ = [
     "__version__",
@@ -32,7 +33,9 @@ __all__ = [
     "CardContext", "cards_for_review", "order_sign_cards", "cds_discovery", "cds_service_id", "needs_review",
     "orders_for_code",
     "FhirClient", "RecordReader", "BatchReader", "PerTypeReader",
-    "DraftWriter", "TransactionWriter", "PerResourceWriter", "WriteResult", "Strategies", "strategies_for",
+    "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "FoldingWriter", "Ledger", "WriteResult",
+    "Strategies",
+    "strategies_for", "detected_strategies", "STRATEGIES",
     "PluginError", "UsageError", "ProfileError", "InputError", "TransportError", "ServerError", "NotFound",
     "AuthError", "MultipleMatches", "DataUnavailable", "LaunchError", "NotLaunched", "Forbidden", "StateLocked",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "client_assertion",
     "token_request_form",
     "fetch_token",
+    "generate_signing_key",
     "backend_session",
 ]
 
@@ -118,6 +119,12 @@ def _signing_key(key: Any, kid: str | None, where: str) -> SigningKey:
     # The kid must name the key the EHR has registered; a JWK file usually carries it,
     # otherwise the RFC 7638 thumbprint is the conventional default.
     return SigningKey(key, _ALG_FOR_KEY[key.key_type], kid or key.kid or key.thumbprint())
+
+
+def generate_signing_key(kind: str = "rsa") -> SigningKey:
+    """A new private key for SMART Backend Services: RSA 2048 (RS384, the default EHRs ask for) or EC P-384."""
+    key: RSAKey | ECKey = RSAKey.generate_key(2048) if kind == "rsa" else ECKey.generate_key(_EC_CURVE)
+    return _signing_key(key, None, "the generated key")
 
 
 def load_signing_key(path: str | Path, *, kid: str | None = None) -> SigningKey:

@@ -25,6 +25,8 @@ class TypeCapabilities:
     interactions: frozenset[str] = frozenset()
     conditional_create: bool = False
     search_params: frozenset[str] = frozenset()
+    #: ``supportedProfile`` canonicals: which US Core Condition category a server takes is said there
+    profiles: frozenset[str] = frozenset()
 
     @property
     def creatable(self) -> bool:
@@ -61,7 +63,8 @@ class ServerCapabilities:
                 types[resource["type"]] = TypeCapabilities(
                     interactions=frozenset(_codes(resource.get("interaction"))),
                     conditional_create=resource.get("conditionalCreate") is True,
-                    search_params=frozenset(p for p in params if isinstance(p, str)))
+                    search_params=frozenset(p for p in params if isinstance(p, str)),
+                    profiles=frozenset(p for p in resource.get("supportedProfile") or [] if isinstance(p, str)))
         return cls(frozenset(system), types)
 
     def of(self, resource_type: str) -> TypeCapabilities:

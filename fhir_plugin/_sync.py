@@ -55,7 +55,7 @@ from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageE
 from ._profile import Profile
 from ._record import CLINICAL_TYPES, patient_id_of, subject_patient_id
 from ._review import review
-from ._strategies import strategies_for
+from ._strategies import detected_strategies
 from ._vocab import DRAFT_TAG, DRAFT_TYPES, READ_TYPES
 
 __all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "default_scope", "parse_instant",
@@ -120,6 +120,9 @@ class SyncOptions:
     today: date | None = None
     fresh: bool = False
     max_transport_errors: int = DEFAULT_MAX_TRANSPORT_ERRORS
+    #: the writer: ``auto`` detects it from the CapabilityStatement (issue 12); ledger = the ledger writer's file
+    strategy: str = "auto"
+    ledger: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -298,14 +301,15 @@ class PatientOutcome:
 
 
 def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today: date, write: bool,
-                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PatientOutcome:
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc), strategy: str = "auto",
+                 ledger: str | None = None) -> PatientOutcome:
     """Read, check, draft and (with ``write``) send one patient's drafts; the outcome as a report line.
 
     A problem of this patient's is its ``error`` line.  A refused token is
     raised instead: no other patient would fare better.
     """
     try:
-        strategies = strategies_for(client)
+        strategies = detected_strategies(client, strategy=strategy, ledger=ledger)
         result = review(strategies.reader.read(patient_id), profile, today=today, now=now())
         if result.refused is not None:  # a code mismatch; a settled record (SPEC §7.1) just has nothing new
             return PatientOutcome(patient_line(patient_id, status="refused", report=result.report))
@@ -487,7 +491,8 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
     transport_streak = 0
 
     def task(pid: str) -> PatientOutcome:
-        return sync_patient(client, profile, pid, today=today, write=options.write)
+        return sync_patient(client, profile, pid, today=today, write=options.write, strategy=options.strategy,
+                            ledger=options.ledger)
 
     with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="fhir-plugin-sync") as pool:
         def fill() -> None:

@@ -36,7 +36,8 @@ def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
-                auto_approve: bool = False, frame_ancestors: tuple[str, ...] | None = None) -> int:
+                auto_approve: bool = False, frame_ancestors: tuple[str, ...] | None = None,
+                personality: str = "hapi") -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
     from fhir_plugin._examples import example_cases
     from fhir_plugin._sources import load_into_server
@@ -70,7 +71,8 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         chart_origin = f"http://localhost:{ehr_port}"
         ancestors = frame_ancestors or (chart_origin, f"http://127.0.0.1:{ehr_port}")
         ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve,
-                              frame_ancestors=ancestors, cds_services_url=f"{app_url}/cds-services")
+                              frame_ancestors=ancestors, personality=personality,
+                              cds_services_url=f"{app_url}/cds-services")
         # the app's CDS Hooks service trusts this EHR's signed JWTs by iss + jku (its key is made at start)
         settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",
                             allowed_issuers=(ehr.fhir_base_url,), session_store="memory",

@@ -270,12 +270,13 @@ class SandboxStack:
 @contextlib.contextmanager
 def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
                   access_token_lifetime: int = 300, store: Any = None, clock: Callable[[], float] = time.time,
-                  cds: bool = False, **app_settings: Any) -> Iterator[SandboxStack]:
+                  cds: bool = False, personality: str = "hapi", **app_settings: Any) -> Iterator[SandboxStack]:
     """Start the sandbox EHR and the app on free ports, the app registered as a public client.
 
     ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
     ``cds=True`` makes the EHR a CDS Hooks client of the app (its patient page shows the cards) and has
-    the app trust the EHR's signed JWTs.
+    the app trust the EHR's signed JWTs.  ``personality`` shapes the EHR's proxy like a vendor's server
+    (``hapi``, ``epic-like``, ``oracle-like``; issue 12).
     """
     from sandbox.ehr import Client, running_ehr
 
@@ -286,7 +287,7 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     app_url = f"http://127.0.0.1:{port}"
     ehr_settings: dict[str, Any] = {"cds_services_url": f"{app_url}/cds-services"} if cds else {}
     with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime,
-                     **ehr_settings) as ehr:
+                     personality=personality, **ehr_settings) as ehr:
         # the EHR's chart pages (on localhost and on 127.0.0.1) may frame the app, as real EHRs do
         app_settings.setdefault("allowed_frame_ancestors",
                                 (ehr.base_url.replace("://127.0.0.1:", "://localhost:"), ehr.base_url))
@@ -370,3 +371,22 @@ def needing_drafts(resources: list[dict[str, Any]], *, code: str = "M62.561",
                 if coding.get("code") == code:
                     coding["code"] = chart_code
     return out
+def forget_folded_drafts(fhir_base: str, patient_id: str) -> int:
+    """Delete the Provenances a folded write left about ``patient_id`` (targets include a plan note).
+
+    The sandbox HAPI is shared by every personality: a Provenance about a
+    DocumentReference plan note, left behind, is later matched by another
+    test's transaction for the same patient and refused as "about other
+    resources" (``_write.check_matches``).  Returns how many were deleted.
+    """
+    from fhir_plugin import FhirClient
+
+    deleted = 0
+    with FhirClient(fhir_base) as client:
+        for condition in client.search("Condition", {"patient": patient_id}):
+            for provenance in client.search("Provenance", {"target": f"Condition/{condition['id']}"}):
+                if any(str(t.get("reference", "")).startswith("DocumentReference/")
+                       for t in provenance.get("target") or []):
+                    client.request("DELETE", f"Provenance/{provenance['id']}")
+                    deleted += 1
+    return deleted

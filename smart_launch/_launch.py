@@ -51,15 +51,18 @@ DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 _READ_TYPES = ("Patient", "Condition", "Observation", "Encounter", "CarePlan")
 
 #: least privilege, SMART v2 (scopes-and-launch-context.html): read+search what the check reads,
-#: create what the drafts write. ``patient/Patient.r`` is for the banner and the record's Patient;
+#: create what the drafts write (DocumentReference: the plan note an EHR without CarePlan create gets,
+#: issue 12). ``patient/Patient.r`` is for the banner and the record's Patient;
 #: ``online_access`` asks for a refresh token that lives while the user is online, so the app can
 #: renew the access token before it expires (SMART issues refresh tokens only with it or offline_access).
 SCOPES_V2 = ("launch openid fhirUser online_access patient/Patient.r patient/Condition.rs patient/Observation.rs "
              "patient/Encounter.rs patient/CarePlan.rs patient/Condition.c patient/CarePlan.c "
-             "patient/Goal.c patient/Provenance.c")
+             "patient/Goal.c patient/Provenance.c patient/DocumentReference.c "
+             # the ledger writer looks for its drafts before creating them (EHRs without conditional create)
+             "patient/Goal.rs patient/Provenance.rs patient/DocumentReference.rs")
 #: the same for an EHR that only speaks SMART v1 scopes
 SCOPES_V1 = ("launch openid fhirUser online_access patient/*.read patient/Condition.write patient/CarePlan.write "
-             "patient/Goal.write patient/Provenance.write")
+             "patient/Goal.write patient/Provenance.write patient/DocumentReference.write")
 
 
 # ---------------------------------------------------------------- discovery

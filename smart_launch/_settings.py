@@ -83,6 +83,10 @@ class Settings:
     cds_feedback_store: str = "var/cds-feedback.sqlite"
     #: the public base URL CDS clients address (their JWT's ``aud`` is ``<base>/cds-services/<id>``)
     cds_base_url: str | None = None
+    #: how drafts are written (issue 12): auto = from the EHR's CapabilityStatement, or a forced writer
+    write_strategy: str = "auto"
+    #: SQLite file of the ledger writer (draft identifier -> created id), for EHRs without conditional create
+    ledger_store: str = "var/fhir-plugin-ledger.sqlite"
     issuers: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +132,8 @@ class Settings:
             session_store=env.get("SMART_SESSION_STORE", "var/smart-sessions.sqlite"),
             profile_code=env.get("SMART_PROFILE", DEFAULT_PROFILE),
             scopes=env.get("SMART_SCOPES") or None,
+            write_strategy=env.get("FHIR_PLUGIN_STRATEGY") or "auto",
+            ledger_store=env.get("SMART_LEDGER_STORE", "var/fhir-plugin-ledger.sqlite"),
         )
 
 

@@ -36,6 +36,7 @@ import requests
 from fastapi import Depends, Form, Header, Request
 
 from fhir_plugin import (
+    DraftWriter,
     Existing,
     FhirClient,
     Forbidden,
@@ -45,8 +46,8 @@ from fhir_plugin import (
     Report,
     UsageError,
     available_profiles,
+    detected_strategies,
     load_profile,
-    strategies_for,
 )
 from fhir_plugin import review as review_record
 
@@ -263,7 +264,7 @@ class Reviewed:
 def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: Today, now: Now) -> Reviewed:
     """Read the record (one round trip through the chosen reader) and run the one review pipeline."""
     t0 = time.perf_counter()
-    record = strategies_for(client).reader.read(sess.patient)
+    record = detected_strategies(client).reader.read(sess.patient)
     t1 = time.perf_counter()
     result = review_record(record, profile, today=today, now=now, encounter_id=sess.encounter)
     t2 = time.perf_counter()
@@ -272,3 +273,12 @@ def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: To
 
 
 ReviewedDep = Annotated[Reviewed, Depends(_reviewed)]
+
+
+def _writer(client: Fhir, s: Services) -> DraftWriter:
+    """The writer the EHR's CapabilityStatement calls for (issue 12), unless the settings force one."""
+    settings = s.settings
+    return detected_strategies(client, strategy=settings.write_strategy, ledger=settings.ledger_store).writer
+
+
+WriterDep = Annotated[DraftWriter, Depends(_writer)]

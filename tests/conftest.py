@@ -130,3 +130,22 @@ def spark():
         yield session
     finally:
         session.stop()
+@pytest.fixture(autouse=True)
+def mocked_servers_declare_an_open_server(request, monkeypatch):
+    """A server mocked with ``responses`` declares what HAPI does (batch, transaction, conditional create).
+
+    The entry points now read the server's CapabilityStatement before choosing
+    a reader and writer (issue 12).  Tests that mock a server in-process are
+    about other things, so their server is taken to declare an open server —
+    without a ``metadata`` request, so the round trips they count are the
+    reads and writes alone.  Tests against a real server (``server``,
+    ``browser``) and tests of the detection itself (``detects_capabilities``)
+    fetch the real statement, from a cache cleared before each test.
+    """
+    from fhir_plugin import _capabilities, _strategies
+
+    with _capabilities._lock:
+        _capabilities._cache.clear()
+    if not any(request.node.get_closest_marker(m) for m in ("server", "browser", "detects_capabilities")):
+        open_server = _capabilities.ServerCapabilities(frozenset({"batch", "transaction"}))
+        monkeypatch.setattr(_strategies, "capabilities_of", lambda client: open_server)

@@ -429,3 +429,21 @@ def test_bearer_auth_never_shows_the_token():
     cache = TokenCache(lambda: Token("SECRET-x", time.monotonic() + 300, 300))
     cache.get()
     assert "SECRET" not in repr(BearerAuth(cache)) and "SECRET" not in repr(cache)
+
+
+def test_keygen_writes_a_0600_private_key_the_job_loads_and_prints_its_public_jwks(tmp_path, capsys):
+    import os
+    import stat
+
+    from fhir_plugin._backend_auth import load_signing_key
+    from fhir_plugin._cli import main
+
+    out = tmp_path / "backend.pem"
+    assert main(["keygen", "--out", str(out)]) == 0
+    jwks = json.loads(capsys.readouterr().out)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    key = load_signing_key(out)
+    [public] = jwks["keys"]
+    assert key.alg == "RS384" and public["alg"] == "RS384" and public["kid"] == key.kid
+    assert "d" not in public and "p" not in public                      # the public half only
+    assert main(["keygen", "--out", str(out)]) == 2                      # never overwrites a key

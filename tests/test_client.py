@@ -710,7 +710,7 @@ def test_per_resource_writer_reports_a_matched_conditional_create_as_existing(mo
 @pytest.mark.parametrize("interactions, reader, writer", [
     (None, BatchReader, TransactionWriter),
     (["batch", "transaction"], BatchReader, TransactionWriter),
-    (["transaction"], PerTypeReader, TransactionWriter),
+    (["transaction"], BatchReader, TransactionWriter),  # HAPI declares only transaction, and takes batches
     (["batch"], BatchReader, PerResourceWriter),
     ([], PerTypeReader, PerResourceWriter),
 ])

@@ -32,13 +32,13 @@ from typing import Sequence
 
 from .._errors import PluginError
 from .._version import __version__
-from . import cds_feedback, check, population, propose, sandbox, serve, sync, synthetic
+from . import cds_feedback, check, keygen, population, propose, sandbox, serve, sync, synthetic
 
 __all__ = ["main"]
 
 _EXIT_HELP = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 _COMMANDS = {"check": check, "propose": propose, "synthetic": synthetic, "sync": sync, "serve": serve,
-             "sandbox": sandbox, "cds-feedback": cds_feedback, "population": population}
+             "sandbox": sandbox, "cds-feedback": cds_feedback, "population": population, "keygen": keygen}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import date
 from typing import Any
 
@@ -63,11 +64,11 @@ def checkables(args: argparse.Namespace, today: date, *, write: bool = False) ->
         raise UsageError("--encounter applies to one patient: name it with --patient")
     if args.server:
         from .._client import FhirClient
-        from .._strategies import strategies_for
+        from .._strategies import detected_strategies
 
         require_patients(args.patient)
         client = FhirClient(args.server, token=read_token(args), timeout=args.timeout)
-        reader = strategies_for(client).reader
+        reader = detected_strategies(client).reader
         items = [Checkable(reader.read(pid.split("/")[-1]), args.encounter) for pid in args.patient]
         return items, client
     if args.bundle:
@@ -77,3 +78,15 @@ def checkables(args: argparse.Namespace, today: date, *, write: bool = False) ->
     if args.encounter:
         items = [Checkable(items[0].record, args.encounter)]
     return items, None
+
+
+def strategy_options(parser: argparse.ArgumentParser, *, ledger_where: str | None = None) -> None:
+    """``--strategy`` and ``--ledger``: how drafts are written, for servers whose CapabilityStatement is wrong."""
+    from .._ledger import DEFAULT_LEDGER
+    from .._strategies import STRATEGIES, STRATEGY_ENV
+
+    parser.add_argument("--strategy", choices=STRATEGIES, default=os.environ.get(STRATEGY_ENV) or "auto",
+                        help="how drafts are written: auto = from the server's CapabilityStatement (default; "
+                             f"env {STRATEGY_ENV}), or force transaction, per-resource or ledger")
+    parser.add_argument("--ledger", metavar="FILE", default=None if ledger_where else DEFAULT_LEDGER,
+                        help=f"the ledger writer's SQLite file of draft ids (default {ledger_where or DEFAULT_LEDGER})")

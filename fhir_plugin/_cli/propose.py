@@ -10,14 +10,15 @@ from typing import Any
 
 from .._profile import load_profile
 from .._review import review
-from ._common import checkables, parse_today, source_options, subparser
+from ._common import checkables, parse_today, source_options, strategy_options, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
     parser = subparser(sub, "propose", epilog, parents=[source_options()],
                        help="report plus draft Condition and CarePlan")
     parser.add_argument("--write", action="store_true",
-                        help="send the drafts to --server as one transaction (default: dry run, print the Bundle)")
+                        help="send the drafts to --server in the form it accepts (default: dry run, print the Bundle)")
+    strategy_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     items, client = checkables(args, today, write=args.write)
     writer = None
     if args.write:
-        from .._strategies import strategies_for
+        from .._strategies import detected_strategies
 
-        writer = strategies_for(client).writer
+        writer = detected_strategies(client, strategy=args.strategy, ledger=args.ledger).writer
     now = datetime.now(timezone.utc)
     outputs: list[dict[str, Any]] = []
     refused = 0

@@ -19,6 +19,8 @@ def add_parser(sub: Any, epilog: str) -> None:
                         help="origins allowed to frame the app (CSP frame-ancestors), space or comma separated; "
                              "default: SMART_FRAME_ANCESTORS, else the sandbox EHR's own pages "
                              "(http://localhost:EHR_PORT and http://127.0.0.1:EHR_PORT)")
+    parser.add_argument("--personality", choices=("hapi", "epic-like", "oracle-like"), default="hapi",
+                        help="shape the sandbox EHR's FHIR server like a vendor's (default hapi; issue 12)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -29,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
 
     ancestors = args.frame_ancestors if args.frame_ancestors is not None else os.environ.get("SMART_FRAME_ANCESTORS")
     return run_sandbox(hapi_port=args.hapi_port, ehr_port=args.ehr_port, app_port=args.app_port,
-                       auto_approve=args.auto_approve,
+                       auto_approve=args.auto_approve, personality=args.personality,
                        frame_ancestors=tuple(ancestors.replace(",", " ").split()) if ancestors else None)

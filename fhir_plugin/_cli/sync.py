@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import requests
@@ -12,11 +13,12 @@ import requests
 from .._checkpoint import DEFAULT_STATE, Checkpoint
 from .._client import FhirClient
 from .._errors import UsageError
+from .._ledger import DEFAULT_LEDGER
 from .._profile import DEFAULT_PROFILE, load_profile
 from .._sync import (DEFAULT_MAX_TRANSPORT_ERRORS, Selection, ServerClock, SyncOptions, default_scope, parse_instant,
                      run_sync)
 from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
-from ._common import parse_today, subparser
+from ._common import parse_today, strategy_options, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z")
     parser.add_argument("--write", action="store_true",
                         help="write each patient's drafts as one transaction (default: check only)")
+    strategy_options(parser, ledger_where=f"{DEFAULT_LEDGER} beside --state")
     parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
     parser.add_argument("--state", metavar="FILE", default=DEFAULT_STATE,
                         help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})")
@@ -94,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
     selection = Selection(tuple(args.patient), args.group, args.all, args.since)
     if selection.since is not None:
         parse_instant(selection.since)
+    # the ledger lives beside the sync state unless named (issue 12, writer c)
+    ledger = args.ledger or str(Path(args.state).with_name(DEFAULT_LEDGER))
     options = SyncOptions(selection, args.write, args.concurrency, parse_today(args.today), args.fresh,
-                          args.max_transport_errors)
+                          args.max_transport_errors, args.strategy, ledger)
     profile = load_profile(args.profile)
     session, token = _session(args, selection, options.concurrency)
     clock = ServerClock()

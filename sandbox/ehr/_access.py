@@ -334,6 +334,18 @@ def _conditional_names_patient(rtype: str, params: list[tuple[str, str]], patien
     return all(t in local and belongs(local[t], patient, local=local, bases=bases) for t in targets)
 
 
+def _provenance_targets(params: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The ``target=Type/id`` values of a Provenance search, when every parameter is a plain target or _tag."""
+    found: list[tuple[str, str]] = []
+    for key, value in params:
+        if key == "target" and re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", value) \
+                and value.split("/")[0] in COMPARTMENT_LINKS:
+            found.append((value.split("/")[0], value.split("/")[1]))
+        elif key not in ("_tag", "_count"):
+            return []
+    return found
+
+
 def _no_has(params: Iterable[tuple[str, str]]) -> None:
     """``_has`` (reverse chaining) answers yes/no about the resources it reaches, other patients' included."""
     if any(key.startswith("_has") for key, _ in params):
@@ -361,6 +373,13 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
         if it.compartment_patient is not None:
             if it.compartment_patient != patient:
                 raise Denied("a patient-level token can search only the compartment of the patient in context")
+        elif rtype == "Provenance" and _provenance_targets(it.params):
+            # the Provenances about resources of this patient (issue 12: how a writer without conditional
+            # create finds its own); each target must be the patient's, fetched and checked first
+            # (the answer holds only Provenances about those resources, so it is not checked again)
+            plan.owned.extend(_provenance_targets(it.params))
+            plan.check_answer = False  # only target/_tag/_count: no _include can bring in anything else
+            return
         elif not _search_names_patient(rtype, it.params, patient, bases):
             raise Denied(f"a patient-level search on {rtype} must name the patient in context "
                          f"(patient=<id> or subject=Patient/<id>)")
@@ -382,7 +401,15 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
             raise Denied(f"{it.kind} needs a resource", 400)
         check_references(it.resource, patient, bases, local, bare_local)
         if not belongs(it.resource, patient, local=local, bases=bases):
-            raise Denied(f"the {rtype} does not belong to the patient in context")
+            # a Provenance created on its own (no Bundle, issue 12) is the patient's when every
+            # resource it is about is: those are fetched and checked before it is forwarded
+            targets = _provenance_targets([("target", str((t or {}).get("reference", "")))
+                                           for t in it.resource.get("target") or []]) \
+                if rtype == "Provenance" and it.kind == "create" else []
+            if not targets:
+                raise Denied(f"the {rtype} does not belong to the patient in context")
+            plan.owned.extend(targets)
+            return
     # What a write answers with (Prefer: return=representation, a conditional create's match) is
     # checked like a read's answer.
     plan.check_written = True

@@ -37,6 +37,8 @@ class EhrConfig:
     # The proxy refuses a request body larger than this (413), from Content-Length before reading
     # and while streaming otherwise, and only after the bearer token checked out (issue 11).
     max_request_body: int = 20 * 1024 * 1024
+    # hapi | epic-like | oracle-like: what the proxy refuses and declares, and how scopes are granted (issue 12)
+    personality: str = "hapi"
     # Seconds since the epoch; tests pass a clock they advance instead of sleeping.
     clock: Callable[[], float] = time.time
     #: origins besides the EHR's own that may frame its pages (the approval page inside an embedded app)
@@ -49,6 +51,10 @@ class EhrConfig:
             raise ValueError("token lifetimes must be positive")
         if self.max_request_body <= 0:
             raise ValueError("max_request_body must be positive")
+        from ._personality import personality
+
+        if personality(self.personality).v1_scopes:
+            self.permission_v1_only = True      # Epic grants v1 spellings even to apps registered with v2
 
     @property
     def fhir_base_url(self) -> str:

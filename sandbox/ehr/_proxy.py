@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 import requests
 
-from . import _access, _scopes
+from . import _access, _personality, _scopes
 from ._config import EhrConfig
 from ._store import Store, Token
 
@@ -96,6 +96,9 @@ class FhirProxy:
         self._local = threading.local()
         self._metadata: dict[str, Any] | None = None
         self._metadata_lock = threading.Lock()
+        self.personality = _personality.personality(config.personality)
+        #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query)
+        self.seen: list[tuple[str, str]] = []
 
     @property
     def bases(self) -> tuple[str, str]:
@@ -129,6 +132,7 @@ class FhirProxy:
             except ValueError:
                 return ProxyResponse.fhir(502, outcome("exception", "the FHIR server's metadata is not JSON"))
             cached = self._add_security(rewrite_urls(cached, self.config.fhir_upstream, self.config.fhir_base_url))
+            cached = _personality.rewrite_capabilities(self.personality, cached)
             with self._metadata_lock:
                 self._metadata = cached
         return ProxyResponse.fhir(200, cached)
@@ -178,6 +182,7 @@ class FhirProxy:
     # -------------------------------------------------------------- the steps
 
     def _handle(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> ProxyResponse:
+        self.seen.append((method, "/" + path))
         token, failure = self._authenticate(headers)
         if failure is not None:
             return failure
@@ -199,6 +204,9 @@ class FhirProxy:
                     return ProxyResponse.fhir(400, outcome("structure", "the body is not JSON"))
             else:
                 return ProxyResponse.fhir(415, outcome("not-supported", "send FHIR JSON (application/fhir+json)"))
+        refused = _personality.refusal(self.personality, method, path, query, headers, resource)
+        if refused is not None:
+            return ProxyResponse.fhir(*refused)
         try:
             plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases,
                                         if_none_exist=headers.get("if-none-exist"))

@@ -40,6 +40,11 @@ class RunningEhr:
     def store(self) -> Any:
         return self.app.state.ehr.store
 
+    @property
+    def proxy(self) -> Any:
+        """The FHIR proxy: its ``seen`` lists the requests it was sent (tests show them)."""
+        return self.app.state.ehr.proxy
+
     def stop(self, timeout: float = 10.0) -> None:
         self.server.stop(timeout)
 

@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from fhir_plugin import WriteResult, strategies_for
+from fhir_plugin import WriteResult
 
-from ..deps import CurrentSession, Fhir, HeaderCsrf, MayWrite, ReviewedDep
+from ..deps import CurrentSession, HeaderCsrf, MayWrite, ReviewedDep, WriterDep
 from ..views import draft_view
 
 __all__ = ["router"]
@@ -50,7 +50,7 @@ def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
 
 
 @router.post("/write", summary="Write the drafts as one transaction (needs the X-CSRF-Token header)")
-def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir) -> Response:
+def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, writer: WriterDep) -> Response:
     if loaded.drafts is None and loaded.existing.written:  # SPEC §7.1: already written; nothing new is sent
         result = WriteResult((), loaded.existing.written)
         return JSONResponse({**result.to_json(), "summary": result.summary()})
@@ -59,6 +59,6 @@ def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fh
                             status_code=409)
     if loaded.drafts is None:
         return JSONResponse({"error": loaded.refused, "refused": True}, status_code=409)
-    result = strategies_for(client).writer.write(loaded.drafts)
+    result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return JSONResponse({**result.to_json(), "summary": result.summary()})

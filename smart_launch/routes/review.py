@@ -15,9 +15,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
-from fhir_plugin import Forbidden, UsageError, WriteResult, available_profiles, strategies_for
+from fhir_plugin import Forbidden, UsageError, WriteResult, available_profiles
 
-from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep
+from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep, WriterDep
 from ..views import VIEWABLE, draft_view, resource_facts, review_context, subject_of
 
 __all__ = ["router"]
@@ -34,7 +34,7 @@ def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: P
 
 
 @router.post("/write", response_class=HTMLResponse, summary="Confirm, then write the drafts (form, CSRF token)")
-def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, client: Fhir, pages: PagesDep,
+def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, writer: WriterDep, pages: PagesDep,
           confirmed: Annotated[str, Form()] = "", patient: Annotated[str, Form()] = "") -> Response:
     if patient and patient != sess.patient:
         # the page was confirmed for another patient than this launch's: never write across launches
@@ -50,7 +50,7 @@ def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep
     if confirmed != "yes":
         return pages.page(request, "confirm.html", drafts=draft_view(loaded.drafts), csrf=sess.csrf,
                           report=loaded.report, patient=sess.patient)
-    result = strategies_for(client).writer.write(loaded.drafts)
+    result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return pages.page(request, "written.html", result=result, report=loaded.report)
 
