@@ -20,6 +20,7 @@ Round trips are the FHIR requests the EHR's proxy saw for that step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import statistics
 import sys
@@ -36,7 +37,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _latency import delayed  # noqa: E402
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from sandbox.testing import forget_folded_drafts, load_fresh_case, sandbox_stack  # noqa: E402
+from sandbox.testing import (  # noqa: E402
+    forget_folded_drafts,
+    load_fresh_case,
+    needing_drafts,
+    sandbox_stack,
+    treat_loopback_as_secure,
+)
+
+treat_loopback_as_secure()  # the app's embedded-mode cookie is Secure on loopback, as browsers allow
 
 PERSONALITIES = ("hapi", "epic-like", "oracle-like")
 
@@ -68,7 +77,9 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=20.0, help="ms added per request (default 20)")
     args = parser.parse_args()
     today = dt.date.today()
-    template = next(c for c in generate_cases(today) if c.key == "missing-onset")
+    chart = next(c for c in generate_cases(today) if c.key == "missing-onset")
+    # a record that still needs every draft (SPEC §7.1: no clinician plan, the chart coded M62.56)
+    template = dataclasses.replace(chart, resources=needing_drafts(chart.resources))
     rows = []
     with delayed(args.fhir, args.latency) as slow_hapi, tempfile.TemporaryDirectory() as tmp:
         for personality in PERSONALITIES:

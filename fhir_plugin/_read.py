@@ -20,8 +20,9 @@ from ._vocab import CLINICAL_TYPES, OBSERVATION_CATEGORIES, OBSERVATION_CATEGORY
 
 __all__ = ["RecordReader", "BatchReader", "PerTypeReader"]
 
-#: searches in flight at once for one patient: enough to hide latency, few enough to stay polite
-PARALLEL_SEARCHES = 4
+#: requests in flight at once for one patient: the Patient read and one search per type all go out
+#: together, so the read costs about one round trip of latency, as the batch does (issue 12)
+PARALLEL_SEARCHES = 1 + len(CLINICAL_TYPES)
 #: answers that mean "this search needs more parameters" (Epic answers 400 for an Observation search
 #: without category; others 403 or 422)
 _REFUSED_WITHOUT_CATEGORY = frozenset({400, 403, 422})
