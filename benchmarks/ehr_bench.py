@@ -66,8 +66,13 @@ def _one(stack, case, encounter: str) -> dict[str, float]:
     answer = browser.post(f"{stack.app_url}/api/write", headers={"X-CSRF-Token": csrf}, timeout=120)
     answer.raise_for_status()
     write_s, write_trips = time.perf_counter() - started, len(seen) - before
-    return {"read_s": read_s, "read_trips": read_trips, "write_s": write_s, "write_trips": write_trips,
-            "created": len(answer.json()["created"])}
+    return {
+        "read_s": read_s,
+        "read_trips": read_trips,
+        "write_s": write_s,
+        "write_trips": write_trips,
+        "created": len(answer.json()["created"]),
+    }
 
 
 def main() -> int:
@@ -84,20 +89,25 @@ def main() -> int:
     with delayed(args.fhir, args.latency) as slow_hapi, tempfile.TemporaryDirectory() as tmp:
         for personality in PERSONALITIES:
             results = []
-            with sandbox_stack(slow_hapi, personality=personality,
-                               ledger_store=str(Path(tmp) / f"{personality}.sqlite")) as stack:
+            with sandbox_stack(
+                slow_hapi, personality=personality, ledger_store=str(Path(tmp) / f"{personality}.sqlite")
+            ) as stack:
                 for _ in range(args.patients):
                     case = load_fresh_case(args.fhir, template)
-                    encounter = sorted((r for r in case.resources if r["resourceType"] == "Encounter"),
-                                       key=lambda r: r["period"]["start"])[-1]["id"]
+                    encounter = sorted(
+                        (r for r in case.resources if r["resourceType"] == "Encounter"),
+                        key=lambda r: r["period"]["start"],
+                    )[-1]["id"]
                     results.append(_one(stack, case, encounter))
                     forget_folded_drafts(args.fhir, case.patient_id)  # the shared HAPI outlives the run
             rows.append((personality, {k: statistics.median(r[k] for r in results) for k in results[0]}))
     print("| personality | read round trips | read wall (ms) | write round trips | write wall (ms) | created |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['read_trips']:.0f} | {r['read_s'] * 1000:.0f} | {r['write_trips']:.0f} | "
-              f"{r['write_s'] * 1000:.0f} | {r['created']:.0f} |")
+        print(
+            f"| {name} | {r['read_trips']:.0f} | {r['read_s'] * 1000:.0f} | {r['write_trips']:.0f} | "
+            f"{r['write_s'] * 1000:.0f} | {r['created']:.0f} |"
+        )
     return 0
 
 

@@ -33,9 +33,10 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from joserfc import jwt
@@ -43,8 +44,15 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey, import_key
 
 from ._errors import LaunchError, UsageError
-from ._smart import (EndpointRule, Wording, check_endpoint, check_token_response, configuration_object,
-                     configuration_url, fetch_configuration)
+from ._smart import (
+    EndpointRule,
+    Wording,
+    check_endpoint,
+    check_token_response,
+    configuration_object,
+    configuration_url,
+    fetch_configuration,
+)
 
 __all__ = [
     "ASSERTION_TYPE",
@@ -81,17 +89,21 @@ _HTTPS_ONLY = "the {what} {url!r} is not an https URL (plain http is allowed on 
 _SAY = Wording(
     unreachable="could not read the SMART configuration at {url} ({error})",
     bad_status="the SMART configuration at {url} answered {status}; "
-               "the server does not seem to offer SMART Backend Services",
+    "the server does not seem to offer SMART Backend Services",
     not_json="the SMART configuration at {url} is not JSON",
     not_object="the SMART configuration at {url} names no token_endpoint",
-    missing_endpoint=_HTTPS_ONLY, not_absolute=_HTTPS_ONLY, plain_http=_HTTPS_ONLY,
+    missing_endpoint=_HTTPS_ONLY,
+    not_absolute=_HTTPS_ONLY,
+    plain_http=_HTTPS_ONLY,
     token_not_json="the token endpoint {url} did not answer with JSON",
     no_access_token="the token endpoint {url} answered without an access_token",
     not_bearer="the token endpoint {url} issued a {token_type!r} token, not a bearer token",
-    bad_expires_in=None)  # a backend token without a readable lifetime gets _DEFAULT_LIFETIME
+    bad_expires_in=None,
+)  # a backend token without a readable lifetime gets _DEFAULT_LIFETIME
 
 
 # ---------------------------------------------------------------- keys
+
 
 @dataclass(frozen=True)
 class SigningKey:
@@ -108,8 +120,10 @@ class SigningKey:
 
 def _signing_key(key: Any, kid: str | None, where: str) -> SigningKey:
     if not isinstance(key, (RSAKey, ECKey)):
-        raise UsageError(f"{where} holds a {getattr(key, 'key_type', 'non-RSA/EC')} key; "
-                         "SMART Backend Services signs with an RSA (RS384) or EC P-384 (ES384) key")
+        raise UsageError(
+            f"{where} holds a {getattr(key, 'key_type', 'non-RSA/EC')} key; "
+            "SMART Backend Services signs with an RSA (RS384) or EC P-384 (ES384) key"
+        )
     if not key.is_private:
         raise UsageError(f"{where} holds a public key; the job needs the private key to sign its assertions")
     if isinstance(key, ECKey) and key.curve_name != _EC_CURVE:
@@ -151,14 +165,13 @@ def load_signing_key(path: str | Path, *, kid: str | None = None) -> SigningKey:
                 raise UsageError(f"{p} is not a JWK (a JSON object)")
             key = import_key(jwk)
         elif b"PRIVATE KEY-----" in text:
-            kind = "EC" if b"BEGIN EC PRIVATE KEY" in text else None
-            if kind is None:
+            if b"BEGIN EC PRIVATE KEY" in text:
+                key = import_key(data, "EC")
+            else:
                 try:
                     key = import_key(data, "RSA")
                 except (JoseError, ValueError, TypeError):
                     key = import_key(data, "EC")
-            else:
-                key = import_key(data, kind)
         else:
             raise UsageError(f"{p} is neither a PEM private key nor a JWK JSON file")
     except UsageError:
@@ -171,8 +184,16 @@ def load_signing_key(path: str | Path, *, kid: str | None = None) -> SigningKey:
 
 # ---------------------------------------------------------------- pure parts: the assertion and the form
 
-def client_assertion(key: SigningKey, client_id: str, token_url: str, *, now: float | None = None,
-                     lifetime: int = MAX_ASSERTION_LIFETIME, jti: str | None = None) -> str:
+
+def client_assertion(
+    key: SigningKey,
+    client_id: str,
+    token_url: str,
+    *,
+    now: float | None = None,
+    lifetime: int = MAX_ASSERTION_LIFETIME,
+    jti: str | None = None,
+) -> str:
     """The signed JWT that authenticates the client at the token endpoint (SMART Backend Services, RFC 7523).
 
     A fresh random ``jti`` every call unless one is given (tests only): the
@@ -184,17 +205,28 @@ def client_assertion(key: SigningKey, client_id: str, token_url: str, *, now: fl
         raise UsageError(f"the assertion lifetime must be 1-{MAX_ASSERTION_LIFETIME} seconds (SMART Backend Services)")
     issued = int(time.time() if now is None else now)
     header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
-    claims = {"iss": client_id, "sub": client_id, "aud": token_url, "iat": issued, "exp": issued + lifetime,
-              "jti": jti or secrets.token_urlsafe(24)}
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": token_url,
+        "iat": issued,
+        "exp": issued + lifetime,
+        "jti": jti or secrets.token_urlsafe(24),
+    }
     # joserfc refuses RS384/ES384 unless the call names them
     return jwt.encode(header, claims, key.key, algorithms=[key.alg])
 
 
-def token_request_form(key: SigningKey, client_id: str, token_url: str, scope: str, *,
-                       now: float | None = None) -> dict[str, str]:
+def token_request_form(
+    key: SigningKey, client_id: str, token_url: str, scope: str, *, now: float | None = None
+) -> dict[str, str]:
     """The form body of the client_credentials token request, with a new assertion in it."""
-    return {"grant_type": "client_credentials", "scope": scope, "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": client_assertion(key, client_id, token_url, now=now)}
+    return {
+        "grant_type": "client_credentials",
+        "scope": scope,
+        "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": client_assertion(key, client_id, token_url, now=now),
+    }
 
 
 def _check_endpoint_url(url: str, what: str) -> str:
@@ -204,8 +236,10 @@ def _check_endpoint_url(url: str, what: str) -> str:
 
 # ---------------------------------------------------------------- sending
 
-def discover_token_endpoint(session: requests.Session, fhir_base: str, *, timeout: float = 30.0,
-                            alg: str | None = None) -> str:
+
+def discover_token_endpoint(
+    session: requests.Session, fhir_base: str, *, timeout: float = 30.0, alg: str | None = None
+) -> str:
     """The token endpoint named by ``{fhir_base}/.well-known/smart-configuration``.
 
     Refuses a server that says it does not take ``private_key_jwt``, or not
@@ -224,8 +258,10 @@ def discover_token_endpoint(session: requests.Session, fhir_base: str, *, timeou
         raise LaunchError(f"the authorization server of {fhir_base} does not offer the client_credentials grant")
     algs = config.get("token_endpoint_auth_signing_alg_values_supported")
     if alg and isinstance(algs, list) and alg not in algs:
-        raise LaunchError(f"the token endpoint of {fhir_base} does not accept {alg} assertions "
-                          f"(it names {', '.join(map(str, algs)) or 'none'})")
+        raise LaunchError(
+            f"the token endpoint of {fhir_base} does not accept {alg} assertions "
+            f"(it names {', '.join(map(str, algs)) or 'none'})"
+        )
     return _check_endpoint_url(config["token_endpoint"], "token endpoint")
 
 
@@ -252,14 +288,25 @@ def _token_error(response: requests.Response, token_url: str, client_id: str) ->
         body = None
     code = body.get("error") if isinstance(body, dict) else None
     desc = body.get("error_description") if isinstance(body, dict) else None
-    text = f"{code}" + (f": {' '.join(str(desc).split())[:200]}" if desc else "") if code else \
-        f"status {response.status_code}"
+    text = (
+        f"{code}" + (f": {' '.join(str(desc).split())[:200]}" if desc else "")
+        if code
+        else f"status {response.status_code}"
+    )
     return LaunchError(f"the token endpoint {token_url} refused client {client_id!r} ({text})")
 
 
-def fetch_token(session: requests.Session, token_url: str, key: SigningKey, client_id: str, scope: str, *,
-                timeout: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                sleep: Callable[[float], None] = time.sleep) -> Token:
+def fetch_token(
+    session: requests.Session,
+    token_url: str,
+    key: SigningKey,
+    client_id: str,
+    scope: str,
+    *,
+    timeout: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Token:
     """Ask the token endpoint for an access token; a busy (429/5xx) or unreachable endpoint is tried 3 times.
 
     Every try signs a new assertion: a ``jti`` is good for one request only.
@@ -269,8 +316,9 @@ def fetch_token(session: requests.Session, token_url: str, key: SigningKey, clie
         form = token_request_form(key, client_id, token_url, scope)
         started = clock()
         try:
-            response = session.post(token_url, data=form, headers={"Accept": "application/json"},
-                                    timeout=timeout, allow_redirects=False)
+            response = session.post(
+                token_url, data=form, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
             last = exc
             log.debug("token request for client %s failed: %s", client_id, type(exc).__name__)
@@ -285,8 +333,9 @@ def fetch_token(session: requests.Session, token_url: str, key: SigningKey, clie
             sleep(0.5 * 2 ** (attempt - 1))
     if isinstance(last, LaunchError):
         raise LaunchError(f"{last} after {_TOKEN_TRIES} attempts") from last
-    raise LaunchError(f"could not reach the token endpoint {token_url} ({type(last).__name__}, "
-                      f"{_TOKEN_TRIES} attempts)") from last
+    raise LaunchError(
+        f"could not reach the token endpoint {token_url} ({type(last).__name__}, {_TOKEN_TRIES} attempts)"
+    ) from last
 
 
 def _read_token(response: requests.Response, token_url: str, started: float) -> Token:
@@ -358,8 +407,8 @@ class BearerAuth(requests.auth.AuthBase):
         sent = response.request
         header = str(sent.headers.get("Authorization", ""))
         log.info("the server answered 401; renewing the access token once")
-        self.cache.invalidate(header[len("Bearer "):])
-        response.content  # read the body so the connection goes back to the pool
+        self.cache.invalidate(header[len("Bearer ") :])
+        _ = response.content  # read the body so the connection goes back to the pool
         response.close()
         again = sent.copy()
         again.headers["Authorization"] = f"Bearer {self.cache.get()}"
@@ -370,9 +419,16 @@ class BearerAuth(requests.auth.AuthBase):
         return answer
 
 
-def backend_session(fhir_base: str, client_id: str, key: SigningKey, scope: str, *,
-                    token_url: str | None = None, timeout: float = 30.0,
-                    session: requests.Session | None = None) -> tuple[requests.Session, TokenCache]:
+def backend_session(
+    fhir_base: str,
+    client_id: str,
+    key: SigningKey,
+    scope: str,
+    *,
+    token_url: str | None = None,
+    timeout: float = 30.0,
+    session: requests.Session | None = None,
+) -> tuple[requests.Session, TokenCache]:
     """A Session that authenticates every request with a backend-services token, and the cache behind it.
 
     The token endpoint is discovered from the FHIR base unless ``token_url``
@@ -380,8 +436,11 @@ def backend_session(fhir_base: str, client_id: str, key: SigningKey, scope: str,
     so no bearer token is ever sent to the authorization server.
     """
     auth_http = requests.Session()
-    url = _check_endpoint_url(token_url, "token endpoint") if token_url else \
-        discover_token_endpoint(auth_http, fhir_base, timeout=timeout, alg=key.alg)
+    url = (
+        _check_endpoint_url(token_url, "token endpoint")
+        if token_url
+        else discover_token_endpoint(auth_http, fhir_base, timeout=timeout, alg=key.alg)
+    )
     cache = TokenCache(lambda: fetch_token(auth_http, url, key, client_id, scope, timeout=timeout))
     out = session if session is not None else requests.Session()
     out.auth = BearerAuth(cache)

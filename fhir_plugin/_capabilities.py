@@ -10,8 +10,9 @@ server and process, so every patient of a run costs no extra round trip.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ._client import FhirClient
 
@@ -64,7 +65,8 @@ class ServerCapabilities:
                     interactions=frozenset(_codes(resource.get("interaction"))),
                     conditional_create=resource.get("conditionalCreate") is True,
                     search_params=frozenset(p for p in params if isinstance(p, str)),
-                    profiles=frozenset(p for p in resource.get("supportedProfile") or [] if isinstance(p, str)))
+                    profiles=frozenset(p for p in resource.get("supportedProfile") or [] if isinstance(p, str)),
+                )
         return cls(frozenset(system), types)
 
     def of(self, resource_type: str) -> TypeCapabilities:

@@ -33,12 +33,13 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from ._errors import PluginError, StateLocked, UsageError
+from ._errors import StateLocked, UsageError
 
 __all__ = ["Checkpoint", "Run", "StateLocked", "DEFAULT_STATE"]
 
@@ -71,7 +72,6 @@ CREATE INDEX IF NOT EXISTS patients_by_status ON patients (run, status, position
 """
 
 
-
 @dataclass(frozen=True)
 class Run:
     """One sync run as stored: what it was asked to do and the mark it will set when it finishes."""
@@ -86,7 +86,7 @@ class Run:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class Checkpoint:
@@ -120,7 +120,7 @@ class Checkpoint:
     def _take_lock(path: Path) -> Any:
         lock_path = path.with_name(path.name + ".lock")
         try:
-            handle = open(lock_path, "a+", encoding="utf-8")
+            handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open: the lock lives with it
         except OSError as exc:
             raise UsageError(f"cannot open the lock file {lock_path}: {exc.strerror or exc}") from exc
         try:
@@ -132,8 +132,10 @@ class Checkpoint:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise StateLocked(f"another sync job ({holder}) is using {path}; wait for it to finish, "
-                              "or give this one its own --state file") from None
+            raise StateLocked(
+                f"another sync job ({holder}) is using {path}; wait for it to finish, "
+                "or give this one its own --state file"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
@@ -182,24 +184,31 @@ class Checkpoint:
         """The run of this scope that was started and not finished (there is at most one), or None."""
         row = self._db.execute(
             "SELECT id, scope, signature, started, since, mark, finished FROM runs "
-            "WHERE scope = ? AND finished IS NULL ORDER BY id DESC LIMIT 1", (scope,)).fetchone()
+            "WHERE scope = ? AND finished IS NULL ORDER BY id DESC LIMIT 1",
+            (scope,),
+        ).fetchone()
         return Run(*row) if row else None
 
     def last_finished_run(self, scope: str) -> Run | None:
         row = self._db.execute(
             "SELECT id, scope, signature, started, since, mark, finished FROM runs "
-            "WHERE scope = ? AND finished IS NOT NULL AND abandoned = 0 ORDER BY id DESC LIMIT 1", (scope,)).fetchone()
+            "WHERE scope = ? AND finished IS NOT NULL AND abandoned = 0 ORDER BY id DESC LIMIT 1",
+            (scope,),
+        ).fetchone()
         return Run(*row) if row else None
 
-    def start_run(self, scope: str, signature: str, patients: Iterable[str], *, since: str | None,
-                  mark: str | None) -> Run:
+    def start_run(
+        self, scope: str, signature: str, patients: Iterable[str], *, since: str | None, mark: str | None
+    ) -> Run:
         """Store a new run and its patient list (in the given order, each once) in one transaction."""
         started = _now()
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM runs WHERE scope = ? AND finished IS NULL", (scope,)).fetchone():
                 raise UsageError(f"{self.path} already holds an unfinished run for this server and profile")
-            cur = db.execute("INSERT INTO runs (scope, signature, started, since, mark) VALUES (?, ?, ?, ?, ?)",
-                             (scope, signature, started, since, mark))
+            cur = db.execute(
+                "INSERT INTO runs (scope, signature, started, since, mark) VALUES (?, ?, ?, ?, ?)",
+                (scope, signature, started, since, mark),
+            )
             run_id = int(cur.lastrowid or 0)
             seen: set[str] = set()
             rows: list[tuple[int, int, str]] = []
@@ -221,13 +230,18 @@ class Checkpoint:
         with self._transaction() as db:
             db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_now(), run.id))
             # keep the report lines of the last few runs; older runs keep only their failures
-            db.execute("DELETE FROM patients WHERE status = 'done' AND run IN (SELECT id FROM runs WHERE scope = ? "
-                       "AND finished IS NOT NULL AND id NOT IN (SELECT id FROM runs WHERE scope = ? "
-                       "ORDER BY id DESC LIMIT ?))", (run.scope, run.scope, _KEEP_RUNS))
+            db.execute(
+                "DELETE FROM patients WHERE status = 'done' AND run IN (SELECT id FROM runs WHERE scope = ? "
+                "AND finished IS NOT NULL AND id NOT IN (SELECT id FROM runs WHERE scope = ? "
+                "ORDER BY id DESC LIMIT ?))",
+                (run.scope, run.scope, _KEEP_RUNS),
+            )
             if set_mark and run.mark:
-                db.execute("INSERT INTO marks (scope, mark, updated) VALUES (?, ?, ?) "
-                           "ON CONFLICT (scope) DO UPDATE SET mark = max(mark, excluded.mark), updated = excluded.updated",
-                           (run.scope, run.mark, _now()))
+                db.execute(
+                    "INSERT INTO marks (scope, mark, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope) DO UPDATE SET mark = max(mark, excluded.mark), updated = excluded.updated",
+                    (run.scope, run.mark, _now()),
+                )
 
     def mark(self, scope: str) -> str | None:
         """The scope's high-water mark: every change up to it has been checked (None before the first run)."""
@@ -244,20 +258,23 @@ class Checkpoint:
 
     def todo(self, run: Run) -> list[str]:
         """The patients still to do, in run order: pending ones, and failed ones (they get another try)."""
-        rows = self._db.execute("SELECT patient FROM patients WHERE run = ? AND status != 'done' ORDER BY position",
-                                (run.id,))
+        rows = self._db.execute(
+            "SELECT patient FROM patients WHERE run = ? AND status != 'done' ORDER BY position", (run.id,)
+        )
         return [pid for (pid,) in rows]
 
     def done_lines(self, run: Run) -> Iterator[dict[str, Any]]:
         """The stored report lines of the patients already done, in run order."""
-        rows = self._db.execute("SELECT line FROM patients WHERE run = ? AND status = 'done' ORDER BY position",
-                                (run.id,))
+        rows = self._db.execute(
+            "SELECT line FROM patients WHERE run = ? AND status = 'done' ORDER BY position", (run.id,)
+        )
         for (line,) in rows:
             yield json.loads(line)
 
     def failed(self, run: Run) -> list[str]:
-        rows = self._db.execute("SELECT patient FROM patients WHERE run = ? AND status = 'failed' ORDER BY position",
-                                (run.id,))
+        rows = self._db.execute(
+            "SELECT patient FROM patients WHERE run = ? AND status = 'failed' ORDER BY position", (run.id,)
+        )
         return [pid for (pid,) in rows]
 
     def outstanding_failures(self, scope: str) -> list[str]:
@@ -266,14 +283,17 @@ class Checkpoint:
             "SELECT patient FROM (SELECT p.patient, p.status, ROW_NUMBER() OVER "
             "(PARTITION BY p.patient ORDER BY p.run DESC) AS latest FROM patients p JOIN runs r ON r.id = p.run "
             "WHERE r.scope = ? AND r.finished IS NOT NULL AND r.abandoned = 0 AND p.status != 'pending') "
-            "WHERE latest = 1 AND status = 'failed' ORDER BY patient", (scope,))
+            "WHERE latest = 1 AND status = 'failed' ORDER BY patient",
+            (scope,),
+        )
         return [pid for (pid,) in rows]
 
     def record(self, run: Run, patient: str, *, failed: bool, line: dict[str, Any]) -> None:
         """Commit one patient's outcome now (called as each patient finishes)."""
         with self._transaction() as db:
-            cur = db.execute("UPDATE patients SET status = ?, line = ?, updated = ? WHERE run = ? AND patient = ?",
-                             ("failed" if failed else "done", json.dumps(line, separators=(",", ":")), _now(),
-                              run.id, patient))
+            cur = db.execute(
+                "UPDATE patients SET status = ?, line = ?, updated = ? WHERE run = ? AND patient = ?",
+                ("failed" if failed else "done", json.dumps(line, separators=(",", ":")), _now(), run.id, patient),
+            )
             if cur.rowcount != 1:
                 raise UsageError(f"patient {patient} is not part of sync run {run.id}")

@@ -33,9 +33,10 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -88,6 +89,7 @@ _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.Ch
 
 # ---------------------------------------------------------------- pure parts
 
+
 def _normal_base(base_url: str) -> str:
     """The base URL without a trailing slash; refuse what cannot be a FHIR base."""
     parts = urlsplit(base_url.strip())
@@ -107,7 +109,7 @@ def resolve_url(base: str, url: str) -> str:
     parser ``requests`` connects with) reads them, after ``_urls.safe_url`` has
     refused the forms parsers disagree on (issue 11, item 4).
     """
-    if url.startswith("//"):   # scheme-relative: the base's scheme, then the same origin check
+    if url.startswith("//"):  # scheme-relative: the base's scheme, then the same origin check
         full = f"{urlsplit(base).scheme}:{url}"
     elif is_absolute(url):
         full = url
@@ -121,8 +123,10 @@ def resolve_url(base: str, url: str) -> str:
     inside = path.rstrip("/") == base_path or path.startswith(base_path + "/")
     if origin(parts) != origin(b) or not inside:
         shown = f"{parts.scheme}://{parts.host}{f':{parts.port}' if parts.port else ''}{path}"
-        raise UsageError(f"refusing to send a request to {shown}: it is not under the FHIR base {base}, "
-                         "and the access token must not leave its server")
+        raise UsageError(
+            f"refusing to send a request to {shown}: it is not under the FHIR base {base}, "
+            "and the access token must not leave its server"
+        )
     return full
 
 
@@ -130,7 +134,7 @@ def _relative_path(base: str, full_url: str) -> str:
     """The path of ``full_url`` below the base, without the query (ids only, no search values)."""
     path = urlsplit(full_url).path
     base_path = urlsplit(base).path.rstrip("/")
-    return path[len(base_path):].lstrip("/") if path.startswith(base_path) else path.lstrip("/")
+    return path[len(base_path) :].lstrip("/") if path.startswith(base_path) else path.lstrip("/")
 
 
 def _query_names(full_url: str, params: Params | None) -> list[str]:
@@ -157,8 +161,7 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def backoff_delay(attempt: int, backoff: float, cap: float,
-                  rand: Callable[[], float] = random.random) -> float:
+def backoff_delay(attempt: int, backoff: float, cap: float, rand: Callable[[], float] = random.random) -> float:
     """Wait before retry number ``attempt`` (1-based): ``backoff * 2**(attempt-1)`` capped, with jitter.
 
     Half the delay is fixed and half random ("equal jitter"), so clients that
@@ -228,8 +231,9 @@ def _outcome_text(outcome: Mapping[str, Any], limit: int = 300) -> str:
     return "; ".join(texts[:3])
 
 
-def error_for_status(status: int, outcome: Mapping[str, Any] | None, *, action: str, attempts: int = 1,
-                     redact: Iterable[str] = ()) -> ServerError:
+def error_for_status(
+    status: int, outcome: Mapping[str, Any] | None, *, action: str, attempts: int = 1, redact: Iterable[str] = ()
+) -> ServerError:
     """The one map from an error answer to an exception (FHIR http.html status codes).
 
     404/410 NotFound, 401/403 AuthError, 412 MultipleMatches, anything else
@@ -238,13 +242,14 @@ def error_for_status(status: int, outcome: Mapping[str, Any] | None, *, action: 
     otherwise (it may hold patient data).  ``redact`` lists secrets a careless
     server might echo into its diagnostics.
     """
-    outcome = dict(outcome) if _is_outcome(outcome) else None
+    outcome = dict(outcome) if outcome is not None and _is_outcome(outcome) else None
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = ""
-    cls: type[ServerError] = {404: NotFound, 410: NotFound, 401: AuthError, 403: AuthError,
-                              412: MultipleMatches}.get(status, ServerError)
+    cls: type[ServerError] = {404: NotFound, 410: NotFound, 401: AuthError, 403: AuthError, 412: MultipleMatches}.get(
+        status, ServerError
+    )
     details = _outcome_text(outcome) if outcome else ""
     if not details and cls is AuthError:
         details = "the access token is missing, expired, or lacks the needed scope"
@@ -260,7 +265,7 @@ def error_for_status(status: int, outcome: Mapping[str, Any] | None, *, action: 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
     """The exception and everything it wraps (requests → urllib3 → socket), each once."""
-    todo, seen = [exc], set()
+    todo, seen = [exc], set[int]()
     while todo and len(seen) < 20:
         item = todo.pop()
         if id(item) in seen:
@@ -316,6 +321,7 @@ def _next_link(bundle: Mapping[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------- the client
 
+
 class _Answer(NamedTuple):
     response: requests.Response
     attempts: int
@@ -336,10 +342,20 @@ class FhirClient:
     instead of paging or buffering forever (issue 11).
     """
 
-    def __init__(self, base_url: str, *, session: requests.Session | None = None, token: str | None = None,
-                 timeout: float = 30.0, retries: int = 4, backoff: float = 0.5, max_retry_after: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep, max_pages: int = MAX_PAGES,
-                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: requests.Session | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_retry_after: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        max_pages: int = MAX_PAGES,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         if timeout <= 0 or retries < 0 or backoff < 0 or max_retry_after < 0:
             raise UsageError("timeout must be positive; retries, backoff and max_retry_after must not be negative")
         if max_pages < 1 or max_response_bytes < 1:
@@ -408,7 +424,7 @@ class FhirClient:
             raise InputError(f"the server answered Patient/{patient_id} with a {patient.get('resourceType')}")
         resources = [validate_resource(patient)]
         seen: set[tuple[str, str]] = {("Patient", patient_id)}
-        for rtype, entry, sent in zip(types, entries[1:], batch["entry"][1:]):
+        for rtype, entry, sent in zip(types, entries[1:], batch["entry"][1:], strict=True):
             for page in self._pages(self._entry_resource(entry, sent)):
                 for resource in search_matches(page):
                     key = (str(resource.get("resourceType")), str(resource.get("id")))
@@ -426,8 +442,11 @@ class FhirClient:
         A timeout or 5xx is retried only when ``safe_to_retry`` says so; left
         None, it is worked out from the entries (``is_safe_to_repeat``).
         """
-        if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle" \
-                or bundle.get("type") not in ("transaction", "batch"):
+        if (
+            not isinstance(bundle, Mapping)
+            or bundle.get("resourceType") != "Bundle"
+            or bundle.get("type") not in ("transaction", "batch")
+        ):
             raise UsageError("transaction() takes a Bundle of type 'transaction' or 'batch'")
         safe = is_safe_to_repeat(bundle) if safe_to_retry is None else safe_to_retry
         answer = self.request("POST", "", body=dict(bundle), safe_to_retry=safe)
@@ -435,9 +454,15 @@ class FhirClient:
             raise InputError(f"the server answered a transaction with a {answer.get('resourceType')}, not a Bundle")
         return answer
 
-    def send_resource(self, method: str, url: str, resource: Mapping[str, Any], *,
-                      headers: Mapping[str, str] | None = None,
-                      safe_to_retry: bool | None = None) -> tuple[int, dict[str, Any]]:
+    def send_resource(
+        self,
+        method: str,
+        url: str,
+        resource: Mapping[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        safe_to_retry: bool | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         """POST or PUT one resource; the status (201 created, 200 matched or updated) and the body."""
         answer = self._send(method, url, body=dict(resource), headers=headers, safe_to_retry=safe_to_retry)
         if answer.response.status_code >= 300:
@@ -462,8 +487,16 @@ class FhirClient:
 
     # -- the low level
 
-    def request(self, method: str, url: str, *, params: Params | None = None, body: Mapping[str, Any] | None = None,
-                headers: Mapping[str, str] | None = None, safe_to_retry: bool | None = None) -> dict[str, Any]:
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Params | None = None,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        safe_to_retry: bool | None = None,
+    ) -> dict[str, Any]:
         """Send one FHIR request (retried as the module docstring says) and return its JSON body.
 
         ``url`` is relative to the base or an absolute URL under it.  An error
@@ -475,8 +508,16 @@ class FhirClient:
             raise self._error(answer, self._body(answer, strict=False))
         return self._body(answer, strict=True)
 
-    def _send(self, method: str, url: str, *, params: Params | None = None, body: Mapping[str, Any] | None = None,
-              headers: Mapping[str, str] | None = None, safe_to_retry: bool | None = None) -> _Answer:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Params | None = None,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        safe_to_retry: bool | None = None,
+    ) -> _Answer:
         """Send with retries; translate ``requests`` errors to TransportError; leave statuses to the caller."""
         method = method.upper()
         full = resolve_url(self.base_url, url)
@@ -501,31 +542,44 @@ class FhirClient:
             started = time.monotonic()
             try:
                 # No redirects: a redirect could carry the token off the base; it surfaces as a 3xx error.
-                response = self._session.request(method, full, params=params, data=data, headers=sent_headers,
-                                                 timeout=self.timeout, allow_redirects=False, stream=True)
+                response = self._session.request(
+                    method,
+                    full,
+                    params=params,
+                    data=data,
+                    headers=sent_headers,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                    stream=True,
+                )
                 retryable = response.status_code in _RETRY_ALWAYS or (safe and response.status_code in _RETRY_IF_SAFE)
                 final = attempt > self.retries or not retryable
                 # read here, inside the try: a connection dropped mid-body is retried like one dropped before
                 content = self._read_capped(response, action) if final else b""
             except AuthlibBaseError as exc:  # an OAuth2Session with no token, or one it could not refresh
-                raise AuthError(f"{action} was not sent: the access token is missing or could not be renewed "
-                                f"({getattr(exc, 'error', None) or type(exc).__name__})") from exc
+                raise AuthError(
+                    f"{action} was not sent: the access token is missing or could not be renewed "
+                    f"({getattr(exc, 'error', None) or type(exc).__name__})"
+                ) from exc
             except requests.RequestException as exc:
-                log.debug("%s /%s failed after %.3f s: %s", method, logged, time.monotonic() - started,
-                          type(exc).__name__)
+                log.debug(
+                    "%s /%s failed after %.3f s: %s", method, logged, time.monotonic() - started, type(exc).__name__
+                )
                 if attempt > self.retries or not safe or not isinstance(exc, _TRANSIENT):
                     reason = _transport_reason(exc, self.timeout)
                     tries = f" ({attempt} attempts)" if attempt > 1 else ""
                     raise TransportError(f"could not reach {self.base_url}: {reason}{tries}") from exc
                 delay = backoff_delay(attempt, self.backoff, self.max_retry_after)
             else:
-                log.debug("%s /%s -> %d in %.3f s", method, logged, response.status_code,
-                          time.monotonic() - started)
+                log.debug("%s /%s -> %d in %.3f s", method, logged, response.status_code, time.monotonic() - started)
                 if final:
                     return _Answer(response, attempt, action, content)
                 waited = retry_after_seconds(response.headers.get("Retry-After"))
-                delay = (backoff_delay(attempt, self.backoff, self.max_retry_after) if waited is None
-                         else min(waited, self.max_retry_after))
+                delay = (
+                    backoff_delay(attempt, self.backoff, self.max_retry_after)
+                    if waited is None
+                    else min(waited, self.max_retry_after)
+                )
                 response.close()
             log.info("%s /%s: retry %d of %d in %.1f s", method, logged, attempt, self.retries, delay)
             self._sleep(delay)
@@ -533,8 +587,10 @@ class FhirClient:
     def _read_capped(self, response: requests.Response, action: str) -> bytes:
         """The body, read in chunks and given up past ``max_response_bytes`` (never all buffered first)."""
         cap = self.max_response_bytes
-        too_big = InputError(f"the answer to {action} is larger than {cap} bytes; refusing to read it "
-                             "(raise max_response_bytes if the server is trusted)")
+        too_big = InputError(
+            f"the answer to {action} is larger than {cap} bytes; refusing to read it "
+            "(raise max_response_bytes if the server is trusted)"
+        )
         try:
             declared = int(response.headers.get("Content-Length") or 0)
         except ValueError:
@@ -572,8 +628,9 @@ class FhirClient:
     def _secrets(self) -> list[str]:
         """Secrets to keep out of messages: our token, and an OAuth2Session's tokens."""
         token = getattr(self._session, "token", None)
-        found = [self._token] + ([token.get("access_token"), token.get("refresh_token")]
-                                 if isinstance(token, Mapping) else [])
+        found = [self._token] + (
+            [token.get("access_token"), token.get("refresh_token")] if isinstance(token, Mapping) else []
+        )
         return [s for s in found if isinstance(s, str) and s]
 
     def _error(self, answer: _Answer, body: Any) -> ServerError:
@@ -587,7 +644,7 @@ class FhirClient:
     def _pages(self, first: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The first searchset page and the pages its ``next`` links lead to, refusing loops and
         stopping with InputError past ``max_pages`` (distinct links could go on forever)."""
-        page, seen = first, set()
+        page, seen = first, set[str]()
         while True:
             if page.get("resourceType") != "Bundle":
                 raise InputError(f"a search answer from {self.base_url} is a {page.get('resourceType')}, not a Bundle")
@@ -598,13 +655,16 @@ class FhirClient:
             if link in seen:
                 raise InputError(f"the search paging links of {self.base_url} go round in a loop")
             if len(seen) + 1 >= self.max_pages:
-                raise InputError(f"a search on {self.base_url} has more than {self.max_pages} pages; "
-                                 "stopping (raise max_pages if that is expected)")
+                raise InputError(
+                    f"a search on {self.base_url} has more than {self.max_pages} pages; "
+                    "stopping (raise max_pages if that is expected)"
+                )
             seen.add(link)
             page = self.request("GET", link)
 
-    def _entry_resource(self, entry: Mapping[str, Any], sent: Mapping[str, Any], *,
-                        patient_id: str | None = None) -> dict[str, Any]:
+    def _entry_resource(
+        self, entry: Mapping[str, Any], sent: Mapping[str, Any], *, patient_id: str | None = None
+    ) -> dict[str, Any]:
         """The resource of a batch-response entry, or the exception its status maps to."""
         status = _entry_status(entry)
         resource = entry.get("resource")
@@ -612,10 +672,14 @@ class FhirClient:
             return resource
         outcome = (entry.get("response") or {}).get("outcome") or resource
         if patient_id is not None and status in (404, 410):
-            raise NotFound(f"patient {patient_id} was not found on {self.base_url}", status=status,
-                           outcome=outcome if _is_outcome(outcome) else None)
+            raise NotFound(
+                f"patient {patient_id} was not found on {self.base_url}",
+                status=status,
+                outcome=outcome if _is_outcome(outcome) else None,
+            )
         if status < 300:
             raise InputError(f"the batch answer to {sent['request']['url'].split('?')[0]} holds no resource")
         path = sent["request"]["url"].split("?")[0]
-        raise error_for_status(status, outcome, action=f"GET {self.base_url}/{path} (in a batch)",
-                               redact=self._secrets())
+        raise error_for_status(
+            status, outcome, action=f"GET {self.base_url}/{path} (in a batch)", redact=self._secrets()
+        )

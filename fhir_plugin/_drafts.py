@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import html
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, Mapping
+from typing import Any
 
-from pydantic import ValidationError
 from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
 
-from ._version import __version__
 from ._errors import DraftsRefused, InputError, UsageError
 from ._profile import Profile
 from ._record import PatientRecord
 from ._report import Report
+from ._version import __version__
 from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER, is_plugin_draft
 
 __all__ = ["build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused", "Existing", "existing_in"]
@@ -63,8 +64,10 @@ def _code(resource: Mapping[str, Any], name: str) -> str | None:
 
 
 def _has_code(condition: Mapping[str, Any], code: str) -> bool:
-    return any(c.get("code") == code and c.get("system") in (ICD10CM, None)
-               for c in (condition.get("code") or {}).get("coding") or [])
+    return any(
+        c.get("code") == code and c.get("system") in (ICD10CM, None)
+        for c in (condition.get("code") or {}).get("coding") or []
+    )
 
 
 def _ref(resource: Mapping[str, Any]) -> str:
@@ -73,29 +76,48 @@ def _ref(resource: Mapping[str, Any]) -> str:
 
 def existing_in(record: PatientRecord, profile: Profile) -> Existing:
     """The Condition, the plan and the plugin's own drafts ``record`` already holds (SPEC §7.1). Pure."""
-    conditions = [r for r in record.of_type("Condition")
-                  if _has_code(r, profile.code) and _code(r, "verificationStatus") not in _VOID_VERIFICATION]
+    conditions = [
+        r
+        for r in record.of_type("Condition")
+        if _has_code(r, profile.code) and _code(r, "verificationStatus") not in _VOID_VERIFICATION
+    ]
     clinician = [r for r in conditions if not is_plugin_draft(r) and _code(r, "clinicalStatus") in _ACTIVE_CLINICAL]
     # a confirmed diagnosis first, then the earliest recorded: the one the chart already relies on
-    clinician.sort(key=lambda r: (_code(r, "verificationStatus") != "confirmed", str(r.get("recordedDate") or ""),
-                                  str(r.get("id"))))
+    clinician.sort(
+        key=lambda r: (
+            _code(r, "verificationStatus") != "confirmed",
+            str(r.get("recordedDate") or ""),
+            str(r.get("id")),
+        )
+    )
     matching = {_ref(r) for r in conditions}
-    plans = [r for r in record.of_type("CarePlan") if r.get("status") not in _CLOSED_PLAN
-             and {a.get("reference") for a in r.get("addresses") or []} & matching]
+    plans = [
+        r
+        for r in record.of_type("CarePlan")
+        if r.get("status") not in _CLOSED_PLAN and {a.get("reference") for a in r.get("addresses") or []} & matching
+    ]
     own_plans = [r for r in plans if is_plugin_draft(r)]
     written: list[str] = []
     for plan in own_plans:
         written.append(_ref(plan))
-        written += [a["reference"] for a in plan.get("addresses") or [] if a.get("reference") in matching
-                    and any(is_plugin_draft(c) and _ref(c) == a["reference"] for c in conditions)]
+        written += [
+            a["reference"]
+            for a in plan.get("addresses") or []
+            if a.get("reference") in matching
+            and any(is_plugin_draft(c) and _ref(c) == a["reference"] for c in conditions)
+        ]
         written += [g["reference"] for g in plan.get("goal") or [] if g.get("reference")]
-        written += [_ref(p) for p in record.of_type("Provenance") if is_plugin_draft(p)
-                    and _ref(plan) in {t.get("reference") for t in p.get("target") or []}]
+        written += [
+            _ref(p)
+            for p in record.of_type("Provenance")
+            if is_plugin_draft(p) and _ref(plan) in {t.get("reference") for t in p.get("target") or []}
+        ]
     other_plans = sorted(_ref(r) for r in plans if not is_plugin_draft(r))
-    return Existing(condition=_ref(clinician[0]) if clinician else None,
-                    careplan=other_plans[0] if other_plans else None,
-                    written=tuple(dict.fromkeys(written)))
-
+    return Existing(
+        condition=_ref(clinician[0]) if clinician else None,
+        careplan=other_plans[0] if other_plans else None,
+        written=tuple(dict.fromkeys(written)),
+    )
 
 
 @dataclass(frozen=True)
@@ -131,10 +153,15 @@ def _meta() -> dict[str, Any]:
 
 def _entry(resource: dict[str, Any], full_url: str, identifier: str) -> dict[str, Any]:
     # The identifiers are computable by anyone, so the match is bound to the patient too (issue 11, item 3).
-    return {"fullUrl": full_url, "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"],
-                        "ifNoneExist": f"identifier={URI_IDENTIFIER}|{identifier}"
-                                       f"&subject={resource['subject']['reference']}"}}
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {
+            "method": "POST",
+            "url": resource["resourceType"],
+            "ifNoneExist": f"identifier={URI_IDENTIFIER}|{identifier}&subject={resource['subject']['reference']}",
+        },
+    }
 
 
 def _offset(start: date, quantity: Mapping[str, Any] | None) -> date | None:
@@ -146,8 +173,10 @@ def _offset(start: date, quantity: Mapping[str, Any] | None) -> date | None:
 
 def _narrative(title: str, lines: list[str]) -> dict[str, str]:
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return {"status": "generated",
-            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p><b>{html.escape(title)}</b></p><ul>{items}</ul></div>'}
+    return {
+        "status": "generated",
+        "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p><b>{html.escape(title)}</b></p><ul>{items}</ul></div>',
+    }
 
 
 def _gap_note(report: Report) -> str:
@@ -165,12 +194,14 @@ def _validate(resource: Mapping[str, Any], *, name: str | None = None) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "root")
-        raise InputError(f"the drafted {name or resource['resourceType']} is not valid R4 at {where}: "
-                         f"{first.get('msg')}") from exc
+        raise InputError(
+            f"the drafted {name or resource['resourceType']} is not valid R4 at {where}: {first.get('msg')}"
+        ) from exc
 
 
-def build_drafts(report: Report, profile: Profile, *, now: datetime,
-                 existing: Existing | None = None) -> dict[str, Any]:
+def build_drafts(
+    report: Report, profile: Profile, *, now: datetime, existing: Existing | None = None
+) -> dict[str, Any]:
     """The transaction Bundle of SPEC §7 for one checked patient, around what ``existing`` names (§7.1).
 
     Refuses (DraftsRefused) when the code fit is a mismatch: the record then
@@ -182,8 +213,10 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
         first = report.code_fit.suggested[0] if report.code_fit.suggested else None
         why = first.reason if first else report.code_fit.detail
         codes = ", ".join(s.code for s in report.code_fit.suggested) or "another code"
-        raise DraftsRefused(f"no drafts were made: {report.patient}'s documentation does not support "
-                            f"{profile.code} ({why}); suggested {codes}")
+        raise DraftsRefused(
+            f"no drafts were made: {report.patient}'s documentation does not support "
+            f"{profile.code} ({why}); suggested {codes}"
+        )
     existing = existing or Existing()
     if existing.condition and existing.careplan:
         raise UsageError(f"nothing to draft: {existing.careplan} already addresses {existing.condition}")
@@ -196,17 +229,33 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
 
     evidence = sorted({ref for e in report.elements if e.status == "met" for ref in e.evidence})
     condition: dict[str, Any] = {
-        "resourceType": "Condition", "meta": _meta(), "identifier": _identifier(ids["condition"]),
+        "resourceType": "Condition",
+        "meta": _meta(),
+        "identifier": _identifier(ids["condition"]),
         "clinicalStatus": {"coding": [{"system": _CONDITION_CLINICAL, "code": "active"}]},
         "verificationStatus": {"coding": [{"system": _CONDITION_VERIFICATION, "code": "provisional"}]},
-        "category": [{"coding": [{"system": _CONDITION_CATEGORY, "code": "encounter-diagnosis",
-                                  "display": "Encounter Diagnosis"}]}],
-        "code": {"coding": [{"system": ICD10CM, "code": profile.code, "display": profile.display},
-                            {"system": SNOMED, **profile.raw["snomed"]}],
-                 "text": profile.display},
-        "bodySite": [{"coding": [dict(profile.raw["site"]["draft_body_site"])],
-                      "text": profile.raw["site"]["draft_body_site"]["display"]}],
-        "subject": subject, "recordedDate": recorded,
+        "category": [
+            {
+                "coding": [
+                    {"system": _CONDITION_CATEGORY, "code": "encounter-diagnosis", "display": "Encounter Diagnosis"}
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {"system": ICD10CM, "code": profile.code, "display": profile.display},
+                {"system": SNOMED, **profile.raw["snomed"]},
+            ],
+            "text": profile.display,
+        },
+        "bodySite": [
+            {
+                "coding": [dict(profile.raw["site"]["draft_body_site"])],
+                "text": profile.raw["site"]["draft_body_site"]["display"],
+            }
+        ],
+        "subject": subject,
+        "recordedDate": recorded,
         "note": [{"text": _gap_note(report)}],
     }
     if encounter:
@@ -225,9 +274,14 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
         gid = goal["id"]
         goal_urls[gid] = urls[gid]
         resource = {
-            "resourceType": "Goal", "meta": _meta(), "identifier": _identifier(ids[gid]),
-            "lifecycleStatus": "proposed", "description": dict(goal["description"]), "subject": subject,
-            "addresses": [{"reference": addressed}], "startDate": start.isoformat(),
+            "resourceType": "Goal",
+            "meta": _meta(),
+            "identifier": _identifier(ids[gid]),
+            "lifecycleStatus": "proposed",
+            "description": dict(goal["description"]),
+            "subject": subject,
+            "addresses": [{"reference": addressed}],
+            "startDate": start.isoformat(),
             "note": [{"text": f"{(goal.get('category') or {}).get('text', gid)}. Drafted for clinician review."}],
         }
         if goal.get("target"):
@@ -241,10 +295,17 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
     referral = profile.referral
     held = referral.applies(present)
     if held:
-        activities.append({"detail": {
-            "kind": "ServiceRequest", "code": {"text": referral.activity}, "status": "not-started",
-            "description": referral.text(referral.description, present),
-            "scheduledPeriod": {"start": start.isoformat()}}})
+        activities.append(
+            {
+                "detail": {
+                    "kind": "ServiceRequest",
+                    "code": {"text": referral.activity},
+                    "status": "not-started",
+                    "description": referral.text(referral.description, present),
+                    "scheduledPeriod": {"start": start.isoformat()},
+                }
+            }
+        )
         lines.append(referral.text(referral.narrative, present))
     for index, phase in enumerate(plan.get("action", []), start=1):
         number = int(phase.get("prefix") or index)
@@ -253,19 +314,22 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
         period = {"start": phase_start.isoformat(), **({"end": phase_end.isoformat()} if phase_end else {})}
         phase_goals = [{"reference": goal_urls[g]} for g in phase.get("goalId", []) if g in goal_urls]
         if held:  # SPEC §7.1: red flags hold the protocol until the evaluation
-            phase_status: dict[str, Any] = {"status": "on-hold",
-                                            "statusReason": {"text": referral.text(referral.hold_reason, present)}}
+            phase_status: dict[str, Any] = {
+                "status": "on-hold",
+                "statusReason": {"text": referral.text(referral.hold_reason, present)},
+            }
         else:
             phase_status = {"status": "not-started"}
-        lines.append(f"Phase {number}: {phase['title']} ({period['start']} to {period.get('end', 'open')}) - "
-                     + "; ".join(a["title"] for a in phase.get("action", [])))
+        lines.append(
+            f"Phase {number}: {phase['title']} ({period['start']} to {period.get('end', 'open')}) - "
+            + "; ".join(a["title"] for a in phase.get("action", []))
+        )
         for act in phase.get("action", []):
             source = "; ".join(d.get("display", "") for d in act.get("documentation", []) if d.get("display"))
             extension = [{"url": "number", "valueInteger": number}, {"url": "title", "valueString": phase["title"]}]
             if source:
                 extension.append({"url": "source", "valueString": source})
-            detail: dict[str, Any] = {"code": {"text": act["title"]}, **phase_status,
-                                      "scheduledPeriod": dict(period)}
+            detail: dict[str, Any] = {"code": {"text": act["title"]}, **phase_status, "scheduledPeriod": dict(period)}
             if act.get("description"):
                 detail["description"] = act["description"]
             if phase_goals:
@@ -276,34 +340,57 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
         lines.insert(1, referral.hold_narrative)
     title = f"Draft care plan: {profile.display}"
     careplan: dict[str, Any] = {
-        "resourceType": "CarePlan", "meta": _meta(), "identifier": _identifier(ids["careplan"]),
+        "resourceType": "CarePlan",
+        "meta": _meta(),
+        "identifier": _identifier(ids["careplan"]),
         "text": _narrative(title + " (needs clinician review)", lines),
         "instantiatesCanonical": [f"{plan['url']}|{plan['version']}" if plan.get("version") else plan["url"]],
-        "status": "draft", "intent": "proposal",
+        "status": "draft",
+        "intent": "proposal",
         "category": [{"coding": [{"system": _CAREPLAN_CATEGORY, "code": "assess-plan"}]}],
         "title": title,
         "description": "Phased treatment drafted by the documentation plugin from the condition profile; "
-                       "it needs clinician review before use.",
-        "subject": subject, "period": {"start": start.isoformat()}, "created": recorded,
+        "it needs clinician review before use.",
+        "subject": subject,
+        "period": {"start": start.isoformat()},
+        "created": recorded,
         "addresses": [{"reference": addressed}],
         "goal": [{"reference": goal_urls[gid]} for gid, _ in goals],
         "activity": activities,
-        "note": [{"text": "Machine-drafted; needs clinician review."
-                          + (f" It addresses the existing {existing.condition}." if existing.condition else "")}],
+        "note": [
+            {
+                "text": "Machine-drafted; needs clinician review."
+                + (f" It addresses the existing {existing.condition}." if existing.condition else "")
+            }
+        ],
     }
     if encounter:
         careplan["encounter"] = encounter
 
-    targets = ([] if existing.condition else [urls["condition"]]) + [urls["careplan"]] + [goal_urls[gid] for gid, _ in goals]
+    targets = (
+        ([] if existing.condition else [urls["condition"]]) + [urls["careplan"]] + [goal_urls[gid] for gid, _ in goals]
+    )
     provenance: dict[str, Any] = {
-        "resourceType": "Provenance", "meta": {"tag": [dict(DRAFT_TAG),
-                                                       {"system": URI_IDENTIFIER, "code": ids["provenance"]}]},
-        "target": [{"reference": t} for t in targets], "recorded": recorded,
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                                 "code": "CREATE"}]},
-        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                        "code": "author"}]},
-                   "who": {"display": f"{PLUGIN_NAME} {__version__}"}}],
+        "resourceType": "Provenance",
+        "meta": {"tag": [dict(DRAFT_TAG), {"system": URI_IDENTIFIER, "code": ids["provenance"]}]},
+        "target": [{"reference": t} for t in targets],
+        "recorded": recorded,
+        "activity": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "author",
+                        }
+                    ]
+                },
+                "who": {"display": f"{PLUGIN_NAME} {__version__}"},
+            }
+        ],
         "entity": [{"role": "source", "what": {"reference": ref}} for ref in evidence],
     }
     if not provenance["entity"]:
@@ -316,10 +403,17 @@ def build_drafts(report: Report, profile: Profile, *, now: datetime,
     entries.append(_entry(careplan, urls["careplan"], ids["careplan"]))
     # Provenance has no identifier element in R4: its conditional create keys on a tag instead, and
     # on its target CarePlan (the server resolves the urn:uuid placeholder to the patient's CarePlan)
-    entries.append({"fullUrl": urls["provenance"], "resource": provenance,
-                    "request": {"method": "POST", "url": "Provenance",
-                                "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}"
-                                               f"&target={urls['careplan']}"}})
+    entries.append(
+        {
+            "fullUrl": urls["provenance"],
+            "resource": provenance,
+            "request": {
+                "method": "POST",
+                "url": "Provenance",
+                "ifNoneExist": f"_tag={URI_IDENTIFIER}|{ids['provenance']}&target={urls['careplan']}",
+            },
+        }
+    )
     return _bundle(entries)
 
 
@@ -329,7 +423,10 @@ def _bundle(entries: list[dict[str, Any]]) -> dict[str, Any]:
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     # The envelope is checked around the models just made: validating the plain Bundle would
     # check every resource a second time (half of drafting's CPU).
-    _validate(dict(bundle, entry=[dict(e, resource=m) for e, m in zip(entries, models)]), name="transaction Bundle")
+    _validate(
+        dict(bundle, entry=[dict(e, resource=m) for e, m in zip(entries, models, strict=True)]),
+        name="transaction Bundle",
+    )
     return bundle
 
 
@@ -343,11 +440,22 @@ def phases_of(careplan: Mapping[str, Any]) -> list[Phase]:
         parts = {e.get("url"): e for e in ext.get("extension") or []}
         number = int(parts["number"]["valueInteger"])
         detail = activity.get("detail") or {}
-        phase = phases.setdefault(number, {"title": parts.get("title", {}).get("valueString", ""), "goals": [],
-                                           "activities": [], "period": detail.get("scheduledPeriod") or {}})
+        phase = phases.setdefault(
+            number,
+            {
+                "title": parts.get("title", {}).get("valueString", ""),
+                "goals": [],
+                "activities": [],
+                "period": detail.get("scheduledPeriod") or {},
+            },
+        )
         phase["activities"].append((detail.get("code") or {}).get("text", ""))
         for goal in detail.get("goal") or []:
             if goal.get("reference") not in phase["goals"]:
                 phase["goals"].append(goal.get("reference"))
-    return [Phase(n, p["title"], tuple(p["goals"]), tuple(p["activities"]), p["period"].get("start"),
-                  p["period"].get("end")) for n, p in sorted(phases.items())]
+    return [
+        Phase(
+            n, p["title"], tuple(p["goals"]), tuple(p["activities"]), p["period"].get("start"), p["period"].get("end")
+        )
+        for n, p in sorted(phases.items())
+    ]

@@ -105,8 +105,7 @@ class ServerError(PluginError):
     http_status = 502
     title = "The FHIR server could not be used"
 
-    def __init__(self, message: str, *, status: int | None = None,
-                 outcome: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, outcome: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.outcome = outcome

@@ -49,36 +49,64 @@ def _plan_note(careplan: Mapping[str, Any], goals: list[Mapping[str, Any]], full
     """The CarePlan and its Goals as one preliminary note: the plan's HTML, and its FHIR JSON attached."""
     narrative = str((careplan.get("text") or {}).get("div", ""))
     goal_items = "".join(f"<li>{_escape(str((g.get('description') or {}).get('text', '')))}</li>" for g in goals)
-    html = (f"<html><body>{narrative}<p><b>Goals</b></p><ul>{goal_items}</ul>"
-            "<p>Machine-drafted; needs clinician review.</p></body></html>")
-    attached = {"resourceType": "Bundle", "type": "collection",
-                "entry": [{"resource": dict(careplan)}] + [{"resource": dict(g)} for g in goals]}
+    html = (
+        f"<html><body>{narrative}<p><b>Goals</b></p><ul>{goal_items}</ul>"
+        "<p>Machine-drafted; needs clinician review.</p></body></html>"
+    )
+    attached = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": dict(careplan)}] + [{"resource": dict(g)} for g in goals],
+    }
     note: dict[str, Any] = {
-        "resourceType": "DocumentReference", "meta": careplan.get("meta"),
-        "identifier": careplan.get("identifier"), "status": "current", "docStatus": "preliminary",
+        "resourceType": "DocumentReference",
+        "meta": careplan.get("meta"),
+        "identifier": careplan.get("identifier"),
+        "status": "current",
+        "docStatus": "preliminary",
         "type": {"coding": [dict(_PLAN_NOTE)], "text": "Plan of care note"},
-        "subject": careplan["subject"], "date": f"{careplan['created']}",
+        "subject": careplan["subject"],
+        "date": f"{careplan['created']}",
         "description": str(careplan.get("title", "Draft care plan")),
-        "content": [{"attachment": {"contentType": "text/html", "data": _b64(html),
-                                    "title": str(careplan.get("title", "Draft care plan"))}},
-                    {"attachment": {"contentType": "application/fhir+json", "data": _b64(json.dumps(attached)),
-                                    "title": "The draft CarePlan and Goals (FHIR R4 JSON)"}}],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/html",
+                    "data": _b64(html),
+                    "title": str(careplan.get("title", "Draft care plan")),
+                }
+            },
+            {
+                "attachment": {
+                    "contentType": "application/fhir+json",
+                    "data": _b64(json.dumps(attached)),
+                    "title": "The draft CarePlan and Goals (FHIR R4 JSON)",
+                }
+            },
+        ],
     }
     if careplan.get("encounter"):
         note["context"] = {"encounter": [dict(careplan["encounter"])]}
     _validate(note, name="plan note")
-    return {"fullUrl": full_url, "resource": note,
-            "request": {"method": "POST", "url": "DocumentReference",
-                        "ifNoneExist": f"identifier={URI_IDENTIFIER}|{_identifier_of(careplan)}"
-                                       f"&subject={careplan['subject']['reference']}"}}
+    return {
+        "fullUrl": full_url,
+        "resource": note,
+        "request": {
+            "method": "POST",
+            "url": "DocumentReference",
+            "ifNoneExist": f"identifier={URI_IDENTIFIER}|{_identifier_of(careplan)}"
+            f"&subject={careplan['subject']['reference']}",
+        },
+    }
 
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def fold_drafts(drafts: Mapping[str, Any], can_create: Callable[[str], bool], *,
-                condition_category: str | None = None) -> Folded:
+def fold_drafts(
+    drafts: Mapping[str, Any], can_create: Callable[[str], bool], *, condition_category: str | None = None
+) -> Folded:
     """The drafts reshaped for a server that creates only what ``can_create`` allows.
 
     ``condition_category`` (``problem-list-item`` or ``encounter-diagnosis``)
@@ -103,11 +131,17 @@ def fold_drafts(drafts: Mapping[str, Any], can_create: Callable[[str], bool], *,
                 dropped_urls.add(entry["fullUrl"])
                 continue
             if condition_category and condition_category != resource["category"][0]["coding"][0]["code"]:
-                resource = dict(resource, category=[{"coding": [{"system": _CONDITION_CATEGORY,
-                                                                 "code": condition_category}]}])
+                resource = dict(
+                    resource, category=[{"coding": [{"system": _CONDITION_CATEGORY, "code": condition_category}]}]
+                )
                 entry = dict(entry, resource=resource)
-            forms.append(("Condition", f"Condition ({resource['category'][0]['coding'][0]['code']}, "
-                                       f"{resource['verificationStatus']['coding'][0]['code']})"))
+            forms.append(
+                (
+                    "Condition",
+                    f"Condition ({resource['category'][0]['coding'][0]['code']}, "
+                    f"{resource['verificationStatus']['coding'][0]['code']})",
+                )
+            )
             out.append(entry)
         elif rtype in ("Goal", "CarePlan") and fold_plan:
             dropped_urls.add(entry["fullUrl"])
@@ -122,8 +156,12 @@ def fold_drafts(drafts: Mapping[str, Any], can_create: Callable[[str], bool], *,
             not_written.append((rtype, f"the server creates no {rtype} and no DocumentReference"))
             dropped_urls.add(entry["fullUrl"])
         elif rtype == "Provenance" and not can_create("Provenance"):
-            not_written.append(("Provenance", "the server creates no Provenance; the note and the Condition "
-                                              "carry the machine-drafted tag"))
+            not_written.append(
+                (
+                    "Provenance",
+                    "the server creates no Provenance; the note and the Condition carry the machine-drafted tag",
+                )
+            )
         else:
             forms.append((rtype, rtype))
             out.append(entry)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ._errors import UsageError
@@ -53,7 +53,7 @@ class LedgerEntry:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Ledger:
@@ -79,23 +79,30 @@ class Ledger:
 
     def get(self, base: str, draft: str) -> LedgerEntry | None:
         with self._lock:
-            row = self._db.execute("SELECT state, ref FROM drafts WHERE base = ? AND draft = ?",
-                                   (base, draft)).fetchone()
+            row = self._db.execute(
+                "SELECT state, ref FROM drafts WHERE base = ? AND draft = ?", (base, draft)
+            ).fetchone()
         return LedgerEntry(row[0], row[1]) if row else None
 
     def intend(self, base: str, draft: str) -> None:
         """Record that a create of ``draft`` is about to be sent (committed before the request)."""
         with self._lock:
-            self._db.execute("INSERT INTO drafts (base, draft, state, ref, updated) VALUES (?, ?, 'intent', NULL, ?) "
-                             "ON CONFLICT (base, draft) DO UPDATE SET state = 'intent', ref = NULL, "
-                             "updated = excluded.updated", (base, draft, _now()))
+            self._db.execute(
+                "INSERT INTO drafts (base, draft, state, ref, updated) VALUES (?, ?, 'intent', NULL, ?) "
+                "ON CONFLICT (base, draft) DO UPDATE SET state = 'intent', ref = NULL, "
+                "updated = excluded.updated",
+                (base, draft, _now()),
+            )
 
     def record(self, base: str, draft: str, ref: str) -> None:
         """Record that ``draft`` exists on the server as ``ref`` (created now, or found by a search)."""
         with self._lock:
-            self._db.execute("INSERT INTO drafts (base, draft, state, ref, updated) VALUES (?, ?, 'created', ?, ?) "
-                             "ON CONFLICT (base, draft) DO UPDATE SET state = 'created', ref = excluded.ref, "
-                             "updated = excluded.updated", (base, draft, ref, _now()))
+            self._db.execute(
+                "INSERT INTO drafts (base, draft, state, ref, updated) VALUES (?, ?, 'created', ?, ?) "
+                "ON CONFLICT (base, draft) DO UPDATE SET state = 'created', ref = excluded.ref, "
+                "updated = excluded.updated",
+                (base, draft, ref, _now()),
+            )
 
     def forget(self, base: str, draft: str) -> None:
         """Drop a row whose resource the server no longer has (deleted by someone), so it is looked for anew."""

@@ -22,8 +22,9 @@ import enum
 import ipaddress
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Literal, Mapping, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -32,9 +33,20 @@ from ._errors import LaunchError, UsageError
 from ._urls import safe_url
 
 __all__ = [
-    "WELL_KNOWN", "EndpointRule", "Wording", "DiscoveryCache", "configuration_url", "get_json",
-    "fetch_configuration", "configuration_object", "endpoint_fault", "check_endpoint", "token_fault",
-    "check_token_response", "stamp_expiry", "token_expired",
+    "WELL_KNOWN",
+    "EndpointRule",
+    "Wording",
+    "DiscoveryCache",
+    "configuration_url",
+    "get_json",
+    "fetch_configuration",
+    "configuration_object",
+    "endpoint_fault",
+    "check_endpoint",
+    "token_fault",
+    "check_token_response",
+    "stamp_expiry",
+    "token_expired",
 ]
 
 WELL_KNOWN = ".well-known/smart-configuration"
@@ -114,13 +126,15 @@ class DiscoveryCache(Generic[T]):
 
 # ---------------------------------------------------------------- discovery (I/O at the edge)
 
+
 def configuration_url(base: str) -> str:
     """Where a FHIR base publishes its SMART configuration (conformance.html)."""
     return f"{base.rstrip('/')}/{WELL_KNOWN}"
 
 
-def get_json(session: requests.Session, url: str, *, accept: str = "application/json",
-             timeout: float = 10.0) -> tuple[int, Any]:
+def get_json(
+    session: requests.Session, url: str, *, accept: str = "application/json", timeout: float = 10.0
+) -> tuple[int, Any]:
     """(status, parsed JSON or None); no redirects followed (they could leave the issuer).
 
     Raises ``requests.RequestException`` when the server cannot be reached: each caller words that itself,
@@ -135,8 +149,9 @@ def get_json(session: requests.Session, url: str, *, accept: str = "application/
     return response.status_code, body
 
 
-def fetch_configuration(session: requests.Session, base: str, *, say: Wording,
-                        timeout: float = 10.0) -> tuple[int, Any]:
+def fetch_configuration(
+    session: requests.Session, base: str, *, say: Wording, timeout: float = 10.0
+) -> tuple[int, Any]:
     """GET the smart-configuration of ``base``: (status, JSON or None); unreachable is ``say.unreachable``."""
     url = configuration_url(base)
     try:
@@ -158,6 +173,7 @@ def configuration_object(status: int, body: Any, *, base: str, say: Wording) -> 
 
 
 # ---------------------------------------------------------------- endpoints
+
 
 def _checked(url: str, what: str) -> None:
     """The one URL check (``_urls.safe_url``) before credentials or a request go to ``url``."""
@@ -202,6 +218,7 @@ def check_endpoint(value: Any, what: str, *, rule: EndpointRule, say: Wording, b
 
 
 # ---------------------------------------------------------------- token responses
+
 
 def token_fault(body: Any) -> TokenFault | None:
     """Why a token endpoint's JSON answer is not a usable bearer token (RFC 6749 §5.1, RFC 6750), or None. Pure."""

@@ -7,10 +7,11 @@ record is read and validated the same way whatever the way in.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from ._errors import NotFound, ServerError, TransportError, UsageError
 from ._examples import ExampleCase, cases_bundle, example_cases
@@ -52,7 +53,8 @@ def from_files(paths: Sequence[str | Path], patients: Sequence[str] = ()) -> lis
 def from_embedded(today: date, patients: Sequence[str] = ()) -> list[Checkable]:
     """The example patients shipped beside the default profile, dated relative to ``today`` (the embedded default)."""
     items: Iterator[Checkable] = (
-        Checkable(records_from_bundle(case.resources)[0], case.encounter_id) for case in example_cases(today))
+        Checkable(records_from_bundle(case.resources)[0], case.encounter_id) for case in example_cases(today)
+    )
     return select(items, patients, "the embedded synthetic patients")
 
 
@@ -61,16 +63,20 @@ def require_patients(patients: Sequence[str]) -> None:
         raise UsageError("name the patient to check on the server with --patient ID")
 
 
-def load_into_server(base_url: str, cases: Iterable[ExampleCase], session: Any = None,
-                     timeout: float = 120.0) -> dict[str, Any]:
+def load_into_server(
+    base_url: str, cases: Iterable[ExampleCase], session: Any = None, timeout: float = 120.0
+) -> dict[str, Any]:
     """PUT the cases' resources into ``base_url`` as one transaction; return the server's transaction-response."""
     import requests
 
     http = session or requests.Session()
     try:
-        response = http.post(base_url.rstrip("/"), data=json.dumps(cases_bundle(list(cases))),
-                             headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-                             timeout=timeout)
+        response = http.post(
+            base_url.rstrip("/"),
+            data=json.dumps(cases_bundle(list(cases))),
+            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+            timeout=timeout,
+        )
     except requests.RequestException as exc:
         raise TransportError(f"could not send the synthetic patients to {base_url}: {exc}") from exc
     if response.status_code >= 400:
@@ -78,7 +84,10 @@ def load_into_server(base_url: str, cases: Iterable[ExampleCase], session: Any =
             outcome = response.json()
         except ValueError:
             outcome = None
-        raise ServerError(f"the server refused the synthetic patients (HTTP {response.status_code})",
-                          status=response.status_code, outcome=outcome)
+        raise ServerError(
+            f"the server refused the synthetic patients (HTTP {response.status_code})",
+            status=response.status_code,
+            outcome=outcome,
+        )
     answer: dict[str, Any] = response.json()
     return answer

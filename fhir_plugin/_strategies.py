@@ -19,9 +19,10 @@ wrong (``--strategy`` / ``FHIR_PLUGIN_STRATEGY``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ._capabilities import ServerCapabilities, capabilities_of
 from ._client import FhirClient
@@ -30,8 +31,15 @@ from ._ledger import DEFAULT_LEDGER, Ledger
 from ._read import BatchReader, PerTypeReader, RecordReader
 from ._write import DraftWriter, FoldingWriter, LedgerWriter, PerResourceWriter, TransactionWriter, needs_folding
 
-__all__ = ["Strategies", "strategies_for", "detected_strategies", "STRATEGIES", "DRAFT_TYPES", "ledger_at",
-           "STRATEGY_ENV"]
+__all__ = [
+    "Strategies",
+    "strategies_for",
+    "detected_strategies",
+    "STRATEGIES",
+    "DRAFT_TYPES",
+    "ledger_at",
+    "STRATEGY_ENV",
+]
 
 #: the environment variable an operator sets to force the writer (CLI ``--strategy`` wins over it)
 STRATEGY_ENV = "FHIR_PLUGIN_STRATEGY"
@@ -65,13 +73,19 @@ def ledger_at(path: str | Path | None = None) -> Ledger:
 
 def _needs_ledger(capabilities: ServerCapabilities) -> bool:
     """A draft type the server declares, without conditional create: it cannot de-duplicate for us."""
-    return any(t in capabilities.types and capabilities.can_create(t) and not capabilities.can_create_conditionally(t)
-               for t in (*DRAFT_TYPES, "DocumentReference"))
+    return any(
+        t in capabilities.types and capabilities.can_create(t) and not capabilities.can_create_conditionally(t)
+        for t in (*DRAFT_TYPES, "DocumentReference")
+    )
 
 
-def strategies_for(client: FhirClient,
-                   capabilities: ServerCapabilities | Mapping[str, Any] | None = None, *,
-                   strategy: str = "auto", ledger: str | Path | None = None) -> Strategies:
+def strategies_for(
+    client: FhirClient,
+    capabilities: ServerCapabilities | Mapping[str, Any] | None = None,
+    *,
+    strategy: str = "auto",
+    ledger: str | Path | None = None,
+) -> Strategies:
     """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given.
 
     ``strategy`` forces the writer (one of ``STRATEGIES``); ``ledger`` is the
@@ -85,8 +99,11 @@ def strategies_for(client: FhirClient,
         capabilities = None  # nothing usable declared: today's defaults
     # HAPI declares only ``transaction`` yet answers batches at the same endpoint, as every server with
     # transactions does (Azure, Google, Medplum, Firely, Aidbox); the EHRs that refuse batches refuse both
-    reader: RecordReader = BatchReader(client) \
-        if capabilities is None or capabilities.batch or capabilities.transaction else PerTypeReader(client)
+    reader: RecordReader = (
+        BatchReader(client)
+        if capabilities is None or capabilities.batch or capabilities.transaction
+        else PerTypeReader(client)
+    )
     if strategy == "auto":
         if capabilities is None or capabilities.transaction:
             strategy = "transaction"

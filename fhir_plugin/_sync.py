@@ -41,11 +41,12 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, TextIO
 
 import requests
 
@@ -58,9 +59,21 @@ from ._review import review
 from ._strategies import detected_strategies
 from ._vocab import DRAFT_TAG, DRAFT_TYPES, READ_TYPES
 
-__all__ = ["Selection", "SyncOptions", "SyncResult", "run_sync", "default_scope", "parse_instant",
-           "patient_line", "changed_patients", "group_members", "all_patients", "sync_patient", "PatientOutcome",
-           "ServerClock"]
+__all__ = [
+    "Selection",
+    "SyncOptions",
+    "SyncResult",
+    "run_sync",
+    "default_scope",
+    "parse_instant",
+    "patient_line",
+    "changed_patients",
+    "group_members",
+    "all_patients",
+    "sync_patient",
+    "PatientOutcome",
+    "ServerClock",
+]
 
 log = logging.getLogger("fhir_plugin.sync")
 
@@ -75,6 +88,7 @@ STATUSES = ("complete", "gaps", "refused", "error")
 
 
 # ---------------------------------------------------------------- options
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -157,29 +171,50 @@ class SyncResult:
         self.existing += len(written.get("existing") or [])
 
     def to_json(self) -> dict[str, Any]:
-        return {"summary": {"run": self.run, "mode": self.mode, "patients": self.total, **self.counts,
-                            "created": self.created, "existing": self.existing,
-                            "from_earlier_attempt": self.replayed, "finished": self.finished,
-                            "mark": self.mark, "elapsed_s": round(self.elapsed, 3)}}
+        return {
+            "summary": {
+                "run": self.run,
+                "mode": self.mode,
+                "patients": self.total,
+                **self.counts,
+                "created": self.created,
+                "existing": self.existing,
+                "from_earlier_attempt": self.replayed,
+                "finished": self.finished,
+                "mark": self.mark,
+                "elapsed_s": round(self.elapsed, 3),
+            }
+        }
 
 
 # ---------------------------------------------------------------- pure parts
 
-def patient_line(patient_id: str, *, status: str, report: Any = None, written: Mapping[str, Any] | None = None,
-                 error: str | None = None) -> dict[str, Any]:
+
+def patient_line(
+    patient_id: str,
+    *,
+    status: str,
+    report: Any = None,
+    written: Mapping[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
     """One report line: ids and statuses only (element ids for gaps, the code-fit status)."""
     if status not in STATUSES:
         raise ValueError(f"unknown status {status!r}")
-    return {"patient": f"Patient/{patient_id}", "status": status,
-            "gaps": [g.id for g in report.gaps()] if report is not None else [],
-            "code_fit": report.code_fit.status if report is not None else None,
-            "written": {"created": list(written.get("created") or []), "existing": list(written.get("existing") or [])}
-            if written is not None else None,
-            "error": error}
+    return {
+        "patient": f"Patient/{patient_id}",
+        "status": status,
+        "gaps": [g.id for g in report.gaps()] if report is not None else [],
+        "code_fit": report.code_fit.status if report is not None else None,
+        "written": {"created": list(written.get("created") or []), "existing": list(written.get("existing") or [])}
+        if written is not None
+        else None,
+        "error": error,
+    }
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def format_instant(value: datetime) -> str:
@@ -209,6 +244,7 @@ def _bundle_time(bundle: Mapping[str, Any]) -> datetime | None:
 
 # ---------------------------------------------------------------- the server's clock
 
+
 class ServerClock:
     """A ``requests`` response hook that remembers the latest ``Date`` header (the server's time)."""
 
@@ -230,8 +266,12 @@ class ServerClock:
 
 # ---------------------------------------------------------------- which patients
 
-def changed_patients(client: FhirClient, since: datetime, types: Sequence[str] = CLINICAL_TYPES,
-                     ) -> tuple[list[str], datetime | None]:
+
+def changed_patients(
+    client: FhirClient,
+    since: datetime,
+    types: Sequence[str] = CLINICAL_TYPES,
+) -> tuple[list[str], datetime | None]:
     """Distinct ids of the patients with a resource of ``types`` updated after ``since``, and the server's time.
 
     The plugin's own drafts are left out (``_tag:not``): writing them must not
@@ -242,8 +282,12 @@ def changed_patients(client: FhirClient, since: datetime, types: Sequence[str] =
     server_time: datetime | None = None
     draft_tag = f"{DRAFT_TAG['system']}|{DRAFT_TAG['code']}"
     for rtype in types:
-        params = [("_lastUpdated", f"gt{format_instant(since)}"), ("_tag:not", draft_tag),
-                  ("_elements", "subject,patient"), ("_count", str(SEARCH_PAGE))]
+        params = [
+            ("_lastUpdated", f"gt{format_instant(since)}"),
+            ("_tag:not", draft_tag),
+            ("_elements", "subject,patient"),
+            ("_count", str(SEARCH_PAGE)),
+        ]
         for number, page in enumerate(client.search_bundle_pages(rtype, params)):
             if number == 0:
                 when = _bundle_time(page)
@@ -260,8 +304,9 @@ def all_patients(client: FhirClient) -> tuple[list[str], datetime | None]:
     """Every Patient id on the server (ids only), and the server's time of the search."""
     ids: dict[str, None] = {}
     server_time: datetime | None = None
-    for number, page in enumerate(client.search_bundle_pages("Patient", [("_elements", "id"),
-                                                                              ("_count", str(SEARCH_PAGE))])):
+    for number, page in enumerate(
+        client.search_bundle_pages("Patient", [("_elements", "id"), ("_count", str(SEARCH_PAGE))])
+    ):
         if number == 0:
             server_time = _bundle_time(page)
         for resource in search_matches(page):
@@ -300,9 +345,17 @@ class PatientOutcome:
         return bool(self.line["status"] == "error")
 
 
-def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today: date, write: bool,
-                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc), strategy: str = "auto",
-                 ledger: str | None = None) -> PatientOutcome:
+def sync_patient(
+    client: FhirClient,
+    profile: Profile,
+    patient_id: str,
+    *,
+    today: date,
+    write: bool,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    strategy: str = "auto",
+    ledger: str | None = None,
+) -> PatientOutcome:
     """Read, check, draft and (with ``write``) send one patient's drafts; the outcome as a report line.
 
     A problem of this patient's is its ``error`` line.  A refused token is
@@ -319,12 +372,15 @@ def sync_patient(client: FhirClient, profile: Profile, patient_id: str, *, today
     except _RUN_FATAL:
         raise
     except PluginError as exc:
-        return PatientOutcome(patient_line(patient_id, status="error", error=_sentence(str(exc))),
-                              no_answer=isinstance(exc, TransportError))
+        return PatientOutcome(
+            patient_line(patient_id, status="error", error=_sentence(str(exc))),
+            no_answer=isinstance(exc, TransportError),
+        )
     except Exception as exc:  # a bug: report it for this patient, never its data
         log.debug("internal error on Patient/%s: %s", patient_id, type(exc).__name__)
-        return PatientOutcome(patient_line(patient_id, status="error",
-                                           error=f"internal error ({type(exc).__name__}); please report it."))
+        return PatientOutcome(
+            patient_line(patient_id, status="error", error=f"internal error ({type(exc).__name__}); please report it.")
+        )
 
 
 def _sentence(text: str) -> str:
@@ -333,6 +389,7 @@ def _sentence(text: str) -> str:
 
 
 # ---------------------------------------------------------------- progress
+
 
 class Progress:
     """A bar on a terminal, a plain line now and then otherwise; always on stderr, never with data."""
@@ -363,8 +420,10 @@ class Progress:
                 self.draw()
         elif self.done == self.total or self.done % self._step == 0 or now - self._last_draw >= self._every:
             self._last_draw = now
-            self.stream.write(f"fhir-plugin sync: {self.done} of {self.total} patients done"
-                              f"{f' ({self.failed} failed)' if self.failed else ''}, {self._rate():.1f}/s\n")
+            self.stream.write(
+                f"fhir-plugin sync: {self.done} of {self.total} patients done"
+                f"{f' ({self.failed} failed)' if self.failed else ''}, {self._rate():.1f}/s\n"
+            )
             self.stream.flush()
 
     def draw(self) -> None:
@@ -389,12 +448,14 @@ class Progress:
 
 # ---------------------------------------------------------------- the run
 
+
 def _scope(client: FhirClient, profile: Profile, write: bool) -> str:
     return f"{client.base_url}|{profile.code}|{'write' if write else 'dry-run'}"
 
 
-def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: Selection,
-            clock: ServerClock | None) -> tuple[list[str], str | None, str | None]:
+def _select(
+    client: FhirClient, checkpoint: Checkpoint, scope: str, selection: Selection, clock: ServerClock | None
+) -> tuple[list[str], str | None, str | None]:
     """The run's patients, the mark it started from, and the mark it will set (None: it sets none)."""
     if selection.mode == "patients":
         return [p.split("/")[-1] for p in selection.patients], None, None
@@ -414,7 +475,7 @@ def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: S
         server_time = clock.latest if clock is not None and clock.latest is not None else None
     if server_time is None:
         log.warning("the server gave no time with its search; the local clock sets the mark")
-        server_time = datetime.now(timezone.utc)
+        server_time = datetime.now(UTC)
     mark = server_time - SAFETY_MARGIN
     if since is not None and mark < since:
         mark = since
@@ -424,8 +485,16 @@ def _select(client: FhirClient, checkpoint: Checkpoint, scope: str, selection: S
     return ids, (format_instant(since) if since else None), format_instant(mark)
 
 
-def run_sync(client: FhirClient, checkpoint: Checkpoint, options: SyncOptions, *, profile: Profile,
-             out: TextIO, progress_stream: TextIO | None = None, clock: ServerClock | None = None) -> SyncResult:
+def run_sync(
+    client: FhirClient,
+    checkpoint: Checkpoint,
+    options: SyncOptions,
+    *,
+    profile: Profile,
+    out: TextIO,
+    progress_stream: TextIO | None = None,
+    clock: ServerClock | None = None,
+) -> SyncResult:
     """One sync run (new or resumed) against ``client``, remembered in ``checkpoint``, reported to ``out``."""
     started = time.monotonic()
     today = options.today or date.today()
@@ -434,9 +503,11 @@ def run_sync(client: FhirClient, checkpoint: Checkpoint, options: SyncOptions, *
     run = checkpoint.unfinished_run(scope)
     if run is not None and run.signature != signature and not options.fresh:
         left = checkpoint.counts(run)
-        raise UsageError(f"{checkpoint.path} holds an unfinished sync run ({run.signature}, started {run.started}, "
-                         f"{left['pending'] + left['failed']} patients left) that asked for other patients; "
-                         "run that command again to finish it, or add --fresh to drop it")
+        raise UsageError(
+            f"{checkpoint.path} holds an unfinished sync run ({run.signature}, started {run.started}, "
+            f"{left['pending'] + left['failed']} patients left) that asked for other patients; "
+            "run that command again to finish it, or add --fresh to drop it"
+        )
     if run is not None and options.fresh:
         log.info("dropping unfinished run %d (--fresh)", run.id)
         checkpoint.abandon(run)
@@ -476,9 +547,18 @@ def _emit(out: TextIO, line: Mapping[str, Any], progress: Progress | None) -> No
     out.flush()
 
 
-def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str], options: SyncOptions,
-          profile: Profile, today: date, out: TextIO, result: SyncResult, progress: Progress | None,
-          ) -> PluginError | None:
+def _work(
+    client: FhirClient,
+    checkpoint: Checkpoint,
+    run: Run,
+    todo: list[str],
+    options: SyncOptions,
+    profile: Profile,
+    today: date,
+    out: TextIO,
+    result: SyncResult,
+    progress: Progress | None,
+) -> PluginError | None:
     """Check the ``todo`` patients on a bounded pool; record and report each as it finishes.
 
     At most ``2 × concurrency`` patients are queued at a time, so memory stays
@@ -491,10 +571,12 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
     transport_streak = 0
 
     def task(pid: str) -> PatientOutcome:
-        return sync_patient(client, profile, pid, today=today, write=options.write, strategy=options.strategy,
-                            ledger=options.ledger)
+        return sync_patient(
+            client, profile, pid, today=today, write=options.write, strategy=options.strategy, ledger=options.ledger
+        )
 
     with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="fhir-plugin-sync") as pool:
+
         def fill() -> None:
             while fatal is None and not interrupted and len(inflight) < 2 * options.concurrency:
                 pid = next(pending, None)
@@ -530,8 +612,10 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
                 if progress is not None:
                     progress.advance(outcome.failed)
                 if transport_streak >= options.max_transport_errors and fatal is None:
-                    fatal = TransportError(f"stopped after {transport_streak} patients in a row got no answer from "
-                                           f"{client.base_url}; run the same command again to resume")
+                    fatal = TransportError(
+                        f"stopped after {transport_streak} patients in a row got no answer from "
+                        f"{client.base_url}; run the same command again to resume"
+                    )
             fill()
     if interrupted:
         raise KeyboardInterrupt
@@ -539,6 +623,7 @@ def _work(client: FhirClient, checkpoint: Checkpoint, run: Run, todo: list[str],
 
 
 # ---------------------------------------------------------------- the command line
+
 
 def default_scope(selection: Selection, write: bool) -> str:
     """SMART v2 system scopes for what the job reads and (with --write) creates: least privilege."""

@@ -7,7 +7,8 @@ so the tag that marks them lives here rather than in the drafting module.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 SNOMED = "http://snomed.info/sct"
@@ -16,8 +17,11 @@ UCUM = "http://unitsofmeasure.org"
 URI_IDENTIFIER = "urn:ietf:rfc:3986"
 
 #: meta.tag on every resource the plugin drafts: machine-drafted, awaiting clinician review
-DRAFT_TAG = {"system": "urn:fhir-plugin:tag", "code": "machine-drafted",
-             "display": "Drafted by fhir-plugin for clinician review"}
+DRAFT_TAG = {
+    "system": "urn:fhir-plugin:tag",
+    "code": "machine-drafted",
+    "display": "Drafted by fhir-plugin for clinician review",
+}
 #: extension on a CarePlan activity naming the protocol phase it belongs to
 PHASE_EXTENSION = "urn:fhir-plugin:StructureDefinition:careplan-phase"
 PLUGIN_NAME = "fhir-plugin"
@@ -29,8 +33,17 @@ READ_TYPES = ("Patient",) + CLINICAL_TYPES
 #: Observation categories (R4 observation-category) a per-category search walks through when a server
 #: refuses an Observation search without ``category`` (Epic does for some)
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-OBSERVATION_CATEGORIES = ("vital-signs", "exam", "social-history", "survey", "laboratory", "procedure",
-                          "imaging", "therapy", "activity")
+OBSERVATION_CATEGORIES = (
+    "vital-signs",
+    "exam",
+    "social-history",
+    "survey",
+    "laboratory",
+    "procedure",
+    "imaging",
+    "therapy",
+    "activity",
+)
 #: the resource types the drafts create (SPEC §7), in the order they are written
 DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 

@@ -13,8 +13,9 @@ Which one a server gets is decided in ``_strategies``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from ._capabilities import ServerCapabilities
 from ._client import FhirClient, is_safe_to_repeat
@@ -23,9 +24,18 @@ from ._fold import ENCOUNTER_DIAGNOSIS_PROFILE, PROBLEM_LIST_PROFILE, fold_draft
 from ._ledger import Ledger
 from ._vocab import URI_IDENTIFIER
 
-__all__ = ["WriteResult", "DraftWriter", "TransactionWriter", "PerResourceWriter", "LedgerWriter", "FoldingWriter",
-           "needs_folding", "read_outcome",
-           "check_matches", "draft_key"]
+__all__ = [
+    "WriteResult",
+    "DraftWriter",
+    "TransactionWriter",
+    "PerResourceWriter",
+    "LedgerWriter",
+    "FoldingWriter",
+    "needs_folding",
+    "read_outcome",
+    "check_matches",
+    "draft_key",
+]
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,12 @@ class WriteResult:
         return tuple(dict.fromkeys((d, f) for d, f in self.forms if f != d))
 
     def to_json(self) -> dict[str, Any]:
-        return {"created": list(self.created), "existing": list(self.existing),
-                "forms": [{"draft": d, "form": f} for d, f in self.forms],
-                "not_written": [{"draft": d, "reason": r} for d, r in self.not_written]}
+        return {
+            "created": list(self.created),
+            "existing": list(self.existing),
+            "forms": [{"draft": d, "form": f} for d, f in self.forms],
+            "not_written": [{"draft": d, "reason": r} for d, r in self.not_written],
+        }
 
     def summary(self) -> str:
         if not self.created:
@@ -83,8 +96,9 @@ def read_outcome(sent: Mapping[str, Any], response: Mapping[str, Any]) -> WriteR
     existing: list[str] = []
     answers = response.get("entry") or []
     if len(answers) != len(sent.get("entry") or []):
-        raise ServerError(f"the server answered the transaction with {len(answers)} entries for "
-                          f"{len(sent.get('entry') or [])} sent")
+        raise ServerError(
+            f"the server answered the transaction with {len(answers)} entries for {len(sent.get('entry') or [])} sent"
+        )
     for answer in answers:
         result = answer.get("response") or {}
         status = str(result.get("status", ""))
@@ -98,8 +112,9 @@ def _local_ref(reference: Any) -> str:
     return _resource_ref(reference) if isinstance(reference, str) else ""
 
 
-def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any], *,
-                  written: Mapping[str, str] | None = None) -> None:
+def check_matches(
+    sent: Mapping[str, Any], response: Mapping[str, Any], *, written: Mapping[str, str] | None = None
+) -> None:
     """Every existing resource a conditional create matched must be this patient's (issue 11, item 3).
 
     Checked on the representation the server returned with the entry: its
@@ -112,8 +127,14 @@ def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any], *,
     """
     entries = sent.get("entry") or []
     answers = response.get("entry") or []
-    placed = {**(written or {}), **{e.get("fullUrl"): _local_ref((a.get("response") or {}).get("location"))
-                                    for e, a in zip(entries, answers, strict=False) if isinstance(a, Mapping)}}
+    placed = {
+        **(written or {}),
+        **{
+            e.get("fullUrl"): _local_ref((a.get("response") or {}).get("location"))
+            for e, a in zip(entries, answers, strict=False)
+            if isinstance(a, Mapping)
+        },
+    }
     for entry, answer in zip(entries, answers, strict=False):
         if not isinstance(answer, Mapping) or str((answer.get("response") or {}).get("status", "")).startswith("201"):
             continue
@@ -126,14 +147,18 @@ def check_matches(sent: Mapping[str, Any], response: Mapping[str, Any], *,
             theirs = _local_ref((found.get("subject") or {}).get("reference"))
             if theirs != _local_ref(mine["subject"]["reference"]):
                 where = _local_ref((answer.get("response") or {}).get("location"))
-                raise Forbidden(f"the server matched the draft {rtype} to {where}, which belongs to another patient; "
-                                "nothing was taken as already there")
+                raise Forbidden(
+                    f"the server matched the draft {rtype} to {where}, which belongs to another patient; "
+                    "nothing was taken as already there"
+                )
         elif rtype == "Provenance":
             allowed = {placed.get(t["reference"], t["reference"]) for t in mine.get("target") or []}
             targets = {_local_ref(t.get("reference")) for t in found.get("target") or [] if isinstance(t, Mapping)}
             if not targets or not targets <= allowed:
-                raise Forbidden("the server matched the draft Provenance to one about other resources; "
-                                "nothing was taken as already there")
+                raise Forbidden(
+                    "the server matched the draft Provenance to one about other resources; "
+                    "nothing was taken as already there"
+                )
 
 
 class DraftWriter(Protocol):
@@ -154,12 +179,17 @@ class TransactionWriter:
 
     def write(self, drafts: Mapping[str, Any]) -> WriteResult:
         if isinstance(self.client, FhirClient):
-            response = self.client.request("POST", "", body=dict(drafts),
-                                           headers={"Prefer": "return=representation"},
-                                           safe_to_retry=is_safe_to_repeat(drafts))
+            response = self.client.request(
+                "POST",
+                "",
+                body=dict(drafts),
+                headers={"Prefer": "return=representation"},
+                safe_to_retry=is_safe_to_repeat(drafts),
+            )
             if response.get("resourceType") != "Bundle":
-                raise InputError(f"the server answered a transaction with a {response.get('resourceType')}, "
-                                 "not a Bundle")
+                raise InputError(
+                    f"the server answered a transaction with a {response.get('resourceType')}, not a Bundle"
+                )
         else:  # a stand-in with only ``transaction`` (tests)
             response = self.client.transaction(drafts)
         outcome = read_outcome(drafts, response)
@@ -170,9 +200,14 @@ class TransactionWriter:
 def _replace_references(value: Any, assigned: Mapping[str, str]) -> Any:
     """A copy of ``value`` with every ``reference`` to a known ``urn:uuid`` replaced by ``Type/id``."""
     if isinstance(value, dict):
-        return {key: (assigned.get(item, item) if key == "reference" and isinstance(item, str)
-                      else _replace_references(item, assigned))
-                for key, item in value.items()}
+        return {
+            key: (
+                assigned.get(item, item)
+                if key == "reference" and isinstance(item, str)
+                else _replace_references(item, assigned)
+            )
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [_replace_references(item, assigned) for item in value]
     return value
@@ -213,27 +248,36 @@ class PerResourceWriter:
             resource = _replace_references(entry.get("resource") or {}, assigned)
             pending = _urn_references(resource)
             if pending:
-                raise UsageError(f"drafts are written in Bundle order, and an entry refers to "
-                                 f"{sorted(pending)[0]} before it is written")
+                raise UsageError(
+                    f"drafts are written in Bundle order, and an entry refers to "
+                    f"{sorted(pending)[0]} before it is written"
+                )
             headers = {"Prefer": "return=representation"}
             if method == "POST":
                 if request.get("ifNoneExist"):
                     headers["If-None-Exist"] = _with_ids(str(request["ifNoneExist"]), assigned)
                 status, answer = self.client.send_resource(
-                    "POST", str(resource.get("resourceType")), resource, headers=headers,
-                    safe_to_retry=bool(request.get("ifNoneExist")))
+                    "POST",
+                    str(resource.get("resourceType")),
+                    resource,
+                    headers=headers,
+                    safe_to_retry=bool(request.get("ifNoneExist")),
+                )
             elif method == "PUT":
-                status, answer = self.client.send_resource("PUT", str(request.get("url")), resource,
-                                                           headers=headers, safe_to_retry=True)
+                status, answer = self.client.send_resource(
+                    "PUT", str(request.get("url")), resource, headers=headers, safe_to_retry=True
+                )
             else:
                 raise UsageError(f"drafts are written with POST and PUT entries only, not {method or 'none'}")
             if not answer.get("resourceType") or not answer.get("id"):
                 raise InputError("the server did not return the written resource with its id")
             ref = f"{answer['resourceType']}/{answer['id']}"
             if status != 201:
-                check_matches({"entry": [{**entry, "resource": resource}]},
-                              {"entry": [{"response": {"status": str(status), "location": ref}, "resource": answer}]},
-                              written=assigned)
+                check_matches(
+                    {"entry": [{**entry, "resource": resource}]},
+                    {"entry": [{"response": {"status": str(status), "location": ref}, "resource": answer}]},
+                    written=assigned,
+                )
             (created if status == 201 else existing).append(ref)
             if entry.get("fullUrl"):
                 assigned[entry["fullUrl"]] = ref
@@ -250,11 +294,17 @@ def _with_ids(query: str, assigned: Mapping[str, str]) -> str:
 def draft_key(resource: Mapping[str, Any]) -> str:
     """The stable identifier a draft carries (SPEC §7): its ``identifier`` value, or a Provenance's tag code."""
     if resource.get("resourceType") == "Provenance":
-        found = [t.get("code") for t in (resource.get("meta") or {}).get("tag") or []
-                 if isinstance(t, Mapping) and t.get("system") == URI_IDENTIFIER]
+        found = [
+            t.get("code")
+            for t in (resource.get("meta") or {}).get("tag") or []
+            if isinstance(t, Mapping) and t.get("system") == URI_IDENTIFIER
+        ]
     else:
-        found = [i.get("value") for i in resource.get("identifier") or []
-                 if isinstance(i, Mapping) and i.get("system") == URI_IDENTIFIER]
+        found = [
+            i.get("value")
+            for i in resource.get("identifier") or []
+            if isinstance(i, Mapping) and i.get("system") == URI_IDENTIFIER
+        ]
     if not found or not isinstance(found[0], str):
         raise UsageError(f"a draft {resource.get('resourceType')} carries no plugin identifier to be found by")
     return found[0]
@@ -289,9 +339,14 @@ class LedgerWriter:
     nor doubled.  ``after_create`` is a test hook called in that window.
     """
 
-    def __init__(self, client: FhirClient, ledger: Ledger | Callable[[], Ledger], *,
-                 capabilities: ServerCapabilities | None = None,
-                 after_create: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: FhirClient,
+        ledger: Ledger | Callable[[], Ledger],
+        *,
+        capabilities: ServerCapabilities | None = None,
+        after_create: Callable[[str], None] | None = None,
+    ) -> None:
         self.client = client
         self._ledger = ledger
         self.capabilities = capabilities
@@ -315,8 +370,10 @@ class LedgerWriter:
             resource = _replace_references(entry.get("resource") or {}, assigned)
             pending = _urn_references(resource)
             if pending:
-                raise UsageError(f"drafts are written in Bundle order, and an entry refers to "
-                                 f"{sorted(pending)[0]} before it is written")
+                raise UsageError(
+                    f"drafts are written in Bundle order, and an entry refers to "
+                    f"{sorted(pending)[0]} before it is written"
+                )
             key = draft_key(resource)
             ref = self._known(base, key, resource) or self._search(resource, key)
             if ref is not None:
@@ -343,8 +400,10 @@ class LedgerWriter:
             self.ledger.forget(base, key)  # deleted on the server since: look for it anew
             return None
         if not _is_the_draft(found, resource, key):
-            raise Forbidden(f"the draft ledger names {entry.ref} for a draft {rtype}, but the server holds another "
-                            "resource there; nothing was taken as already there")
+            raise Forbidden(
+                f"the draft ledger names {entry.ref} for a draft {rtype}, but the server holds another "
+                "resource there; nothing was taken as already there"
+            )
         return entry.ref
 
     def _search(self, resource: Mapping[str, Any], key: str) -> str | None:
@@ -369,8 +428,13 @@ class LedgerWriter:
 
     def _create(self, base: str, key: str, resource: Mapping[str, Any]) -> str:
         self.ledger.intend(base, key)  # committed before the request: a crash after it is searched for on rerun
-        _, answer = self.client.send_resource("POST", str(resource["resourceType"]), resource,
-                                              headers={"Prefer": "return=representation"}, safe_to_retry=False)
+        _, answer = self.client.send_resource(
+            "POST",
+            str(resource["resourceType"]),
+            resource,
+            headers={"Prefer": "return=representation"},
+            safe_to_retry=False,
+        )
         if not answer.get("resourceType") or not answer.get("id"):
             raise InputError("the server did not return the created resource with its id")
         ref = f"{answer['resourceType']}/{answer['id']}"
@@ -393,9 +457,10 @@ def _condition_category(capabilities: ServerCapabilities) -> str | None:
 def needs_folding(capabilities: ServerCapabilities) -> bool:
     """A server that declares its types and cannot create one of the drafts' as drafted (issue 12, writer d)."""
     declared = [t for t in ("Condition", "Goal", "CarePlan", "Provenance") if t in capabilities.types]
-    return bool(declared) and (any(not capabilities.can_create(t) for t in ("Condition", "Goal", "CarePlan",
-                                                                            "Provenance"))
-                               or _condition_category(capabilities) not in (None, "encounter-diagnosis"))
+    return bool(declared) and (
+        any(not capabilities.can_create(t) for t in ("Condition", "Goal", "CarePlan", "Provenance"))
+        or _condition_category(capabilities) not in (None, "encounter-diagnosis")
+    )
 
 
 class FoldingWriter:
@@ -410,7 +475,8 @@ class FoldingWriter:
         self.capabilities = capabilities
 
     def write(self, drafts: Mapping[str, Any]) -> WriteResult:
-        folded = fold_drafts(drafts, self.capabilities.can_create,
-                             condition_category=_condition_category(self.capabilities))
+        folded = fold_drafts(
+            drafts, self.capabilities.can_create, condition_category=_condition_category(self.capabilities)
+        )
         result = self.inner.write(folded.drafts)
         return WriteResult(result.created, result.existing, folded.forms, folded.not_written)

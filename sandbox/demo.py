@@ -26,29 +26,37 @@ __all__ = ["run_sandbox"]
 
 HAPI_RUN = Path(__file__).resolve().parent / "hapi" / "run"
 #: the demo's patients, one per state the review page shows (issue 13)
-DEMO_PATIENTS = (("fp-missing-treatment-plan", "drafts can be written"),
-                 ("fp-flag-neuro", "red flag: referral first"),
-                 ("fp-complete", "complete: a plan exists, nothing to write"))
+DEMO_PATIENTS = (
+    ("fp-missing-treatment-plan", "drafts can be written"),
+    ("fp-flag-neuro", "red flag: referral first"),
+    ("fp-complete", "complete: a plan exists, nothing to write"),
+)
 
 
 def _hapi(command: str, port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(HAPI_RUN), command, "--port", str(port)], text=True, capture_output=command != "start")
 
 
-def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 8000,
-                auto_approve: bool = False, frame_ancestors: tuple[str, ...] | None = None,
-                personality: str = "hapi") -> int:
+def run_sandbox(
+    *,
+    hapi_port: int = 8080,
+    ehr_port: int = 9090,
+    app_port: int = 8000,
+    auto_approve: bool = False,
+    frame_ancestors: tuple[str, ...] | None = None,
+    personality: str = "hapi",
+) -> int:
     """Run HAPI + synthetic patients + sandbox EHR + SMART app until interrupted."""
     from fhir_plugin._examples import example_cases
     from fhir_plugin._sources import load_into_server
     from smart_launch._app import create_app
-    from smart_launch._serve import LiveServer
     from smart_launch._cds_auth import trust_from_json
+    from smart_launch._serve import LiveServer
     from smart_launch._settings import Settings
 
     from .ehr import Client, ClientRegistry, start_in_thread
-    from .ehr._cds_client import trust_entry
     from .ehr.__main__ import EXAMPLE_CLIENTS
+    from .ehr._cds_client import trust_entry
 
     if not HAPI_RUN.exists():
         raise UsageError(f"the sandbox HAPI module is not here ({HAPI_RUN}): run fhir-plugin sandbox from a checkout")
@@ -70,14 +78,25 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
         # the EHR's chart pages embed the app; from http://localhost the frame (on 127.0.0.1) is cross-site
         chart_origin = f"http://localhost:{ehr_port}"
         ancestors = frame_ancestors or (chart_origin, f"http://127.0.0.1:{ehr_port}")
-        ehr = start_in_thread(hapi_base, port=ehr_port, clients=clients, auto_approve=auto_approve,
-                              frame_ancestors=ancestors, personality=personality,
-                              cds_services_url=f"{app_url}/cds-services")
+        ehr = start_in_thread(
+            hapi_base,
+            port=ehr_port,
+            clients=clients,
+            auto_approve=auto_approve,
+            frame_ancestors=ancestors,
+            personality=personality,
+            cds_services_url=f"{app_url}/cds-services",
+        )
         # the app's CDS Hooks service trusts this EHR's signed JWTs by iss + jku (its key is made at start)
-        settings = Settings(client_id="fhir-plugin", redirect_uri=f"{app_url}/callback",
-                            allowed_issuers=(ehr.fhir_base_url,), session_store="memory",
-                            allowed_frame_ancestors=ancestors,
-                            cds_clients=trust_from_json([trust_entry(ehr.base_url)]), cds_feedback_store="memory")
+        settings = Settings(
+            client_id="fhir-plugin",
+            redirect_uri=f"{app_url}/callback",
+            allowed_issuers=(ehr.fhir_base_url,),
+            session_store="memory",
+            allowed_frame_ancestors=ancestors,
+            cds_clients=trust_from_json([trust_entry(ehr.base_url)]),
+            cds_feedback_store="memory",
+        )
         launches = []
         for pid, state in DEMO_PATIENTS:
             case = next(c for c in cases if c.patient_id == pid)
@@ -87,18 +106,22 @@ def run_sandbox(*, hapi_port: int = 8080, ehr_port: int = 9090, app_port: int = 
             launches.append(f"  {state}:\n    {chart_origin}/ehr/chart?{urlencode(query)}")
         first = next(c for c in cases if c.patient_id == DEMO_PATIENTS[0][0])
         cards_page = f"{ehr.base_url}/ehr/patient/{first.patient_id}" + (
-            f"?encounter={first.encounter_id}" if first.encounter_id else "")
+            f"?encounter={first.encounter_id}" if first.encounter_id else ""
+        )
         try:  # print the URLs only once the app answers
             server = LiveServer(create_app(settings), app_port, name="smart-app").start()
         except RuntimeError as exc:
             raise PluginError(f"the SMART app could not start on port {app_port}") from exc
-        print(f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
-              f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
-              f"SMART app      {app_url}  (CDS Hooks: {app_url}/cds-services)\n\n"
-              f"Open the app inside the EHR's chart (frame-ancestors: {' '.join(ancestors)}):\n"
-              + "\n".join(launches) + "\n"
-              f"Open a patient in the EHR, with the CDS cards:\n  {cards_page}"
-              + "\n\nCtrl-C stops everything.", flush=True)
+        print(
+            f"\nsandbox HAPI   {hapi_base}  ({len(cases)} synthetic patients loaded)\n"
+            f"sandbox EHR    {ehr.base_url}/ehr  (every patient, with a launch link)\n"
+            f"SMART app      {app_url}  (CDS Hooks: {app_url}/cds-services)\n\n"
+            f"Open the app inside the EHR's chart (frame-ancestors: {' '.join(ancestors)}):\n"
+            + "\n".join(launches)
+            + "\n"
+            f"Open a patient in the EHR, with the CDS cards:\n  {cards_page}" + "\n\nCtrl-C stops everything.",
+            flush=True,
+        )
         stop = threading.Event()
         # Ctrl-C or a service manager's SIGTERM; set explicitly, since a shell starting us in the
         # background leaves SIGINT ignored

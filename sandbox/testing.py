@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from smart_launch._serve import LiveServer, free_port
 
@@ -27,6 +28,7 @@ def live_server(app: Any, port: int | None = None) -> Iterator[LiveServer]:
 
 
 # ---------------------------------------------------------------- a clock tests move by hand
+
 
 class ManualClock:
     """Epoch seconds that stand still until a test calls ``advance`` (for ``create_app(clock=)`` and ``FakeEhr``).
@@ -47,6 +49,7 @@ class ManualClock:
 
 # ---------------------------------------------------------------- a mocked EHR, for unit tests
 
+
 class FakeEhr:
     """A SMART EHR and FHIR server made of ``responses`` callbacks, for tests that need branches on demand.
 
@@ -57,11 +60,26 @@ class FakeEhr:
     from ``resources``, a transaction stores conditional creates once.
     """
 
-    def __init__(self, rsps: Any, resources: list[dict[str, Any]], *, iss: str = "http://ehr.test/fhir",
-                 capabilities: tuple[str, ...] = ("launch-ehr", "launch-standalone", "client-public",
-                                                  "context-ehr-patient", "permission-v2", "permission-v1"),
-                 discovery: str = "well-known", read_only: bool = False, expires_in: int = 300,
-                 need_patient_banner: bool = True, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        rsps: Any,
+        resources: list[dict[str, Any]],
+        *,
+        iss: str = "http://ehr.test/fhir",
+        capabilities: tuple[str, ...] = (
+            "launch-ehr",
+            "launch-standalone",
+            "client-public",
+            "context-ehr-patient",
+            "permission-v2",
+            "permission-v1",
+        ),
+        discovery: str = "well-known",
+        read_only: bool = False,
+        expires_in: int = 300,
+        need_patient_banner: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         import itertools
         import re
 
@@ -76,25 +94,48 @@ class FakeEhr:
         self.codes: dict[str, dict[str, Any]] = {}
         self.access_tokens: dict[str, dict[str, Any]] = {}
         self.refresh_tokens: dict[str, dict[str, Any]] = {}
-        self.issued: list[str] = []          # every access and refresh token handed out
+        self.issued: list[str] = []  # every access and refresh token handed out
         self.token_requests: list[dict[str, str]] = []
         self.transactions: list[dict[str, Any]] = []
-        self.created: dict[str, str] = {}    # ifNoneExist -> reference
+        self.created: dict[str, str] = {}  # ifNoneExist -> reference
         self._ids = itertools.count(1)
         self._re = re
-        config = {"authorization_endpoint": f"{self.origin}/authorize", "token_endpoint": f"{self.origin}/token",
-                  "capabilities": list(capabilities), "code_challenge_methods_supported": ["S256"],
-                  "grant_types_supported": ["authorization_code", "refresh_token"]}
+        config = {
+            "authorization_endpoint": f"{self.origin}/authorize",
+            "token_endpoint": f"{self.origin}/token",
+            "capabilities": list(capabilities),
+            "code_challenge_methods_supported": ["S256"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+        }
         if discovery == "well-known":
             rsps.get(f"{iss}/.well-known/smart-configuration", json=config)
         else:
             rsps.get(f"{iss}/.well-known/smart-configuration", status=404)
-            rsps.get(f"{iss}/metadata", json={
-                "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
-                "rest": [{"mode": "server", "security": {"extension": [{
-                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                    "extension": [{"url": "authorize", "valueUri": config["authorization_endpoint"]},
-                                  {"url": "token", "valueUri": config["token_endpoint"]}]}]}}]})
+            rsps.get(
+                f"{iss}/metadata",
+                json={
+                    "resourceType": "CapabilityStatement",
+                    "status": "active",
+                    "kind": "instance",
+                    "fhirVersion": "4.0.1",
+                    "rest": [
+                        {
+                            "mode": "server",
+                            "security": {
+                                "extension": [
+                                    {
+                                        "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                                        "extension": [
+                                            {"url": "authorize", "valueUri": config["authorization_endpoint"]},
+                                            {"url": "token", "valueUri": config["token_endpoint"]},
+                                        ],
+                                    }
+                                ]
+                            },
+                        }
+                    ],
+                },
+            )
         rsps.add_callback("POST", f"{self.origin}/token", callback=self._token)
         rsps.add_callback("POST", iss, callback=self._bundle)
         rsps.add_callback("GET", re.compile(re.escape(iss) + r"/[A-Z][A-Za-z]+/[A-Za-z0-9.\-]+$"), callback=self._read)
@@ -130,8 +171,11 @@ class FakeEhr:
         grant = self.codes.pop(form.get("code", ""), None)  # single use
         if grant is None:
             return self._json(400, {"error": "invalid_grant", "error_description": "unknown or used code"})
-        if create_s256_code_challenge(form.get("code_verifier", "")) != grant["code_challenge"] \
-                or form.get("redirect_uri") != grant["redirect_uri"] or form.get("client_id") != grant["client_id"]:
+        if (
+            create_s256_code_challenge(form.get("code_verifier", "")) != grant["code_challenge"]
+            or form.get("redirect_uri") != grant["redirect_uri"]
+            or form.get("client_id") != grant["client_id"]
+        ):
             return self._json(400, {"error": "invalid_grant"})
         scopes = grant["scope"].split()
         if self.read_only:
@@ -144,9 +188,16 @@ class FakeEhr:
         self.access_tokens[access] = {**grant, "expires": self.clock() + self.expires_in}
         self.refresh_tokens[refresh] = grant
         self.issued += [access, refresh]
-        body = {"access_token": access, "token_type": "Bearer", "expires_in": self.expires_in,
-                "scope": grant["scope"], "refresh_token": refresh, "patient": grant["patient"],
-                "need_patient_banner": self.need_patient_banner, "smart_style_url": f"{self.origin}/style.json"}
+        body = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": self.expires_in,
+            "scope": grant["scope"],
+            "refresh_token": refresh,
+            "patient": grant["patient"],
+            "need_patient_banner": self.need_patient_banner,
+            "smart_style_url": f"{self.origin}/style.json",
+        }
         if grant.get("encounter"):
             body["encounter"] = grant["encounter"]
         return body
@@ -159,8 +210,13 @@ class FakeEhr:
         return grant
 
     def _outcome(self, status: int, text: str) -> tuple[int, dict[str, str], str]:
-        return self._json(status, {"resourceType": "OperationOutcome",
-                                   "issue": [{"severity": "error", "code": "security", "diagnostics": text}]})
+        return self._json(
+            status,
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "security", "diagnostics": text}],
+            },
+        )
 
     def _read(self, request: Any) -> tuple[int, dict[str, str], str]:
         grant = self._grant(request)
@@ -200,19 +256,34 @@ class FakeEhr:
             url = entry["request"]["url"]
             if "?" not in url:
                 resource = self.resources.get(url)
-                entries.append({"resource": resource, "response": {"status": "200 OK"}} if resource else
-                               {"response": {"status": "404 Not Found"}})
+                entries.append(
+                    {"resource": resource, "response": {"status": "200 OK"}}
+                    if resource
+                    else {"response": {"status": "404 Not Found"}}
+                )
                 continue
             rtype, query = url.split("?", 1)
             pid = self._re.search(r"patient=([^&]+)", query).group(1)  # type: ignore[union-attr]
             if pid != grant["patient"]:
                 entries.append({"response": {"status": "403 Forbidden"}})
                 continue
-            found = [r for r in self.resources.values() if r["resourceType"] == rtype and
-                     (r.get("subject") or r.get("patient") or {}).get("reference") == f"Patient/{pid}"]
-            entries.append({"resource": {"resourceType": "Bundle", "type": "searchset", "total": len(found),
-                                         "entry": [{"resource": r, "search": {"mode": "match"}} for r in found]},
-                            "response": {"status": "200 OK"}})
+            found = [
+                r
+                for r in self.resources.values()
+                if r["resourceType"] == rtype
+                and (r.get("subject") or r.get("patient") or {}).get("reference") == f"Patient/{pid}"
+            ]
+            entries.append(
+                {
+                    "resource": {
+                        "resourceType": "Bundle",
+                        "type": "searchset",
+                        "total": len(found),
+                        "entry": [{"resource": r, "search": {"mode": "match"}} for r in found],
+                    },
+                    "response": {"status": "200 OK"},
+                }
+            )
         return self._json(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
 
 
@@ -225,10 +296,26 @@ def generate_code(length: int = 32) -> str:
 # ---------------------------------------------------------------- the real sandbox: EHR + app
 
 #: what the sandbox EHR lets the app be granted (a read-only registration drops the writes)
-APP_CLIENT_SCOPES = ["launch", "launch/patient", "openid", "fhirUser", "online_access", "offline_access",
-                     "patient/*.cruds", "patient/*.read", "patient/*.write"]
-READ_ONLY_CLIENT_SCOPES = ["launch", "launch/patient", "openid", "fhirUser", "online_access", "patient/*.rs",
-                           "patient/*.read"]
+APP_CLIENT_SCOPES = [
+    "launch",
+    "launch/patient",
+    "openid",
+    "fhirUser",
+    "online_access",
+    "offline_access",
+    "patient/*.cruds",
+    "patient/*.read",
+    "patient/*.write",
+]
+READ_ONLY_CLIENT_SCOPES = [
+    "launch",
+    "launch/patient",
+    "openid",
+    "fhirUser",
+    "online_access",
+    "patient/*.rs",
+    "patient/*.read",
+]
 
 
 class SandboxStack:
@@ -268,9 +355,18 @@ class SandboxStack:
 
 
 @contextlib.contextmanager
-def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: bool = False,
-                  access_token_lifetime: int = 300, store: Any = None, clock: Callable[[], float] = time.time,
-                  cds: bool = False, personality: str = "hapi", **app_settings: Any) -> Iterator[SandboxStack]:
+def sandbox_stack(
+    hapi_base: str,
+    *,
+    client_id: str = "fhir-plugin",
+    read_only: bool = False,
+    access_token_lifetime: int = 300,
+    store: Any = None,
+    clock: Callable[[], float] = time.time,
+    cds: bool = False,
+    personality: str = "hapi",
+    **app_settings: Any,
+) -> Iterator[SandboxStack]:
     """Start the sandbox EHR and the app on free ports, the app registered as a public client.
 
     ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
@@ -279,29 +375,50 @@ def sandbox_stack(hapi_base: str, *, client_id: str = "fhir-plugin", read_only: 
     (``hapi``, ``epic-like``, ``oracle-like``; issue 12).
     """
     from sandbox.ehr import Client, running_ehr
-
     from smart_launch._app import create_app
     from smart_launch._settings import Settings
 
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
     ehr_settings: dict[str, Any] = {"cds_services_url": f"{app_url}/cds-services"} if cds else {}
-    with running_ehr(hapi_base, auto_approve=True, access_token_lifetime=access_token_lifetime,
-                     personality=personality, **ehr_settings) as ehr:
+    with running_ehr(
+        hapi_base,
+        auto_approve=True,
+        access_token_lifetime=access_token_lifetime,
+        personality=personality,
+        **ehr_settings,
+    ) as ehr:
         # the EHR's chart pages (on localhost and on 127.0.0.1) may frame the app, as real EHRs do
-        app_settings.setdefault("allowed_frame_ancestors",
-                                (ehr.base_url.replace("://127.0.0.1:", "://localhost:"), ehr.base_url))
-        ehr.clients.register(Client(client_id, redirect_uris=[f"{app_url}/callback"],
-                                    launch_url=f"{app_url}/launch", name="M62.561 documentation check",
-                                    scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)))
+        app_settings.setdefault(
+            "allowed_frame_ancestors", (ehr.base_url.replace("://127.0.0.1:", "://localhost:"), ehr.base_url)
+        )
+        ehr.clients.register(
+            Client(
+                client_id,
+                redirect_uris=[f"{app_url}/callback"],
+                launch_url=f"{app_url}/launch",
+                name="M62.561 documentation check",
+                scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES),
+            )
+        )
         if cds:
             from sandbox.ehr._cds_client import trust_entry
             from smart_launch._cds_auth import trust_from_json
 
-            app_settings = {"cds_clients": trust_from_json([trust_entry(ehr.base_url)]),
-                            "cds_feedback_store": "memory", **app_settings}
-        settings = Settings(**{"client_id": client_id, "redirect_uri": f"{app_url}/callback",
-                               "allowed_issuers": (ehr.fhir_base_url,), "session_store": "memory", **app_settings})
+            app_settings = {
+                "cds_clients": trust_from_json([trust_entry(ehr.base_url)]),
+                "cds_feedback_store": "memory",
+                **app_settings,
+            }
+        settings = Settings(
+            **{
+                "client_id": client_id,
+                "redirect_uri": f"{app_url}/callback",
+                "allowed_issuers": (ehr.fhir_base_url,),
+                "session_store": "memory",
+                **app_settings,
+            }
+        )
         from smart_launch._store import MemoryStore
 
         app = create_app(settings, store=store if store is not None else MemoryStore(), clock=clock)
@@ -358,8 +475,9 @@ def without_clinician_plans(resources: list[dict[str, Any]]) -> list[dict[str, A
     return [r for r in resources if r.get("resourceType") != "CarePlan" or is_plugin_draft(r)]
 
 
-def needing_drafts(resources: list[dict[str, Any]], *, code: str = "M62.561",
-                   chart_code: str = "M62.56") -> list[dict[str, Any]]:
+def needing_drafts(
+    resources: list[dict[str, Any]], *, code: str = "M62.561", chart_code: str = "M62.56"
+) -> list[dict[str, Any]]:
     """A synthetic record for which every draft is still to write (SPEC §7.1): no clinician plan, and the
     chart's Condition coded less specifically (``chart_code``), so the specific one is drafted too."""
     import copy
@@ -371,6 +489,8 @@ def needing_drafts(resources: list[dict[str, Any]], *, code: str = "M62.561",
                 if coding.get("code") == code:
                     coding["code"] = chart_code
     return out
+
+
 def forget_folded_drafts(fhir_base: str, patient_id: str) -> int:
     """Delete the Provenances a folded write left about ``patient_id`` (targets include a plan note).
 
@@ -385,8 +505,9 @@ def forget_folded_drafts(fhir_base: str, patient_id: str) -> int:
     with FhirClient(fhir_base) as client:
         for condition in client.search("Condition", {"patient": patient_id}):
             for provenance in client.search("Provenance", {"target": f"Condition/{condition['id']}"}):
-                if any(str(t.get("reference", "")).startswith("DocumentReference/")
-                       for t in provenance.get("target") or []):
+                if any(
+                    str(t.get("reference", "")).startswith("DocumentReference/") for t in provenance.get("target") or []
+                ):
                     client.request("DELETE", f"Provenance/{provenance['id']}")
                     deleted += 1
     return deleted

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -36,10 +37,25 @@ from fhir_plugin import LaunchError, _smart
 from ._settings import normalize_issuer
 
 __all__ = [
-    "SmartConfig", "AuthorizeRequest", "TokenRequest", "LaunchContext", "DiscoveryCache",
-    "discover", "choose_scopes", "build_authorize_url", "build_token_request", "send_token_request",
-    "parse_launch_context", "authorized_session", "granted_scopes", "can_write_drafts", "missing_write_scopes",
-    "SCOPES_V2", "SCOPES_V1", "DRAFT_TYPES", "OAUTH_URIS",
+    "SmartConfig",
+    "AuthorizeRequest",
+    "TokenRequest",
+    "LaunchContext",
+    "DiscoveryCache",
+    "discover",
+    "choose_scopes",
+    "build_authorize_url",
+    "build_token_request",
+    "send_token_request",
+    "parse_launch_context",
+    "authorized_session",
+    "granted_scopes",
+    "can_write_drafts",
+    "missing_write_scopes",
+    "SCOPES_V2",
+    "SCOPES_V1",
+    "DRAFT_TYPES",
+    "OAUTH_URIS",
 ]
 
 log = logging.getLogger("smart_launch.launch")
@@ -55,17 +71,22 @@ _READ_TYPES = ("Patient", "Condition", "Observation", "Encounter", "CarePlan")
 #: issue 12). ``patient/Patient.r`` is for the banner and the record's Patient;
 #: ``online_access`` asks for a refresh token that lives while the user is online, so the app can
 #: renew the access token before it expires (SMART issues refresh tokens only with it or offline_access).
-SCOPES_V2 = ("launch openid fhirUser online_access patient/Patient.r patient/Condition.rs patient/Observation.rs "
-             "patient/Encounter.rs patient/CarePlan.rs patient/Condition.c patient/CarePlan.c "
-             "patient/Goal.c patient/Provenance.c patient/DocumentReference.c "
-             # the ledger writer looks for its drafts before creating them (EHRs without conditional create)
-             "patient/Goal.rs patient/Provenance.rs patient/DocumentReference.rs")
+SCOPES_V2 = (
+    "launch openid fhirUser online_access patient/Patient.r patient/Condition.rs patient/Observation.rs "
+    "patient/Encounter.rs patient/CarePlan.rs patient/Condition.c patient/CarePlan.c "
+    "patient/Goal.c patient/Provenance.c patient/DocumentReference.c "
+    # the ledger writer looks for its drafts before creating them (EHRs without conditional create)
+    "patient/Goal.rs patient/Provenance.rs patient/DocumentReference.rs"
+)
 #: the same for an EHR that only speaks SMART v1 scopes
-SCOPES_V1 = ("launch openid fhirUser online_access patient/*.read patient/Condition.write patient/CarePlan.write "
-             "patient/Goal.write patient/Provenance.write patient/DocumentReference.write")
+SCOPES_V1 = (
+    "launch openid fhirUser online_access patient/*.read patient/Condition.write patient/CarePlan.write "
+    "patient/Goal.write patient/Provenance.write patient/DocumentReference.write"
+)
 
 
 # ---------------------------------------------------------------- discovery
+
 
 @dataclass(frozen=True)
 class SmartConfig:
@@ -83,17 +104,27 @@ class SmartConfig:
         return capability in self.capabilities
 
     def to_json(self) -> dict[str, Any]:
-        return {"iss": self.iss, "authorization_endpoint": self.authorization_endpoint,
-                "token_endpoint": self.token_endpoint, "capabilities": sorted(self.capabilities),
-                "code_challenge_methods": list(self.code_challenge_methods),
-                "scopes_supported": list(self.scopes_supported), "source": self.source}
+        return {
+            "iss": self.iss,
+            "authorization_endpoint": self.authorization_endpoint,
+            "token_endpoint": self.token_endpoint,
+            "capabilities": sorted(self.capabilities),
+            "code_challenge_methods": list(self.code_challenge_methods),
+            "scopes_supported": list(self.scopes_supported),
+            "source": self.source,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SmartConfig:
-        return cls(iss=data["iss"], authorization_endpoint=data["authorization_endpoint"],
-                   token_endpoint=data["token_endpoint"], capabilities=frozenset(data.get("capabilities", ())),
-                   code_challenge_methods=tuple(data.get("code_challenge_methods", ())),
-                   scopes_supported=tuple(data.get("scopes_supported", ())), source=data.get("source", "well-known"))
+        return cls(
+            iss=data["iss"],
+            authorization_endpoint=data["authorization_endpoint"],
+            token_endpoint=data["token_endpoint"],
+            capabilities=frozenset(data.get("capabilities", ())),
+            code_challenge_methods=tuple(data.get("code_challenge_methods", ())),
+            scopes_supported=tuple(data.get("scopes_supported", ())),
+            source=data.get("source", "well-known"),
+        )
 
 
 #: discovered configurations per issuer (the shared TTL cache of ``fhir_plugin._smart``)
@@ -112,7 +143,8 @@ _SAY = _smart.Wording(
     token_not_json="the EHR's token endpoint answered with something that is not JSON",
     no_access_token="the EHR's token response has no access token",
     not_bearer="the EHR issued a token that is not a bearer token",
-    bad_expires_in="the EHR's token response has an unreadable expires_in")
+    bad_expires_in="the EHR's token response has an unreadable expires_in",
+)
 
 
 def _endpoint(value: Any, what: str, iss: str) -> str:
@@ -138,7 +170,8 @@ def config_from_well_known(iss: str, data: Any) -> SmartConfig:
         capabilities=frozenset(_strings(data.get("capabilities"))),
         code_challenge_methods=methods,
         scopes_supported=_strings(data.get("scopes_supported")),
-        source="well-known")
+        source="well-known",
+    )
 
 
 def config_from_capability_statement(iss: str, data: Any) -> SmartConfig:
@@ -153,15 +186,25 @@ def config_from_capability_statement(iss: str, data: Any) -> SmartConfig:
                     if isinstance(sub, dict) and isinstance(sub.get("url"), str):
                         uris.setdefault(sub["url"], sub.get("valueUri") or sub.get("valueUrl"))
     if not uris:
-        raise LaunchError(f"the EHR at {iss} publishes no SMART endpoints (no smart-configuration, and no "
-                          "oauth-uris in its CapabilityStatement)")
-    return SmartConfig(iss=iss, authorization_endpoint=_endpoint(uris.get("authorize"), "authorization endpoint", iss),
-                       token_endpoint=_endpoint(uris.get("token"), "token endpoint", iss),
-                       source="capability-statement")
+        raise LaunchError(
+            f"the EHR at {iss} publishes no SMART endpoints (no smart-configuration, and no "
+            "oauth-uris in its CapabilityStatement)"
+        )
+    return SmartConfig(
+        iss=iss,
+        authorization_endpoint=_endpoint(uris.get("authorize"), "authorization endpoint", iss),
+        token_endpoint=_endpoint(uris.get("token"), "token endpoint", iss),
+        source="capability-statement",
+    )
 
 
-def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache[SmartConfig] | None = _default_cache,
-             timeout: float = 10.0) -> SmartConfig:
+def discover(
+    iss: str,
+    session: requests.Session,
+    *,
+    cache: DiscoveryCache[SmartConfig] | None = _default_cache,
+    timeout: float = 10.0,
+) -> SmartConfig:
     """The EHR's SMART configuration: ``{iss}/.well-known/smart-configuration``, else the CapabilityStatement.
 
     The well-known document wins when it is there (200); a 200 that is not a
@@ -176,23 +219,27 @@ def discover(iss: str, session: requests.Session, *, cache: DiscoveryCache[Smart
         if status == 200:
             config = config_from_well_known(iss, body)
         else:
-            log.info("discovery: %s/.well-known/smart-configuration answered %d; trying the CapabilityStatement",
-                     iss, status)
-            status, body = _smart.get_json(session, f"{iss}/metadata", accept="application/fhir+json",
-                                           timeout=timeout)
+            log.info(
+                "discovery: %s/.well-known/smart-configuration answered %d; trying the CapabilityStatement", iss, status
+            )
+            status, body = _smart.get_json(session, f"{iss}/metadata", accept="application/fhir+json", timeout=timeout)
             if status != 200:
-                raise LaunchError(f"the EHR at {iss} publishes no SMART configuration "
-                                  f"(smart-configuration and metadata both failed, the last with {status})")
+                raise LaunchError(
+                    f"the EHR at {iss} publishes no SMART configuration "
+                    f"(smart-configuration and metadata both failed, the last with {status})"
+                )
             config = config_from_capability_statement(iss, body)
     except requests.RequestException as exc:
-        raise LaunchError(f"the EHR at {iss} could not be reached to discover its sign-in endpoints "
-                          f"({type(exc).__name__})") from exc
+        raise LaunchError(
+            f"the EHR at {iss} could not be reached to discover its sign-in endpoints ({type(exc).__name__})"
+        ) from exc
     if cache is not None:
         cache.set(iss, config)
     return config
 
 
 # ---------------------------------------------------------------- scopes
+
 
 def choose_scopes(config: SmartConfig, *, standalone: bool = False, override: str | None = None) -> str:
     """The scopes to ask for: v2, or v1 when the EHR advertises ``permission-v1`` and not ``permission-v2``.
@@ -204,8 +251,9 @@ def choose_scopes(config: SmartConfig, *, standalone: bool = False, override: st
     if override:
         scopes = override
     else:
-        v1 = (config.supports("permission-v1") and not config.supports("permission-v2")) \
-            or config.source == "capability-statement"
+        v1 = (
+            config.supports("permission-v1") and not config.supports("permission-v2")
+        ) or config.source == "capability-statement"
         scopes = SCOPES_V1 if v1 else SCOPES_V2
     words = scopes.split()
     if standalone:
@@ -246,6 +294,7 @@ def can_write_drafts(scopes: Iterable[str]) -> bool:
 
 # ---------------------------------------------------------------- authorize
 
+
 @dataclass(frozen=True)
 class AuthorizeRequest:
     """The redirect to the EHR, and what the app must keep to finish the launch (server-side only)."""
@@ -257,9 +306,16 @@ class AuthorizeRequest:
     redirect_uri: str
 
 
-def build_authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: str, scope: str,
-                        launch: str | None = None, state: str | None = None,
-                        code_verifier: str | None = None) -> AuthorizeRequest:
+def build_authorize_url(
+    config: SmartConfig,
+    *,
+    client_id: str,
+    redirect_uri: str,
+    scope: str,
+    launch: str | None = None,
+    state: str | None = None,
+    code_verifier: str | None = None,
+) -> AuthorizeRequest:
     """The authorization request of app-launch.html §"Obtain authorization code". Pure.
 
     PKCE S256 always; ``state`` is 43 random characters; ``aud`` is the FHIR
@@ -268,9 +324,16 @@ def build_authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: st
     """
     state = state or generate_token(43)
     verifier = code_verifier or generate_token(64)  # RFC 7636 §4.1: 43-128 unreserved characters
-    params = [("response_type", "code"), ("client_id", client_id), ("redirect_uri", redirect_uri),
-              ("scope", scope), ("state", state), ("aud", config.iss),
-              ("code_challenge", create_s256_code_challenge(verifier)), ("code_challenge_method", "S256")]
+    params = [
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect_uri),
+        ("scope", scope),
+        ("state", state),
+        ("aud", config.iss),
+        ("code_challenge", create_s256_code_challenge(verifier)),
+        ("code_challenge_method", "S256"),
+    ]
     if launch:
         params.append(("launch", launch))
     parts = urlsplit(config.authorization_endpoint)
@@ -281,6 +344,7 @@ def build_authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: st
 
 # ---------------------------------------------------------------- token
 
+
 @dataclass(frozen=True)
 class TokenRequest:
     """A token-endpoint POST, built and not yet sent.  ``repr`` hides the code and verifier."""
@@ -290,14 +354,21 @@ class TokenRequest:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def build_token_request(config: SmartConfig, *, code: str, redirect_uri: str, code_verifier: str,
-                        client_id: str) -> TokenRequest:
+def build_token_request(
+    config: SmartConfig, *, code: str, redirect_uri: str, code_verifier: str, client_id: str
+) -> TokenRequest:
     """The authorization-code exchange (app-launch.html §"Obtain access token"), public client. Pure."""
     return TokenRequest(
         url=config.token_endpoint,
-        data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
-              "code_verifier": code_verifier, "client_id": client_id},
-        headers={"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"})
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+            "client_id": client_id,
+        },
+        headers={"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"},
+    )
 
 
 def _oauth_error(response: requests.Response) -> str:
@@ -312,29 +383,35 @@ def _oauth_error(response: requests.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
-def send_token_request(request: TokenRequest, session: requests.Session, *, timeout: float = 15.0,
-                       clock: Callable[[], float] = time.time) -> OAuth2Token:
+def send_token_request(
+    request: TokenRequest, session: requests.Session, *, timeout: float = 15.0, clock: Callable[[], float] = time.time
+) -> OAuth2Token:
     """POST the token request; return the checked token response with ``expires_at`` worked out on ``clock``.
 
     Nothing of the request or the answer is logged but the endpoint and the status.
     """
     started = time.monotonic()
     try:
-        response = session.post(request.url, data=request.data, headers=request.headers, timeout=timeout,
-                                allow_redirects=False)
+        response = session.post(
+            request.url, data=request.data, headers=request.headers, timeout=timeout, allow_redirects=False
+        )
     except requests.RequestException as exc:
-        raise LaunchError("the EHR's token endpoint could not be reached to finish signing in; "
-                          "please launch the app again") from exc
-    log.info("token: POST %s -> %d in %.3f s", urlsplit(request.url).path, response.status_code,
-             time.monotonic() - started)
+        raise LaunchError(
+            "the EHR's token endpoint could not be reached to finish signing in; please launch the app again"
+        ) from exc
+    log.info(
+        "token: POST %s -> %d in %.3f s", urlsplit(request.url).path, response.status_code, time.monotonic() - started
+    )
     if response.status_code != 200:
-        raise LaunchError(f"the EHR refused to issue an access token ({_oauth_error(response)}); "
-                          "please launch the app again")
+        raise LaunchError(
+            f"the EHR refused to issue an access token ({_oauth_error(response)}); please launch the app again"
+        )
     body = _smart.check_token_response(response, say=_SAY, url=request.url)
     return OAuth2Token(_smart.stamp_expiry(body, clock()))
 
 
 # ---------------------------------------------------------------- launch context
+
 
 @dataclass(frozen=True)
 class LaunchContext:
@@ -349,9 +426,15 @@ class LaunchContext:
     tenant: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"patient": self.patient, "encounter": self.encounter,
-                "need_patient_banner": self.need_patient_banner, "smart_style_url": self.smart_style_url,
-                "fhirContext": list(self.fhir_context), "intent": self.intent, "tenant": self.tenant}
+        return {
+            "patient": self.patient,
+            "encounter": self.encounter,
+            "need_patient_banner": self.need_patient_banner,
+            "smart_style_url": self.smart_style_url,
+            "fhirContext": list(self.fhir_context),
+            "intent": self.intent,
+            "tenant": self.tenant,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LaunchContext:
@@ -395,10 +478,12 @@ def parse_launch_context(token: Mapping[str, Any]) -> LaunchContext:
         smart_style_url=style if isinstance(style, str) and style.startswith(("https://", "http://")) else None,
         fhir_context=context,
         intent=token.get("intent") if isinstance(token.get("intent"), str) else None,
-        tenant=token.get("tenant") if isinstance(token.get("tenant"), str) else None)
+        tenant=token.get("tenant") if isinstance(token.get("tenant"), str) else None,
+    )
 
 
 # ---------------------------------------------------------------- using the token
+
 
 class _ClockedSession(OAuth2Session):
     """authlib's session, except that "is the token about to expire?" asks the app's clock, not ``time.time``.
@@ -408,8 +493,9 @@ class _ClockedSession(OAuth2Session):
     stamped on the clock too, then handed to ``on_refresh`` to be stored.
     """
 
-    def __init__(self, *args: Any, clock: Callable[[], float], on_refresh: Callable[[dict[str, Any]], None],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, clock: Callable[[], float], on_refresh: Callable[[dict[str, Any]], None], **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._clock = clock
         self._on_refresh = on_refresh
@@ -429,9 +515,16 @@ class _ClockedSession(OAuth2Session):
         return True
 
 
-def authorized_session(token: Mapping[str, Any], *, client_id: str, token_endpoint: str,
-                       on_refresh: Callable[[dict[str, Any]], None], leeway: float = 30.0,
-                       timeout: float = 15.0, clock: Callable[[], float] = time.time) -> OAuth2Session:
+def authorized_session(
+    token: Mapping[str, Any],
+    *,
+    client_id: str,
+    token_endpoint: str,
+    on_refresh: Callable[[dict[str, Any]], None],
+    leeway: float = 30.0,
+    timeout: float = 15.0,
+    clock: Callable[[], float] = time.time,
+) -> OAuth2Session:
     """A ``requests`` session that sends the bearer token and refreshes it ``leeway`` s before it expires.
 
     ``on_refresh`` gets the new token (to store server-side) each time it is
@@ -439,9 +532,16 @@ def authorized_session(token: Mapping[str, Any], *, client_id: str, token_endpoi
     InvalidTokenError, which ``FhirClient`` turns into AuthError.  ``clock``
     (epoch seconds) decides expiry: the one ``send_token_request`` stamped with.
     """
-    session = _ClockedSession(client_id=client_id, token=dict(token), token_endpoint=token_endpoint,
-                              token_endpoint_auth_method="none", leeway=int(leeway), default_timeout=timeout,
-                              clock=clock, on_refresh=on_refresh)
+    session = _ClockedSession(
+        client_id=client_id,
+        token=dict(token),
+        token_endpoint=token_endpoint,
+        token_endpoint_auth_method="none",
+        leeway=int(leeway),
+        default_timeout=timeout,
+        clock=clock,
+        on_refresh=on_refresh,
+    )
     # A review must show the record as it is now: servers such as HAPI reuse a repeated search's
     # results for a while unless asked not to (RFC 9111 §5.2.1.4 no-cache), which would hide the
     # drafts just written from the next look.

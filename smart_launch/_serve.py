@@ -26,8 +26,10 @@ def app_from_env():  # type: ignore[no-untyped-def]
     from ._app import create_app
 
     # each worker is its own process: set up logging here (ids and paths only are ever logged)
-    logging.basicConfig(level=os.environ.get("SMART_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SMART_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
     return create_app(Settings.from_env())
 
 
@@ -41,9 +43,17 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1, log_le
     if workers > 1 and settings.session_store in ("memory", ":memory:"):
         raise UsageError("several workers need a shared session store: set SMART_SESSION_STORE to a file path")
     os.environ.setdefault("SMART_LOG_LEVEL", log_level)
-    uvicorn.run("smart_launch._serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, proxy_headers=True, server_header=False,
-                access_log=False)  # uvicorn's access log prints query strings: ours (smart_launch.access) does not
+    uvicorn.run(
+        "smart_launch._serve:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=True,
+        server_header=False,
+        access_log=False,
+    )  # uvicorn's access log prints query strings: ours (smart_launch.access) does not
     return 0
 
 
@@ -61,14 +71,22 @@ class LiveServer:
     in-process: ``start`` returns once uvicorn is listening.
     """
 
-    def __init__(self, app: Any, port: int | None = None, *, host: str = "127.0.0.1",
-                 log_level: str = "warning", name: str = "uvicorn") -> None:
+    def __init__(
+        self,
+        app: Any,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        log_level: str = "warning",
+        name: str = "uvicorn",
+    ) -> None:
         import uvicorn
 
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False,
-                                lifespan="off", server_header=False)
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level=log_level, access_log=False, lifespan="off", server_header=False
+        )
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # not the main thread
         self._thread = threading.Thread(target=self._server.run, name=f"{name}-{self.port}", daemon=True)

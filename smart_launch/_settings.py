@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 from urllib.parse import urlsplit
 
 from fhir_plugin import DEFAULT_PROFILE, UsageError
@@ -36,8 +36,14 @@ __all__ = ["Settings", "normalize_issuer", "origin_of"]
 def normalize_issuer(iss: str) -> str:
     """An issuer (FHIR base URL) as compared against the allow-list: lower-case scheme and host, no trailing /."""
     parts = urlsplit(iss.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
-            or parts.username or parts.password:
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or parts.password
+    ):
         raise ValueError(f"not a FHIR base URL: {iss!r}")
     host = parts.hostname.lower()
     if ":" in host:

@@ -109,8 +109,9 @@ class SqliteStore:
     def get(self, key: str) -> dict[str, Any] | None:
         conn = self._connect()
         try:
-            row = conn.execute("SELECT value FROM smart_state WHERE key = ? AND expires > ?",
-                               (key, self._clock())).fetchone()
+            row = conn.execute(
+                "SELECT value FROM smart_state WHERE key = ? AND expires > ?", (key, self._clock())
+            ).fetchone()
         finally:
             conn.close()
         return json.loads(row[0]) if row else None
@@ -121,8 +122,9 @@ class SqliteStore:
         conn = self._connect()
         try:
             conn.execute("DELETE FROM smart_state WHERE expires <= ?", (now,))
-            conn.execute("INSERT OR REPLACE INTO smart_state (key, value, expires) VALUES (?, ?, ?)",
-                         (key, text, now + ttl))
+            conn.execute(
+                "INSERT OR REPLACE INTO smart_state (key, value, expires) VALUES (?, ?, ?)", (key, text, now + ttl)
+            )
         finally:
             conn.close()
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timezone
-from typing import Annotated, Any, Callable, Iterator
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
 
 import requests
 from fastapi import Depends, Form, Header, Request
@@ -57,9 +58,27 @@ from .state import LaunchSession, Sessions
 from .views import Pages
 
 __all__ = [
-    "AppServices", "COOKIE", "cookie_name", "valid_lid", "Reviewed",
-    "SettingsDep", "SessionsDep", "HttpDep", "CacheDep", "ProfileDep", "PagesDep", "ClockDep", "Today", "Now",
-    "MaybeSession", "CurrentSession", "Fhir", "FormCsrf", "HeaderCsrf", "MayWrite", "ReviewedDep",
+    "AppServices",
+    "COOKIE",
+    "cookie_name",
+    "valid_lid",
+    "Reviewed",
+    "SettingsDep",
+    "SessionsDep",
+    "HttpDep",
+    "CacheDep",
+    "ProfileDep",
+    "PagesDep",
+    "ClockDep",
+    "Today",
+    "Now",
+    "MaybeSession",
+    "CurrentSession",
+    "Fhir",
+    "FormCsrf",
+    "HeaderCsrf",
+    "MayWrite",
+    "ReviewedDep",
 ]
 
 #: the session cookie: an opaque random id; everything else stays server-side.  ``fp_sid`` holds the
@@ -142,7 +161,7 @@ def _today(s: Services) -> date:
 
 
 def _now(s: Services) -> datetime:
-    return datetime.fromtimestamp(s.clock(), timezone.utc)
+    return datetime.fromtimestamp(s.clock(), UTC)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
@@ -157,6 +176,7 @@ Now = Annotated[datetime, Depends(_now)]
 
 
 # ---------------------------------------------------------------- the session
+
 
 def _maybe_session(request: Request, sessions: SessionsDep) -> LaunchSession | None:
     """The launch a page names (``?launch=``) through its own cookie; without one, the browser's latest launch.
@@ -179,8 +199,9 @@ MaybeSession = Annotated[LaunchSession | None, Depends(_maybe_session)]
 def _current_session(sess: MaybeSession) -> LaunchSession:
     """Every later request reads the patient bound at launch; no route takes a patient id from the browser."""
     if sess is None:
-        raise NotLaunched("there is no active launch in this browser (or it has expired); "
-                          "open the app from the EHR again")
+        raise NotLaunched(
+            "there is no active launch in this browser (or it has expired); open the app from the EHR again"
+        )
     return sess
 
 
@@ -189,15 +210,21 @@ CurrentSession = Annotated[LaunchSession, Depends(_current_session)]
 
 def _fhir(sess: CurrentSession, s: Services) -> Iterator[FhirClient]:
     """A FHIR client on the session's issuer whose token refreshes itself and is saved back."""
+
     def save(new_token: dict[str, Any]) -> None:
         latest = s.sessions.get(sess.sid) or sess.state
         s.sessions.put(sess.sid, replace(latest, token=new_token), ttl=s.settings.session_ttl)
 
     assert sess.state.token is not None  # signed in
-    oauth = smart.authorized_session(sess.state.token, client_id=s.settings.client_id,
-                                     token_endpoint=sess.state.config.token_endpoint, on_refresh=save,
-                                     leeway=s.settings.refresh_leeway, timeout=s.settings.http_timeout,
-                                     clock=s.clock)
+    oauth = smart.authorized_session(
+        sess.state.token,
+        client_id=s.settings.client_id,
+        token_endpoint=sess.state.config.token_endpoint,
+        on_refresh=save,
+        leeway=s.settings.refresh_leeway,
+        timeout=s.settings.http_timeout,
+        clock=s.clock,
+    )
     try:
         yield FhirClient(sess.state.iss, session=oauth, timeout=s.settings.http_timeout, retries=2)
     finally:
@@ -209,11 +236,14 @@ Fhir = Annotated[FhirClient, Depends(_fhir)]
 
 # ---------------------------------------------------------------- the checks before a write
 
+
 def _check_csrf(sess: LaunchSession, sent: str | None) -> LaunchSession:
     expected = sess.csrf
     if not sent or not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
-        raise Forbidden("the form's security token does not match this session; reload the review page "
-                        "and try again (nothing was written)")
+        raise Forbidden(
+            "the form's security token does not match this session; reload the review page "
+            "and try again (nothing was written)"
+        )
     return sess
 
 
@@ -232,8 +262,11 @@ HeaderCsrf = Annotated[LaunchSession, Depends(_header_csrf)]
 def _may_write(sess: CurrentSession) -> LaunchSession:
     missing = sess.missing_write_scopes
     if missing:
-        raise Forbidden("the EHR did not grant this app permission to create " + ", ".join(missing)
-                        + " resources, so nothing was written")
+        raise Forbidden(
+            "the EHR did not grant this app permission to create "
+            + ", ".join(missing)
+            + " resources, so nothing was written"
+        )
     return sess
 
 
@@ -241,6 +274,7 @@ MayWrite = Annotated[LaunchSession, Depends(_may_write)]
 
 
 # ---------------------------------------------------------------- the review
+
 
 @dataclass(frozen=True)
 class Reviewed:
@@ -268,8 +302,16 @@ def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: To
     t1 = time.perf_counter()
     result = review_record(record, profile, today=today, now=now, encounter_id=sess.encounter)
     t2 = time.perf_counter()
-    return Reviewed(record, result.report, result.drafts, result.refused, {"read": t1 - t0, "review": t2 - t1},
-                    result.existing, result.settled, profile)
+    return Reviewed(
+        record,
+        result.report,
+        result.drafts,
+        result.refused,
+        {"read": t1 - t0, "review": t2 - t1},
+        result.existing,
+        result.settled,
+        profile,
+    )
 
 
 ReviewedDep = Annotated[Reviewed, Depends(_reviewed)]

@@ -15,8 +15,9 @@ before this module still reads.  Nothing outside this module touches a key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from ._launch import LaunchContext, SmartConfig, can_write_drafts, missing_write_scopes
 from ._store import SessionStore
@@ -35,13 +36,21 @@ class PendingAuthorization:
     lid: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"sid": self.sid, "code_verifier": self.code_verifier, "redirect_uri": self.redirect_uri,
-                "lid": self.lid}
+        return {
+            "sid": self.sid,
+            "code_verifier": self.code_verifier,
+            "redirect_uri": self.redirect_uri,
+            "lid": self.lid,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PendingAuthorization:
-        return cls(sid=str(data.get("sid")), code_verifier=str(data.get("code_verifier") or ""),
-                   redirect_uri=str(data.get("redirect_uri") or ""), lid=str(data.get("lid") or ""))
+        return cls(
+            sid=str(data.get("sid")),
+            code_verifier=str(data.get("code_verifier") or ""),
+            redirect_uri=str(data.get("redirect_uri") or ""),
+            lid=str(data.get("lid") or ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -68,15 +77,20 @@ class LaunchState:
     def signed_in(self) -> bool:
         return self.token is not None and self.context is not None and self.context.patient is not None
 
-    def signed(self, *, token: Mapping[str, Any], context: LaunchContext, csrf: str,
-               scopes: tuple[str, ...]) -> LaunchState:
+    def signed(
+        self, *, token: Mapping[str, Any], context: LaunchContext, csrf: str, scopes: tuple[str, ...]
+    ) -> LaunchState:
         """This launch after the token exchange: the pending ``state`` is spent."""
         return replace(self, state=None, token=dict(token), context=context, csrf=csrf, scopes=scopes)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"iss": self.iss, "config": self.config.to_json(),
-                               "requested_scope": self.requested_scope, "standalone": self.standalone,
-                               "started": self.started}
+        out: dict[str, Any] = {
+            "iss": self.iss,
+            "config": self.config.to_json(),
+            "requested_scope": self.requested_scope,
+            "standalone": self.standalone,
+            "started": self.started,
+        }
         if self.state is not None:
             out["state"] = self.state
         if self.token is not None:
@@ -96,13 +110,20 @@ class LaunchState:
     def from_json(cls, data: Mapping[str, Any]) -> LaunchState:
         context = data.get("context")
         style = data.get("style")
-        return cls(iss=str(data["iss"]), config=SmartConfig.from_json(data["config"]),
-                   requested_scope=str(data.get("requested_scope") or ""), standalone=bool(data.get("standalone")),
-                   started=float(data.get("started") or 0), state=data.get("state"), token=data.get("token"),
-                   context=LaunchContext.from_json(context) if isinstance(context, dict) else None,
-                   csrf=data.get("csrf"), scopes=tuple(data.get("scopes") or ()),
-                   style={str(k): str(v) for k, v in style.items()} if isinstance(style, dict) else None,
-                   lid=str(data["lid"]) if data.get("lid") else None)
+        return cls(
+            iss=str(data["iss"]),
+            config=SmartConfig.from_json(data["config"]),
+            requested_scope=str(data.get("requested_scope") or ""),
+            standalone=bool(data.get("standalone")),
+            started=float(data.get("started") or 0),
+            state=data.get("state"),
+            token=data.get("token"),
+            context=LaunchContext.from_json(context) if isinstance(context, dict) else None,
+            csrf=data.get("csrf"),
+            scopes=tuple(data.get("scopes") or ()),
+            style={str(k): str(v) for k, v in style.items()} if isinstance(style, dict) else None,
+            lid=str(data["lid"]) if data.get("lid") else None,
+        )
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import requests
@@ -30,18 +31,39 @@ from .state import LaunchSession
 if TYPE_CHECKING:  # deps imports this module; the type only
     from .deps import Reviewed
 
-__all__ = ["Pages", "VIEWABLE", "GROUPS", "review_context", "draft_view", "subject_of", "_fetch_style", "style_css",
-           "evidence_index", "resource_facts", "gap_actions", "verdict", "alternatives", "trends", "svg_plot",
-           "Series"]
+__all__ = [
+    "Pages",
+    "VIEWABLE",
+    "GROUPS",
+    "review_context",
+    "draft_view",
+    "subject_of",
+    "_fetch_style",
+    "style_css",
+    "evidence_index",
+    "resource_facts",
+    "gap_actions",
+    "verdict",
+    "alternatives",
+    "trends",
+    "svg_plot",
+    "Series",
+]
 
 _HERE = Path(__file__).parent
 #: resource types the evidence viewer shows (the patient's own record; SPEC §7's drafts)
 VIEWABLE = ("Patient", "Condition", "Observation", "Encounter", "CarePlan", "Goal", "Provenance")
-GROUPS = (("conflict", "Conflicts"), ("missing", "Missing"), ("not-yet-due", "Not yet due"),
-          ("proposed", "Proposed"), ("met", "Met"))
+GROUPS = (
+    ("conflict", "Conflicts"),
+    ("missing", "Missing"),
+    ("not-yet-due", "Not yet due"),
+    ("proposed", "Proposed"),
+    ("met", "Met"),
+)
 
 
 # ---------------------------------------------------------------- pure helpers for the views
+
 
 def subject_of(resource: Mapping[str, Any]) -> str | None:
     """The patient a resource belongs to: the same reading as the check's (``subject_patient_id``)."""
@@ -60,8 +82,12 @@ def _human_name(patient: Mapping[str, Any] | None) -> str:
 
 def _banner(patient: Mapping[str, Any] | None, patient_id: str) -> dict[str, str]:
     patient = patient or {}
-    return {"name": _human_name(patient), "gender": str(patient.get("gender") or "unknown"),
-            "birth_date": str(patient.get("birthDate") or "unknown"), "id": patient_id}
+    return {
+        "name": _human_name(patient),
+        "gender": str(patient.get("gender") or "unknown"),
+        "birth_date": str(patient.get("birthDate") or "unknown"),
+        "id": patient_id,
+    }
 
 
 def draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,17 +102,27 @@ def draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
     def goal_text(ref: str) -> str:
         return ((by_url.get(ref) or {}).get("description") or {}).get("text") or ref
 
-    phases = [{"number": p.number, "title": p.title, "start": p.start, "end": p.end,
-               "goals": [goal_text(g) for g in p.goals], "activities": list(p.activities)}
-              for p in phases_of(careplan)]
+    phases = [
+        {
+            "number": p.number,
+            "title": p.title,
+            "start": p.start,
+            "end": p.end,
+            "goals": [goal_text(g) for g in p.goals],
+            "activities": list(p.activities),
+        }
+        for p in phases_of(careplan)
+    ]
     extra = [(a.get("detail") or {}) for a in careplan.get("activity") or [] if not a.get("extension")]
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["resource"]["resourceType"]] = counts.get(e["resource"]["resourceType"], 0) + 1
     return {
         "condition": {
-            "codes": [{"system": c.get("system", ""), "code": c.get("code", ""), "display": c.get("display", "")}
-                      for c in codings],
+            "codes": [
+                {"system": c.get("system", ""), "code": c.get("code", ""), "display": c.get("display", "")}
+                for c in codings
+            ],
             "clinical_status": ((condition.get("clinicalStatus") or {}).get("coding") or [{}])[0].get("code"),
             "verification_status": ((condition.get("verificationStatus") or {}).get("coding") or [{}])[0].get("code"),
             "body_site": ", ".join(b.get("text", "") for b in condition.get("bodySite") or []),
@@ -94,10 +130,15 @@ def draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
             "note": " ".join(n.get("text", "") for n in condition.get("note") or []),
             "evidence": [d.get("reference") for ev in condition.get("evidence") or [] for d in ev.get("detail") or []],
         },
-        "careplan": {"title": careplan.get("title"), "status": careplan.get("status"),
-                     "intent": careplan.get("intent"), "phases": phases,
-                     "other_activities": [{"title": (d.get("code") or {}).get("text", ""),
-                                           "description": d.get("description", "")} for d in extra]},
+        "careplan": {
+            "title": careplan.get("title"),
+            "status": careplan.get("status"),
+            "intent": careplan.get("intent"),
+            "phases": phases,
+            "other_activities": [
+                {"title": (d.get("code") or {}).get("text", ""), "description": d.get("description", "")} for d in extra
+            ],
+        },
         "counts": counts,
     }
 
@@ -105,9 +146,16 @@ def draft_view(bundle: Mapping[str, Any]) -> dict[str, Any]:
 _COLOUR = re.compile(r"#[0-9A-Fa-f]{3,8}|rgba?\([0-9., %]{5,40}\)")
 _FONT = re.compile(r"[A-Za-z0-9 ,\-\"']{1,120}")
 #: SMART style keys (scopes-and-launch-context.html, "Styling") -> our CSS variables
-_STYLE_VARS = {"color_background": "--bg", "color_text": "--text", "color_highlight": "--accent",
-               "color_modal_backdrop": None, "color_error": "--bad", "color_success": "--ok",
-               "dim_border": "--line", "font_family": "font-family"}
+_STYLE_VARS = {
+    "color_background": "--bg",
+    "color_text": "--text",
+    "color_highlight": "--accent",
+    "color_modal_backdrop": None,
+    "color_error": "--bad",
+    "color_success": "--ok",
+    "dim_border": "--line",
+    "font_family": "font-family",
+}
 
 
 def _fetch_style(http: requests.Session, url: str | None, iss: str) -> dict[str, str]:
@@ -159,29 +207,45 @@ def review_context(sess: LaunchSession, loaded: Reviewed, *, shipped: tuple[str,
     groups = [(status, title, [e for e in report.elements if e.status == status]) for status, title in GROUPS]
     written = bool(loaded.existing.written)
     return {
-        "sess": sess, "report": report, "groups": groups,
+        "sess": sess,
+        "report": report,
+        "groups": groups,
         "banner": _banner(record.patient, sess.patient) if context.need_patient_banner else None,
-        "drafts": draft_view(drafts) if drafts else None, "refused": loaded.refused,
-        "settled": loaded.settled, "existing": loaded.existing, "written": written,
-        "write_allowed": sess.write_allowed, "missing_write": sess.missing_write_scopes,
-        "csrf": sess.csrf, "ehr_style": bool(context.smart_style_url),
+        "drafts": draft_view(drafts) if drafts else None,
+        "refused": loaded.refused,
+        "settled": loaded.settled,
+        "existing": loaded.existing,
+        "written": written,
+        "write_allowed": sess.write_allowed,
+        "missing_write": sess.missing_write_scopes,
+        "csrf": sess.csrf,
+        "ehr_style": bool(context.smart_style_url),
         "verdict": verdict(report, settled=loaded.settled, written=written),
-        "actions": gap_actions(report, profile), "evidence": evidence_index(record),
-        "alternatives": alternatives(report, shipped), "trends": trends(record, profile),
-        "profile_code": profile.code, "profile_display": profile.display,
+        "actions": gap_actions(report, profile),
+        "evidence": evidence_index(record),
+        "alternatives": alternatives(report, shipped),
+        "trends": trends(record, profile),
+        "profile_code": profile.code,
+        "profile_display": profile.display,
     }
 
 
 # ---------------------------------------------------------------- rendering
 
+
 class Pages:
     """The Jinja environment (autoescaped) and the two ways the app answers: a page, or a refusal."""
 
     def __init__(self, *, profile_code: str, profile_display: str) -> None:
-        self.templates = Environment(loader=FileSystemLoader(_HERE / "templates"),
-                                     autoescape=select_autoescape(default=True))
-        self.templates.globals.update(app_version=__version__, profile_code=profile_code,
-                                      profile_display=profile_display, evidence_link=_evidence_link)
+        self.templates = Environment(
+            loader=FileSystemLoader(_HERE / "templates"), autoescape=select_autoescape(default=True)
+        )
+        self.templates.globals.update(
+            app_version=__version__,
+            profile_code=profile_code,
+            profile_display=profile_display,
+            evidence_link=_evidence_link,
+        )
 
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         """Render ``name``; ``lq`` is the query every link and form keeps: this tab's launch, and its code."""
@@ -316,32 +380,47 @@ def verdict(report: Report, *, settled: str | None, written: bool) -> dict[str, 
     gaps = f"{n} gap{'' if n == 1 else 's'} to document" if n else ""
     if report.referral_recommended:
         flags = ", ".join(f.title for f in report.red_flags if f.status == "present")
-        return {"kind": "bad", "text": f"Refer first: red flags present ({flags})",
-                "sub": "The protocol waits for the evaluation." + (f" Also {gaps}." if gaps else "")}
+        return {
+            "kind": "bad",
+            "text": f"Refer first: red flags present ({flags})",
+            "sub": "The protocol waits for the evaluation." + (f" Also {gaps}." if gaps else ""),
+        }
     if report.code_fit.status == "mismatch":
         # the gaps of a code that does not fit are not this patient's to-do list (issue 13, item 8)
-        return {"kind": "bad", "text": "The record supports another code",
-                "sub": f"Nothing is drafted under {report.profile_code}; review under the suggested code below."}
+        return {
+            "kind": "bad",
+            "text": "The record supports another code",
+            "sub": f"Nothing is drafted under {report.profile_code}; review under the suggested code below.",
+        }
     if report.complete:
-        return {"kind": "ok", "text": "Complete",
-                "sub": "Drafts written; nothing more to write." if written else (
-                    "Nothing new to write." if settled else "Every required element is documented.")}
+        return {
+            "kind": "ok",
+            "text": "Complete",
+            "sub": "Drafts written; nothing more to write."
+            if written
+            else ("Nothing new to write." if settled else "Every required element is documented."),
+        }
     if report.code_fit.status == "insufficient":
         return {"kind": "gap", "text": "Code fit undetermined" + (f" · {gaps}" if gaps else ""), "sub": ""}
-    return {"kind": "gap", "text": gaps[:1].upper() + gaps[1:] if gaps else "Draft plan awaits clinician review",
-            "sub": ""}
+    return {
+        "kind": "gap",
+        "text": gaps[:1].upper() + gaps[1:] if gaps else "Draft plan awaits clinician review",
+        "sub": "",
+    }
 
 
 def alternatives(report: Report, shipped: tuple[str, ...]) -> list[dict[str, Any]]:
     """The suggested codes of a mismatch, each with whether this app can review under it (its profile ships)."""
-    return [{"code": s.code, "display": s.display, "reason": s.reason, "ships": s.code in shipped}
-            for s in report.code_fit.suggested]
+    return [
+        {"code": s.code, "display": s.display, "reason": s.reason, "ships": s.code in shipped}
+        for s in report.code_fit.suggested
+    ]
 
 
 @dataclass(frozen=True)
 class Series:
     label: str
-    points: tuple[tuple[str, float, str], ...]   # (date, value, shown value)
+    points: tuple[tuple[str, float, str], ...]  # (date, value, shown value)
 
 
 def _number(resource: Mapping[str, Any]) -> float | None:
@@ -376,8 +455,15 @@ def trends(record: PatientRecord, profile: Profile) -> list[dict[str, Any]]:
             lines.setdefault(label, []).append((when, value, _value(obs)))
         if lines:
             series = [Series(k, tuple(sorted(v))) for k, v in sorted(lines.items())]
-            out.append({"id": spec["id"], "title": spec["title"], "unit": spec.get("unit", ""), "series": series,
-                        "svg": Markup(svg_plot(series, title=spec["title"]))})
+            out.append(
+                {
+                    "id": spec["id"],
+                    "title": spec["title"],
+                    "unit": spec.get("unit", ""),
+                    "series": series,
+                    "svg": Markup(svg_plot(series, title=spec["title"])),
+                }
+            )
     return out
 
 
@@ -405,17 +491,22 @@ def svg_plot(series: list[Series], *, title: str, width: int = 320, height: int 
     def y(v: float) -> float:
         return top + plot_h * (high - v) / (high - low)
 
-    parts = [f'<svg class="plot" viewBox="0 0 {width} {height}" width="100%" role="presentation" '
-             f'aria-hidden="true" focusable="false" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#8a97a6"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#8a97a6"/>']
+    parts = [
+        f'<svg class="plot" viewBox="0 0 {width} {height}" width="100%" role="presentation" '
+        f'aria-hidden="true" focusable="false" xmlns="http://www.w3.org/2000/svg">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#8a97a6"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#8a97a6"/>',
+    ]
     for v in (low + pad, high - pad):
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11" '
-                     f'fill="#3d4a58">{v:g}</text>')
+        parts.append(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11" fill="#3d4a58">{v:g}</text>'
+        )
     for i, d in enumerate(dates):  # the last date's label ends at its point, so it never runs off the edge
         anchor = "end" if i == len(dates) - 1 and len(dates) > 1 else "middle"
-        parts.append(f'<text x="{x(d) + (4 if anchor == "end" else 0):.1f}" y="{height - 8}" text-anchor="{anchor}" '
-                     f'font-size="11" fill="#3d4a58">{html.escape(d[5:])}</text>')
+        parts.append(
+            f'<text x="{x(d) + (4 if anchor == "end" else 0):.1f}" y="{height - 8}" text-anchor="{anchor}" '
+            f'font-size="11" fill="#3d4a58">{html.escape(d[5:])}</text>'
+        )
     for i, s in enumerate(series):
         colour = _COLOURS[i % len(_COLOURS)]
         pts = " ".join(f"{x(d):.1f},{y(v):.1f}" for d, v, _ in s.points)
@@ -425,7 +516,9 @@ def svg_plot(series: list[Series], *, title: str, width: int = 320, height: int 
             parts.append(f'<circle cx="{x(d):.1f}" cy="{y(v):.1f}" r="3.5" fill="{colour}"/>')
         if s.label != "all":
             d, v, _ = s.points[-1]
-            parts.append(f'<text x="{min(x(d) + 6, width - right - 30):.1f}" y="{y(v) - 6:.1f}" font-size="11" '
-                         f'fill="{colour}">{html.escape(s.label)}</text>')
+            parts.append(
+                f'<text x="{min(x(d) + 6, width - right - 30):.1f}" y="{y(v) - 6:.1f}" font-size="11" '
+                f'fill="{colour}">{html.escape(s.label)}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)

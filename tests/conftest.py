@@ -120,6 +120,8 @@ def sandbox_hapi_url():
 from sandbox.testing import treat_loopback_as_secure  # noqa: E402
 
 treat_loopback_as_secure()
+
+
 @pytest.fixture(scope="session")
 def spark():
     """One local SparkSession (two cores) for every Spark test: starting Spark is the slow part."""
@@ -130,6 +132,8 @@ def spark():
         yield session
     finally:
         session.stop()
+
+
 @pytest.fixture(autouse=True)
 def mocked_servers_declare_an_open_server(request, monkeypatch):
     """A server mocked with ``responses`` declares what HAPI does (batch, transaction, conditional create).

@@ -19,21 +19,35 @@ import responses
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from fhir_plugin._backend_auth import (ASSERTION_TYPE, MAX_ASSERTION_LIFETIME, BearerAuth, Token, TokenCache,
-                                       backend_session, client_assertion, discover_token_endpoint, fetch_token,
-                                       load_signing_key, token_request_form)
+from fhir_plugin._backend_auth import (
+    ASSERTION_TYPE,
+    MAX_ASSERTION_LIFETIME,
+    BearerAuth,
+    Token,
+    TokenCache,
+    backend_session,
+    client_assertion,
+    discover_token_endpoint,
+    fetch_token,
+    load_signing_key,
+    token_request_form,
+)
 from fhir_plugin._client import FhirClient
 from fhir_plugin._errors import AuthError, LaunchError, UsageError
 
 FHIR = "https://ehr.test/fhir"
 TOKEN_URL = "https://ehr.test/auth/token"
 CLIENT_ID = "sync-job-7"
-SMART_CONFIG = {"token_endpoint": TOKEN_URL, "grant_types_supported": ["client_credentials"],
-                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-                "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"]}
+SMART_CONFIG = {
+    "token_endpoint": TOKEN_URL,
+    "grant_types_supported": ["client_credentials"],
+    "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+    "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+}
 
 
 # ---------------------------------------------------------------- keys on disk
+
 
 @pytest.fixture(scope="module")
 def rsa_key() -> RSAKey:
@@ -79,19 +93,23 @@ def test_jwk_file_keeps_its_own_kid(tmp_path, ec_key):
 
 def test_jwks_file_with_one_private_key_is_accepted(tmp_path, rsa_key, ec_key):
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [ec_key.as_dict(private=False), {**rsa_key.as_dict(private=True),
-                                                                        "kid": "k1"}]}))
+    path.write_text(
+        json.dumps({"keys": [ec_key.as_dict(private=False), {**rsa_key.as_dict(private=True), "kid": "k1"}]})
+    )
     key = load_signing_key(path)
     assert (key.alg, key.kid) == ("RS384", "k1")
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: ECKey.generate_key("P-256", private=True).as_pem(private=True), "P-384"),
-    (lambda: ECKey.generate_key("P-384", private=True).as_pem(private=False), "neither"),
-    (lambda: json.dumps(ECKey.generate_key("P-384").as_dict(private=False)).encode(), "public key"),
-    (lambda: b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n", "usable"),
-    (lambda: b"hello", "neither"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ECKey.generate_key("P-256", private=True).as_pem(private=True), "P-384"),
+        (lambda: ECKey.generate_key("P-384", private=True).as_pem(private=False), "neither"),
+        (lambda: json.dumps(ECKey.generate_key("P-384").as_dict(private=False)).encode(), "public key"),
+        (lambda: b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n", "usable"),
+        (lambda: b"hello", "neither"),
+    ],
+)
 def test_unusable_keys_are_refused_in_one_sentence(tmp_path, make, message):
     path = tmp_path / "bad.key"
     path.write_bytes(make())
@@ -105,6 +123,7 @@ def test_missing_key_file_is_a_usage_error(tmp_path):
 
 
 # ---------------------------------------------------------------- the assertion
+
 
 def _decode(assertion: str, key) -> jwt.Token:
     return jwt.decode(assertion, key, algorithms=["RS384", "ES384"])
@@ -148,19 +167,23 @@ def test_token_request_form(ec_pem):
 
 # ---------------------------------------------------------------- discovery
 
+
 @responses.activate
 def test_discovery_reads_the_token_endpoint():
     responses.get(f"{FHIR}/.well-known/smart-configuration", json=SMART_CONFIG)
     assert discover_token_endpoint(requests.Session(), FHIR, alg="ES384") == TOKEN_URL
 
 
-@pytest.mark.parametrize("config, message", [
-    ({**SMART_CONFIG, "token_endpoint_auth_methods_supported": ["client_secret_basic"]}, "private_key_jwt"),
-    ({**SMART_CONFIG, "token_endpoint_auth_signing_alg_values_supported": ["RS256"]}, "ES384"),
-    ({**SMART_CONFIG, "grant_types_supported": ["authorization_code"]}, "client_credentials"),
-    ({**SMART_CONFIG, "token_endpoint": "http://ehr.test/token"}, "https"),
-    ({"authorization_endpoint": "x"}, "no token_endpoint"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({**SMART_CONFIG, "token_endpoint_auth_methods_supported": ["client_secret_basic"]}, "private_key_jwt"),
+        ({**SMART_CONFIG, "token_endpoint_auth_signing_alg_values_supported": ["RS256"]}, "ES384"),
+        ({**SMART_CONFIG, "grant_types_supported": ["authorization_code"]}, "client_credentials"),
+        ({**SMART_CONFIG, "token_endpoint": "http://ehr.test/token"}, "https"),
+        ({"authorization_endpoint": "x"}, "no token_endpoint"),
+    ],
+)
 @responses.activate
 def test_discovery_refuses_what_cannot_work(config, message):
     responses.get(f"{FHIR}/.well-known/smart-configuration", json=config)
@@ -185,6 +208,7 @@ def test_plain_http_token_endpoint_is_allowed_on_loopback_only():
 
 
 # ---------------------------------------------------------------- the token endpoint, mocked like an EHR
+
 
 class FakeTokenEndpoint:
     """A token endpoint that verifies each assertion like an EHR, refuses replays, and counts."""
@@ -213,8 +237,18 @@ class FakeTokenEndpoint:
             return self.status, {}, json.dumps({"error": "temporarily_unavailable"})
         token = f"access-{len(self.issued) + 1}-SECRET"
         self.issued.append(token)
-        return 200, {}, json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": self.lifetime,
-                                    "scope": form.get("scope", "")})
+        return (
+            200,
+            {},
+            json.dumps(
+                {
+                    "access_token": token,
+                    "token_type": "Bearer",
+                    "expires_in": self.lifetime,
+                    "scope": form.get("scope", ""),
+                }
+            ),
+        )
 
 
 @responses.activate
@@ -242,9 +276,14 @@ def test_a_busy_token_endpoint_is_tried_again_with_a_new_assertion(ec_pem):
 def test_a_refused_client_is_one_sentence_without_the_assertion(ec_pem):
     key = load_signing_key(ec_pem)
     endpoint = FakeTokenEndpoint(key.key)
-    responses.add_callback(responses.POST, TOKEN_URL,
-                           callback=lambda r: (endpoint(r), (401, {}, json.dumps(
-                               {"error": "invalid_client", "error_description": "unknown kid"})))[1])
+    responses.add_callback(
+        responses.POST,
+        TOKEN_URL,
+        callback=lambda r: (
+            endpoint(r),
+            (401, {}, json.dumps({"error": "invalid_client", "error_description": "unknown kid"})),
+        )[1],
+    )
     with pytest.raises(LaunchError) as info:
         fetch_token(requests.Session(), TOKEN_URL, key, CLIENT_ID, "s", sleep=lambda s: None)
     assert "invalid_client: unknown kid" in str(info.value) and CLIENT_ID in str(info.value)
@@ -261,6 +300,7 @@ def test_an_unreachable_token_endpoint(ec_pem):
 
 
 # ---------------------------------------------------------------- the cache
+
 
 class Clock:
     def __init__(self) -> None:
@@ -335,6 +375,7 @@ def test_threads_share_one_fetch():
 
 # ---------------------------------------------------------------- the session: bearer on every request, 401 renewal
 
+
 def _session_with(endpoint: FakeTokenEndpoint, key) -> tuple[requests.Session, TokenCache]:
     responses.get(f"{FHIR}/.well-known/smart-configuration", json=SMART_CONFIG)
     responses.add_callback(responses.POST, TOKEN_URL, callback=endpoint)
@@ -346,12 +387,21 @@ def _fhir_server(accepted: set[str], seen: list[str]):
         header = request.headers.get("Authorization", "")
         seen.append(header)
         if header.removeprefix("Bearer ") not in accepted:
-            return 401, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "login", "diagnostics": "token expired"}]})
+            return (
+                401,
+                {},
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "login", "diagnostics": "token expired"}],
+                    }
+                ),
+            )
         body = json.loads(request.body) if request.body else None
         if body and body.get("resourceType") == "Bundle":
             return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": []})
         return 200, {}, json.dumps({"resourceType": "Patient", "id": "p1"})
+
     return answer
 
 
@@ -445,5 +495,5 @@ def test_keygen_writes_a_0600_private_key_the_job_loads_and_prints_its_public_jw
     key = load_signing_key(out)
     [public] = jwks["keys"]
     assert key.alg == "RS384" and public["alg"] == "RS384" and public["kid"] == key.kid
-    assert "d" not in public and "p" not in public                      # the public half only
-    assert main(["keygen", "--out", str(out)]) == 2                      # never overwrites a key
+    assert "d" not in public and "p" not in public  # the public half only
+    assert main(["keygen", "--out", str(out)]) == 2  # never overwrites a key

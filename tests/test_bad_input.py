@@ -3,9 +3,9 @@
 import json
 
 import responses
+from test_check_cases import CASES, TODAY
 
 from fhir_plugin._cli import main
-from test_check_cases import CASES, TODAY
 
 BASE = "http://fhir.test/fhir"
 
@@ -40,8 +40,11 @@ def test_malformed_json(tmp_path, capsys):
 
 
 def test_bundle_of_the_wrong_resource_types(tmp_path, capsys):
-    path = _write(tmp_path, "meds.json", _bundle([{"resourceType": "Medication", "id": "m1"},
-                                                   {"resourceType": "Device", "id": "d1"}]))
+    path = _write(
+        tmp_path,
+        "meds.json",
+        _bundle([{"resourceType": "Medication", "id": "m1"}, {"resourceType": "Device", "id": "d1"}]),
+    )
     code, _out, err = _run(capsys, "propose", "--bundle", path)
     assert code == 4 and "holds no Patient, Condition, Observation or Encounter (found Device, Medication)" in err
 
@@ -49,7 +52,7 @@ def test_bundle_of_the_wrong_resource_types(tmp_path, capsys):
 def test_r5_shaped_encounter(tmp_path, capsys):
     resources = [dict(r) for r in _case("complete").resources]
     encounter = next(r for r in resources if r["resourceType"] == "Encounter")
-    encounter["class"] = [{"coding": [encounter["class"]]}]   # R5: class is a list of CodeableConcept
+    encounter["class"] = [{"coding": [encounter["class"]]}]  # R5: class is a list of CodeableConcept
     path = _write(tmp_path, "r5.json", _bundle(resources))
     code, _out, err = _run(capsys, "check", "--bundle", path)
     assert code == 4
@@ -86,15 +89,20 @@ def test_unknown_patient_in_files_and_unknown_encounter(tmp_path, capsys):
 
 
 def test_unreachable_server(capsys):
-    code, _out, err = _run(capsys, "check", "--server", "http://127.0.0.1:9/fhir", "--patient", "x",
-                           "--timeout", "2")
+    code, _out, err = _run(capsys, "check", "--server", "http://127.0.0.1:9/fhir", "--patient", "x", "--timeout", "2")
     assert code == 5 and "could not reach http://127.0.0.1:9/fhir" in err
 
 
 @responses.activate
 def test_bad_token_is_one_sentence_and_never_echoed(capsys):
-    responses.post(BASE, status=401, json={"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "login", "diagnostics": "Invalid token"}]})
+    responses.post(
+        BASE,
+        status=401,
+        json={
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "login", "diagnostics": "Invalid token"}],
+        },
+    )
     code, out, err = _run(capsys, "check", "--server", BASE, "--patient", "p1", "--token", "s3cret-token")
     assert code == 8 and "Invalid token" in err and "s3cret-token" not in out + err
 
@@ -107,14 +115,24 @@ def test_malformed_server_data_is_reported_and_nothing_is_written(capsys):
     bad["class"] = [{"coding": [bad["class"]]}]
 
     def searchset(rtype):
-        return {"resourceType": "Bundle", "type": "searchset",
-                "entry": [{"resource": r} for r in resources if r["resourceType"] == rtype]}
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": r} for r in resources if r["resourceType"] == rtype],
+        }
 
     patient = next(r for r in resources if r["resourceType"] == "Patient")
-    batch = {"resourceType": "Bundle", "type": "batch-response", "entry": [
-        {"resource": patient, "response": {"status": "200 OK"}},
-        *({"resource": searchset(t), "response": {"status": "200 OK"}}
-          for t in ("Condition", "Observation", "Encounter", "CarePlan"))]}
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [
+            {"resource": patient, "response": {"status": "200 OK"}},
+            *(
+                {"resource": searchset(t), "response": {"status": "200 OK"}}
+                for t in ("Condition", "Observation", "Encounter", "CarePlan")
+            ),
+        ],
+    }
     responses.post(BASE, json=batch)
     code, _out, err = _run(capsys, "propose", "--server", BASE, "--patient", case.patient_id, "--write")
     assert code == 4 and "not valid FHIR R4" in err

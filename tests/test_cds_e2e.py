@@ -18,8 +18,7 @@ from test_smart_e2e import ARTIFACTS, DRAFT_TAG, browser  # noqa: F401  (the sha
 
 from fhir_plugin import CardContext, FhirClient, cards_for_review, load_profile, review
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import needing_drafts
-from sandbox.testing import load_fresh_case, sandbox_stack
+from sandbox.testing import load_fresh_case, needing_drafts, sandbox_stack
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,25 @@ import requests
 import responses
 from responses import matchers
 
-from fhir_plugin._client import (FhirClient, backoff_delay, error_for_status, is_safe_to_repeat, record_batch,
-                                 resolve_url, retry_after_seconds)
-from fhir_plugin._errors import (AuthError, InputError, MultipleMatches, NotFound, ServerError, TransportError,
-                                 UsageError)
-from fhir_plugin import PerResourceWriter, PerTypeReader, strategies_for, BatchReader, TransactionWriter
+from fhir_plugin import BatchReader, PerResourceWriter, PerTypeReader, TransactionWriter, strategies_for
+from fhir_plugin._client import (
+    FhirClient,
+    backoff_delay,
+    error_for_status,
+    is_safe_to_repeat,
+    record_batch,
+    resolve_url,
+    retry_after_seconds,
+)
+from fhir_plugin._errors import (
+    AuthError,
+    InputError,
+    MultipleMatches,
+    NotFound,
+    ServerError,
+    TransportError,
+    UsageError,
+)
 
 BASE = "http://fhir.test:8080/fhir"
 TOKEN = "tok-3f9c-SECRET-a81e"
@@ -29,6 +43,7 @@ FHIR_JSON = "application/fhir+json"
 
 
 # ---------------------------------------------------------------- resources and Bundles
+
 
 def patient(pid: str = "p1") -> dict:
     return {"resourceType": "Patient", "id": pid}
@@ -39,28 +54,49 @@ def condition(cid: str, pid: str = "p1") -> dict:
 
 
 def observation(oid: str, pid: str = "p1") -> dict:
-    return {"resourceType": "Observation", "id": oid, "status": "final", "code": {"text": "pain"},
-            "subject": {"reference": f"Patient/{pid}"}}
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"text": "pain"},
+        "subject": {"reference": f"Patient/{pid}"},
+    }
 
 
 def encounter(eid: str, pid: str = "p1") -> dict:
-    return {"resourceType": "Encounter", "id": eid, "status": "finished", "class": {"code": "AMB"},
-            "subject": {"reference": f"Patient/{pid}"}}
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"code": "AMB"},
+        "subject": {"reference": f"Patient/{pid}"},
+    }
 
 
 def careplan(cpid: str, pid: str = "p1") -> dict:
-    return {"resourceType": "CarePlan", "id": cpid, "status": "active", "intent": "plan",
-            "subject": {"reference": f"Patient/{pid}"}}
+    return {
+        "resourceType": "CarePlan",
+        "id": cpid,
+        "status": "active",
+        "intent": "plan",
+        "subject": {"reference": f"Patient/{pid}"},
+    }
 
 
 def outcome(diagnostics: str, severity: str = "error") -> dict:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": "processing", "diagnostics": diagnostics}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": "processing", "diagnostics": diagnostics}],
+    }
 
 
 def searchset(resources: list[dict], next_url: str | None = None) -> dict:
-    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-              "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
     if next_url:
         bundle["link"] = [{"relation": "self", "url": f"{BASE}/x"}, {"relation": "next", "url": next_url}]
     return bundle
@@ -82,12 +118,17 @@ def batch_response(*entries: dict) -> dict:
 
 
 def full_record_answer(conditions=None) -> dict:
-    return batch_response(ok(patient()), ok(searchset(conditions or [condition("c1")])),
-                          ok(searchset([observation("o1")])), ok(searchset([encounter("e1")])),
-                          ok(searchset([careplan("cp1")])))
+    return batch_response(
+        ok(patient()),
+        ok(searchset(conditions or [condition("c1")])),
+        ok(searchset([observation("o1")])),
+        ok(searchset([encounter("e1")])),
+        ok(searchset([careplan("cp1")])),
+    )
 
 
 # ---------------------------------------------------------------- fixtures
+
 
 @pytest.fixture
 def mock():
@@ -111,6 +152,7 @@ def sent_json(call) -> dict:
 
 
 # ---------------------------------------------------------------- reading a record in one round trip
+
 
 def test_record_is_one_batch_post_with_the_patient_read_and_one_search_per_type(mock, client):
     mock.post(BASE, json=full_record_answer())
@@ -142,17 +184,29 @@ def test_record_types_can_be_narrowed(mock, client):
     record = client.read_patient_record("p1", types=("Condition",))
 
     assert [e["request"]["url"] for e in sent_json(mock.calls[0])["entry"]] == [
-        "Patient/p1", "Condition?patient=p1&_count=500"]
+        "Patient/p1",
+        "Condition?patient=p1&_count=500",
+    ]
     assert record.counts() == {"Patient": 1, "Condition": 1}
 
 
 def test_record_follows_next_links_of_a_searchset_longer_than_a_page(mock, client):
     page2 = f"{BASE}?_getpages=abc123&_getpagesoffset=500&_count=500"
-    mock.post(BASE, json=batch_response(
-        ok(patient()), ok(searchset([condition("c1")], next_url=page2)),
-        ok(searchset([observation("o1")])), ok(searchset([])), ok(searchset([]))))
-    mock.get(BASE, json=searchset([condition("c2")]),
-             match=[matchers.query_param_matcher({"_getpages": "abc123", "_getpagesoffset": "500", "_count": "500"})])
+    mock.post(
+        BASE,
+        json=batch_response(
+            ok(patient()),
+            ok(searchset([condition("c1")], next_url=page2)),
+            ok(searchset([observation("o1")])),
+            ok(searchset([])),
+            ok(searchset([])),
+        ),
+    )
+    mock.get(
+        BASE,
+        json=searchset([condition("c2")]),
+        match=[matchers.query_param_matcher({"_getpages": "abc123", "_getpagesoffset": "500", "_count": "500"})],
+    )
 
     record = client.read_patient_record("p1")
 
@@ -162,10 +216,16 @@ def test_record_follows_next_links_of_a_searchset_longer_than_a_page(mock, clien
 
 
 def test_search_follows_next_links_over_two_pages(mock, client):
-    mock.get(f"{BASE}/Condition", json=searchset([condition("c1")], next_url=f"{BASE}?_getpages=p&_getpagesoffset=1"),
-             match=[matchers.query_param_matcher({"patient": "p1"})])
-    mock.get(BASE, json=searchset([condition("c2")]),
-             match=[matchers.query_param_matcher({"_getpages": "p", "_getpagesoffset": "1"})])
+    mock.get(
+        f"{BASE}/Condition",
+        json=searchset([condition("c1")], next_url=f"{BASE}?_getpages=p&_getpagesoffset=1"),
+        match=[matchers.query_param_matcher({"patient": "p1"})],
+    )
+    mock.get(
+        BASE,
+        json=searchset([condition("c2")]),
+        match=[matchers.query_param_matcher({"_getpages": "p", "_getpagesoffset": "1"})],
+    )
 
     found = client.search("Condition", {"patient": "p1"})
 
@@ -175,21 +235,26 @@ def test_search_follows_next_links_over_two_pages(mock, client):
 
 def test_search_skips_included_and_outcome_entries(mock, client):
     page = searchset([condition("c1")])
-    page["entry"] += [{"resource": patient(), "search": {"mode": "include"}},
-                      {"resource": outcome("slow query", "warning"), "search": {"mode": "outcome"}}]
+    page["entry"] += [
+        {"resource": patient(), "search": {"mode": "include"}},
+        {"resource": outcome("slow query", "warning"), "search": {"mode": "outcome"}},
+    ]
     mock.get(f"{BASE}/Condition", json=page)
 
     assert client.search("Condition", {"patient": "p1", "_include": "Condition:subject"}) == [condition("c1")]
 
 
-@pytest.mark.parametrize("foreign", [
-    "http://evil.example/fhir?_getpages=abc",          # another host
-    "http://fhir.test:9999/fhir?_getpages=abc",        # another port
-    "https://fhir.test:8080/fhir?_getpages=abc",       # another scheme
-    "http://fhir.test:8080/fhir-other/Condition?x=1",  # a sibling path that merely starts like the base
-    "http://fhir.test:8080/Condition?x=1",             # above the base
-    "//evil.example/fhir?_getpages=abc",               # scheme-relative
-])
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "http://evil.example/fhir?_getpages=abc",  # another host
+        "http://fhir.test:9999/fhir?_getpages=abc",  # another port
+        "https://fhir.test:8080/fhir?_getpages=abc",  # another scheme
+        "http://fhir.test:8080/fhir-other/Condition?x=1",  # a sibling path that merely starts like the base
+        "http://fhir.test:8080/Condition?x=1",  # above the base
+        "//evil.example/fhir?_getpages=abc",  # scheme-relative
+    ],
+)
 def test_a_next_link_outside_the_base_is_refused_and_never_requested(mock, client, foreign):
     mock.post(BASE, json=batch_response(ok(patient()), ok(searchset([condition("c1")], next_url=foreign))))
 
@@ -239,10 +304,18 @@ def test_paging_links_that_loop_are_an_error_not_a_hang(mock, client):
 
 # ---------------------------------------------------------------- batch entries that fail
 
+
 def test_a_missing_patient_in_the_batch_is_not_found_naming_the_patient_and_server(mock, client):
-    mock.post(BASE, json=batch_response(
-        failed("404 Not Found", outcome("HAPI-2001: Resource Patient/p404 is not known")),
-        ok(searchset([])), ok(searchset([])), ok(searchset([])), ok(searchset([]))))
+    mock.post(
+        BASE,
+        json=batch_response(
+            failed("404 Not Found", outcome("HAPI-2001: Resource Patient/p404 is not known")),
+            ok(searchset([])),
+            ok(searchset([])),
+            ok(searchset([])),
+            ok(searchset([])),
+        ),
+    )
 
     with pytest.raises(NotFound) as caught:
         client.read_patient_record("p404")
@@ -253,10 +326,16 @@ def test_a_missing_patient_in_the_batch_is_not_found_naming_the_patient_and_serv
 
 
 def test_another_failing_entry_raises_the_error_its_status_maps_to(mock, client):
-    mock.post(BASE, json=batch_response(
-        ok(patient()), ok(searchset([])),
-        failed("500 Internal Server Error", outcome("HAPI-0389: database is unavailable")),
-        ok(searchset([])), ok(searchset([]))))
+    mock.post(
+        BASE,
+        json=batch_response(
+            ok(patient()),
+            ok(searchset([])),
+            failed("500 Internal Server Error", outcome("HAPI-0389: database is unavailable")),
+            ok(searchset([])),
+            ok(searchset([])),
+        ),
+    )
 
     with pytest.raises(ServerError) as caught:
         client.read_patient_record("p1")
@@ -276,8 +355,12 @@ def test_a_forbidden_entry_is_an_auth_error(mock, client):
 
 
 def test_an_invalid_resource_in_the_answer_is_an_input_error_naming_it(mock, client):
-    bad = {"resourceType": "Observation", "id": "o-bad", "status": "final",
-           "subject": {"reference": "Patient/p1"}}  # no code: required in R4
+    bad = {
+        "resourceType": "Observation",
+        "id": "o-bad",
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+    }  # no code: required in R4
     mock.post(BASE, json=batch_response(ok(patient()), ok(searchset([bad]))))
 
     with pytest.raises(InputError, match=r"Observation/o-bad is not valid FHIR R4 at code"):
@@ -300,6 +383,7 @@ def test_a_non_json_success_answer_is_an_input_error(mock, client):
 
 # ---------------------------------------------------------------- retries
 
+
 def test_429_with_retry_after_is_waited_out_then_succeeds(mock, client, sleeps):
     url = f"{BASE}/Patient/p1"
     mock.get(url, status=429, headers={"Retry-After": "2"}, json=outcome("slow down"))
@@ -321,8 +405,11 @@ def test_retry_after_is_capped_by_max_retry_after(mock, sleeps):
 
 
 def test_429_is_retried_even_for_a_plain_create(mock, client, sleeps):
-    bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}],
+    }
     mock.post(BASE, status=429, headers={"Retry-After": "1"})
     mock.post(BASE, json={"resourceType": "Bundle", "type": "transaction-response", "entry": []})
 
@@ -340,26 +427,30 @@ def test_a_burst_of_503_is_ridden_out_with_growing_bounded_waits(mock, client, s
     assert client.round_trips == 4
     assert len(sleeps) == 3
     for n, waited in enumerate(sleeps):
-        full = client.backoff * 2 ** n
+        full = client.backoff * 2**n
         assert full / 2 <= waited <= full
 
 
 def test_503_forever_gives_up_after_the_retries_with_status_503(mock, sleeps):
     mock.get(f"{BASE}/Patient/p1", status=503, json=outcome("HAPI is starting"))
 
-    with FhirClient(BASE, retries=4, sleep=sleeps.append) as client:
-        with pytest.raises(ServerError) as caught:
-            client.read("Patient", "p1")
+    with FhirClient(BASE, retries=4, sleep=sleeps.append) as client, pytest.raises(ServerError) as caught:
+        client.read("Patient", "p1")
 
     assert type(caught.value) is ServerError and caught.value.status == 503
     assert client.round_trips == 5 and len(sleeps) == 4  # the first try and 4 retries
-    assert str(caught.value) == ("GET http://fhir.test:8080/fhir/Patient/p1 failed with 503 Service Unavailable "
-                                 "after 5 attempts: HAPI is starting.")
+    assert str(caught.value) == (
+        "GET http://fhir.test:8080/fhir/Patient/p1 failed with 503 Service Unavailable "
+        "after 5 attempts: HAPI is starting."
+    )
 
 
 def test_a_503_on_a_plain_create_is_not_repeated_since_it_may_have_been_carried_out(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}],
+    }
     mock.post(BASE, status=504)
 
     with pytest.raises(ServerError) as caught:
@@ -368,12 +459,22 @@ def test_a_503_on_a_plain_create_is_not_repeated_since_it_may_have_been_carried_
 
 
 def test_a_transaction_of_conditional_creates_is_retried_on_503_and_timeouts(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|1"},
-         "resource": condition("x")},
-        {"request": {"method": "PUT", "url": "CarePlan?identifier=urn:x|2"}, "resource": careplan("y")}]}
-    answer = {"resourceType": "Bundle", "type": "transaction-response",
-              "entry": [{"response": {"status": "201 Created"}}, {"response": {"status": "200 OK"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|1"},
+                "resource": condition("x"),
+            },
+            {"request": {"method": "PUT", "url": "CarePlan?identifier=urn:x|2"}, "resource": careplan("y")},
+        ],
+    }
+    answer = {
+        "resourceType": "Bundle",
+        "type": "transaction-response",
+        "entry": [{"response": {"status": "201 Created"}}, {"response": {"status": "200 OK"}}],
+    }
     mock.post(BASE, status=503)
     mock.post(BASE, body=requests.exceptions.ReadTimeout("Read timed out."))
     mock.post(BASE, json=answer)
@@ -384,8 +485,11 @@ def test_a_transaction_of_conditional_creates_is_retried_on_503_and_timeouts(moc
 
 
 def test_the_safe_to_retry_flag_overrides_the_guess(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}],
+    }
     mock.post(BASE, status=503)
     mock.post(BASE, json={"resourceType": "Bundle", "type": "transaction-response", "entry": []})
 
@@ -396,9 +500,8 @@ def test_the_safe_to_retry_flag_overrides_the_guess(mock, client):
 def test_a_timeout_is_retried_then_becomes_one_sentence_transport_error(mock, sleeps):
     mock.get(f"{BASE}/Patient/p1", body=requests.exceptions.ReadTimeout("Read timed out. (read timeout=30)"))
 
-    with FhirClient(BASE, retries=2, sleep=sleeps.append) as client:
-        with pytest.raises(TransportError) as caught:
-            client.read("Patient", "p1")
+    with FhirClient(BASE, retries=2, sleep=sleeps.append) as client, pytest.raises(TransportError) as caught:
+        client.read("Patient", "p1")
 
     assert str(caught.value) == f"could not reach {BASE}: no answer within 30 s (3 attempts)"
     assert isinstance(caught.value.__cause__, requests.exceptions.ReadTimeout)
@@ -429,8 +532,9 @@ def test_connection_refused_is_a_one_sentence_transport_error(sleeps):
     assert client.round_trips == 2
 
 
-@pytest.mark.parametrize("header, expected", [
-    ("2", 2.0), ("0", 0.0), (" 17 ", 17.0), ("soon", None), ("", None), (None, None), ("-3", None)])
+@pytest.mark.parametrize(
+    "header, expected", [("2", 2.0), ("0", 0.0), (" 17 ", 17.0), ("soon", None), ("", None), (None, None), ("-3", None)]
+)
 def test_retry_after_seconds_form(header, expected):
     assert retry_after_seconds(header) == expected
 
@@ -451,14 +555,21 @@ def test_backoff_grows_is_capped_and_jittered():
 def test_which_bundles_are_safe_to_repeat():
     def bundle(*requests_):
         return {"entry": [{"request": r} for r in requests_]}
+
     assert is_safe_to_repeat(record_batch("p1"))
-    assert is_safe_to_repeat(bundle({"method": "PUT", "url": "Condition/1"}, {"method": "DELETE", "url": "X/1"},
-                                    {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=a|b"}))
+    assert is_safe_to_repeat(
+        bundle(
+            {"method": "PUT", "url": "Condition/1"},
+            {"method": "DELETE", "url": "X/1"},
+            {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=a|b"},
+        )
+    )
     assert not is_safe_to_repeat(bundle({"method": "POST", "url": "Condition"}))
     assert not is_safe_to_repeat(bundle({"method": "PATCH", "url": "Condition/1"}))
 
 
 # ---------------------------------------------------------------- error answers
+
 
 def test_401_is_an_auth_error(mock, client):
     mock.get(f"{BASE}/Patient/p1", status=401)
@@ -466,8 +577,10 @@ def test_401_is_an_auth_error(mock, client):
     with pytest.raises(AuthError) as caught:
         client.read("Patient", "p1")
     assert caught.value.status == 401
-    assert str(caught.value) == ("GET http://fhir.test:8080/fhir/Patient/p1 failed with 401 Unauthorized: "
-                                 "the access token is missing, expired, or lacks the needed scope.")
+    assert str(caught.value) == (
+        "GET http://fhir.test:8080/fhir/Patient/p1 failed with 401 Unauthorized: "
+        "the access token is missing, expired, or lacks the needed scope."
+    )
 
 
 def test_operation_outcome_diagnostics_make_the_message_and_are_kept(mock, client):
@@ -477,21 +590,28 @@ def test_operation_outcome_diagnostics_make_the_message_and_are_kept(mock, clien
     with pytest.raises(ServerError) as caught:
         client.read("Condition", "c1")
 
-    assert str(caught.value) == ("GET http://fhir.test:8080/fhir/Condition/c1 failed with 400 Bad Request: HAPI-0450: "
-                                 "Failed to parse request body as JSON resource. Error was: Unexpected character.")
+    assert str(caught.value) == (
+        "GET http://fhir.test:8080/fhir/Condition/c1 failed with 400 Bad Request: HAPI-0450: "
+        "Failed to parse request body as JSON resource. Error was: Unexpected character."
+    )
     assert caught.value.status == 400 and caught.value.outcome == oo
 
 
 def test_details_text_is_used_when_there_are_no_diagnostics():
-    oo = {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "information", "code": "informational", "diagnostics": "noise"},
-        {"severity": "error", "code": "invalid", "details": {"text": "Condition.subject is required"}},
-        {"severity": "error", "code": "invalid", "details": {"coding": [{"display": "Unknown code"}]}}]}
+    oo = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": "information", "code": "informational", "diagnostics": "noise"},
+            {"severity": "error", "code": "invalid", "details": {"text": "Condition.subject is required"}},
+            {"severity": "error", "code": "invalid", "details": {"coding": [{"display": "Unknown code"}]}},
+        ],
+    }
 
     error = error_for_status(422, oo, action="POST http://h/fhir")
 
-    assert str(error) == ("POST http://h/fhir failed with 422 Unprocessable Entity: "
-                          "Condition.subject is required; Unknown code.")
+    assert str(error) == (
+        "POST http://h/fhir failed with 422 Unprocessable Entity: Condition.subject is required; Unknown code."
+    )
 
 
 def test_410_is_not_found_and_a_plain_error_body_stays_out_of_the_message(mock, client):
@@ -509,11 +629,21 @@ def test_410_is_not_found_and_a_plain_error_body_stays_out_of_the_message(mock, 
 
 
 def test_412_is_multiple_matches(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "Condition", "ifNoneExist": "code=M62.561&subject=Patient/p1"},
-         "resource": condition("x")}]}
-    mock.post(BASE, status=412, json=outcome("HAPI-0958: Failed to CREATE resource with match URL because "
-                                             "this search matched 2 resources"))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "code=M62.561&subject=Patient/p1"},
+                "resource": condition("x"),
+            }
+        ],
+    }
+    mock.post(
+        BASE,
+        status=412,
+        json=outcome("HAPI-0958: Failed to CREATE resource with match URL because this search matched 2 resources"),
+    )
 
     with pytest.raises(MultipleMatches, match="this search matched 2 resources") as caught:
         client.transaction(bundle)
@@ -531,14 +661,18 @@ def test_a_redirect_is_not_followed(mock, client):
 
 # ---------------------------------------------------------------- secrets and patient data stay out
 
+
 def test_the_token_never_appears_in_messages_or_logs(mock, client, caplog):
     caplog.set_level(logging.DEBUG)
     mock.get(f"{BASE}/Patient/p1", status=401, json=outcome(f"Invalid token: Bearer {TOKEN}"))
     mock.get(f"{BASE}/Patient/p2", status=429, headers={"Retry-After": "1"})
     mock.get(f"{BASE}/Patient/p2", status=503)
     mock.get(f"{BASE}/Patient/p3", body=requests.exceptions.ReadTimeout(f"timed out, auth {TOKEN}"))
-    mock.get(f"{BASE}/Patient", json=searchset([patient("p9")]),
-             match=[matchers.query_param_matcher({"family": "Doe", "birthdate": "1960-02-01"})])
+    mock.get(
+        f"{BASE}/Patient",
+        json=searchset([patient("p9")]),
+        match=[matchers.query_param_matcher({"family": "Doe", "birthdate": "1960-02-01"})],
+    )
 
     messages = []
     for pid in ("p1", "p2", "p3"):
@@ -567,6 +701,7 @@ def test_logs_name_method_path_status_and_time(mock, client, caplog):
 
 
 # ---------------------------------------------------------------- the rest of the surface
+
 
 def test_validate_returns_the_operation_outcome_whether_it_passed_or_not(mock, client):
     passed = outcome("All OK", severity="information")
@@ -640,21 +775,28 @@ def test_an_oauth2_session_sends_its_own_bearer_token(mock):
     session = OAuth2Session(client_id="plugin", token={"access_token": TOKEN, "token_type": "Bearer"})
     mock.get(f"{BASE}/Patient/p1", status=403, json=outcome(f"token {TOKEN} lacks patient/Patient.r"))
 
-    with FhirClient(BASE, session=session) as client:
-        with pytest.raises(AuthError) as caught:
-            client.read("Patient", "p1")
+    with FhirClient(BASE, session=session) as client, pytest.raises(AuthError) as caught:
+        client.read("Patient", "p1")
     assert mock.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
     assert TOKEN not in str(caught.value)
 
 
 # ---------------------------------------------------------------- the per-type reader and per-resource writer
 
+
 def test_per_type_reader_reads_with_one_request_per_type(mock, client):
     mock.get(f"{BASE}/Patient/p1", json=patient())
-    for rtype, resource in (("Condition", condition("c1")), ("Observation", observation("o1")),
-                            ("Encounter", encounter("e1")), ("CarePlan", careplan("cp1"))):
-        mock.get(f"{BASE}/{rtype}", json=searchset([resource]),
-                 match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})])
+    for rtype, resource in (
+        ("Condition", condition("c1")),
+        ("Observation", observation("o1")),
+        ("Encounter", encounter("e1")),
+        ("CarePlan", careplan("cp1")),
+    ):
+        mock.get(
+            f"{BASE}/{rtype}",
+            json=searchset([resource]),
+            match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})],
+        )
 
     record = PerTypeReader(client).read("p1")
 
@@ -663,18 +805,34 @@ def test_per_type_reader_reads_with_one_request_per_type(mock, client):
 
 
 def test_per_resource_writer_writes_one_request_per_resource_and_resolves_urn_references(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
-         "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
-         "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}}},
-        {"fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000002",
-         "request": {"method": "POST", "url": "CarePlan"},
-         "resource": {"resourceType": "CarePlan", "status": "draft", "intent": "proposal",
-                      "subject": {"reference": "Patient/p1"},
-                      "addresses": [{"reference": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001"}]}}]}
-    mock.post(f"{BASE}/Condition", status=201, json=condition("c9"),
-              match=[matchers.header_matcher({"If-None-Exist": "identifier=urn:x|c",
-                                              "Prefer": "return=representation"})])
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
+                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
+                "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}},
+            },
+            {
+                "fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000002",
+                "request": {"method": "POST", "url": "CarePlan"},
+                "resource": {
+                    "resourceType": "CarePlan",
+                    "status": "draft",
+                    "intent": "proposal",
+                    "subject": {"reference": "Patient/p1"},
+                    "addresses": [{"reference": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001"}],
+                },
+            },
+        ],
+    }
+    mock.post(
+        f"{BASE}/Condition",
+        status=201,
+        json=condition("c9"),
+        match=[matchers.header_matcher({"If-None-Exist": "identifier=urn:x|c", "Prefer": "return=representation"})],
+    )
     mock.post(f"{BASE}/CarePlan", status=201, json=careplan("cp9"))
 
     result = PerResourceWriter(client).write(bundle)
@@ -685,9 +843,16 @@ def test_per_resource_writer_writes_one_request_per_resource_and_resolves_urn_re
 
 
 def test_per_resource_writer_refuses_a_forward_reference(client):
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "CarePlan"},
-         "resource": {"resourceType": "CarePlan", "addresses": [{"reference": "urn:uuid:later"}]}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "CarePlan"},
+                "resource": {"resourceType": "CarePlan", "addresses": [{"reference": "urn:uuid:later"}]},
+            }
+        ],
+    }
 
     with pytest.raises(UsageError, match="urn:uuid:later"):
         PerResourceWriter(client).write(bundle)
@@ -695,10 +860,17 @@ def test_per_resource_writer_refuses_a_forward_reference(client):
 
 
 def test_per_resource_writer_reports_a_matched_conditional_create_as_existing(mock, client):
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
-         "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
-         "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0c7e1f2a-0000-4000-8000-000000000001",
+                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|c"},
+                "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}},
+            }
+        ],
+    }
     mock.post(f"{BASE}/Condition", status=200, json=condition("c9"))
 
     result = PerResourceWriter(client).write(bundle)
@@ -707,17 +879,28 @@ def test_per_resource_writer_reports_a_matched_conditional_create_as_existing(mo
     assert not result.wrote_anything
 
 
-@pytest.mark.parametrize("interactions, reader, writer", [
-    (None, BatchReader, TransactionWriter),
-    (["batch", "transaction"], BatchReader, TransactionWriter),
-    (["transaction"], BatchReader, TransactionWriter),  # HAPI declares only transaction, and takes batches
-    (["batch"], BatchReader, PerResourceWriter),
-    ([], PerTypeReader, PerResourceWriter),
-])
+@pytest.mark.parametrize(
+    "interactions, reader, writer",
+    [
+        (None, BatchReader, TransactionWriter),
+        (["batch", "transaction"], BatchReader, TransactionWriter),
+        (["transaction"], BatchReader, TransactionWriter),  # HAPI declares only transaction, and takes batches
+        (["batch"], BatchReader, PerResourceWriter),
+        ([], PerTypeReader, PerResourceWriter),
+    ],
+)
 def test_strategies_follow_what_the_server_declares(client, interactions, reader, writer):
-    capabilities = None if interactions is None else {
-        "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
-        "rest": [{"mode": "server", "interaction": [{"code": code} for code in interactions]}]}
+    capabilities = (
+        None
+        if interactions is None
+        else {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "kind": "instance",
+            "fhirVersion": "4.0.1",
+            "rest": [{"mode": "server", "interaction": [{"code": code} for code in interactions]}],
+        }
+    )
 
     chosen = strategies_for(client, capabilities)
 
@@ -726,17 +909,34 @@ def test_strategies_follow_what_the_server_declares(client, interactions, reader
 
 def test_per_type_reader_asks_per_category_when_an_observation_search_needs_one(mock, client):
     mock.get(f"{BASE}/Patient/p1", json=patient())
-    for rtype, resource in (("Condition", condition("c1")), ("Encounter", encounter("e1")),
-                            ("CarePlan", careplan("cp1"))):
+    for rtype, resource in (
+        ("Condition", condition("c1")),
+        ("Encounter", encounter("e1")),
+        ("CarePlan", careplan("cp1")),
+    ):
         mock.get(f"{BASE}/{rtype}", json=searchset([resource]))
-    mock.get(f"{BASE}/Observation", status=400, json=outcome("category is required"),
-             match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})])
+    mock.get(
+        f"{BASE}/Observation",
+        status=400,
+        json=outcome("category is required"),
+        match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})],
+    )
     vital = {**observation("o1"), "id": "o-vital"}
     exam = {**observation("o1"), "id": "o-exam"}
     for category, found in (("vital-signs", [vital]), ("exam", [exam, vital])):
-        mock.get(f"{BASE}/Observation", json=searchset(found), match=[matchers.query_param_matcher(
-            {"patient": "p1", "_count": "500",
-             "category": f"http://terminology.hl7.org/CodeSystem/observation-category|{category}"})])
+        mock.get(
+            f"{BASE}/Observation",
+            json=searchset(found),
+            match=[
+                matchers.query_param_matcher(
+                    {
+                        "patient": "p1",
+                        "_count": "500",
+                        "category": f"http://terminology.hl7.org/CodeSystem/observation-category|{category}",
+                    }
+                )
+            ],
+        )
     mock.get(f"{BASE}/Observation", json=searchset([]))
 
     record = PerTypeReader(client).read("p1")
@@ -747,11 +947,24 @@ def test_per_type_reader_asks_per_category_when_an_observation_search_needs_one(
 def test_capabilities_read_from_a_statement_and_malformed_ones_read_as_undeclared():
     from fhir_plugin._capabilities import ServerCapabilities
 
-    statement = {"resourceType": "CapabilityStatement", "rest": [{"mode": "server", "interaction": [
-        {"code": "transaction"}], "resource": [
-        {"type": "Condition", "interaction": [{"code": "create"}, {"code": "search-type"}],
-         "conditionalCreate": True, "searchParam": [{"name": "patient"}, {"name": "identifier"}]},
-        {"type": "CarePlan", "interaction": [{"code": "read"}]}]}]}
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "rest": [
+            {
+                "mode": "server",
+                "interaction": [{"code": "transaction"}],
+                "resource": [
+                    {
+                        "type": "Condition",
+                        "interaction": [{"code": "create"}, {"code": "search-type"}],
+                        "conditionalCreate": True,
+                        "searchParam": [{"name": "patient"}, {"name": "identifier"}],
+                    },
+                    {"type": "CarePlan", "interaction": [{"code": "read"}]},
+                ],
+            }
+        ],
+    }
     caps = ServerCapabilities.from_statement(statement)
     assert caps.transaction and not caps.batch
     assert caps.can_create_conditionally("Condition") and not caps.can_create("CarePlan")

@@ -22,8 +22,16 @@ from sandbox.testing import load_fresh_case, sandbox_stack
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 WCAG22_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 FIRST_SCREEN = 900  # px: what a clinician sees without scrolling
@@ -49,16 +57,21 @@ def browser():
 def _fresh(fhir_base_url: str, key: str):
     case = next(c for c in generate_cases(dt.date.today()) if c.key == key)
     case = load_fresh_case(fhir_base_url, case)
-    encounters = sorted((r for r in case.resources if r["resourceType"] == "Encounter"),
-                        key=lambda r: r["period"]["start"])
+    encounters = sorted(
+        (r for r in case.resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"]
+    )
     return case.patient_id, encounters[-1]["id"]
 
 
 def _drafts_in_hapi(base: str, patient: str) -> dict[str, int]:
     counts = {}
     for rtype in ("Condition", "Goal", "CarePlan"):
-        bundle = requests.get(f"{base}/{rtype}", params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
-                              headers={"Cache-Control": "no-cache"}, timeout=30).json()
+        bundle = requests.get(
+            f"{base}/{rtype}",
+            params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
+            headers={"Cache-Control": "no-cache"},
+            timeout=30,
+        ).json()
         counts[rtype] = bundle.get("total", 0)
     return counts
 
@@ -84,11 +97,15 @@ def _serious(page) -> list[str]:
     from axe_playwright_python.sync_playwright import Axe
 
     results = Axe().run(page, options={"runOnly": {"type": "tag", "values": WCAG22_AA}, "resultTypes": ["violations"]})
-    return [f"{v['id']} ({v['impact']}): {len(v['nodes'])} nodes, e.g. {v['nodes'][0]['target']}"
-            for v in results.response["violations"] if v.get("impact") in ("serious", "critical")]
+    return [
+        f"{v['id']} ({v['impact']}): {len(v['nodes'])} nodes, e.g. {v['nodes'][0]['target']}"
+        for v in results.response["violations"]
+        if v.get("impact") in ("serious", "critical")
+    ]
 
 
 # ---------------------------------------------------------------- embedded: launch, review, confirm, write
+
 
 def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, browser):
     pid, encounter = _fresh(fhir_base_url, "missing-treatment-plan")
@@ -97,9 +114,14 @@ def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, br
         context = browser.new_context(viewport={"width": 1280, "height": FIRST_SCREEN})
         page = context.new_page()
         set_cookies: list[str] = []
-        page.on("response", lambda r: set_cookies.extend(
-            h["value"] for h in r.headers_array() if h["name"].lower() == "set-cookie"
-        ) if r.url.startswith(stack.app_url) else None)
+        page.on(
+            "response",
+            lambda r: (
+                set_cookies.extend(h["value"] for h in r.headers_array() if h["name"].lower() == "set-cookie")
+                if r.url.startswith(stack.app_url)
+                else None
+            ),
+        )
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
@@ -110,8 +132,9 @@ def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, br
 
         # the cookie the frame kept: the only kind a browser keeps for a cross-site frame
         ours = [c for c in set_cookies if c.startswith("fp_sid")]
-        assert ours and all("SameSite=None" in c and "Secure" in c and "Partitioned" in c and "HttpOnly" in c
-                            for c in ours)
+        assert ours and all(
+            "SameSite=None" in c and "Secure" in c and "Partitioned" in c and "HttpOnly" in c for c in ours
+        )
         # the write button is on the first screen, under the verdict
         assert _within_first_screen(frame.locator("#verdict")) and _within_first_screen(frame.locator("#write-button"))
         page.screenshot(path=str(SHOTS / "embedded-review.png"))
@@ -126,8 +149,9 @@ def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, br
         assert _drafts_in_hapi(fhir_base_url, pid) == {"Condition": 0, "Goal": 4, "CarePlan": 1}
         assert frame.locator("#created li").count() == 6
         created = frame.locator("#created a")  # each resource of the patient's is a link to the viewer
-        assert created.count() == 5 and all(created.nth(i).get_attribute("href").startswith("/resource/")
-                                            for i in range(created.count()))
+        assert created.count() == 5 and all(
+            created.nth(i).get_attribute("href").startswith("/resource/") for i in range(created.count())
+        )
 
         # back on the review: what was written, with links, and nothing to write again
         frame.click("text=Back to the review")
@@ -140,6 +164,7 @@ def test_launch_review_and_write_inside_a_cross_site_ehr_frame(fhir_base_url, br
 
 
 # ---------------------------------------------------------------- one session per launch
+
 
 def test_two_tabs_two_patients_each_writes_to_its_own(fhir_base_url, browser):
     a, enc_a = _fresh(fhir_base_url, "missing-treatment-plan")
@@ -185,8 +210,9 @@ STATES = [  # (screenshot name, case, read-only launch)
 
 
 @pytest.mark.parametrize("width", [1280, 390])
-def test_every_app_page_passes_wcag22_aa_and_the_first_screen_holds_the_verdict_and_action(fhir_base_url, browser,
-                                                                                          width):
+def test_every_app_page_passes_wcag22_aa_and_the_first_screen_holds_the_verdict_and_action(
+    fhir_base_url, browser, width
+):
     problems: list[str] = []
     for name, key, read_only in STATES:
         pid, encounter = _fresh(fhir_base_url, key)

@@ -54,8 +54,24 @@ def fresh_patient(fhir_base_url):
 
 
 def _propose(base, patient, ledger, capsys):
-    code = main(["propose", "--server", base, "--patient", patient, "--write", "--format", "json",
-                 "--today", TODAY.isoformat(), "--strategy", "ledger", "--ledger", str(ledger)])
+    code = main(
+        [
+            "propose",
+            "--server",
+            base,
+            "--patient",
+            patient,
+            "--write",
+            "--format",
+            "json",
+            "--today",
+            TODAY.isoformat(),
+            "--strategy",
+            "ledger",
+            "--ledger",
+            str(ledger),
+        ]
+    )
     return code, json.loads(capsys.readouterr().out)["written"]
 
 
@@ -77,20 +93,34 @@ def test_propose_write_with_the_ledger_twice_writes_one_set(fhir_base_url, fresh
 
 @pytest.mark.parametrize("kill_at", [2, 7])
 def test_a_sigkill_between_a_create_and_the_ledger_update_then_a_rerun_leaves_one_set(
-        fhir_base_url, fresh_patient, tmp_path, capsys, kill_at):
+    fhir_base_url, fresh_patient, tmp_path, capsys, kill_at
+):
     ledger = tmp_path / "ledger.sqlite"
     with FhirClient(fhir_base_url) as client:
         before = _counts(client, fresh_patient)
-        killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, fhir_base_url, fresh_patient, str(ledger),
-                                 str(kill_at), TODAY.isoformat()], capture_output=True, text=True, timeout=120)
-        assert killed.returncode == -9, killed.stderr                # really killed, mid-write
+        killed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _KILLED_WRITER,
+                fhir_base_url,
+                fresh_patient,
+                str(ledger),
+                str(kill_at),
+                TODAY.isoformat(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert killed.returncode == -9, killed.stderr  # really killed, mid-write
         last_created = killed.stdout.strip()
         partial = _added(client, fresh_patient, before)
-        assert sum(partial.values()) == kill_at                      # what reached HAPI before the kill
+        assert sum(partial.values()) == kill_at  # what reached HAPI before the kill
 
         code, rerun = _propose(fhir_base_url, fresh_patient, ledger, capsys)
 
         assert code == 0
-        assert _added(client, fresh_patient, before) == ONE_SET       # nothing doubled, nothing missing
+        assert _added(client, fresh_patient, before) == ONE_SET  # nothing doubled, nothing missing
     assert len(rerun["created"]) == 7 - kill_at
-    assert last_created in rerun["existing"]                          # found by its search, not made again
+    assert last_created in rerun["existing"]  # found by its search, not made again

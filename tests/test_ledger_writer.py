@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -35,7 +35,7 @@ from fhir_plugin._capabilities import ServerCapabilities
 from sandbox.testing import needing_drafts
 
 BASE = "http://ehr.test/fhir"
-NOW = datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 PROFILE = load_profile("M62.561")
 TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
 ALL_TYPES = ("Patient", "Observation", "Encounter", "DocumentReference", *TYPES)
@@ -56,12 +56,28 @@ def _statement(*, identifier_search: bool) -> ServerCapabilities:
     params = [{"name": "patient", "type": "reference"}]
     if identifier_search:
         params.append({"name": "identifier", "type": "token"})
-    return ServerCapabilities.from_statement({
-        "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
-        "rest": [{"mode": "server", "resource": [
-            {"type": t, "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
-             "searchParam": params + ([{"name": "target", "type": "reference"}] if t == "Provenance" else [])}
-            for t in TYPES]}]})
+    return ServerCapabilities.from_statement(
+        {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "kind": "instance",
+            "fhirVersion": "4.0.1",
+            "rest": [
+                {
+                    "mode": "server",
+                    "resource": [
+                        {
+                            "type": t,
+                            "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+                            "searchParam": params
+                            + ([{"name": "target", "type": "reference"}] if t == "Provenance" else []),
+                        }
+                        for t in TYPES
+                    ],
+                }
+            ],
+        }
+    )
 
 
 class FakeServer:
@@ -79,8 +95,22 @@ class FakeServer:
     def _create(self, request):
         self.seen.append(("POST", urlparse(request.url).path))
         if request.headers.get("If-None-Exist"):
-            return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "not-supported", "diagnostics": "If-None-Exist is not supported"}]})
+            return (
+                400,
+                {},
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [
+                            {
+                                "severity": "error",
+                                "code": "not-supported",
+                                "diagnostics": "If-None-Exist is not supported",
+                            }
+                        ],
+                    }
+                ),
+            )
         resource = json.loads(request.body)
         rtype = resource["resourceType"]
         resource["id"] = f"new-{rtype[:3].lower()}{sum(len(v) for v in self.store.values()) + 1}"
@@ -92,8 +122,16 @@ class FakeServer:
         _, rtype, rid = urlparse(request.url).path.rsplit("/", 2)
         found = self.store[rtype].get(rid)
         if found is None:
-            return 404, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "not-found", "diagnostics": "gone"}]})
+            return (
+                404,
+                {},
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "not-found", "diagnostics": "gone"}],
+                    }
+                ),
+            )
         return 200, {}, json.dumps(found)
 
     def _search(self, request):
@@ -109,8 +147,12 @@ class FakeServer:
             matches = [r for r in matches if {"system": system, "value": value} in r.get("identifier", [])]
         if "target" in query:
             matches = [r for r in matches if {"reference": query["target"]} in r.get("target", [])]
-        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
-                  "entry": [{"resource": r, "search": {"mode": "match"}} for r in matches]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(matches),
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in matches],
+        }
         return 200, {}, json.dumps(bundle)
 
     def load(self, resources: list[dict]) -> None:
@@ -146,8 +188,9 @@ def ledger(tmp_path):
 
 def _writer(ledger, *, identifier_search=True, after_create=None) -> tuple[FhirClient, LedgerWriter]:
     client = FhirClient(BASE, retries=0)
-    return client, LedgerWriter(client, ledger, capabilities=_statement(identifier_search=identifier_search),
-                                after_create=after_create)
+    return client, LedgerWriter(
+        client, ledger, capabilities=_statement(identifier_search=identifier_search), after_create=after_create
+    )
 
 
 @pytest.mark.parametrize("identifier_search", [True, False])
@@ -206,7 +249,7 @@ def test_a_crash_between_a_create_and_the_ledger_update_neither_loses_nor_double
     _, crashing = _writer(ledger, after_create=crash)
     with pytest.raises(Crash):
         crashing.write(drafts)
-    assert server.count()[made[-1].split("/")[0]] >= 1      # the create reached the server, the ledger missed it
+    assert server.count()[made[-1].split("/")[0]] >= 1  # the create reached the server, the ledger missed it
 
     rerun = _writer(ledger)[1].write(drafts)
 
@@ -242,10 +285,19 @@ def test_a_ledger_entry_pointing_at_another_patients_resource_is_refused(server,
 def test_auto_picks_the_ledger_writer_when_the_server_declares_no_conditional_create(tmp_path):
     client = FhirClient(BASE)
     plain = _statement(identifier_search=True)
-    conditional = ServerCapabilities.from_statement({
-        "resourceType": "CapabilityStatement",
-        "rest": [{"mode": "server", "resource": [
-            {"type": t, "interaction": [{"code": "create"}], "conditionalCreate": True} for t in TYPES]}]})
+    conditional = ServerCapabilities.from_statement(
+        {
+            "resourceType": "CapabilityStatement",
+            "rest": [
+                {
+                    "mode": "server",
+                    "resource": [
+                        {"type": t, "interaction": [{"code": "create"}], "conditionalCreate": True} for t in TYPES
+                    ],
+                }
+            ],
+        }
+    )
 
     assert type(strategies_for(client, plain, ledger=tmp_path / "l.sqlite").writer) is LedgerWriter
     assert type(strategies_for(client, conditional).writer) is PerResourceWriter
@@ -256,22 +308,54 @@ def test_auto_picks_the_ledger_writer_when_the_server_declares_no_conditional_cr
 
 @pytest.mark.detects_capabilities
 def test_propose_write_detects_the_server_and_writes_through_the_ledger_twice_without_doubling(
-        server, tmp_path, capsys):
+    server, tmp_path, capsys
+):
     from fhir_plugin._cli import main
 
     cases = [c for c in CASES if c.key in ("missing-onset", "complete")]
     for case in cases:
-        server.load(needing_drafts(case.resources))   # SPEC §7.1: records that still need every draft
+        server.load(needing_drafts(case.resources))  # SPEC §7.1: records that still need every draft
     statement = _statement(identifier_search=True)
-    body = {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
-            "rest": [{"mode": "server", "resource": [
-                {"type": t, "interaction": [{"code": c} for c in sorted(statement.of(t).interactions)],
-                 "searchParam": [{"name": n} for n in sorted(statement.of(t).search_params)]} for t in TYPES]
-                + [{"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}],
-                    "searchParam": [{"name": "patient"}]} for t in ("Patient", "Observation", "Encounter")]}]}
+    body = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "rest": [
+            {
+                "mode": "server",
+                "resource": [
+                    {
+                        "type": t,
+                        "interaction": [{"code": c} for c in sorted(statement.of(t).interactions)],
+                        "searchParam": [{"name": n} for n in sorted(statement.of(t).search_params)],
+                    }
+                    for t in TYPES
+                ]
+                + [
+                    {
+                        "type": t,
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "searchParam": [{"name": "patient"}],
+                    }
+                    for t in ("Patient", "Observation", "Encounter")
+                ],
+            }
+        ],
+    }
     metadata = server.mock.get(f"{BASE}/metadata", json=body)
-    args = ["propose", "--server", BASE, "--write", "--format", "json", "--today", TODAY.isoformat(),
-            "--ledger", str(tmp_path / "ledger.sqlite")]
+    args = [
+        "propose",
+        "--server",
+        BASE,
+        "--write",
+        "--format",
+        "json",
+        "--today",
+        TODAY.isoformat(),
+        "--ledger",
+        str(tmp_path / "ledger.sqlite"),
+    ]
     for case in cases:
         args += ["--patient", case.patient_id]
 
@@ -284,28 +368,46 @@ def test_propose_write_detects_the_server_and_writes_through_the_ledger_twice_wi
     assert [len(o["written"]["created"]) for o in first] == [7, 7]
     # SPEC §7.1: after a write the drafts are in the record, so the second run offers nothing to write
     assert [(o.get("written") or {}).get("created", []) for o in second] == [[], []]
-    assert metadata.call_count == 1       # once per server and process: not per patient, not per run
+    assert metadata.call_count == 1  # once per server and process: not per patient, not per run
     assert not any(path.endswith("/fhir") for method, path in server.seen if method == "POST")  # no Bundle
 
 
 def _epic_like_statement() -> ServerCapabilities:
     """Epic's facts (issue 12): no conditional create; Condition only as a problem-list item; a note, no plan."""
     read_only = [{"code": "read"}, {"code": "search-type"}]
-    return ServerCapabilities.from_statement({
-        "resourceType": "CapabilityStatement",
-        "rest": [{"mode": "server", "resource": [
-            {"type": "Condition", "interaction": [{"code": "create"}, *read_only],
-             "supportedProfile": ["http://hl7.org/fhir/us/core/StructureDefinition/"
-                                  "us-core-condition-problems-health-concerns"],
-             "searchParam": [{"name": "patient"}]},
-            {"type": "DocumentReference", "interaction": [{"code": "create"}, *read_only],
-             "searchParam": [{"name": "patient"}]},
-            *({"type": t, "interaction": read_only, "searchParam": [{"name": "patient"}]}
-              for t in ("CarePlan", "Goal", "Provenance"))]}]})
+    return ServerCapabilities.from_statement(
+        {
+            "resourceType": "CapabilityStatement",
+            "rest": [
+                {
+                    "mode": "server",
+                    "resource": [
+                        {
+                            "type": "Condition",
+                            "interaction": [{"code": "create"}, *read_only],
+                            "supportedProfile": [
+                                "http://hl7.org/fhir/us/core/StructureDefinition/"
+                                "us-core-condition-problems-health-concerns"
+                            ],
+                            "searchParam": [{"name": "patient"}],
+                        },
+                        {
+                            "type": "DocumentReference",
+                            "interaction": [{"code": "create"}, *read_only],
+                            "searchParam": [{"name": "patient"}],
+                        },
+                        *(
+                            {"type": t, "interaction": read_only, "searchParam": [{"name": "patient"}]}
+                            for t in ("CarePlan", "Goal", "Provenance")
+                        ),
+                    ],
+                }
+            ],
+        }
+    )
 
 
-def test_a_server_without_plan_creates_gets_the_plan_as_a_preliminary_note_and_the_result_says_so(
-        server, tmp_path):
+def test_a_server_without_plan_creates_gets_the_plan_as_a_preliminary_note_and_the_result_says_so(server, tmp_path):
     import base64
 
     from fhir_plugin import FoldingWriter
@@ -323,11 +425,12 @@ def test_a_server_without_plan_creates_gets_the_plan_as_a_preliminary_note_and_t
     assert condition["verificationStatus"]["coding"][0]["code"] == "provisional"
     [note] = server.store["DocumentReference"].values()
     assert note["docStatus"] == "preliminary" and note["context"]["encounter"] == [
-        {"reference": drafts["entry"][0]["resource"]["encounter"]["reference"]}]
+        {"reference": drafts["entry"][0]["resource"]["encounter"]["reference"]}
+    ]
     html, attached = (base64.b64decode(c["attachment"]["data"]).decode() for c in note["content"])
     assert "Phase 1: Acute management" in html and "Eccentric heel drops" in html
     plan = json.loads(attached)["entry"][0]["resource"]
-    assert plan["resourceType"] == "CarePlan" and len(json.loads(attached)["entry"]) == 5   # plan + 4 goals
+    assert plan["resourceType"] == "CarePlan" and len(json.loads(attached)["entry"]) == 5  # plan + 4 goals
     # the result names every draft's form and what could not be written
     forms = {d["draft"]: d["form"] for d in first.to_json()["forms"]}
     assert forms["CarePlan"].startswith("DocumentReference (preliminary") and "problem-list-item" in forms["Condition"]

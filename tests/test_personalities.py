@@ -6,14 +6,30 @@ from fhir_plugin._client import FhirClient
 from fhir_plugin._write import FoldingWriter
 from sandbox.ehr._personality import personality, refusal, rewrite_capabilities
 
-HAPI_LIKE = {"resourceType": "CapabilityStatement", "rest": [{"mode": "server", "interaction": [
-    {"code": "transaction"}, {"code": "batch"}], "resource": [
-    {"type": t, "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
-     "conditionalCreate": True, "searchParam": [{"name": "patient"}, {"name": "identifier"}]}
-    for t in ("Condition", "Goal", "CarePlan", "Provenance", "DocumentReference")]}]}
-CONDITION = {"resourceType": "Condition", "subject": {"reference": "Patient/p"},
-             "category": [{"coding": [{"code": "encounter-diagnosis"}]}],
-             "verificationStatus": {"coding": [{"code": "provisional"}]}}
+HAPI_LIKE = {
+    "resourceType": "CapabilityStatement",
+    "rest": [
+        {
+            "mode": "server",
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "resource": [
+                {
+                    "type": t,
+                    "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+                    "conditionalCreate": True,
+                    "searchParam": [{"name": "patient"}, {"name": "identifier"}],
+                }
+                for t in ("Condition", "Goal", "CarePlan", "Provenance", "DocumentReference")
+            ],
+        }
+    ],
+}
+CONDITION = {
+    "resourceType": "Condition",
+    "subject": {"reference": "Patient/p"},
+    "category": [{"coding": [{"code": "encounter-diagnosis"}]}],
+    "verificationStatus": {"coding": [{"code": "provisional"}]},
+}
 
 
 def test_epic_like_refuses_bundles_conditional_creates_plans_and_wrong_conditions():
@@ -42,8 +58,12 @@ def test_oracle_like_answers_a_batch_with_422_and_takes_provenance():
 
 def test_the_rewritten_statements_choose_each_writer(tmp_path):
     client = FhirClient("http://ehr.test/fhir")
-    chosen = {name: strategies_for(client, rewrite_capabilities(personality(name), HAPI_LIKE), ledger=tmp_path / "ledger.sqlite")
-              for name in ("hapi", "epic-like", "oracle-like")}
+    chosen = {
+        name: strategies_for(
+            client, rewrite_capabilities(personality(name), HAPI_LIKE), ledger=tmp_path / "ledger.sqlite"
+        )
+        for name in ("hapi", "epic-like", "oracle-like")
+    }
     assert type(chosen["hapi"].writer) is TransactionWriter
     for name in ("epic-like", "oracle-like"):
         writer = chosen[name].writer

@@ -30,8 +30,9 @@ def _drafts_in_hapi(base: str, patient: str) -> dict[str, list[dict]]:
     with FhirClient(base) as hapi:
         for rtype in ("Condition", "Goal", "CarePlan", "DocumentReference"):
             found[rtype] = hapi.search(rtype, {"patient": patient, "_tag": TAG})
-        found["Provenance"] = [p for c in found["Condition"]
-                               for p in hapi.search("Provenance", {"target": f"Condition/{c['id']}"})]
+        found["Provenance"] = [
+            p for c in found["Condition"] for p in hapi.search("Provenance", {"target": f"Condition/{c['id']}"})
+        ]
     return found
 
 
@@ -40,8 +41,9 @@ def test_launch_review_write_twice_on_each_personality(fhir_base_url, tmp_path, 
     today = dt.date.today()
     case = load_fresh_case(fhir_base_url, next(c for c in generate_cases(today) if c.key == "missing-onset"))
     pid = case.patient_id
-    encounter = sorted((r for r in case.resources if r["resourceType"] == "Encounter"),
-                       key=lambda r: r["period"]["start"])[-1]["id"]
+    encounter = sorted(
+        (r for r in case.resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"]
+    )[-1]["id"]
     with FhirClient(fhir_base_url) as hapi:
         expected = check(hapi.read_patient_record(pid), load_profile("M62.561"), today=today, encounter_id=encounter)
 
@@ -72,9 +74,9 @@ def test_launch_review_write_twice_on_each_personality(fhir_base_url, tmp_path, 
     forms = {f["draft"]: f["form"] for f in first["forms"]}
     if personality == "hapi":
         assert counts == {"Condition": 1, "Goal": 4, "CarePlan": 1, "DocumentReference": 0, "Provenance": 1}
-        assert ("POST", "/") in seen                                  # one transaction
+        assert ("POST", "/") in seen  # one transaction
     else:
-        assert ("POST", "/") not in seen, seen                        # no Bundle request reached the proxy
+        assert ("POST", "/") not in seen, seen  # no Bundle request reached the proxy
         assert counts["CarePlan"] == 0 and counts["Goal"] == 0 and counts["DocumentReference"] == 1
         [note] = written["DocumentReference"]
         assert note["docStatus"] == "preliminary"
@@ -107,7 +109,7 @@ def test_fewer_scopes_granted_than_asked_gives_a_working_read_only_review(fhir_b
     print(f"\n{personality}: granted {session['scopes']}")
     assert not session["write_allowed"] and session["missing_write_scopes"]
     if personality == "epic-like":
-        assert all(".read" in s or "/" not in s for s in session["scopes"])   # v1 spellings, no crash
+        assert all(".read" in s or "/" not in s for s in session["scopes"])  # v1 spellings, no crash
     assert {e["status"] for e in report["elements"]} and report["patient"].endswith(case.patient_id)
     assert refused.status_code == 403
     assert not any(method == "POST" for method, _ in seen)

@@ -32,8 +32,10 @@ def group(sandbox_hapi_url):
     write-back has patients to write.
     """
     tag = "bk" + uuid.uuid4().hex[:6]
-    cases = [dataclasses.replace(c, resources=needing_drafts(c.resources))
-             for c in (renamed_case(c, tag) for c in generate_cases(TODAY) if not c.encounter_id)]
+    cases = [
+        dataclasses.replace(c, resources=needing_drafts(c.resources))
+        for c in (renamed_case(c, tag) for c in generate_cases(TODAY) if not c.encounter_id)
+    ]
     load_into_server(sandbox_hapi_url, cases)
     group_id = f"fp-{tag}-group"
     body = {

@@ -69,6 +69,7 @@ def test_the_plot_is_plain_svg_that_the_csp_allows():
     assert "<script" not in svg and "style=" not in svg and "<style" not in svg  # no inline style or script
     assert svg_plot.__doc__  # single point series still draw (no division by zero)
     from smart_launch.views import Series
+
     assert "<circle" in svg_plot([Series("all", (("2026-01-01", 4.0, "4/5"),))], title="one point")
 
 

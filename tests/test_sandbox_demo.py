@@ -17,16 +17,34 @@ from sandbox.testing import free_port, treat_loopback_as_secure
 treat_loopback_as_secure()
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.server,
-              pytest.mark.skipif(bool(os.environ.get("FHIR_BASE_URL")), reason="needs the sandbox HAPI of this checkout")]
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(bool(os.environ.get("FHIR_BASE_URL")), reason="needs the sandbox HAPI of this checkout"),
+]
 
 
 def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url):
     hapi_port = urlsplit(fhir_base_url).port  # already running: the command reuses it and leaves it running
     ehr_port, app_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fhir_plugin._cli", "sandbox", "--hapi-port", str(hapi_port),
-                             "--ehr-port", str(ehr_port), "--app-port", str(app_port), "--auto-approve"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fhir_plugin._cli",
+            "sandbox",
+            "--hapi-port",
+            str(hapi_port),
+            "--ehr-port",
+            str(ehr_port),
+            "--app-port",
+            str(app_port),
+            "--auto-approve",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120
@@ -42,7 +60,7 @@ def test_sandbox_command_prints_a_launch_url_that_opens_the_review(fhir_base_url
         chart = requests.get(charts[0], timeout=60)
         src = re.search(r'<iframe class="app" src="([^"]+)"', chart.text).group(1).replace("&amp;", "&")
         assert src.startswith(f"http://127.0.0.1:{ehr_port}/ehr/launch?")  # a cross-site frame from localhost
-        page = requests.get(src, timeout=60)   # auto-approve: EHR -> app -> EHR authorize -> app callback
+        page = requests.get(src, timeout=60)  # auto-approve: EHR -> app -> EHR authorize -> app callback
         assert page.status_code == 200 and page.url.startswith(f"http://127.0.0.1:{app_port}/review?launch=")
         assert "Documentation review" in page.text and "fp-missing-treatment-plan" in page.text
         assert 'id="write-button"' in page.text

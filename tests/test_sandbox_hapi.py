@@ -14,7 +14,6 @@ import uuid
 
 import pytest
 import requests
-
 from conftest import run_sandbox_hapi, sandbox_hapi_port
 
 FHIR_JSON = "application/fhir+json"
@@ -34,9 +33,7 @@ def _condition(subject: str, encounter: str, identifier_value: str) -> dict:
         "resourceType": "Condition",
         "identifier": [{"system": CONDITION_ID_SYSTEM, "value": identifier_value}],
         "clinicalStatus": {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
-            ]
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
         },
         "verificationStatus": {
             "coding": [
@@ -79,9 +76,7 @@ def _id_from_location(location: str) -> str:
 
 
 def _conditions_of(base: str, patient_id: str) -> list[dict]:
-    r = requests.get(
-        f"{base}/Condition", params={"patient": patient_id}, headers=HEADERS, timeout=TIMEOUT
-    )
+    r = requests.get(f"{base}/Condition", params={"patient": patient_id}, headers=HEADERS, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     bundle = r.json()
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset"
@@ -92,9 +87,7 @@ def _conditions_of(base: str, patient_id: str) -> list[dict]:
 def test_transaction_search_and_conditional_create(fhir_base_url):
     base = fhir_base_url
     run_id = uuid.uuid4().hex
-    patient_urn, encounter_urn, condition_urn, observation_urn = (
-        f"urn:uuid:{uuid.uuid4()}" for _ in range(4)
-    )
+    patient_urn, encounter_urn, condition_urn, observation_urn = (f"urn:uuid:{uuid.uuid4()}" for _ in range(4))
     condition = _condition(patient_urn, encounter_urn, run_id)
     bundle = {
         "resourceType": "Bundle",
@@ -135,9 +128,7 @@ def test_transaction_search_and_conditional_create(fhir_base_url):
                 "resource": {
                     "resourceType": "Observation",
                     "status": "final",
-                    "code": {
-                        "coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]
-                    },
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
                     "subject": {"reference": patient_urn},
                     "encounter": {"reference": encounter_urn},
                     "effectiveDateTime": "2024-03-01T09:10:00Z",
@@ -197,9 +188,7 @@ def test_validate_a_valid_condition(fhir_base_url):
         "status": "generated",
         "div": '<div xmlns="http://www.w3.org/1999/xhtml">Muscle wasting and atrophy, right lower leg</div>',
     }
-    r = requests.post(
-        f"{fhir_base_url}/Condition/$validate", json=condition, headers=HEADERS, timeout=TIMEOUT
-    )
+    r = requests.post(f"{fhir_base_url}/Condition/$validate", json=condition, headers=HEADERS, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     outcome = r.json()
     assert outcome["resourceType"] == "OperationOutcome"

@@ -9,8 +9,8 @@ free ports.  Screenshots go to test-artifacts/ (gitignored).
 from __future__ import annotations
 
 import datetime as dt
-import re
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -25,12 +25,19 @@ from fhir_plugin import FhirClient, check, load_profile, review
 from fhir_plugin.synthetic import generate_cases
 from sandbox.testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
 
-
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 
 
@@ -50,16 +57,21 @@ def browser():
 
 def _statuses(page) -> dict[str, str]:
     rows = page.locator("tr.element")
-    return {rows.nth(i).get_attribute("data-element"): rows.nth(i).get_attribute("data-status")
-            for i in range(rows.count())}
+    return {
+        rows.nth(i).get_attribute("data-element"): rows.nth(i).get_attribute("data-status") for i in range(rows.count())
+    }
 
 
 def _drafts_in_hapi(base: str, patient: str) -> dict[str, int]:
     counts = {}
     for rtype in ("Condition", "Goal", "CarePlan"):
         # no-cache: HAPI reuses an identical search's results for a minute otherwise
-        bundle = requests.get(f"{base}/{rtype}", params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
-                              headers={"Cache-Control": "no-cache"}, timeout=30).json()
+        bundle = requests.get(
+            f"{base}/{rtype}",
+            params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
+            headers={"Cache-Control": "no-cache"},
+            timeout=30,
+        ).json()
         counts[rtype] = bundle.get("total", 0)
     return counts
 
@@ -72,16 +84,16 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
     case = next(c for c in generate_cases(today) if c.key == "missing-treatment-plan")
     case = load_fresh_case(fhir_base_url, case)
     pid, resources = case.patient_id, case.resources
-    encounters = sorted((r for r in resources if r["resourceType"] == "Encounter"),
-                        key=lambda r: r["period"]["start"])
+    encounters = sorted((r for r in resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"])
     encounter = encounters[-1]["id"]
     profile = load_profile("M62.561")
     with FhirClient(fhir_base_url) as hapi:
         record = hapi.read_patient_record(pid)
     expected = check(record, profile, today=today, encounter_id=encounter)
     # SPEC §7.1: the record's confirmed Condition is built on, so the drafts hold no Condition
-    entries = len(review(record, profile, today=today, now=dt.datetime.now(dt.timezone.utc),
-                         encounter_id=encounter).drafts["entry"])
+    entries = len(
+        review(record, profile, today=today, now=dt.datetime.now(dt.UTC), encounter_id=encounter).drafts["entry"]
+    )
     assert {e.id: e.status for e in expected.elements}["treatment-plan"] == "missing"
 
     with sandbox_stack(fhir_base_url) as stack:
@@ -104,8 +116,10 @@ def test_ehr_launch_review_write_and_second_launch_in_chromium(fhir_base_url, br
         assert page.locator("#code-fit .fit").inner_text() == expected.code_fit.status
         assert page.locator("li.phase").count() == 4
         flags = page.locator("tr.flag")
-        assert {flags.nth(i).get_attribute("data-flag"): flags.nth(i).get_attribute("data-status")
-                for i in range(flags.count())} == {f.id: f.status for f in expected.red_flags}
+        assert {
+            flags.nth(i).get_attribute("data-flag"): flags.nth(i).get_attribute("data-status")
+            for i in range(flags.count())
+        } == {f.id: f.status for f in expected.red_flags}
 
         # evidence links open our JSON viewer on the patient's own resource
         page.click("#group-met > summary")  # met elements are folded away under the gaps
@@ -187,15 +201,32 @@ def test_fhir_plugin_serve_with_two_workers_shares_sessions_and_logs_no_secret(f
     app_url = f"http://127.0.0.1:{port}"
     store = tmp_path / "sessions.sqlite"
     with running_ehr(fhir_base_url, auto_approve=True) as ehr:
-        ehr.clients.register(Client("fhir-plugin", redirect_uris=[f"{app_url}/callback"],
-                                    launch_url=f"{app_url}/launch", scope=list(APP_CLIENT_SCOPES)))
-        env = {**os.environ, "SMART_ALLOWED_ISSUERS": ehr.fhir_base_url, "SMART_REDIRECT_URI": f"{app_url}/callback",
-               "SMART_SESSION_STORE": str(store), "SMART_CLIENT_ID": "fhir-plugin", "SMART_LOG_LEVEL": "DEBUG"}
+        ehr.clients.register(
+            Client(
+                "fhir-plugin",
+                redirect_uris=[f"{app_url}/callback"],
+                launch_url=f"{app_url}/launch",
+                scope=list(APP_CLIENT_SCOPES),
+            )
+        )
+        env = {
+            **os.environ,
+            "SMART_ALLOWED_ISSUERS": ehr.fhir_base_url,
+            "SMART_REDIRECT_URI": f"{app_url}/callback",
+            "SMART_SESSION_STORE": str(store),
+            "SMART_CLIENT_ID": "fhir-plugin",
+            "SMART_LOG_LEVEL": "DEBUG",
+        }
         log_path = tmp_path / "serve.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "fhir_plugin._cli", "serve", "--port", str(port),
-                                     "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fhir_plugin._cli", "serve", "--port", str(port), "--workers", "2"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+            )
         try:
             deadline = time.monotonic() + 90
             while True:

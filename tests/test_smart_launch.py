@@ -14,16 +14,33 @@ import responses
 
 from fhir_plugin import LaunchError, UsageError
 from fhir_plugin.synthetic import generate_cases
-from smart_launch import (DiscoveryCache, MemoryStore, Settings, SmartConfig, SqliteStore, build_authorize_url,
-                          build_token_request, can_write_drafts, choose_scopes, create_app, discover,
-                          missing_write_scopes, parse_launch_context, send_token_request)
-from smart_launch._launch import SCOPES_V1, SCOPES_V2, config_from_capability_statement
 from sandbox.testing import FakeEhr, live_server
+from smart_launch import (
+    DiscoveryCache,
+    MemoryStore,
+    Settings,
+    SmartConfig,
+    SqliteStore,
+    build_authorize_url,
+    build_token_request,
+    can_write_drafts,
+    choose_scopes,
+    create_app,
+    discover,
+    missing_write_scopes,
+    parse_launch_context,
+    send_token_request,
+)
+from smart_launch._launch import SCOPES_V1, SCOPES_V2, config_from_capability_statement
 
 ISS = "http://ehr.test/fhir"
 TODAY = dt.date.today()
-CONFIG = {"authorization_endpoint": "http://ehr.test/authorize", "token_endpoint": "http://ehr.test/token",
-          "capabilities": ["launch-ehr", "permission-v2"], "code_challenge_methods_supported": ["S256"]}
+CONFIG = {
+    "authorization_endpoint": "http://ehr.test/authorize",
+    "token_endpoint": "http://ehr.test/token",
+    "capabilities": ["launch-ehr", "permission-v2"],
+    "code_challenge_methods_supported": ["S256"],
+}
 
 
 def _case(key: str):
@@ -31,6 +48,7 @@ def _case(key: str):
 
 
 # ---------------------------------------------------------------- discovery
+
 
 @responses.activate
 def test_discover_reads_the_well_known_document_and_caches_it():
@@ -46,11 +64,28 @@ def test_discover_reads_the_well_known_document_and_caches_it():
 @responses.activate
 def test_discover_falls_back_to_the_capability_statement():
     responses.get(f"{ISS}/.well-known/smart-configuration", status=404)
-    responses.get(f"{ISS}/metadata", json={
-        "resourceType": "CapabilityStatement", "rest": [{"mode": "server", "security": {"extension": [{
-            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-            "extension": [{"url": "authorize", "valueUri": "http://ehr.test/auth2"},
-                          {"url": "token", "valueUri": "http://ehr.test/token2"}]}]}}]})
+    responses.get(
+        f"{ISS}/metadata",
+        json={
+            "resourceType": "CapabilityStatement",
+            "rest": [
+                {
+                    "mode": "server",
+                    "security": {
+                        "extension": [
+                            {
+                                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                                "extension": [
+                                    {"url": "authorize", "valueUri": "http://ehr.test/auth2"},
+                                    {"url": "token", "valueUri": "http://ehr.test/token2"},
+                                ],
+                            }
+                        ]
+                    },
+                }
+            ],
+        },
+    )
     config = discover(ISS, requests.Session(), cache=None)
     assert (config.authorization_endpoint, config.token_endpoint) == ("http://ehr.test/auth2", "http://ehr.test/token2")
     assert config.source == "capability-statement"
@@ -58,13 +93,16 @@ def test_discover_falls_back_to_the_capability_statement():
     assert choose_scopes(config) == SCOPES_V1
 
 
-@pytest.mark.parametrize("body, words", [
-    ("not json at all", "not JSON"),
-    ([1, 2], "not a JSON object"),
-    ({"authorization_endpoint": "http://ehr.test/authorize"}, "token endpoint"),
-    ({**CONFIG, "token_endpoint": "/relative/token"}, "not an absolute"),
-    ({**CONFIG, "code_challenge_methods_supported": ["plain"]}, "S256"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("not json at all", "not JSON"),
+        ([1, 2], "not a JSON object"),
+        ({"authorization_endpoint": "http://ehr.test/authorize"}, "token endpoint"),
+        ({**CONFIG, "token_endpoint": "/relative/token"}, "not an absolute"),
+        ({**CONFIG, "code_challenge_methods_supported": ["plain"]}, "S256"),
+    ],
+)
 @responses.activate
 def test_a_malformed_smart_configuration_is_refused_clearly(body, words):
     if isinstance(body, str):
@@ -78,6 +116,7 @@ def test_a_malformed_smart_configuration_is_refused_clearly(body, words):
 def test_https_issuer_endpoints_must_be_https():
     with pytest.raises(LaunchError, match="plain http"):
         from smart_launch._launch import config_from_well_known
+
         config_from_well_known("https://ehr.test/fhir", CONFIG)
 
 
@@ -95,6 +134,7 @@ def test_discover_when_the_ehr_is_down():
 
 # ---------------------------------------------------------------- scopes
 
+
 def test_scopes_v2_by_default_and_v1_when_only_v1_is_advertised():
     v2 = SmartConfig(ISS, "http://a", "http://t", frozenset({"permission-v2", "permission-v1"}))
     v1 = SmartConfig(ISS, "http://a", "http://t", frozenset({"permission-v1"}))
@@ -107,15 +147,21 @@ def test_scopes_v2_by_default_and_v1_when_only_v1_is_advertised():
     assert choose_scopes(v2, override="launch/patient openid patient/*.rs").split()[0] == "launch"
 
 
-@pytest.mark.parametrize("scopes, allowed, missing", [
-    (SCOPES_V2, True, []),
-    (SCOPES_V1, True, []),
-    ("launch patient/*.cruds", True, []),
-    ("launch patient/*.read", False, ["Condition", "Goal", "CarePlan", "Provenance"]),
-    ("patient/Condition.rs patient/Condition.c patient/CarePlan.c patient/Goal.c", False, ["Provenance"]),
-    ("patient/Condition.c?category=problem-list-item patient/CarePlan.c patient/Goal.c patient/Provenance.c",
-     False, ["Condition"]),
-])
+@pytest.mark.parametrize(
+    "scopes, allowed, missing",
+    [
+        (SCOPES_V2, True, []),
+        (SCOPES_V1, True, []),
+        ("launch patient/*.cruds", True, []),
+        ("launch patient/*.read", False, ["Condition", "Goal", "CarePlan", "Provenance"]),
+        ("patient/Condition.rs patient/Condition.c patient/CarePlan.c patient/Goal.c", False, ["Provenance"]),
+        (
+            "patient/Condition.c?category=problem-list-item patient/CarePlan.c patient/Goal.c patient/Provenance.c",
+            False,
+            ["Condition"],
+        ),
+    ],
+)
 def test_write_permission_is_read_from_the_granted_scopes(scopes, allowed, missing):
     assert can_write_drafts(scopes.split()) is allowed
     assert missing_write_scopes(scopes.split()) == missing
@@ -123,12 +169,14 @@ def test_write_permission_is_read_from_the_granted_scopes(scopes, allowed, missi
 
 # ---------------------------------------------------------------- authorize and token
 
+
 def test_the_authorize_url_carries_pkce_s256_state_aud_and_launch():
     from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
     config = SmartConfig(ISS, "http://ehr.test/authorize?tenant=7", "http://ehr.test/token")
-    first = build_authorize_url(config, client_id="app", redirect_uri="http://app/callback", scope="launch openid",
-                                launch="L-123")
+    first = build_authorize_url(
+        config, client_id="app", redirect_uri="http://app/callback", scope="launch openid", launch="L-123"
+    )
     second = build_authorize_url(config, client_id="app", redirect_uri="http://app/callback", scope="launch openid")
     q = {k: v[0] for k, v in parse_qs(urlsplit(first.url).query).items()}
     assert q["response_type"] == "code" and q["client_id"] == "app" and q["tenant"] == "7"
@@ -143,24 +191,41 @@ def test_the_authorize_url_carries_pkce_s256_state_aud_and_launch():
 
 def test_the_token_request_is_built_without_sending_it_and_hides_its_secrets():
     config = SmartConfig(ISS, "http://ehr.test/authorize", "http://ehr.test/token")
-    req = build_token_request(config, code="CODE-1", redirect_uri="http://app/callback", code_verifier="V" * 50,
-                              client_id="app")
+    req = build_token_request(
+        config, code="CODE-1", redirect_uri="http://app/callback", code_verifier="V" * 50, client_id="app"
+    )
     assert req.url == "http://ehr.test/token"
-    assert req.data == {"grant_type": "authorization_code", "code": "CODE-1", "redirect_uri": "http://app/callback",
-                        "code_verifier": "V" * 50, "client_id": "app"}
+    assert req.data == {
+        "grant_type": "authorization_code",
+        "code": "CODE-1",
+        "redirect_uri": "http://app/callback",
+        "code_verifier": "V" * 50,
+        "client_id": "app",
+    }
     assert "CODE-1" not in repr(req) and "VVVV" not in repr(req)
 
 
 @responses.activate
 def test_send_token_request_success_and_refusals():
-    req = build_token_request(SmartConfig(ISS, "http://ehr.test/a", "http://ehr.test/token"), code="c",
-                              redirect_uri="http://app/cb", code_verifier="v" * 43, client_id="app")
-    responses.post("http://ehr.test/token", json={"access_token": "AT", "token_type": "bearer", "expires_in": 60,
-                                                  "patient": "p1", "scope": "launch"})
+    req = build_token_request(
+        SmartConfig(ISS, "http://ehr.test/a", "http://ehr.test/token"),
+        code="c",
+        redirect_uri="http://app/cb",
+        code_verifier="v" * 43,
+        client_id="app",
+    )
+    responses.post(
+        "http://ehr.test/token",
+        json={"access_token": "AT", "token_type": "bearer", "expires_in": 60, "patient": "p1", "scope": "launch"},
+    )
     token = send_token_request(req, requests.Session())
     assert token["access_token"] == "AT" and token["expires_at"] > 0
-    responses.replace(responses.POST, "http://ehr.test/token", status=400,
-                      json={"error": "invalid_grant", "error_description": "code c was used, AT"})
+    responses.replace(
+        responses.POST,
+        "http://ehr.test/token",
+        status=400,
+        json={"error": "invalid_grant", "error_description": "code c was used, AT"},
+    )
     with pytest.raises(LaunchError, match="invalid_grant") as info:
         send_token_request(req, requests.Session())
     assert "AT" not in str(info.value) and "was used" not in str(info.value)
@@ -173,8 +238,14 @@ def test_send_token_request_success_and_refusals():
 
 
 def test_the_launch_context_is_parsed():
-    ctx = parse_launch_context({"patient": "p-1", "need_patient_banner": True, "smart_style_url": "http://e/s.json",
-                                "fhirContext": [{"reference": "Encounter/e-9"}, {"reference": "Coverage/x"}, "junk"]})
+    ctx = parse_launch_context(
+        {
+            "patient": "p-1",
+            "need_patient_banner": True,
+            "smart_style_url": "http://e/s.json",
+            "fhirContext": [{"reference": "Encounter/e-9"}, {"reference": "Coverage/x"}, "junk"],
+        }
+    )
     assert (ctx.patient, ctx.encounter, ctx.need_patient_banner) == ("p-1", "e-9", True)
     assert ctx.smart_style_url == "http://e/s.json" and len(ctx.fhir_context) == 2
     assert parse_launch_context({"patient": "Patient/p-2", "encounter": "e-1"}).patient == "p-2"
@@ -185,14 +256,21 @@ def test_the_launch_context_is_parsed():
 
 # ---------------------------------------------------------------- settings and the store
 
+
 def test_settings_allow_list_is_exact_after_normalising():
     s = Settings(allowed_issuers=("HTTP://EHR.test/fhir/",), session_store="memory")
     assert s.allows("http://ehr.test/fhir") and s.allows("http://ehr.test/fhir/")
-    assert not s.allows("http://ehr.test/fhir2") and not s.allows("http://ehr.test") \
-        and not s.allows("http://ehr.test.evil/fhir") and not s.allows("javascript:alert(1)")
+    assert (
+        not s.allows("http://ehr.test/fhir2")
+        and not s.allows("http://ehr.test")
+        and not s.allows("http://ehr.test.evil/fhir")
+        and not s.allows("javascript:alert(1)")
+    )
     assert s.frame_ancestors() == ("http://ehr.test",)
-    assert Settings.from_env({"SMART_ALLOWED_ISSUERS": "http://a/fhir, http://b/fhir"}).issuers == \
-        {"http://a/fhir", "http://b/fhir"}
+    assert Settings.from_env({"SMART_ALLOWED_ISSUERS": "http://a/fhir, http://b/fhir"}).issuers == {
+        "http://a/fhir",
+        "http://b/fhir",
+    }
     with pytest.raises(UsageError):
         Settings(allowed_issuers=("ftp://x",))
 
@@ -200,8 +278,9 @@ def test_settings_allow_list_is_exact_after_normalising():
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_the_store_gets_sets_unsets_and_expires(kind, tmp_path):
     now = [1000.0]
-    store = MemoryStore(clock=lambda: now[0]) if kind == "memory" else SqliteStore(tmp_path / "s.db",
-                                                                                    clock=lambda: now[0])
+    store = (
+        MemoryStore(clock=lambda: now[0]) if kind == "memory" else SqliteStore(tmp_path / "s.db", clock=lambda: now[0])
+    )
     store.set("a", {"x": 1}, ttl=10)
     assert store.get("a") == {"x": 1} and store.get("b") is None
     assert store.unset("a") is True and store.unset("a") is False and store.get("a") is None
@@ -220,12 +299,14 @@ def test_sqlite_store_is_shared_between_instances_like_workers(tmp_path):
 
 # ---------------------------------------------------------------- the app against a mocked EHR
 
+
 @pytest.fixture
 def mocked():
     """The app on a free port; a mocked EHR behind ``responses`` (the app itself passes through)."""
     case = _case("missing-treatment-plan")
-    settings = Settings(allowed_issuers=(ISS,), session_store="memory", client_id="app",
-                        redirect_uri="http://127.0.0.1:1/callback")
+    settings = Settings(
+        allowed_issuers=(ISS,), session_store="memory", client_id="app", redirect_uri="http://127.0.0.1:1/callback"
+    )
     store = MemoryStore()
     app = create_app(settings, store=store)
     with live_server(app) as server, responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
@@ -251,7 +332,9 @@ def test_launch_exchange_and_review_with_the_mocked_ehr(mocked):
     assert started.status_code == 302 and started.headers["Location"].startswith("http://ehr.test/authorize?")
     back = ehr.authorize(started.headers["Location"], patient=case.patient_id)
     done = browser.get(_back_to_app(base, back), allow_redirects=False)
-    assert done.status_code == 303 and done.headers["Location"].startswith("/review?launch=")  # one session per launch (issue 13)
+    assert done.status_code == 303 and done.headers["Location"].startswith(
+        "/review?launch="
+    )  # one session per launch (issue 13)
     page = browser.get(base + "/review")
     assert page.status_code == 200 and "Documentation review" in page.text
     assert 'id="patient-banner"' in page.text
@@ -341,9 +424,15 @@ def test_openapi_document_lists_the_api(mocked):
 def test_the_ehr_style_is_applied_with_safe_values_only(mocked):
     base, case = mocked["server"].url, mocked["case"]
     ehr = FakeEhr(mocked["rsps"], case.resources)
-    mocked["rsps"].get("http://ehr.test/style.json", json={
-        "color_background": "#f6f8fa", "color_highlight": "#0969da",
-        "color_text": "red; } body { display: none", "font_family": "Inter, sans-serif"})
+    mocked["rsps"].get(
+        "http://ehr.test/style.json",
+        json={
+            "color_background": "#f6f8fa",
+            "color_highlight": "#0969da",
+            "color_text": "red; } body { display: none",
+            "font_family": "Inter, sans-serif",
+        },
+    )
     browser = requests.Session()
     browser.get(_back_to_app(base, ehr.authorize(_start(base, browser).headers["Location"], patient=case.patient_id)))
     assert '<link rel="stylesheet" href="/style.css">' in browser.get(base + "/review").text
@@ -369,8 +458,9 @@ def test_a_present_red_flag_shows_the_referral_banner_and_the_referral_activity(
     case = _case("flag-fever")
     # SPEC §7.1: the case's own active CarePlan would mean no plan is drafted; without it the draft leads
     # with the referral
-    ehr = FakeEhr(mocked["rsps"], [r for r in case.resources if r["resourceType"] != "CarePlan"],
-                  need_patient_banner=False)
+    ehr = FakeEhr(
+        mocked["rsps"], [r for r in case.resources if r["resourceType"] != "CarePlan"], need_patient_banner=False
+    )
     browser = requests.Session()
     browser.get(_back_to_app(base, ehr.authorize(_start(base, browser).headers["Location"], patient=case.patient_id)))
     page = browser.get(base + "/review").text

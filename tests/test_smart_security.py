@@ -16,8 +16,8 @@ import requests
 import responses
 
 from fhir_plugin.synthetic import generate_cases
-from smart_launch import COOKIE, MemoryStore, Settings, create_app
 from sandbox.testing import FakeEhr, ManualClock, live_server
+from smart_launch import COOKIE, MemoryStore, Settings, create_app
 
 ISS = "http://ehr.test/fhir"
 TODAY = dt.date.today()
@@ -42,12 +42,21 @@ class Recorder(requests.Session):
 
 @contextlib.contextmanager
 def _environment(**extra):
-    settings = Settings(**{"allowed_issuers": (ISS,), "session_store": "memory", "client_id": "app",
-                           "redirect_uri": "http://127.0.0.1:1/callback", **extra})
+    settings = Settings(
+        **{
+            "allowed_issuers": (ISS,),
+            "session_store": "memory",
+            "client_id": "app",
+            "redirect_uri": "http://127.0.0.1:1/callback",
+            **extra,
+        }
+    )
     store = MemoryStore()
     clock = ManualClock()  # the app's and the fake EHR's time: a test moves it forward to expire tokens
-    with live_server(create_app(settings, store=store, clock=clock)) as server, \
-            responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with (
+        live_server(create_app(settings, store=store, clock=clock)) as server,
+        responses.RequestsMock(assert_all_requests_are_fired=False) as rsps,
+    ):
         rsps.add_passthru(server.url)
         yield {"base": server.url, "rsps": rsps, "store": store, "settings": settings, "clock": clock}
 
@@ -80,8 +89,18 @@ def _sign_in(env, ehr, browser, case) -> requests.Response:
 
 # ---------------------------------------------------------------- issuer allow-list
 
-@pytest.mark.parametrize("iss", ["http://evil.test/fhir", "http://ehr.test/fhir/../evil", "http://ehr.test/fhirX",
-                                 "http://ehr.test.evil.test/fhir", "", "javascript:alert(1)"])
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "http://evil.test/fhir",
+        "http://ehr.test/fhir/../evil",
+        "http://ehr.test/fhirX",
+        "http://ehr.test.evil.test/fhir",
+        "",
+        "javascript:alert(1)",
+    ],
+)
 def test_an_unknown_iss_is_refused_before_any_outbound_request_or_redirect(env, iss):
     browser = requests.Session()
     page = browser.get(f"{env['base']}/launch", params={"iss": iss, "launch": "x"}, allow_redirects=False)
@@ -92,6 +111,7 @@ def test_an_unknown_iss_is_refused_before_any_outbound_request_or_redirect(env, 
 
 
 # ---------------------------------------------------------------- state
+
 
 def test_missing_or_wrong_state_is_refused(env):
     case = _case("complete")
@@ -168,13 +188,21 @@ def test_a_replayed_callback_is_refused_and_the_ehr_refuses_the_code_again(env):
     assert again.status_code == 400 and ("already used" in again.text or "does not belong" in again.text)
     assert len(ehr.token_requests) == 1  # the app did not even try the code twice
     code = parse_qs(urlsplit(back).query)["code"][0]
-    reuse = requests.post("http://ehr.test/token", data={
-        "grant_type": "authorization_code", "code": code, "code_verifier": pending["code_verifier"],
-        "redirect_uri": env["settings"].redirect_uri, "client_id": "app"})
+    reuse = requests.post(
+        "http://ehr.test/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": pending["code_verifier"],
+            "redirect_uri": env["settings"].redirect_uri,
+            "client_id": "app",
+        },
+    )
     assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
 
 
 # ---------------------------------------------------------------- session bound to its launch
+
 
 def test_a_session_from_launch_a_cannot_see_patient_b(env):
     a, b = _case("complete"), _case("missing-severity")
@@ -191,8 +219,10 @@ def test_a_session_from_launch_a_cannot_see_patient_b(env):
     own_obs = next(r for r in a.resources if r["resourceType"] == "Observation")
     assert browser_a.get(f"{env['base']}/resource/Observation/{own_obs['id']}").status_code == 200
     # query parameters naming another patient change nothing
-    assert browser_a.get(env["base"] + "/api/report", params={"patient": b.patient_id}).json()["patient"] == \
-        f"Patient/{a.patient_id}"
+    assert (
+        browser_a.get(env["base"] + "/api/report", params={"patient": b.patient_id}).json()["patient"]
+        == f"Patient/{a.patient_id}"
+    )
     # B's callback delivered to A's browser is refused (the state belongs to B's session)
     back = ehr.authorize(_start(env, browser_b, b), patient=b.patient_id)
     assert browser_a.get(_callback(env, back)).status_code == 400
@@ -203,11 +233,13 @@ def test_no_cookie_or_a_forged_cookie_sees_nothing(env):
     for cookies in ({}, {COOKIE: "forged-session-id"}):
         for path in ("/review", "/api/report", "/api/drafts", "/resource/Patient/fp-complete"):
             assert requests.get(env["base"] + path, cookies=cookies).status_code == 401
-        assert requests.post(env["base"] + "/api/write", cookies=cookies,
-                             headers={"X-CSRF-Token": "x"}).status_code == 401
+        assert (
+            requests.post(env["base"] + "/api/write", cookies=cookies, headers={"X-CSRF-Token": "x"}).status_code == 401
+        )
 
 
 # ---------------------------------------------------------------- writing
+
 
 def test_write_without_write_scopes_is_403_and_nothing_is_written(env):
     case = _case("missing-treatment-plan")
@@ -254,6 +286,7 @@ def test_write_asks_for_confirmation_then_writes_once(env):
 
 # ---------------------------------------------------------------- secrets never leave the server
 
+
 def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
     caplog.set_level(logging.DEBUG)
     case = _case("missing-treatment-plan")
@@ -283,8 +316,11 @@ def test_no_response_header_body_or_log_line_carries_a_token(env, caplog):
                 continue  # the EHR put the code in the redirect URL itself (single-use, already spent)
             assert secret not in blob, f"a secret leaked into {response.url}"
     # the server side's loggers (the test browser's own urllib3 debug lines show URLs it was sent to)
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in
-                        ("smart_launch", "fhir_plugin", "uvicorn", "authlib", "fastapi", "starlette"))
+    logged = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.split(".")[0] in ("smart_launch", "fhir_plugin", "uvicorn", "authlib", "fastapi", "starlette")
+    )
     assert "callback: signed in" in logged
     for secret in secrets + [browser.cookies[COOKIE]]:
         assert secret not in logged
@@ -317,6 +353,7 @@ def test_an_expired_token_that_cannot_be_refreshed_asks_for_a_new_launch(env):
 
 # ---------------------------------------------------------------- headers and cookies
 
+
 def test_security_headers_on_every_page_and_the_cookie_flags(env):
     case = _case("complete")
     ehr = FakeEhr(env["rsps"], case.resources)
@@ -341,8 +378,9 @@ def test_security_headers_on_every_page_and_the_cookie_flags(env):
 
 
 def test_the_cookie_is_secure_when_the_app_is_served_over_https():
-    with _environment(redirect_uri="https://app.example.org/callback",
-                      allowed_frame_ancestors=("https://ehr.example.org",)) as env:
+    with _environment(
+        redirect_uri="https://app.example.org/callback", allowed_frame_ancestors=("https://ehr.example.org",)
+    ) as env:
         FakeEhr(env["rsps"], _case("complete").resources)
         started = requests.get(f"{env['base']}/launch", params={"iss": ISS, "launch": "L"}, allow_redirects=False)
         assert "Secure" in started.headers["set-cookie"]
@@ -350,6 +388,7 @@ def test_the_cookie_is_secure_when_the_app_is_served_over_https():
 
 
 # ---------------------------------------------------------------- the same against the real sandbox EHR + HAPI
+
 
 @pytest.fixture(scope="module")
 def sandbox_patients(fhir_base_url):
@@ -366,9 +405,16 @@ def sandbox_patients(fhir_base_url):
 def _hapi_drafts(base: str, patient: str) -> int:
     total = 0
     for rtype in ("Condition", "CarePlan", "Goal"):
-        total += requests.get(f"{base}/{rtype}", params={"patient": patient, "_summary": "count",
-                                                         "_tag": "urn:fhir-plugin:tag|machine-drafted"},
-                              headers={"Cache-Control": "no-cache"}, timeout=30).json().get("total", 0)
+        total += (
+            requests.get(
+                f"{base}/{rtype}",
+                params={"patient": patient, "_summary": "count", "_tag": "urn:fhir-plugin:tag|machine-drafted"},
+                headers={"Cache-Control": "no-cache"},
+                timeout=30,
+            )
+            .json()
+            .get("total", 0)
+        )
     return total
 
 
@@ -398,9 +444,16 @@ def test_sandbox_replayed_code_is_refused_by_the_app_and_by_the_ehr(fhir_base_ur
         again = browser.get(callback, allow_redirects=False)
         assert again.status_code == 400 and ("already used" in again.text or "does not belong" in again.text)
         code = parse_qs(urlsplit(callback).query)["code"][0]
-        reuse = requests.post(stack.ehr.base_url + "/token", data={
-            "grant_type": "authorization_code", "code": code, "code_verifier": pending["code_verifier"],
-            "redirect_uri": f"{stack.app_url}/callback", "client_id": stack.client_id})
+        reuse = requests.post(
+            stack.ehr.base_url + "/token",
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "code_verifier": pending["code_verifier"],
+                "redirect_uri": f"{stack.app_url}/callback",
+                "client_id": stack.client_id,
+            },
+        )
         assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
 
 
@@ -437,10 +490,11 @@ def test_sandbox_write_without_write_scopes_is_403_and_hapi_holds_nothing(fhir_b
         assert 'id="write-button"' not in page.text
         session = browser.get(stack.app_url + "/api/session").json()
         assert session["write_allowed"] is False and not any(s.endswith(".c") for s in session["scopes"])
-        assert browser.post(stack.app_url + "/write", data={"csrf": session["csrf"], "confirmed": "yes"}
-                            ).status_code == 403
-        assert browser.post(stack.app_url + "/api/write", headers={"X-CSRF-Token": session["csrf"]}
-                            ).status_code == 403
+        assert (
+            browser.post(stack.app_url + "/write", data={"csrf": session["csrf"], "confirmed": "yes"}).status_code
+            == 403
+        )
+        assert browser.post(stack.app_url + "/api/write", headers={"X-CSRF-Token": session["csrf"]}).status_code == 403
     assert _hapi_drafts(fhir_base_url, pid) == 0
 
 
@@ -463,6 +517,10 @@ def test_sandbox_short_lived_token_is_refreshed_and_no_secret_reaches_the_browse
         assert browser.get(stack.app_url + "/review").status_code == 200
         for response in browser.seen:
             blob = response.text + str(dict(response.headers)) + response.url
-            for secret in (first["access_token"], first["refresh_token"], second["access_token"],
-                           second["refresh_token"]):
+            for secret in (
+                first["access_token"],
+                first["refresh_token"],
+                second["access_token"],
+                second["refresh_token"],
+            ):
                 assert secret not in blob, f"a token reached the browser in {response.url}"

@@ -8,8 +8,8 @@ real HAPI, with a SIGKILL and a fault-injecting proxy, is tests/test_sync_server
 
 from __future__ import annotations
 
-import datetime as dt
 import dataclasses
+import datetime as dt
 import io
 import json
 import logging
@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import responses
 
-from sandbox.testing import needing_drafts
 from fhir_plugin import synthetic
 from fhir_plugin._checkpoint import Checkpoint, StateLocked
 from fhir_plugin._cli import main
@@ -29,8 +28,18 @@ from fhir_plugin._client import FhirClient
 from fhir_plugin._errors import AuthError, InputError, NotFound, TransportError, UsageError
 from fhir_plugin._profile import load_profile
 from fhir_plugin._record import records_from_bundle
-from fhir_plugin._sync import (Selection, SyncOptions, changed_patients, default_scope, format_instant,
-                               group_members, parse_instant, patient_line, run_sync)
+from fhir_plugin._sync import (
+    Selection,
+    SyncOptions,
+    changed_patients,
+    default_scope,
+    format_instant,
+    group_members,
+    parse_instant,
+    patient_line,
+    run_sync,
+)
+from sandbox.testing import needing_drafts
 
 AS_OF = dt.date(2026, 11, 26)
 BASE = "http://fhir.test/fhir"
@@ -40,8 +49,7 @@ BASE = "http://fhir.test/fhir"
 def cases():
     # SPEC §7.1: a plan or a diagnosis already in the chart is not drafted again, so the job's write paths
     # are tested on records that still need all 7 drafts (no plan; the chart's Condition less specific)
-    return [dataclasses.replace(c, resources=needing_drafts(c.resources))
-            for c in synthetic.generate_cases(AS_OF)]
+    return [dataclasses.replace(c, resources=needing_drafts(c.resources)) for c in synthetic.generate_cases(AS_OF)]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +68,11 @@ class FakeServer:
 
     def __init__(self, cases) -> None:
         self.records = {c.patient_id: records_from_bundle(c.resources)[0] for c in cases}
-        self.stored: dict[str, str] = {}      # ifNoneExist -> "Type/id"
-        self.creates: list[str] = []          # every create carried out, in order
+        self.stored: dict[str, str] = {}  # ifNoneExist -> "Type/id"
+        self.creates: list[str] = []  # every create carried out, in order
         self.transactions = 0
-        self.fail: dict[str, BaseException] = {}      # patient id -> raised on reading the record
-        self.crash_after_commit: int | None = None    # commit the Nth transaction, then "die"
+        self.fail: dict[str, BaseException] = {}  # patient id -> raised on reading the record
+        self.crash_after_commit: int | None = None  # commit the Nth transaction, then "die"
         self.lock = threading.Lock()
 
     # the job reads records and writes transactions; selection modes other than --patient use request()
@@ -97,14 +105,19 @@ def _run(server, state, *, patients=None, write=True, concurrency=3, fresh=False
     out = io.StringIO()
     ids = tuple(patients if patients is not None else server.records)
     with Checkpoint(state) as checkpoint:
-        result = run_sync(server, checkpoint, SyncOptions(Selection(patients=ids), write, concurrency, AS_OF, fresh,
-                                                          max_transport_errors),
-                          profile=load_profile("M62.561"), out=out)
+        result = run_sync(
+            server,
+            checkpoint,
+            SyncOptions(Selection(patients=ids), write, concurrency, AS_OF, fresh, max_transport_errors),
+            profile=load_profile("M62.561"),
+            out=out,
+        )
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     return result, lines[:-1], lines[-1]["summary"]
 
 
 # ---------------------------------------------------------------- pure parts
+
 
 def test_selection_modes_and_their_signatures():
     assert Selection().mode == "changed"
@@ -123,8 +136,14 @@ def test_report_line_carries_ids_and_statuses_only(cases, profile):
     case = next(c for c in synthetic.generate_cases(AS_OF) if c.key == "missing-onset")  # with its own plan
     report = check(records_from_bundle(case.resources)[0], profile, today=AS_OF)
     line = patient_line(case.patient_id, status="gaps", report=report, written={"created": ["Condition/1"]})
-    assert line == {"patient": "Patient/fp-missing-onset", "status": "gaps", "gaps": ["onset", "red-flag-screen"],
-                    "code_fit": "fits", "written": {"created": ["Condition/1"], "existing": []}, "error": None}
+    assert line == {
+        "patient": "Patient/fp-missing-onset",
+        "status": "gaps",
+        "gaps": ["onset", "red-flag-screen"],
+        "code_fit": "fits",
+        "written": {"created": ["Condition/1"], "existing": []},
+        "error": None,
+    }
     text = json.dumps(line)
     patient = next(r for r in case.resources if r["resourceType"] == "Patient")
     assert patient["name"][0]["family"] not in text and patient["birthDate"] not in text
@@ -141,15 +160,25 @@ def test_default_scopes_are_least_privilege():
     read = default_scope(Selection(), write=False)
     assert "system/Condition.rs" in read and ".c" not in read and "Group" not in read
     write = default_scope(Selection(group="g"), write=True)
-    assert {"system/Condition.crs", "system/CarePlan.crs", "system/Goal.cs", "system/Provenance.cs",
-            "system/Group.r", "system/Observation.rs"} <= set(write.split())
+    assert {
+        "system/Condition.crs",
+        "system/CarePlan.crs",
+        "system/Goal.cs",
+        "system/Provenance.cs",
+        "system/Group.r",
+        "system/Observation.rs",
+    } <= set(write.split())
 
 
 # ---------------------------------------------------------------- which patients, over HTTP (mocked)
 
+
 def _page(resources, *, next_url=None, stamp=None):
-    bundle = {"resourceType": "Bundle", "type": "searchset",
-              "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
     if stamp:
         bundle["meta"] = {"lastUpdated": stamp}
     if next_url:
@@ -162,12 +191,19 @@ def test_changed_patients_follows_pages_skips_drafts_and_takes_the_servers_time(
     def subj(rtype, pid):
         return {"resourceType": rtype, "subject": {"reference": f"Patient/{pid}"}}
 
-    responses.get(f"{BASE}/Condition", json=_page([subj("Condition", "a"), subj("Condition", "b")],
-                                                  next_url=f"{BASE}?_getpages=x1", stamp="2026-11-26T10:00:05Z"))
+    responses.get(
+        f"{BASE}/Condition",
+        json=_page(
+            [subj("Condition", "a"), subj("Condition", "b")],
+            next_url=f"{BASE}?_getpages=x1",
+            stamp="2026-11-26T10:00:05Z",
+        ),
+    )
     responses.get(f"{BASE}?_getpages=x1", json=_page([subj("Condition", "c"), subj("Condition", "a")]))
     not_a_patient = {"resourceType": "Observation", "subject": {"reference": "Group/1"}}
-    responses.get(f"{BASE}/Observation", json=_page([subj("Observation", "d"), not_a_patient],
-                                                    stamp="2026-11-26T10:00:04.5Z"))
+    responses.get(
+        f"{BASE}/Observation", json=_page([subj("Observation", "d"), not_a_patient], stamp="2026-11-26T10:00:04.5Z")
+    )
     responses.get(f"{BASE}/Encounter", json=_page([], stamp="2026-11-26T10:00:06Z"))
     responses.get(f"{BASE}/CarePlan", json=_page([subj("CarePlan", "b")], stamp="2026-11-26T10:00:06Z"))
     ids, server_time = changed_patients(FhirClient(BASE), parse_instant("2026-11-25T00:00:00Z"))
@@ -181,23 +217,34 @@ def test_changed_patients_follows_pages_skips_drafts_and_takes_the_servers_time(
 
 @responses.activate
 def test_group_members_are_active_patients_only():
-    responses.get(f"{BASE}/Group/g1", json={"resourceType": "Group", "id": "g1", "type": "person", "actual": True,
-                                           "member": [{"entity": {"reference": "Patient/a"}},
-                                                      {"entity": {"reference": "Patient/b"}, "inactive": True},
-                                                      {"entity": {"reference": "Practitioner/x"}},
-                                                      {"entity": {"reference": "Patient/a"}},
-                                                      {"entity": {"reference": "Patient/c"}}]})
+    responses.get(
+        f"{BASE}/Group/g1",
+        json={
+            "resourceType": "Group",
+            "id": "g1",
+            "type": "person",
+            "actual": True,
+            "member": [
+                {"entity": {"reference": "Patient/a"}},
+                {"entity": {"reference": "Patient/b"}, "inactive": True},
+                {"entity": {"reference": "Practitioner/x"}},
+                {"entity": {"reference": "Patient/a"}},
+                {"entity": {"reference": "Patient/c"}},
+            ],
+        },
+    )
     assert group_members(FhirClient(BASE), "g1") == ["a", "c"]
 
 
 # ---------------------------------------------------------------- the run
 
+
 def test_a_run_checks_everyone_writes_once_and_a_second_run_writes_nothing(cases, tmp_path):
     server = FakeServer(cases)
     result, lines, summary = _run(server, tmp_path / "s.sqlite")
     assert result.finished and summary["patients"] == len(cases)
-    assert sorted(l["patient"] for l in lines) == sorted(f"Patient/{c.patient_id}" for c in cases)
-    by_id = {l["patient"].split("/")[1]: l for l in lines}
+    assert sorted(x["patient"] for x in lines) == sorted(f"Patient/{c.patient_id}" for c in cases)
+    by_id = {x["patient"].split("/")[1]: x for x in lines}
     for case in cases:
         line = by_id[case.patient_id]
         if line["code_fit"] == "mismatch":
@@ -216,7 +263,7 @@ def test_a_run_checks_everyone_writes_once_and_a_second_run_writes_nothing(cases
 def test_dry_run_writes_nothing(cases, tmp_path):
     server = FakeServer(cases)
     _, lines, summary = _run(server, tmp_path / "s.sqlite", write=False)
-    assert server.transactions == 0 and all(l["written"] is None for l in lines)
+    assert server.transactions == 0 and all(x["written"] is None for x in lines)
     assert summary["complete"] + summary["gaps"] + summary["refused"] == len(cases)
 
 
@@ -225,7 +272,7 @@ def test_malformed_data_and_missing_patients_are_reported_and_skipped(cases, tmp
     bad = cases[3].patient_id
     server.fail[bad] = InputError("Observation/x is not valid FHIR R4 at code: Field required")
     _, lines, summary = _run(server, tmp_path / "s.sqlite", patients=[bad, "no-such-patient", cases[0].patient_id])
-    by_id = {l["patient"]: l for l in lines}
+    by_id = {x["patient"]: x for x in lines}
     assert by_id[f"Patient/{bad}"]["status"] == "error"
     assert by_id[f"Patient/{bad}"]["error"] == "Observation/x is not valid FHIR R4 at code: Field required."
     assert by_id["Patient/no-such-patient"]["error"].startswith("patient no-such-patient was not found")
@@ -250,7 +297,7 @@ def test_a_crash_after_a_commit_resumes_without_repeating_or_missing_a_write(cas
     server.crash_after_commit = None
     result, lines, summary = _run(server, state)
     assert result.finished and summary["from_earlier_attempt"] == done_before
-    assert sorted(l["patient"] for l in lines) == sorted(l["patient"] for l in ref_lines)  # each patient once
+    assert sorted(x["patient"] for x in lines) == sorted(x["patient"] for x in ref_lines)  # each patient once
     assert sorted(server.creates) == sorted(reference.creates)  # the same drafts, none twice
     assert len(server.creates) == len(set(server.creates))
     # the patient whose transaction was committed but not recorded was sent again and found its drafts
@@ -314,12 +361,21 @@ def test_failed_patients_get_another_try_in_the_next_changes_run(cases, tmp_path
 
 # ---------------------------------------------------------------- one job at a time
 
+
 def test_a_second_job_on_the_same_state_file_is_refused(tmp_path):
     state = tmp_path / "s.sqlite"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from fhir_plugin._checkpoint import Checkpoint\n"
-        f"cp = Checkpoint({str(state)!r}); print('locked', flush=True); time.sleep(30)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from fhir_plugin._checkpoint import Checkpoint\n"
+                f"cp = Checkpoint({str(state)!r}); print('locked', flush=True); time.sleep(30)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StateLocked, match=f"pid {holder.pid}") as info:
@@ -354,8 +410,14 @@ def test_progress_goes_to_stderr_and_report_lines_carry_no_names(cases, tmp_path
     progress = io.StringIO()
     out = io.StringIO()
     with Checkpoint(tmp_path / "s.sqlite") as cp:
-        run_sync(server, cp, SyncOptions(Selection(patients=tuple(server.records)), True, 2, AS_OF),
-                 profile=load_profile("M62.561"), out=out, progress_stream=progress)
+        run_sync(
+            server,
+            cp,
+            SyncOptions(Selection(patients=tuple(server.records)), True, 2, AS_OF),
+            profile=load_profile("M62.561"),
+            out=out,
+            progress_stream=progress,
+        )
     assert f"{len(cases)} of {len(cases)} patients done" in progress.getvalue()
     text = out.getvalue() + progress.getvalue() + "\n".join(r.getMessage() for r in caplog.records)
     for case in cases:
@@ -365,6 +427,7 @@ def test_progress_goes_to_stderr_and_report_lines_carry_no_names(cases, tmp_path
 
 
 # ---------------------------------------------------------------- the high-water mark
+
 
 class HttpFakeServer(FakeServer):
     """The fake's records, with the patient searches answered over (mocked) HTTP by a real FhirClient."""
@@ -383,8 +446,13 @@ class HttpFakeServer(FakeServer):
 def _changes_run(server, state, since=None):
     out = io.StringIO()
     with Checkpoint(state) as checkpoint:
-        run_sync(server, checkpoint, SyncOptions(Selection(since=since), True, 2, AS_OF),
-                 profile=load_profile("M62.561"), out=out)
+        run_sync(
+            server,
+            checkpoint,
+            SyncOptions(Selection(since=since), True, 2, AS_OF),
+            profile=load_profile("M62.561"),
+            out=out,
+        )
         mark = checkpoint.mark(f"{BASE}|M62.561|write")
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     return [x["patient"] for x in lines[:-1]], lines[-1]["summary"], mark
@@ -403,8 +471,11 @@ def test_the_mark_is_the_servers_time_less_a_margin_and_moves_only_forward(cases
     def changed(stamp, pid=None):
         responses.reset()
         for rtype in ("Condition", "Observation", "Encounter", "CarePlan"):
-            found = [{"resourceType": rtype, "subject": {"reference": f"Patient/{pid}"}}] if pid and \
-                rtype == "Observation" else []
+            found = (
+                [{"resourceType": rtype, "subject": {"reference": f"Patient/{pid}"}}]
+                if pid and rtype == "Observation"
+                else []
+            )
             responses.get(f"{BASE}/{rtype}", json=_page(found, stamp=stamp))
 
     changed("2026-11-26T11:00:00Z", cases[2].patient_id)

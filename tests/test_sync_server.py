@@ -36,11 +36,11 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, import_key
 
 from fhir_plugin import synthetic
-from sandbox.testing import needing_drafts
-from fhir_plugin._sync import parse_instant
 from fhir_plugin._cli import main
 from fhir_plugin._profile import load_profile
 from fhir_plugin._record import records_from_bundle
+from fhir_plugin._sync import parse_instant
+from sandbox.testing import needing_drafts
 
 pytestmark = pytest.mark.server
 
@@ -70,9 +70,17 @@ def load(base: str, patients: list[list[dict[str, Any]]], group: str | None = No
     synthetic.load_into_server(base, cases, timeout=300)
     ids = [_pid(r) for r in patients]
     if group:
-        requests.put(f"{base}/Group/{group}", json={
-            "resourceType": "Group", "id": group, "type": "person", "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids]}, timeout=60).raise_for_status()
+        requests.put(
+            f"{base}/Group/{group}",
+            json={
+                "resourceType": "Group",
+                "id": group,
+                "type": "person",
+                "actual": True,
+                "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids],
+            },
+            timeout=60,
+        ).raise_for_status()
     return ids
 
 
@@ -88,12 +96,14 @@ def expected_drafts(patients: list[list[dict[str, Any]]]) -> dict[str, list[tupl
     from fhir_plugin import review
 
     profile = load_profile("M62.561")
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     out: dict[str, list[tuple[str, str]]] = {}
     for resources in patients:
         result = review(records_from_bundle(resources)[0], profile, today=AS_OF, now=now)
-        out[_pid(resources)] = [(e["request"]["url"], _searchable(e["request"]["ifNoneExist"]))
-                                for e in (result.drafts or {}).get("entry", [])]
+        out[_pid(resources)] = [
+            (e["request"]["url"], _searchable(e["request"]["ifNoneExist"]))
+            for e in (result.drafts or {}).get("entry", [])
+        ]
     return out
 
 
@@ -104,8 +114,9 @@ def _searchable(if_none_exist: str) -> str:
 
 
 def count(base: str, rtype: str, query: str = "") -> int:
-    answer = requests.get(f"{base}/{rtype}?{query}{'&' if query else ''}_summary=count",
-                          headers={"Cache-Control": "no-cache"}, timeout=60)
+    answer = requests.get(
+        f"{base}/{rtype}?{query}{'&' if query else ''}_summary=count", headers={"Cache-Control": "no-cache"}, timeout=60
+    )
     answer.raise_for_status()
     return answer.json()["total"]
 
@@ -113,8 +124,10 @@ def count(base: str, rtype: str, query: str = "") -> int:
 def drafts_of(base: str, patients: list[list[dict[str, Any]]]) -> dict[str, int]:
     """How many plugin drafts (by tag) the server holds for these patients, per type that has a patient param."""
     tag = "_tag=urn:fhir-plugin:tag|machine-drafted"
-    return {rtype: sum(count(base, rtype, f"patient={_pid(r)}&{tag}") for r in patients)
-            for rtype in ("Condition", "CarePlan", "Goal")}
+    return {
+        rtype: sum(count(base, rtype, f"patient={_pid(r)}&{tag}") for r in patients)
+        for rtype in ("Condition", "CarePlan", "Goal")
+    }
 
 
 def totals(base: str) -> dict[str, int]:
@@ -133,6 +146,7 @@ def read_report(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 # ---------------------------------------------------------------- the fault-injecting proxy
+
 
 class FaultProxy:
     """Forwards ``/fhir/...`` to HAPI; injects faults; plays a SMART backend-services token endpoint."""
@@ -199,8 +213,14 @@ class FaultProxy:
 
         return Handler
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/fhir+json") -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/fhir+json",
+    ) -> None:
         h.send_response(status)
         for name, value in (headers or {}).items():
             h.send_header(name, value)
@@ -225,23 +245,42 @@ class FaultProxy:
         body = h.rfile.read(length) if length else b""
         path = h.path
         if path == "/fhir/.well-known/smart-configuration":
-            return self._send(h, 200, json.dumps({
-                "token_endpoint": self.token_url, "grant_types_supported": ["client_credentials"],
-                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-                "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"]}).encode(),
-                content_type="application/json")
+            return self._send(
+                h,
+                200,
+                json.dumps(
+                    {
+                        "token_endpoint": self.token_url,
+                        "grant_types_supported": ["client_credentials"],
+                        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+                    }
+                ).encode(),
+                content_type="application/json",
+            )
         if path == "/auth/token":
             return self._token(h, body)
         if urlsplit(path).path == "/fhir/metadata":
             # public, as on every FHIR server, and outside the counted requests the faults are placed by:
             # the job reads it once before choosing its reader and writer (issue 12)
             status, headers, answer = self._forward(method, path, body, h)
-            return self._send(h, status, answer, headers, content_type=headers.pop("Content-Type",
-                                                                                  "application/fhir+json"))
+            return self._send(
+                h, status, answer, headers, content_type=headers.pop("Content-Type", "application/fhir+json")
+            )
         if self.public_key is not None and not self._authorized(h):
-            return self._send(h, 401, json.dumps({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "login", "diagnostics": "the access token has expired"}]}).encode(),
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return self._send(
+                h,
+                401,
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [
+                            {"severity": "error", "code": "login", "diagnostics": "the access token has expired"}
+                        ],
+                    }
+                ).encode(),
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         kind = self._kind(method, path, body)
         with self.lock:
             self.seen[kind] = number = self.seen.get(kind, 0) + 1
@@ -250,8 +289,17 @@ class FaultProxy:
             self.applied.append((kind, number, action[0]))
         if action and action[0] == "status":
             status, headers = action[1], action[2] if len(action) > 2 else {}
-            return self._send(h, status, json.dumps({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "transient", "diagnostics": "injected"}]}).encode(), headers)
+            return self._send(
+                h,
+                status,
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "transient", "diagnostics": "injected"}],
+                    }
+                ).encode(),
+                headers,
+            )
         if action and action[0] == "drop-before":
             h.close_connection = True
             return None
@@ -282,8 +330,11 @@ class FaultProxy:
         sent = {k: v for k, v in h.headers.items() if k.lower() in kept}
         response = session.request(method, upstream_root + path, data=body or None, headers=sent, timeout=300)
         answer = response.content.replace(self.upstream.encode(), self.base.encode())
-        headers = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "date", "location",
-                                                                             "etag", "last-modified")}
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.lower() in ("content-type", "date", "location", "etag", "last-modified")
+        }
         if "Location" in headers:
             headers["Location"] = headers["Location"].replace(self.upstream, self.base)
         return response.status_code, headers, answer
@@ -306,7 +357,7 @@ class FaultProxy:
         self.assertions.append(assertion)
         try:
             token = jwt.decode(assertion, self.public_key, algorithms=["RS384", "ES384"])
-        except Exception:  # noqa: BLE001 - any bad assertion is invalid_client
+        except Exception:
             return self._send(h, 401, b'{"error": "invalid_client"}', content_type="application/json")
         claims, header = token.claims, token.header
         problems = [
@@ -320,17 +371,32 @@ class FaultProxy:
             claims.get("jti") in self.jtis or not claims.get("jti"),
         ]
         if any(problems):
-            return self._send(h, 401, json.dumps({"error": "invalid_client", "error_description":
-                                                  f"check {problems.index(True)} failed"}).encode(),
-                              content_type="application/json")
+            return self._send(
+                h,
+                401,
+                json.dumps(
+                    {"error": "invalid_client", "error_description": f"check {problems.index(True)} failed"}
+                ).encode(),
+                content_type="application/json",
+            )
         self.jtis.add(claims["jti"])
         access = f"proxy-access-{len(self.issued) + 1}-{os.urandom(6).hex()}"
         with self.lock:
             self.issued.append(access)
             self.valid_tokens.add(access)
-        self._send(h, 200, json.dumps({"access_token": access, "token_type": "bearer",
-                                       "expires_in": self.token_lifetime, "scope": form.get("scope", "")}).encode(),
-                   content_type="application/json")
+        self._send(
+            h,
+            200,
+            json.dumps(
+                {
+                    "access_token": access,
+                    "token_type": "bearer",
+                    "expires_in": self.token_lifetime,
+                    "scope": form.get("scope", ""),
+                }
+            ).encode(),
+            content_type="application/json",
+        )
 
 
 @pytest.fixture
@@ -346,6 +412,7 @@ def sync(*args: str) -> int:
 
 # ---------------------------------------------------------------- acceptance: all, twice
 
+
 def test_all_writes_drafts_where_the_profile_applies_and_a_second_run_writes_nothing(fhir_base_url, tmp_path):
     cases = synthetic.generate_cases(AS_OF)
     synthetic.load_into_server(fhir_base_url, cases, timeout=300)
@@ -354,8 +421,21 @@ def test_all_writes_drafts_where_the_profile_applies_and_a_second_run_writes_not
     state = tmp_path / "state.sqlite"
     patients_on_server = count(fhir_base_url, "Patient")
 
-    assert sync("--server", fhir_base_url, "--all", "--write", "--concurrency", "4", "--state", str(state),
-                "--report", str(tmp_path / "first.jsonl")) == 0
+    assert (
+        sync(
+            "--server",
+            fhir_base_url,
+            "--all",
+            "--write",
+            "--concurrency",
+            "4",
+            "--state",
+            str(state),
+            "--report",
+            str(tmp_path / "first.jsonl"),
+        )
+        == 0
+    )
     lines, [summary] = read_report(tmp_path / "first.jsonl")
     # every patient on the server (more if another session adds some meanwhile), none failed
     assert summary["patients"] == len(lines) >= patients_on_server and summary["error"] == 0
@@ -366,46 +446,92 @@ def test_all_writes_drafts_where_the_profile_applies_and_a_second_run_writes_not
             assert line["status"] in ("complete", "gaps")
             # SPEC §7.1: on a reused server an earlier run's drafts are in the record, so nothing is sent
             # (assert_each_draft_once below still finds each of them exactly once)
-            assert line["written"] is None or len(line["written"]["created"] +
-                                                  line["written"]["existing"]) == len(searches)
+            assert line["written"] is None or len(line["written"]["created"] + line["written"]["existing"]) == len(
+                searches
+            )
         else:  # a mismatch is refused; SPEC §7.1: with a plan already in the record nothing is written
             assert line["written"] is None and (line["status"] == "refused") == (line["code_fit"] == "mismatch")
     assert_each_draft_once(fhir_base_url, expected)
 
     before = totals(fhir_base_url)
-    assert sync("--server", fhir_base_url, "--all", "--write", "--concurrency", "8", "--state", str(state),
-                "--report", str(tmp_path / "second.jsonl")) == 0
+    assert (
+        sync(
+            "--server",
+            fhir_base_url,
+            "--all",
+            "--write",
+            "--concurrency",
+            "8",
+            "--state",
+            str(state),
+            "--report",
+            str(tmp_path / "second.jsonl"),
+        )
+        == 0
+    )
     lines2, [summary2] = read_report(tmp_path / "second.jsonl")
     assert totals(fhir_base_url) == before
     # SPEC §7.1 after a write: the drafts are in the record, so the second run offers nothing to send
     assert summary2["created"] == 0 and summary2["existing"] == 0
-    assert [x["status"] for x in sorted(lines2, key=lambda x: x["patient"])] == \
-        [x["status"] for x in sorted(lines, key=lambda x: x["patient"])]
-    print(f"\nall: {summary['patients']} patients, {summary['created']} drafts created; again: "
-          f"{summary2['created']} created, totals {before}")
+    assert [x["status"] for x in sorted(lines2, key=lambda x: x["patient"])] == [
+        x["status"] for x in sorted(lines, key=lambda x: x["patient"])
+    ]
+    print(
+        f"\nall: {summary['patients']} patients, {summary['created']} drafts created; again: "
+        f"{summary2['created']} created, totals {before}"
+    )
 
 
 def test_a_changes_run_picks_the_changed_patient_and_not_its_own_drafts(fhir_base_url, tmp_path):
     patients = prefixed("chg", ["complete", "missing-onset", "missing-severity"])
     ids = load(fhir_base_url, patients, group=f"sync-chg-{SESSION}")
     state = tmp_path / "state.sqlite"
-    assert sync("--server", fhir_base_url, "--group", f"sync-chg-{SESSION}", "--write", "--state", str(state),
-                "--report", str(tmp_path / "r0.jsonl")) == 0
-    stamp = requests.get(f"{fhir_base_url}/Patient?_count=1", headers={"Cache-Control": "no-cache"},
-                         timeout=60).json()["meta"]["lastUpdated"]  # the server's now; drafts are older
+    assert (
+        sync(
+            "--server",
+            fhir_base_url,
+            "--group",
+            f"sync-chg-{SESSION}",
+            "--write",
+            "--state",
+            str(state),
+            "--report",
+            str(tmp_path / "r0.jsonl"),
+        )
+        == 0
+    )
+    stamp = requests.get(f"{fhir_base_url}/Patient?_count=1", headers={"Cache-Control": "no-cache"}, timeout=60).json()[
+        "meta"
+    ]["lastUpdated"]  # the server's now; drafts are older
     obs = next(r for r in patients[1] if r["resourceType"] == "Observation")
     # edit until the server stamps the edit after ``stamp`` (same-millisecond writes are possible): the
     # server's own clock decides, so nothing waits on ours
     for attempt in range(1, 50):
         edited = {**obs, "note": [{"text": f"re-measured ({attempt})"}]}
-        answer = requests.put(f"{fhir_base_url}/Observation/{obs['id']}", json=edited, timeout=60,
-                              headers={"Prefer": "return=representation"})
+        answer = requests.put(
+            f"{fhir_base_url}/Observation/{obs['id']}",
+            json=edited,
+            timeout=60,
+            headers={"Prefer": "return=representation"},
+        )
         answer.raise_for_status()
         if parse_instant(answer.json()["meta"]["lastUpdated"]) > parse_instant(stamp):
             break
 
-    assert sync("--server", fhir_base_url, "--since", stamp, "--write", "--state", str(state),
-                "--report", str(tmp_path / "r1.jsonl")) == 0
+    assert (
+        sync(
+            "--server",
+            fhir_base_url,
+            "--since",
+            stamp,
+            "--write",
+            "--state",
+            str(state),
+            "--report",
+            str(tmp_path / "r1.jsonl"),
+        )
+        == 0
+    )
     lines, [summary] = read_report(tmp_path / "r1.jsonl")
     changed = [x["patient"] for x in lines]
     # the edited patient, and not the two whose only news since the stamp is... nothing (their drafts are older,
@@ -420,8 +546,19 @@ def test_a_changes_run_picks_the_changed_patient_and_not_its_own_drafts(fhir_bas
 def test_group_members_only(fhir_base_url, tmp_path):
     patients = prefixed("grp", ["complete", "excludes1", "missing-follow-up"], needing=False)  # a dry run
     ids = load(fhir_base_url, patients, group=f"sync-grp-{SESSION}")
-    assert sync("--server", fhir_base_url, "--group", f"sync-grp-{SESSION}", "--state", str(tmp_path / "s.sqlite"),
-                "--report", str(tmp_path / "r.jsonl")) == 0
+    assert (
+        sync(
+            "--server",
+            fhir_base_url,
+            "--group",
+            f"sync-grp-{SESSION}",
+            "--state",
+            str(tmp_path / "s.sqlite"),
+            "--report",
+            str(tmp_path / "r.jsonl"),
+        )
+        == 0
+    )
     lines, [summary] = read_report(tmp_path / "r.jsonl")
     assert sorted(x["patient"] for x in lines) == sorted(f"Patient/{i}" for i in ids)
     assert all(x["written"] is None for x in lines)  # no --write: a dry run
@@ -430,16 +567,48 @@ def test_group_members_only(fhir_base_url, tmp_path):
 
 # ---------------------------------------------------------------- acceptance: SIGKILL and resume
 
-KILL_KEYS = ["complete", "missing-onset", "missing-severity", "missing-palpation", "excludes1", "missing-follow-up",
-             "flag-fever", "missing-treatment-plan", "left-lower-leg", "plan-proposed", "missing-red-flag-screen",
-             "earlier-encounter"]
+KILL_KEYS = [
+    "complete",
+    "missing-onset",
+    "missing-severity",
+    "missing-palpation",
+    "excludes1",
+    "missing-follow-up",
+    "flag-fever",
+    "missing-treatment-plan",
+    "left-lower-leg",
+    "plan-proposed",
+    "missing-red-flag-screen",
+    "earlier-encounter",
+]
 
 
 def _job(base: str, group: str, state: Path, report: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "fhir_plugin._cli", "sync", "--server", base, "--group", group, "--write",
-         "--concurrency", "2", "--today", AS_OF.isoformat(), "--state", str(state), "--report", str(report)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "fhir_plugin._cli",
+            "sync",
+            "--server",
+            base,
+            "--group",
+            group,
+            "--write",
+            "--concurrency",
+            "2",
+            "--today",
+            AS_OF.isoformat(),
+            "--state",
+            str(state),
+            "--report",
+            str(report),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_killed_with_sigkill_and_restarted_ends_like_an_uninterrupted_run(fhir_base_url, proxy, tmp_path):
@@ -494,23 +663,34 @@ def test_killed_with_sigkill_and_restarted_ends_like_an_uninterrupted_run(fhir_b
     assert mine.keys() == theirs.keys()
     for pid, (status, fit, gaps) in mine.items():
         assert (status, fit) == theirs[pid][:2], pid
-        assert gaps == theirs[pid][2] or (pid not in recorded_before and theirs[pid][2] - gaps == {"treatment-plan"}
-                                          and gaps <= theirs[pid][2]), pid
+        assert gaps == theirs[pid][2] or (
+            pid not in recorded_before and theirs[pid][2] - gaps == {"treatment-plan"} and gaps <= theirs[pid][2]
+        ), pid
     assert_each_draft_once(fhir_base_url, expected_drafts(killed))
     assert_each_draft_once(fhir_base_url, expected_drafts(twin))
     written = {rtype: n - drafts_before[rtype] for rtype, n in drafts_of(fhir_base_url, killed).items()}
     wanted = [t for searches in expected_drafts(killed).values() for t, _ in searches]
     expected = {rtype: wanted.count(rtype) for rtype in written}
     assert written == expected  # and nothing beyond the expected drafts
-    print(f"\nkill: {len(done_before)} of {len(KILL_KEYS)} patients recorded before SIGKILL; resumed run replayed "
-          f"{summary['from_earlier_attempt']}, created {summary['created']}, found {summary['existing']} existing; "
-          f"drafts per type {written}")
+    print(
+        f"\nkill: {len(done_before)} of {len(KILL_KEYS)} patients recorded before SIGKILL; resumed run replayed "
+        f"{summary['from_earlier_attempt']}, created {summary['created']}, found {summary['existing']} existing; "
+        f"drafts per type {written}"
+    )
 
 
 # ---------------------------------------------------------------- acceptance: faults, with backend auth
 
-FAULT_KEYS = ["complete", "missing-onset", "missing-severity", "excludes1", "missing-follow-up", "flag-fever",
-              "missing-treatment-plan", "plan-proposed"]
+FAULT_KEYS = [
+    "complete",
+    "missing-onset",
+    "missing-severity",
+    "excludes1",
+    "missing-follow-up",
+    "flag-fever",
+    "missing-treatment-plan",
+    "plan-proposed",
+]
 
 
 @pytest.fixture
@@ -526,22 +706,37 @@ def test_faults_are_survived_and_the_end_state_is_the_same(fhir_base_url, proxy,
     load(fhir_base_url, patients, group=f"sync-flt-{SESSION}")
     key_path, public = ec_key_file
     proxy.require_backend_auth("sync-test-client", public)
-    proxy.expire_token_after = 12             # the server drops the first token mid-run: one 401, one renewal
-    proxy.inject("read", 1, "drop-before")     # the Group read: connection dropped, nothing done
+    proxy.expire_token_after = 12  # the server drops the first token mid-run: one 401, one renewal
+    proxy.inject("read", 1, "drop-before")  # the Group read: connection dropped, nothing done
     proxy.inject("batch", 1, "status", 429, {"Retry-After": "1"})
     proxy.inject("batch", 3, "status", 503)
-    proxy.inject("batch", 4, "status", 503)   # a 503 burst (the retry of the 3rd batch, then the 4th)
+    proxy.inject("batch", 4, "status", 503)  # a 503 burst (the retry of the 3rd batch, then the 4th)
     proxy.inject("batch", 5, "status", 503)
-    proxy.inject("transaction", 2, "delay", 4)         # done by HAPI, answered after the 2 s timeout
-    proxy.inject("transaction", 4, "drop-after")       # done by HAPI, the answer never sent
+    proxy.inject("transaction", 2, "delay", 4)  # done by HAPI, answered after the 2 s timeout
+    proxy.inject("transaction", 4, "drop-after")  # done by HAPI, the answer never sent
     proxy.inject("transaction", 5, "status", 429, {"Retry-After": "1"})
 
     caplog.set_level(logging.DEBUG)
     # one worker, so the n-th request of a kind is always the same patient's and the figures are exact
-    code = sync("--server", proxy.base, "--group", f"sync-flt-{SESSION}", "--write", "--concurrency", "1",
-                "--timeout", "2",
-                "--client-id", "sync-test-client", "--key", str(key_path), "--state", str(tmp_path / "s.sqlite"),
-                "--report", str(tmp_path / "r.jsonl"))
+    code = sync(
+        "--server",
+        proxy.base,
+        "--group",
+        f"sync-flt-{SESSION}",
+        "--write",
+        "--concurrency",
+        "1",
+        "--timeout",
+        "2",
+        "--client-id",
+        "sync-test-client",
+        "--key",
+        str(key_path),
+        "--state",
+        str(tmp_path / "s.sqlite"),
+        "--report",
+        str(tmp_path / "r.jsonl"),
+    )
     lines, [summary] = read_report(tmp_path / "r.jsonl")
     assert code == 0, lines
     assert {kind for kind, _, _ in proxy.applied} == {"read", "batch", "transaction"}
@@ -571,6 +766,7 @@ def test_faults_are_survived_and_the_end_state_is_the_same(fhir_base_url, proxy,
 
 # ---------------------------------------------------------------- the real sandbox EHR
 
+
 def test_backend_services_against_the_sandbox_ehr(fhir_base_url, tmp_path):
     ehr_module = pytest.importorskip("sandbox.ehr")
     patients = prefixed("ehr", ["complete", "missing-onset", "excludes1"])
@@ -581,14 +777,33 @@ def test_backend_services_against_the_sandbox_ehr(fhir_base_url, tmp_path):
     from fhir_plugin._backend_auth import load_signing_key
 
     jwk = load_signing_key(key_path).public_jwk()
-    scope = ("system/Patient.rs system/Condition.crs system/Observation.rs system/Encounter.rs system/CarePlan.crs "
-             "system/Group.r system/Goal.cs system/Provenance.cs")
+    scope = (
+        "system/Patient.rs system/Condition.crs system/Observation.rs system/Encounter.rs system/CarePlan.crs "
+        "system/Group.r system/Goal.cs system/Provenance.cs"
+    )
     with ehr_module.running_ehr(fhir_base_url, access_token_lifetime=4) as ehr:
-        ehr.clients.register(ehr_module.Client("sync-job", scope=scope, token_endpoint_auth_method="private_key_jwt",
-                                               jwks={"keys": [jwk]}))
-        code = sync("--server", ehr.fhir_base_url, "--group", f"sync-ehr-{SESSION}", "--write", "--concurrency", "1",
-                    "--client-id", "sync-job", "--key", str(key_path), "--state", str(tmp_path / "s.sqlite"),
-                    "--report", str(tmp_path / "r.jsonl"))
+        ehr.clients.register(
+            ehr_module.Client(
+                "sync-job", scope=scope, token_endpoint_auth_method="private_key_jwt", jwks={"keys": [jwk]}
+            )
+        )
+        code = sync(
+            "--server",
+            ehr.fhir_base_url,
+            "--group",
+            f"sync-ehr-{SESSION}",
+            "--write",
+            "--concurrency",
+            "1",
+            "--client-id",
+            "sync-job",
+            "--key",
+            str(key_path),
+            "--state",
+            str(tmp_path / "s.sqlite"),
+            "--report",
+            str(tmp_path / "r.jsonl"),
+        )
         lines, [summary] = read_report(tmp_path / "r.jsonl")
         assert code == 0, lines
         # no token, no entry: the EHR's proxy refuses a request without a bearer

@@ -9,9 +9,9 @@ import datetime as dt
 
 import pytest
 import requests
+from fresh import fresh_cases
 
 from fhir_plugin.synthetic import generate_cases, load_into_server
-from fresh import fresh_cases
 
 pytestmark = pytest.mark.server
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from fresh import fresh_cases
+from test_check_cases import CASES, TODAY
 
 from fhir_plugin import FhirClient, phases_of
 from fhir_plugin._cli import main
 from fhir_plugin.synthetic import load_into_server
-from fresh import fresh_cases
-from test_check_cases import CASES, TODAY
 
 pytestmark = pytest.mark.server
 
@@ -25,8 +25,21 @@ def _counts(client: FhirClient, patient_id: str) -> dict[str, int]:
 
 
 def _propose(base, patient_id, capsys, *extra):
-    code = main(["propose", "--server", base, "--patient", patient_id, "--write", "--format", "json",
-                 "--today", TODAY.isoformat(), *extra])
+    code = main(
+        [
+            "propose",
+            "--server",
+            base,
+            "--patient",
+            patient_id,
+            "--write",
+            "--format",
+            "json",
+            "--today",
+            TODAY.isoformat(),
+            *extra,
+        ]
+    )
     out = capsys.readouterr().out
     return code, json.loads(out)
 
@@ -57,10 +70,10 @@ def test_write_creates_one_set_of_drafts_and_a_second_run_nothing(fhir_base_url,
         after_second = _counts(client, pid)
     assert after_first["Condition"] == before["Condition"] + 1
     assert after_first["CarePlan"] == before["CarePlan"] + 1
-    assert after_first["Goal"] == before["Goal"] + 4            # one per phase goal
+    assert after_first["Goal"] == before["Goal"] + 4  # one per phase goal
     assert after_first["Provenance"] == before["Provenance"] + 1
     assert len(first["written"]["created"]) == 7 and first["written"]["existing"] == []
-    assert after_second == after_first                         # nothing new the second time
+    assert after_second == after_first  # nothing new the second time
     # SPEC §7.1 after a write: the drafts are in the record, so the second run offers nothing to send
     assert "written" not in second and "already in the record" in second["settled"]
 
@@ -80,11 +93,16 @@ def test_careplan_reads_back_as_four_phases_and_validates(fhir_base_url, gaps_ca
             assert goal["lifecycleStatus"] == "proposed"
         assert "Eccentric heel drops" in phases[3].activities
         assert phases[0].start <= phases[1].start <= phases[2].start <= phases[3].start
-        [condition] = [c for c in client.search("Condition", {"patient": pid})
-                       if c["verificationStatus"]["coding"][0]["code"] == "provisional"]
+        [condition] = [
+            c
+            for c in client.search("Condition", {"patient": pid})
+            if c["verificationStatus"]["coding"][0]["code"] == "provisional"
+        ]
         assert condition["code"]["coding"][0] == {
-            "system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M62.561",
-            "display": "Muscle wasting and atrophy, not elsewhere classified, right lower leg"}
+            "system": "http://hl7.org/fhir/sid/icd-10-cm",
+            "code": "M62.561",
+            "display": "Muscle wasting and atrophy, not elsewhere classified, right lower leg",
+        }
         assert plan["addresses"] == [{"reference": f"Condition/{condition['id']}"}]
         for resource in (condition, plan):
             outcome = client.validate(resource)
@@ -101,8 +119,19 @@ def test_the_check_then_sees_the_draft_plan_as_proposed(fhir_base_url, capsys):
         # read at once after the write: a cached search would hide the draft
         plans = client.read_patient_record(case.patient_id).of_type("CarePlan")
         assert sorted(p["status"] for p in plans) == ["draft", "entered-in-error"]
-    code = main(["check", "--server", fhir_base_url, "--patient", case.patient_id, "--format", "json",
-                 "--today", TODAY.isoformat()])
+    code = main(
+        [
+            "check",
+            "--server",
+            fhir_base_url,
+            "--patient",
+            case.patient_id,
+            "--format",
+            "json",
+            "--today",
+            TODAY.isoformat(),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     statuses = {e["id"]: e["status"] for e in report["elements"]}
     # only the plugin's own draft addresses the condition now; its gap note is never evidence
@@ -112,8 +141,19 @@ def test_the_check_then_sees_the_draft_plan_as_proposed(fhir_base_url, capsys):
 
 def test_the_draft_gap_note_is_not_evidence(fhir_base_url, gaps_case, capsys):
     _propose(fhir_base_url, gaps_case.patient_id, capsys)
-    code = main(["check", "--server", fhir_base_url, "--patient", gaps_case.patient_id, "--format", "json",
-                 "--today", TODAY.isoformat()])
+    code = main(
+        [
+            "check",
+            "--server",
+            fhir_base_url,
+            "--patient",
+            gaps_case.patient_id,
+            "--format",
+            "json",
+            "--today",
+            TODAY.isoformat(),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     statuses = {e["id"]: e["status"] for e in report["elements"]}
     # the fixture has no clinician plan (SPEC §7.1), so only the draft addresses the condition: proposed;
@@ -128,8 +168,18 @@ def test_a_mismatched_record_gets_no_drafts(fhir_base_url, capsys):
     load_into_server(fhir_base_url, [case])
     with FhirClient(fhir_base_url) as client:
         before = _counts(client, case.patient_id)
-        code = main(["propose", "--server", fhir_base_url, "--patient", case.patient_id, "--write",
-                     "--today", TODAY.isoformat()])
+        code = main(
+            [
+                "propose",
+                "--server",
+                fhir_base_url,
+                "--patient",
+                case.patient_id,
+                "--write",
+                "--today",
+                TODAY.isoformat(),
+            ]
+        )
         captured = capsys.readouterr()
         assert code == 2
         assert "M62.830" in captured.err and "no drafts were made" in captured.err

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .._errors import PluginError
 from .._version import __version__
@@ -37,16 +37,27 @@ from . import cds_feedback, check, keygen, population, propose, sandbox, serve, 
 __all__ = ["main"]
 
 _EXIT_HELP = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
-_COMMANDS = {"check": check, "propose": propose, "synthetic": synthetic, "sync": sync, "serve": serve,
-             "sandbox": sandbox, "cds-feedback": cds_feedback, "population": population, "keygen": keygen}
+_COMMANDS = {
+    "check": check,
+    "propose": propose,
+    "synthetic": synthetic,
+    "sync": sync,
+    "serve": serve,
+    "sandbox": sandbox,
+    "cds-feedback": cds_feedback,
+    "population": population,
+    "keygen": keygen,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhir-plugin",
         description="Check a patient's FHIR R4 record for the documentation an ICD-10-CM code needs "
-                    "(default M62.561) and draft a provisional Condition and a phased CarePlan.",
-        epilog="Exit codes:" + _EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(default M62.561) and draft a provisional Condition and a phased CarePlan.",
+        epilog="Exit codes:" + _EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fhir-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS.values():
@@ -60,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(_COMMANDS[args.command].run(args))
     except PluginError as exc:
@@ -75,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one sentence, the traceback only with --debug
         if args.debug:
             raise
-        print(f"fhir-plugin: internal error ({type(exc).__name__}); run again with --debug for details",
-              file=sys.stderr)
+        print(
+            f"fhir-plugin: internal error ({type(exc).__name__}); run again with --debug for details", file=sys.stderr
+        )
         return 70
 
 

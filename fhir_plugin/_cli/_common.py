@@ -9,8 +9,8 @@ from typing import Any
 
 from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE
-from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 from .._sources import Checkable, from_embedded, from_files, require_patients
+from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 
 __all__ = ["source_options", "parse_today", "checkables", "subparser"]
 
@@ -28,13 +28,20 @@ def source_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     source = common.add_argument_group("where the records come from (neither: the embedded synthetic patients)")
     source.add_argument("--server", metavar="URL", help="FHIR R4 base URL, e.g. http://127.0.0.1:8080/fhir")
-    source.add_argument("--bundle", metavar="FILE", action="append", default=[],
-                        help="a FHIR Bundle JSON file (repeatable)")
-    common.add_argument("--patient", metavar="ID", action="append", default=[],
-                        help="patient id to check (repeatable; required with --server)")
+    source.add_argument(
+        "--bundle", metavar="FILE", action="append", default=[], help="a FHIR Bundle JSON file (repeatable)"
+    )
+    common.add_argument(
+        "--patient",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="patient id to check (repeatable; required with --server)",
+    )
     common.add_argument("--encounter", metavar="ID", help="encounter to check at (default: the latest)")
-    common.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
-                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    common.add_argument(
+        "--profile", metavar="CODE", default=DEFAULT_PROFILE, help=f"condition profile (default {DEFAULT_PROFILE})"
+    )
     common.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
     common.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
     common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
@@ -85,8 +92,16 @@ def strategy_options(parser: argparse.ArgumentParser, *, ledger_where: str | Non
     from .._ledger import DEFAULT_LEDGER
     from .._strategies import STRATEGIES, STRATEGY_ENV
 
-    parser.add_argument("--strategy", choices=STRATEGIES, default=os.environ.get(STRATEGY_ENV) or "auto",
-                        help="how drafts are written: auto = from the server's CapabilityStatement (default; "
-                             f"env {STRATEGY_ENV}), or force transaction, per-resource or ledger")
-    parser.add_argument("--ledger", metavar="FILE", default=None if ledger_where else DEFAULT_LEDGER,
-                        help=f"the ledger writer's SQLite file of draft ids (default {ledger_where or DEFAULT_LEDGER})")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=os.environ.get(STRATEGY_ENV) or "auto",
+        help="how drafts are written: auto = from the server's CapabilityStatement (default; "
+        f"env {STRATEGY_ENV}), or force transaction, per-resource or ledger",
+    )
+    parser.add_argument(
+        "--ledger",
+        metavar="FILE",
+        default=None if ledger_where else DEFAULT_LEDGER,
+        help=f"the ledger writer's SQLite file of draft ids (default {ledger_where or DEFAULT_LEDGER})",
+    )

@@ -13,11 +13,18 @@ from ._common import subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
-    parser = subparser(sub, "cds-feedback", epilog,
-                       help="count the CDS cards issued and the feedback on them (accepted / overridden, reasons)")
-    parser.add_argument("--store", metavar="FILE", default=os.environ.get("CDS_FEEDBACK_STORE",
-                                                                          "var/cds-feedback.sqlite"),
-                        help="the service's SQLite file (default $CDS_FEEDBACK_STORE or var/cds-feedback.sqlite)")
+    parser = subparser(
+        sub,
+        "cds-feedback",
+        epilog,
+        help="count the CDS cards issued and the feedback on them (accepted / overridden, reasons)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="FILE",
+        default=os.environ.get("CDS_FEEDBACK_STORE", "var/cds-feedback.sqlite"),
+        help="the service's SQLite file (default $CDS_FEEDBACK_STORE or var/cds-feedback.sqlite)",
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="report format")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 

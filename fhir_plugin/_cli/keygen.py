@@ -14,10 +14,18 @@ from ._common import subparser
 
 def add_parser(sub: Any, epilog: str) -> None:
     parser = subparser(sub, "keygen", epilog, help="make a backend key pair; print the public JWKS")
-    parser.add_argument("--out", metavar="FILE", required=True,
-                        help="where to write the private key (PEM, mode 0600; an existing file is refused)")
-    parser.add_argument("--type", choices=("rsa", "ec"), default="rsa",
-                        help="rsa: RSA 2048 signing RS384 (default); ec: P-384 signing ES384")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        required=True,
+        help="where to write the private key (PEM, mode 0600; an existing file is refused)",
+    )
+    parser.add_argument(
+        "--type",
+        choices=("rsa", "ec"),
+        default="rsa",
+        help="rsa: RSA 2048 signing RS384 (default); ec: P-384 signing ES384",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

@@ -20,38 +20,76 @@ from ._common import parse_today, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
-    parser = subparser(sub, "population", epilog,
-                       help="check a whole population (Bulk Data $export or NDJSON) on Apache Spark; worklist out")
-    parser.add_argument("--out", metavar="DIR", required=True,
-                        help="output folder: results.parquet, results.jsonl, report.html (and the export's files)")
+    parser = subparser(
+        sub,
+        "population",
+        epilog,
+        help="check a whole population (Bulk Data $export or NDJSON) on Apache Spark; worklist out",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        help="output folder: results.parquet, results.jsonl, report.html (and the export's files)",
+    )
     source = parser.add_argument_group("where the population comes from (one of)")
     source.add_argument("--server", metavar="URL", help="FHIR R4 base URL to $export from")
     source.add_argument("--ndjson", metavar="DIR", help="a folder of .ndjson files from any bulk tool")
     export = parser.add_argument_group("the export (with --server)")
     export.add_argument("--group", metavar="ID", help="export the members of this Group (Group/ID/$export)")
-    export.add_argument("--level", choices=("patient", "system"), default="patient",
-                        help="without --group: Patient/$export (default) or the whole system ($export)")
-    export.add_argument("--type", metavar="TYPES", help="comma-separated _type (default Patient,Encounter,"
-                                                        "Condition,Observation,CarePlan)")
+    export.add_argument(
+        "--level",
+        choices=("patient", "system"),
+        default="patient",
+        help="without --group: Patient/$export (default) or the whole system ($export)",
+    )
+    export.add_argument(
+        "--type",
+        metavar="TYPES",
+        help="comma-separated _type (default Patient,Encounter,Condition,Observation,CarePlan)",
+    )
     export.add_argument("--since", metavar="INSTANT", help="_since: only resources changed after this instant")
-    export.add_argument("--type-filter", metavar="QUERY", action="append", default=[],
-                        help="a _typeFilter, e.g. 'Condition?code=M62.561' (repeatable)")
-    export.add_argument("--fresh-export", action="store_true",
-                        help="start a new export instead of resuming the one recorded in DIR/export/")
-    export.add_argument("--max-poll-wait", type=float, default=120.0, metavar="SECONDS",
-                        help="longest wait between status polls, whatever Retry-After says (default 120)")
-    export.add_argument("--export-timeout", type=float, default=3600.0, metavar="SECONDS",
-                        help="give up polling after this long (a later run resumes the same export)")
+    export.add_argument(
+        "--type-filter",
+        metavar="QUERY",
+        action="append",
+        default=[],
+        help="a _typeFilter, e.g. 'Condition?code=M62.561' (repeatable)",
+    )
+    export.add_argument(
+        "--fresh-export",
+        action="store_true",
+        help="start a new export instead of resuming the one recorded in DIR/export/",
+    )
+    export.add_argument(
+        "--max-poll-wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="longest wait between status polls, whatever Retry-After says (default 120)",
+    )
+    export.add_argument(
+        "--export-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="give up polling after this long (a later run resumes the same export)",
+    )
     spark = parser.add_argument_group("where Spark runs (default: local mode on this machine)")
     spark.add_argument("--master", metavar="URL", help="a Spark master, e.g. spark://host:7077 (default local[*])")
     spark.add_argument("--remote", metavar="URL", help="a Spark Connect server, e.g. sc://host:15002")
     spark.add_argument("--driver-memory", metavar="SIZE", help="spark.driver.memory, e.g. 2g")
-    parser.add_argument("--write", action="store_true",
-                        help="write the drafts of every patient whose drafts are allowed (needs --server)")
-    parser.add_argument("--max-writes-per-minute", type=float, metavar="N",
-                        help="rate limit for --write (default: none)")
-    parser.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
-                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="write the drafts of every patient whose drafts are allowed (needs --server)",
+    )
+    parser.add_argument(
+        "--max-writes-per-minute", type=float, metavar="N", help="rate limit for --write (default: none)"
+    )
+    parser.add_argument(
+        "--profile", metavar="CODE", default=DEFAULT_PROFILE, help=f"condition profile (default {DEFAULT_PROFILE})"
+    )
     parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout")
     auth = parser.add_argument_group("authentication (none: an open server)")
@@ -80,8 +118,15 @@ def _session(args: argparse.Namespace) -> tuple[Any, str | None]:
         if args.token:
             raise UsageError("give either --token or --client-id with --key, not both")
         scope = args.scope or default_scope(Selection((), args.group, not args.group, None), args.write)
-        backend_session(args.server, client_id, load_signing_key(key_path, kid=args.kid), scope,
-                        token_url=args.token_url, timeout=args.timeout, session=session)
+        backend_session(
+            args.server,
+            client_id,
+            load_signing_key(key_path, kid=args.kid),
+            scope,
+            token_url=args.token_url,
+            timeout=args.timeout,
+            session=session,
+        )
         return session, None
     return session, args.token or os.environ.get("FHIR_TOKEN")
 
@@ -116,9 +161,16 @@ def run(args: argparse.Namespace) -> int:
         session, token = _session(args)
         types = tuple(t.strip() for t in args.type.split(",") if t.strip()) if args.type else EXPORT_TYPES
         request = ExportRequest(args.group, args.level, types, args.since, tuple(args.type_filter))
-        exporter = BulkExporter(args.server, out / "export", session=session, token=token,
-                                request_timeout=args.timeout, max_wait=args.max_poll_wait,
-                                timeout=args.export_timeout, progress=sys.stderr)
+        exporter = BulkExporter(
+            args.server,
+            out / "export",
+            session=session,
+            token=token,
+            request_timeout=args.timeout,
+            max_wait=args.max_poll_wait,
+            timeout=args.export_timeout,
+            progress=sys.stderr,
+        )
         files, export_issues = exporter.run(request, fresh=args.fresh_export)
         source = f"a Bulk Data export of {args.server}"
         if not files:
@@ -128,19 +180,40 @@ def run(args: argparse.Namespace) -> int:
         source = f"the NDJSON files in {args.ndjson}"
 
     spark = spark_session(SparkSettings(args.master, args.remote, driver_memory=args.driver_memory))
-    result = run_population(spark, files, out, profile_code=args.profile, today=today, now=now,
-                            keep_drafts=args.write)
-    summary = summarize(iter_rows(result.parquet, ("patient", "encounter", "complete", "code_fit", "suggested",
-                                                   "gaps", "red_flags", "referral", "drafts_allowed", "problem")))
-    page = render_html(summary, profile_code=args.profile, source=source, problems=result.problems,
-                       export_issues=export_issues, generated=now.strftime("%Y-%m-%d %H:%M UTC"))
+    result = run_population(spark, files, out, profile_code=args.profile, today=today, now=now, keep_drafts=args.write)
+    summary = summarize(
+        iter_rows(
+            result.parquet,
+            (
+                "patient",
+                "encounter",
+                "complete",
+                "code_fit",
+                "suggested",
+                "gaps",
+                "red_flags",
+                "referral",
+                "drafts_allowed",
+                "problem",
+            ),
+        )
+    )
+    page = render_html(
+        summary,
+        profile_code=args.profile,
+        source=source,
+        problems=result.problems,
+        export_issues=export_issues,
+        generated=now.strftime("%Y-%m-%d %H:%M UTC"),
+    )
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out / "report.html")
     if result.problems or export_issues:
         problems_path = out / "problems.jsonl"
-        problems_path.write_text("".join(json.dumps(p) + "\n" for p in result.problems + export_issues),
-                                 encoding="utf-8")
+        problems_path.write_text(
+            "".join(json.dumps(p) + "\n" for p in result.problems + export_issues), encoding="utf-8"
+        )
     print(render_terminal(summary, result.problems, export_issues))
     print(f"Wrote {result.parquet}, {result.jsonl} and {out / 'report.html'}.")
 
@@ -149,19 +222,27 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.worklist_total == 0 else 1
 
 
-def _write(args: argparse.Namespace, parquet: Path, session: Any, token: str | None, out: Path,
-           iter_rows: Any) -> None:
+def _write(args: argparse.Namespace, parquet: Path, session: Any, token: str | None, out: Path, iter_rows: Any) -> None:
     from .._client import FhirClient
     from .._population._writeback import WRITE_LOG, RateLimiter, WriteLog, write_back
     from .._strategies import strategies_for
 
-    with FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client, \
-            WriteLog(out / WRITE_LOG) as log:
+    with (
+        FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client,
+        WriteLog(out / WRITE_LOG) as log,
+    ):
         writer = strategies_for(client).writer
-        summary = write_back(iter_rows(parquet, ("patient", "drafts_allowed", "drafts")), writer, log,
-                             RateLimiter(args.max_writes_per_minute), progress=sys.stderr)
-    print(f"Write-back: {summary.written} patients written ({summary.created} resources created, "
-          f"{summary.existing} already there), {summary.skipped} written by an earlier run, "
-          f"{len(summary.failed)} failed.")
+        summary = write_back(
+            iter_rows(parquet, ("patient", "drafts_allowed", "drafts")),
+            writer,
+            log,
+            RateLimiter(args.max_writes_per_minute),
+            progress=sys.stderr,
+        )
+    print(
+        f"Write-back: {summary.written} patients written ({summary.created} resources created, "
+        f"{summary.existing} already there), {summary.skipped} written by an earlier run, "
+        f"{len(summary.failed)} failed."
+    )
     for patient, why in summary.failed:
         print(f"write-back failed for {patient}: {why}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from .._profile import load_profile
@@ -14,10 +14,14 @@ from ._common import checkables, parse_today, source_options, strategy_options, 
 
 
 def add_parser(sub: Any, epilog: str) -> None:
-    parser = subparser(sub, "propose", epilog, parents=[source_options()],
-                       help="report plus draft Condition and CarePlan")
-    parser.add_argument("--write", action="store_true",
-                        help="send the drafts to --server in the form it accepts (default: dry run, print the Bundle)")
+    parser = subparser(
+        sub, "propose", epilog, parents=[source_options()], help="report plus draft Condition and CarePlan"
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="send the drafts to --server in the form it accepts (default: dry run, print the Bundle)",
+    )
     strategy_options(parser)
 
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         from .._strategies import detected_strategies
 
         writer = detected_strategies(client, strategy=args.strategy, ledger=args.ledger).writer
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     outputs: list[dict[str, Any]] = []
     refused = 0
     for item in items:

@@ -15,15 +15,23 @@ from .._client import FhirClient
 from .._errors import UsageError
 from .._ledger import DEFAULT_LEDGER
 from .._profile import DEFAULT_PROFILE, load_profile
-from .._sync import (DEFAULT_MAX_TRANSPORT_ERRORS, Selection, ServerClock, SyncOptions, default_scope, parse_instant,
-                     run_sync)
+from .._sync import (
+    DEFAULT_MAX_TRANSPORT_ERRORS,
+    Selection,
+    ServerClock,
+    SyncOptions,
+    default_scope,
+    parse_instant,
+    run_sync,
+)
 from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
 from ._common import parse_today, strategy_options, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
-    parser = subparser(sub, "sync", epilog,
-                       help="headless job: check changed (or listed) patients, write drafts, resume")
+    parser = subparser(
+        sub, "sync", epilog, help="headless job: check changed (or listed) patients, write drafts, resume"
+    )
     add_arguments(parser)
 
 
@@ -34,42 +42,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--patient", metavar="ID", action="append", default=[], help="a patient id (repeatable)")
     which.add_argument("--group", metavar="ID", help="the members of this FHIR Group")
     which.add_argument("--all", action="store_true", help="every Patient on the server")
-    which.add_argument("--since", metavar="INSTANT",
-                       help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z")
-    parser.add_argument("--write", action="store_true",
-                        help="write each patient's drafts as one transaction (default: check only)")
+    which.add_argument(
+        "--since",
+        metavar="INSTANT",
+        help="changes after this time instead of the stored mark, e.g. 2026-11-01T00:00:00Z",
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write each patient's drafts as one transaction (default: check only)"
+    )
     strategy_options(parser, ledger_where=f"{DEFAULT_LEDGER} beside --state")
     parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
-    parser.add_argument("--state", metavar="FILE", default=DEFAULT_STATE,
-                        help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})")
-    parser.add_argument("--report", metavar="FILE", default="-",
-                        help="JSON-lines report, one line per patient and a summary (default stdout)")
+    parser.add_argument(
+        "--state", metavar="FILE", default=DEFAULT_STATE, help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})"
+    )
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        default="-",
+        help="JSON-lines report, one line per patient and a summary (default stdout)",
+    )
     parser.add_argument("--fresh", action="store_true", help="drop an unfinished run in the state file and start anew")
-    parser.add_argument("--profile", metavar="CODE", default=DEFAULT_PROFILE,
-                        help=f"condition profile (default {DEFAULT_PROFILE})")
+    parser.add_argument(
+        "--profile", metavar="CODE", default=DEFAULT_PROFILE, help=f"condition profile (default {DEFAULT_PROFILE})"
+    )
     parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
-    parser.add_argument("--max-transport-errors", type=int, default=DEFAULT_MAX_TRANSPORT_ERRORS, metavar="N",
-                        help="stop the run after N patients in a row get no answer (default %(default)s)")
+    parser.add_argument(
+        "--max-transport-errors",
+        type=int,
+        default=DEFAULT_MAX_TRANSPORT_ERRORS,
+        metavar="N",
+        help="stop the run after N patients in a row get no answer (default %(default)s)",
+    )
     auth = parser.add_argument_group("authentication (none: an open server)")
     auth.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
     auth.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
-    auth.add_argument("--client-id", metavar="ID",
-                      help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key")
-    auth.add_argument("--key", metavar="FILE",
-                      help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) "
-                           "(or env FHIR_CLIENT_KEY)")
-    auth.add_argument("--kid", metavar="KID", help="key id to put in the assertion header (default: the JWK's "
-                                                   "kid, else its RFC 7638 thumbprint)")
-    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes "
-                                                        "for what the run reads and writes)")
-    auth.add_argument("--token-url", metavar="URL",
-                      help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)")
+    auth.add_argument(
+        "--client-id", metavar="ID", help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key"
+    )
+    auth.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) (or env FHIR_CLIENT_KEY)",
+    )
+    auth.add_argument(
+        "--kid",
+        metavar="KID",
+        help="key id to put in the assertion header (default: the JWK's kid, else its RFC 7638 thumbprint)",
+    )
+    auth.add_argument(
+        "--scope",
+        metavar="SCOPES",
+        help="scopes to ask for (default: SMART v2 system scopes for what the run reads and writes)",
+    )
+    auth.add_argument(
+        "--token-url",
+        metavar="URL",
+        help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
 
 
-def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
-             ) -> tuple[requests.Session, str | None]:
+def _session(
+    args: argparse.Namespace,
+    selection: Selection,
+    concurrency: int,
+) -> tuple[requests.Session, str | None]:
     """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
     from .._backend_auth import backend_session, load_signing_key
 
@@ -86,8 +124,15 @@ def _session(args: argparse.Namespace, selection: Selection, concurrency: int,
         if args.token or args.token_file:
             raise UsageError("give either --token (or --token-file) or --client-id with --key, not both")
         key = load_signing_key(key_path, kid=args.kid)
-        backend_session(args.server, client_id, key, args.scope or default_scope(selection, args.write),
-                        token_url=args.token_url, timeout=args.timeout, session=session)
+        backend_session(
+            args.server,
+            client_id,
+            key,
+            args.scope or default_scope(selection, args.write),
+            token_url=args.token_url,
+            timeout=args.timeout,
+            session=session,
+        )
         return session, None
     return session, token
 
@@ -99,27 +144,41 @@ def run(args: argparse.Namespace) -> int:
         parse_instant(selection.since)
     # the ledger lives beside the sync state unless named (issue 12, writer c)
     ledger = args.ledger or str(Path(args.state).with_name(DEFAULT_LEDGER))
-    options = SyncOptions(selection, args.write, args.concurrency, parse_today(args.today), args.fresh,
-                          args.max_transport_errors, args.strategy, ledger)
+    options = SyncOptions(
+        selection,
+        args.write,
+        args.concurrency,
+        parse_today(args.today),
+        args.fresh,
+        args.max_transport_errors,
+        args.strategy,
+        ledger,
+    )
     profile = load_profile(args.profile)
     session, token = _session(args, selection, options.concurrency)
     clock = ServerClock()
     session.hooks["response"].append(clock)
     try:
-        with Checkpoint(args.state) as checkpoint, \
-                FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client:
+        with (
+            Checkpoint(args.state) as checkpoint,
+            FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client,
+        ):
             out = sys.stdout if args.report == "-" else _open_report(args.report)
             try:
-                result = run_sync(client, checkpoint, options, profile=profile, out=out,
-                                  progress_stream=sys.stderr, clock=clock)
+                result = run_sync(
+                    client, checkpoint, options, profile=profile, out=out, progress_stream=sys.stderr, clock=clock
+                )
             finally:
                 if out is not sys.stdout:
                     out.close()
     finally:
         session.close()
     counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
-    print(f"fhir-plugin sync: {result.total} patients ({counts or 'none'}); {result.created} drafts created, "
-          f"{result.existing} already there; {result.elapsed:.1f} s", file=sys.stderr)
+    print(
+        f"fhir-plugin sync: {result.total} patients ({counts or 'none'}); {result.created} drafts created, "
+        f"{result.existing} already there; {result.elapsed:.1f} s",
+        file=sys.stderr,
+    )
     return 1 if result.failed else 0
 
 

@@ -13,8 +13,9 @@ from ._common import parse_today, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
-    parser = subparser(sub, "synthetic", None,
-                       help="save the synthetic patients as Bundle files, or load them into a server")
+    parser = subparser(
+        sub, "synthetic", None, help="save the synthetic patients as Bundle files, or load them into a server"
+    )
     parser.add_argument("--out", metavar="DIR", help="write one Bundle per patient plus expected.json here")
     parser.add_argument("--server", metavar="URL", help="load them into this FHIR server by one transaction")
     parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date the records are dated back from")

@@ -14,12 +14,22 @@ Public API::
 Command line: ``python -m sandbox.ehr --port 9090 --fhir-upstream http://127.0.0.1:8080/fhir``.
 """
 
+from smart_launch._serve import free_port
+
 from ._app import create_app, smart_configuration
 from ._clients import Client, ClientConfigError, ClientRegistry
 from ._config import EhrConfig
-from smart_launch._serve import free_port
-
 from ._run import RunningEhr, running_ehr, start_in_thread
 
-__all__ = ["Client", "ClientConfigError", "ClientRegistry", "EhrConfig", "RunningEhr", "create_app",
-           "free_port", "running_ehr", "smart_configuration", "start_in_thread"]
+__all__ = [
+    "Client",
+    "ClientConfigError",
+    "ClientRegistry",
+    "EhrConfig",
+    "RunningEhr",
+    "create_app",
+    "free_port",
+    "running_ehr",
+    "smart_configuration",
+    "start_in_thread",
+]

@@ -31,13 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox.ehr", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9090)
-    parser.add_argument("--public-url", help="the base URL apps use to reach this EHR "
-                                             "(default http://HOST:PORT)")
+    parser.add_argument("--public-url", help="the base URL apps use to reach this EHR (default http://HOST:PORT)")
     parser.add_argument("--fhir-upstream", required=True, help="the HAPI FHIR base, e.g. http://127.0.0.1:8080/fhir")
     parser.add_argument("--clients", type=Path, default=EXAMPLE_CLIENTS, help="client registry JSON")
     parser.add_argument("--auto-approve", action="store_true", help="approve every authorize request unseen")
-    parser.add_argument("--personality", choices=("hapi", "epic-like", "oracle-like"), default="hapi",
-                        help="shape the FHIR proxy like a vendor's server (default hapi)")
+    parser.add_argument(
+        "--personality",
+        choices=("hapi", "epic-like", "oracle-like"),
+        default="hapi",
+        help="shape the FHIR proxy like a vendor's server (default hapi)",
+    )
     parser.add_argument("--v1-only", action="store_true", help="advertise and grant SMART v1 scopes only")
     parser.add_argument("--token-lifetime", type=int, default=300, help="access token lifetime, seconds")
     args = parser.parse_args(argv)
@@ -52,12 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host) or not base_url.startswith(("http://127.", "http://localhost", "https://")):
         # authlib refuses plain http off loopback; a sandbox in a container has no TLS.
         os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
-    config = EhrConfig(base_url=base_url, fhir_upstream=args.fhir_upstream, clients=clients,
-                       auto_approve=args.auto_approve, permission_v1_only=args.v1_only,
-                       personality=args.personality,
-                       access_token_lifetime=args.token_lifetime)
-    print(f"sandbox EHR on {config.base_url} (FHIR base {config.fhir_base_url}, upstream {config.fhir_upstream}, "
-          f"{len(clients.all())} clients{', auto-approve' if args.auto_approve else ''})", flush=True)
+    config = EhrConfig(
+        base_url=base_url,
+        fhir_upstream=args.fhir_upstream,
+        clients=clients,
+        auto_approve=args.auto_approve,
+        permission_v1_only=args.v1_only,
+        personality=args.personality,
+        access_token_lifetime=args.token_lifetime,
+    )
+    print(
+        f"sandbox EHR on {config.base_url} (FHIR base {config.fhir_base_url}, upstream {config.fhir_upstream}, "
+        f"{len(clients.all())} clients{', auto-approve' if args.auto_approve else ''})",
+        flush=True,
+    )
     # access_log off: uvicorn's access log prints query strings, which may carry patient data.
     uvicorn.run(create_app(config), host=args.host, port=args.port, access_log=False, log_level="info")
     return 0

@@ -24,8 +24,9 @@ the answers back to :func:`check_owned` and :func:`check_answer`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl
 
 from ._scopes import ResourceScope
@@ -39,18 +40,67 @@ ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # let a made-up element vouch for a resource whose real subject was another patient).
 _S, _P = ("subject",), ("patient",)
 COMPARTMENT_LINKS: dict[str, tuple[str, ...]] = {
-    **{t: _S for t in (
-        "Account", "AdverseEvent", "Basic", "CarePlan", "CareTeam", "ChargeItem", "ClinicalImpression",
-        "Communication", "CommunicationRequest", "Composition", "Condition", "DeviceRequest",
-        "DeviceUseStatement", "DiagnosticReport", "DocumentManifest", "DocumentReference", "Encounter", "Flag",
-        "Goal", "ImagingStudy", "Invoice", "List", "Media", "MedicationAdministration", "MedicationDispense",
-        "MedicationRequest", "MedicationStatement", "Observation", "Procedure", "QuestionnaireResponse",
-        "RiskAssessment", "ServiceRequest", "Specimen")},
-    **{t: _P for t in (
-        "AllergyIntolerance", "BodyStructure", "Claim", "ClaimResponse", "Consent", "CoverageEligibilityRequest",
-        "DetectedIssue", "EpisodeOfCare", "ExplanationOfBenefit", "FamilyMemberHistory", "Immunization",
-        "ImmunizationEvaluation", "ImmunizationRecommendation", "MolecularSequence", "NutritionOrder",
-        "RelatedPerson", "SupplyDelivery", "VisionPrescription")},
+    **{
+        t: _S
+        for t in (
+            "Account",
+            "AdverseEvent",
+            "Basic",
+            "CarePlan",
+            "CareTeam",
+            "ChargeItem",
+            "ClinicalImpression",
+            "Communication",
+            "CommunicationRequest",
+            "Composition",
+            "Condition",
+            "DeviceRequest",
+            "DeviceUseStatement",
+            "DiagnosticReport",
+            "DocumentManifest",
+            "DocumentReference",
+            "Encounter",
+            "Flag",
+            "Goal",
+            "ImagingStudy",
+            "Invoice",
+            "List",
+            "Media",
+            "MedicationAdministration",
+            "MedicationDispense",
+            "MedicationRequest",
+            "MedicationStatement",
+            "Observation",
+            "Procedure",
+            "QuestionnaireResponse",
+            "RiskAssessment",
+            "ServiceRequest",
+            "Specimen",
+        )
+    },
+    **{
+        t: _P
+        for t in (
+            "AllergyIntolerance",
+            "BodyStructure",
+            "Claim",
+            "ClaimResponse",
+            "Consent",
+            "CoverageEligibilityRequest",
+            "DetectedIssue",
+            "EpisodeOfCare",
+            "ExplanationOfBenefit",
+            "FamilyMemberHistory",
+            "Immunization",
+            "ImmunizationEvaluation",
+            "ImmunizationRecommendation",
+            "MolecularSequence",
+            "NutritionOrder",
+            "RelatedPerson",
+            "SupplyDelivery",
+            "VisionPrescription",
+        )
+    },
     "Coverage": ("beneficiary", "subscriber", "policyHolder"),
     "Provenance": ("target",),
     "Appointment": ("participant.actor",),
@@ -59,11 +109,29 @@ COMPARTMENT_LINKS: dict[str, tuple[str, ...]] = {
 _FILTER_PARAMS: dict[str, tuple[str, ...]] = {"Coverage": ("beneficiary", "patient"), "Provenance": ("patient",)}
 _DEFAULT_FILTERS = ("patient", "subject")
 # Types readable under patient/ scopes without a patient filter: no patient's data in them.
-NON_PATIENT_TYPES = frozenset({
-    "Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService", "Endpoint",
-    "Medication", "Substance", "Device", "PlanDefinition", "ActivityDefinition", "Questionnaire",
-    "ValueSet", "CodeSystem", "ConceptMap", "StructureDefinition", "Library", "Measure", "SearchParameter",
-})
+NON_PATIENT_TYPES = frozenset(
+    {
+        "Practitioner",
+        "PractitionerRole",
+        "Organization",
+        "Location",
+        "HealthcareService",
+        "Endpoint",
+        "Medication",
+        "Substance",
+        "Device",
+        "PlanDefinition",
+        "ActivityDefinition",
+        "Questionnaire",
+        "ValueSet",
+        "CodeSystem",
+        "ConceptMap",
+        "StructureDefinition",
+        "Library",
+        "Measure",
+        "SearchParameter",
+    }
+)
 
 READ = frozenset("rs")
 PERMISSION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
@@ -86,13 +154,13 @@ class Access:
     patient: str | None = None
 
     def mode(self, permission: str, rtype: str) -> str | None:
-        """"all" when a user/system scope grants it, "patient" when only a patient/ scope does, else None."""
+        """ "all" when a user/system scope grants it, "patient" when only a patient/ scope does, else None."""
         found = None
         for scope in self.scopes:
             if scope.allows(permission, rtype):
                 if scope.context in ("user", "system"):
                     return "all"
-                if self.patient:      # a patient/ scope without a patient in context grants nothing
+                if self.patient:  # a patient/ scope without a patient in context grants nothing
                     found = "patient"
         return found
 
@@ -106,18 +174,27 @@ class Interaction:
     """One FHIR interaction: from the URL, or from a Bundle entry."""
 
     method: str
-    kind: str                       # read | vread | history | search | create | update | patch | delete | page
+    kind: str  # read | vread | history | search | create | update | patch | delete | page
     rtype: str | None
     rid: str | None = None
     params: list[tuple[str, str]] = field(default_factory=list)
     resource: Mapping[str, Any] | None = None
-    compartment_patient: str | None = None    # GET Patient/<id>/<Type>
-    if_none_exist: list[tuple[str, str]] | None = None   # a conditional create's search (header or ifNoneExist)
+    compartment_patient: str | None = None  # GET Patient/<id>/<Type>
+    if_none_exist: list[tuple[str, str]] | None = None  # a conditional create's search (header or ifNoneExist)
 
     @property
     def permission(self) -> str:
-        return {"read": "r", "vread": "r", "history": "r", "search": "s", "page": "s", "create": "c",
-                "update": "u", "patch": "u", "delete": "d"}[self.kind]
+        return {
+            "read": "r",
+            "vread": "r",
+            "history": "r",
+            "search": "s",
+            "page": "s",
+            "create": "c",
+            "update": "u",
+            "patch": "u",
+            "delete": "d",
+        }[self.kind]
 
     def describe(self) -> str:
         target = self.rtype or "the base"
@@ -130,23 +207,30 @@ class Interaction:
 class Plan:
     """An allowed request: what the proxy still has to check around the upstream call."""
 
-    owned: list[tuple[str, str]] = field(default_factory=list)   # existing resources that must be the patient's
-    check_answer: bool = False                                     # check every resource in the answer
-    read_entries: list[int] | None = None                          # batch/transaction: which entries read
-    check_written: bool = False                                    # a write's answer must be the patient's
-    write_entries: list[int] = field(default_factory=list)         # batch/transaction: writes so checked
+    owned: list[tuple[str, str]] = field(default_factory=list)  # existing resources that must be the patient's
+    check_answer: bool = False  # check every resource in the answer
+    read_entries: list[int] | None = None  # batch/transaction: which entries read
+    check_written: bool = False  # a write's answer must be the patient's
+    write_entries: list[int] = field(default_factory=list)  # batch/transaction: writes so checked
 
 
 # ------------------------------------------------------------------ URL → interaction
 
-def parse_interaction(method: str, path: str, query: str = "", form: str = "",
-                      resource: Mapping[str, Any] | None = None, *,
-                      bases: Sequence[str] = ()) -> Interaction:
+
+def parse_interaction(
+    method: str,
+    path: str,
+    query: str = "",
+    form: str = "",
+    resource: Mapping[str, Any] | None = None,
+    *,
+    bases: Sequence[str] = (),
+) -> Interaction:
     """The interaction a request makes; Denied(400) when the URL is not one the proxy knows."""
     method = method.upper()
     for base in bases:
         if base and path.startswith(base.rstrip("/") + "/"):
-            path = path[len(base.rstrip("/")) + 1:]
+            path = path[len(base.rstrip("/")) + 1 :]
             break
     if "?" in path:
         path, _, extra = path.partition("?")
@@ -169,7 +253,7 @@ def parse_interaction(method: str, path: str, query: str = "", form: str = "",
             return Interaction(method, "search", rtype, params=params)
         if method == "POST":
             return Interaction(method, "create", rtype, params=params, resource=resource)
-        if method in ("PUT", "PATCH", "DELETE") and params:   # conditional update / delete
+        if method in ("PUT", "PATCH", "DELETE") and params:  # conditional update / delete
             kind = {"PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
             return Interaction(method, kind, rtype, params=params, resource=resource)
         raise Denied(f"{method} {rtype} is not supported", 405)
@@ -181,9 +265,10 @@ def parse_interaction(method: str, path: str, query: str = "", form: str = "",
     if not ID_RE.match(rid):
         raise Denied(f"not a FHIR id: {rid[:64]!r}", 400)
     if len(parts) == 2:
-        kind = {"GET": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
-        if kind is None:
+        found = {"GET": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
+        if found is None:
             raise Denied(f"{method} {rtype}/{rid} is not supported", 405)
+        kind = found
         return Interaction(method, kind, rtype, rid, params=params, resource=resource)
     if method == "GET" and parts[2] == "_history" and len(parts) in (3, 4):
         return Interaction(method, "vread" if len(parts) == 4 else "history", rtype, rid, params=params)
@@ -193,6 +278,7 @@ def parse_interaction(method: str, path: str, query: str = "", form: str = "",
 
 
 # ------------------------------------------------------------------ who owns a resource
+
 
 def _references(resource: Mapping[str, Any], path: str) -> list[str]:
     values: list[Any] = [resource]
@@ -213,7 +299,7 @@ def _patient_of(reference: str, bases: Sequence[str]) -> str | None:
     ref = reference
     for base in bases:
         if base and ref.startswith(base.rstrip("/") + "/"):
-            ref = ref[len(base.rstrip("/")) + 1:]
+            ref = ref[len(base.rstrip("/")) + 1 :]
             break
     parts = ref.split("/")
     if len(parts) >= 2 and parts[0] == "Patient":
@@ -221,8 +307,14 @@ def _patient_of(reference: str, bases: Sequence[str]) -> str | None:
     return None
 
 
-def belongs(resource: Mapping[str, Any], patient: str, *, local: Mapping[str, Mapping[str, Any]] | None = None,
-            bases: Sequence[str] = (), _seen: frozenset[int] = frozenset()) -> bool:
+def belongs(
+    resource: Mapping[str, Any],
+    patient: str,
+    *,
+    local: Mapping[str, Mapping[str, Any]] | None = None,
+    bases: Sequence[str] = (),
+    _seen: frozenset[int] = frozenset(),
+) -> bool:
     """Whether a resource is ``patient``'s: the Patient itself, or a compartment resource whose links
     name this patient and no other.  A link to another entry of the same Bundle (``local``, by
     fullUrl) counts as that entry's patient — a Provenance whose targets are the Condition and
@@ -268,9 +360,13 @@ def _all_references(value: Any, depth: int = 0) -> Iterator[str]:
             yield from _all_references(item, depth + 1)
 
 
-def check_references(resource: Mapping[str, Any], patient: str, bases: Sequence[str],
-                     local: Mapping[str, Mapping[str, Any]] | None = None,
-                     bare_local: frozenset[str] = frozenset()) -> None:
+def check_references(
+    resource: Mapping[str, Any],
+    patient: str,
+    bases: Sequence[str],
+    local: Mapping[str, Mapping[str, Any]] | None = None,
+    bare_local: frozenset[str] = frozenset(),
+) -> None:
     """A patient-level write may point nowhere outside its patient (issue 11, item 2).
 
     Refused: a conditional reference (``Patient?_id=B`` — the server resolves it
@@ -294,6 +390,7 @@ def _names_patient(resource: Mapping[str, Any], bases: Sequence[str]) -> bool:
 
 # ------------------------------------------------------------------ decisions
 
+
 def _need(access: Access, it: Interaction, rtype: str) -> str:
     mode = access.mode(it.permission, rtype)
     if mode is None:
@@ -301,8 +398,7 @@ def _need(access: Access, it: Interaction, rtype: str) -> str:
     return mode
 
 
-def _search_names_patient(rtype: str, params: Iterable[tuple[str, str]], patient: str,
-                          bases: Sequence[str]) -> bool:
+def _search_names_patient(rtype: str, params: Iterable[tuple[str, str]], patient: str, bases: Sequence[str]) -> bool:
     """Whether a search is limited to ``patient``: some patient filter, and every patient filter naming only them."""
     allowed = ("_id",) if rtype == "Patient" else _FILTER_PARAMS.get(rtype, _DEFAULT_FILTERS)
     named = False
@@ -319,8 +415,13 @@ def _search_names_patient(rtype: str, params: Iterable[tuple[str, str]], patient
     return named
 
 
-def _conditional_names_patient(rtype: str, params: list[tuple[str, str]], patient: str, bases: Sequence[str],
-                               local: Mapping[str, Mapping[str, Any]] | None) -> bool:
+def _conditional_names_patient(
+    rtype: str,
+    params: list[tuple[str, str]],
+    patient: str,
+    bases: Sequence[str],
+    local: Mapping[str, Mapping[str, Any]] | None,
+) -> bool:
     """A conditional create's search is the patient's: it names the patient like any search, or (a
     Provenance in a Bundle) it names ``target``s that are entries of the Bundle belonging to the patient
     — the server resolves those placeholders to the resources it is writing."""
@@ -338,8 +439,11 @@ def _provenance_targets(params: Iterable[tuple[str, str]]) -> list[tuple[str, st
     """The ``target=Type/id`` values of a Provenance search, when every parameter is a plain target or _tag."""
     found: list[tuple[str, str]] = []
     for key, value in params:
-        if key == "target" and re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", value) \
-                and value.split("/")[0] in COMPARTMENT_LINKS:
+        if (
+            key == "target"
+            and re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", value)
+            and value.split("/")[0] in COMPARTMENT_LINKS
+        ):
             found.append((value.split("/")[0], value.split("/")[1]))
         elif key not in ("_tag", "_count"):
             return []
@@ -352,9 +456,15 @@ def _no_has(params: Iterable[tuple[str, str]]) -> None:
         raise Denied("_has searches are not available to patient-level tokens")
 
 
-def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan,
-                         local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str],
-                         bare_local: frozenset[str] = frozenset()) -> None:
+def _check_patient_scope(
+    access: Access,
+    it: Interaction,
+    rtype: str,
+    plan: Plan,
+    local: Mapping[str, Mapping[str, Any]] | None,
+    bases: Sequence[str],
+    bare_local: frozenset[str] = frozenset(),
+) -> None:
     patient = access.patient or ""
     _no_has(it.params)
     _no_has(it.if_none_exist or ())
@@ -381,8 +491,10 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
             plan.check_answer = False  # only target/_tag/_count: no _include can bring in anything else
             return
         elif not _search_names_patient(rtype, it.params, patient, bases):
-            raise Denied(f"a patient-level search on {rtype} must name the patient in context "
-                         f"(patient=<id> or subject=Patient/<id>)")
+            raise Denied(
+                f"a patient-level search on {rtype} must name the patient in context "
+                f"(patient=<id> or subject=Patient/<id>)"
+            )
         plan.check_answer = True
         return
     if it.kind == "patch":
@@ -390,12 +502,13 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
     if it.kind in ("update", "delete") and it.rid is None:
         if not _search_names_patient(rtype, it.params, patient, bases):
             raise Denied(f"a conditional {it.kind} under a patient-level token must name the patient in context")
-    if it.if_none_exist is not None and \
-            not _conditional_names_patient(rtype, it.if_none_exist, patient, bases, local):
+    if it.if_none_exist is not None and not _conditional_names_patient(rtype, it.if_none_exist, patient, bases, local):
         # issue 11, item 1: the match of a conditional create is returned (or its count leaks as
         # 412), so its search is held to the rules of any other patient-level search
-        raise Denied("a conditional create under a patient-level token must name the patient in context "
-                     "in its If-None-Exist search")
+        raise Denied(
+            "a conditional create under a patient-level token must name the patient in context "
+            "in its If-None-Exist search"
+        )
     if it.kind in ("create", "update"):
         if not isinstance(it.resource, Mapping):
             raise Denied(f"{it.kind} needs a resource", 400)
@@ -403,9 +516,13 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
         if not belongs(it.resource, patient, local=local, bases=bases):
             # a Provenance created on its own (no Bundle, issue 12) is the patient's when every
             # resource it is about is: those are fetched and checked before it is forwarded
-            targets = _provenance_targets([("target", str((t or {}).get("reference", "")))
-                                           for t in it.resource.get("target") or []]) \
-                if rtype == "Provenance" and it.kind == "create" else []
+            targets = (
+                _provenance_targets(
+                    [("target", str((t or {}).get("reference", ""))) for t in it.resource.get("target") or []]
+                )
+                if rtype == "Provenance" and it.kind == "create"
+                else []
+            )
             if not targets:
                 raise Denied(f"the {rtype} does not belong to the patient in context")
             plan.owned.extend(targets)
@@ -419,9 +536,14 @@ def _check_patient_scope(access: Access, it: Interaction, rtype: str, plan: Plan
         plan.owned.append((rtype, it.rid))
 
 
-def _check_one(access: Access, it: Interaction, plan: Plan,
-               local: Mapping[str, Mapping[str, Any]] | None, bases: Sequence[str],
-               bare_local: frozenset[str] = frozenset()) -> None:
+def _check_one(
+    access: Access,
+    it: Interaction,
+    plan: Plan,
+    local: Mapping[str, Mapping[str, Any]] | None,
+    bases: Sequence[str],
+    bare_local: frozenset[str] = frozenset(),
+) -> None:
     if it.kind == "page":
         # A page of an earlier search: HAPI knows which; every resource it returns is checked.
         if not any(s.permissions & READ and (s.context != "patient" or access.patient) for s in access.scopes):
@@ -442,7 +564,7 @@ def _check_one(access: Access, it: Interaction, plan: Plan,
             raise Denied("the body's id differs from the URL's", 400)
     mode = _need(access, it, it.rtype)
     if it.kind in ("read", "vread", "history", "search"):
-        plan.check_answer = True   # the types in the answer are checked in every mode (_include)
+        plan.check_answer = True  # the types in the answer are checked in every mode (_include)
     if mode == "patient":
         _check_patient_scope(access, it, it.rtype, plan, local, bases, bare_local)
     if it.kind == "history" and it.rid is None and mode == "patient":
@@ -460,9 +582,17 @@ def _conditional(it: Interaction, if_none_exist: str | None) -> Interaction:
     return it
 
 
-def plan_request(access: Access, method: str, path: str, query: str = "", *,
-                 body: Any = None, form: str = "", bases: Sequence[str] = (),
-                 if_none_exist: str | None = None) -> Plan:
+def plan_request(
+    access: Access,
+    method: str,
+    path: str,
+    query: str = "",
+    *,
+    body: Any = None,
+    form: str = "",
+    bases: Sequence[str] = (),
+    if_none_exist: str | None = None,
+) -> Plan:
     """Allow or refuse one request to the proxy; raises Denied with the reason."""
     plan = Plan()
     if method.upper() == "POST" and not path.strip("/"):
@@ -484,20 +614,34 @@ def plan_bundle(access: Access, bundle: Any, *, bases: Sequence[str] = ()) -> Pl
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise Denied("Bundle.entry must be a list", 400)
-    local = {e["fullUrl"]: e["resource"] for e in entries
-             if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str) and isinstance(e.get("resource"), Mapping)}
-    bare_local = frozenset(e["fullUrl"] for e in entries
-                           if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str))
-    plan = Plan(read_entries=[])
+    local = {
+        e["fullUrl"]: e["resource"]
+        for e in entries
+        if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str) and isinstance(e.get("resource"), Mapping)
+    }
+    bare_local = frozenset(
+        e["fullUrl"] for e in entries if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str)
+    )
+    read_entries: list[int] = []
+    plan = Plan(read_entries=read_entries)
     for index, entry in enumerate(entries):
         request = entry.get("request") if isinstance(entry, Mapping) else None
-        if not isinstance(request, Mapping) or not isinstance(request.get("method"), str) \
-                or not isinstance(request.get("url"), str):
+        if (
+            not isinstance(request, Mapping)
+            or not isinstance(request.get("method"), str)
+            or not isinstance(request.get("url"), str)
+        ):
             raise Denied(f"entry {index}: no request method and url", 400)
         resource = entry.get("resource")
         try:
-            it = parse_interaction(request["method"], request["url"], "", "",
-                                   resource if isinstance(resource, Mapping) else None, bases=bases)
+            it = parse_interaction(
+                request["method"],
+                request["url"],
+                "",
+                "",
+                resource if isinstance(resource, Mapping) else None,
+                bases=bases,
+            )
             if it.kind == "page":
                 raise Denied("paging inside a Bundle is not supported", 400)
             if it.kind in ("create", "update") and not isinstance(resource, Mapping):
@@ -514,7 +658,7 @@ def plan_bundle(access: Access, bundle: Any, *, bases: Sequence[str] = ()) -> Pl
             raise Denied(f"entry {index} ({label}): {exc.message}", exc.status) from None
         plan.owned.extend(entry_plan.owned)
         if entry_plan.check_answer:
-            plan.read_entries.append(index)
+            read_entries.append(index)
         elif entry_plan.check_written:
             plan.write_entries.append(index)
     plan.check_answer = bool(plan.read_entries)
@@ -539,7 +683,7 @@ def _check_full_url(full_url: Any, it: Interaction, bases: Sequence[str]) -> Non
     ref = full_url
     for base in bases:
         if base and ref.startswith(base.rstrip("/") + "/"):
-            ref = ref[len(base.rstrip("/")) + 1:]
+            ref = ref[len(base.rstrip("/")) + 1 :]
             break
     if it.resource is None or ref != own:
         raise Denied("fullUrl must be a urn:uuid:, a urn:oid: or the resource's own Type/id", 400)
@@ -611,6 +755,9 @@ def _check_resources(access: Access, body: Any, bases: Sequence[str], label: str
         mode = access.readable(rtype)
         if mode is None:
             raise Denied(f"{label}the answer holds {rtype} resources the token's scopes do not allow reading")
-        if mode == "patient" and rtype not in NON_PATIENT_TYPES and not belongs(resource, access.patient or "",
-                                                                              bases=bases):
+        if (
+            mode == "patient"
+            and rtype not in NON_PATIENT_TYPES
+            and not belongs(resource, access.patient or "", bases=bases)
+        ):
             raise Denied(f"{label}the answer holds a {rtype} of another patient")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 from authlib.oauth2.rfc6749 import OAuth2Error
@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from . import _pages, _scopes
-from ._cds_client import cds_router
 from ._access import ID_RE
+from ._cds_client import cds_router
 from ._config import EhrConfig
 from ._proxy import FHIR_JSON, FhirProxy, ProxyResponse
 from ._server import SandboxAuthorizationServer, SandboxRequest
@@ -36,13 +36,35 @@ from ._store import Approval, LaunchContext, Store
 
 log = logging.getLogger("sandbox.ehr")
 
-CAPABILITIES = ["launch-ehr", "launch-standalone", "client-public", "client-confidential-asymmetric",
-                "client-confidential-symmetric", "context-passthrough-banner", "context-passthrough-style",
-                "context-ehr-patient", "context-ehr-encounter", "context-standalone-patient",
-                "permission-v2", "permission-v1", "permission-patient", "permission-user", "permission-offline",
-                "permission-online", "authorize-post"]
-SUPPORTED_OTHER_SCOPES = ["openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter",
-                          "offline_access", "online_access"]
+CAPABILITIES = [
+    "launch-ehr",
+    "launch-standalone",
+    "client-public",
+    "client-confidential-asymmetric",
+    "client-confidential-symmetric",
+    "context-passthrough-banner",
+    "context-passthrough-style",
+    "context-ehr-patient",
+    "context-ehr-encounter",
+    "context-standalone-patient",
+    "permission-v2",
+    "permission-v1",
+    "permission-patient",
+    "permission-user",
+    "permission-offline",
+    "permission-online",
+    "authorize-post",
+]
+SUPPORTED_OTHER_SCOPES = [
+    "openid",
+    "fhirUser",
+    "profile",
+    "launch",
+    "launch/patient",
+    "launch/encounter",
+    "offline_access",
+    "online_access",
+]
 PENDING_LIFETIME = 900
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -53,11 +75,28 @@ def smart_configuration(config: EhrConfig) -> dict[str, Any]:
     if config.issue_id_token:
         caps.append("sso-openid-connect")
     if config.permission_v1_only:
-        resource = ["patient/*.read", "patient/*.write", "patient/*.*", "user/*.read", "user/*.write",
-                    "system/*.read", "system/*.write"]
+        resource = [
+            "patient/*.read",
+            "patient/*.write",
+            "patient/*.*",
+            "user/*.read",
+            "user/*.write",
+            "system/*.read",
+            "system/*.write",
+        ]
     else:
-        resource = ["patient/*.rs", "patient/*.cruds", "user/*.rs", "user/*.cruds", "system/*.rs",
-                    "system/*.cruds", "patient/*.read", "patient/*.write", "system/*.read", "system/*.write"]
+        resource = [
+            "patient/*.rs",
+            "patient/*.cruds",
+            "user/*.rs",
+            "user/*.cruds",
+            "system/*.rs",
+            "system/*.cruds",
+            "patient/*.read",
+            "patient/*.write",
+            "system/*.read",
+            "system/*.write",
+        ]
     doc: dict[str, Any] = {
         "issuer": config.base_url,
         "authorization_endpoint": config.authorize_url,
@@ -102,16 +141,22 @@ class SandboxEhr:
         """The context a validated authorize request gets, and whether a patient must still be chosen."""
         scopes = _scopes.split(scope)
         wants_patient = "launch/patient" in scopes or _scopes.has_patient_scope(scope)
-        base = LaunchContext(user_id=self.config.user_id, nonce=params.get("nonce"),
-                             smart_style_url=self.config.style_url)
+        base = LaunchContext(
+            user_id=self.config.user_id, nonce=params.get("nonce"), smart_style_url=self.config.style_url
+        )
         launch_id = params.get("launch")
         if launch_id:
             launch = self.store.get_launch(launch_id)
-            if launch is not None:   # validated moments ago; None only if it expired in between
+            if launch is not None:  # validated moments ago; None only if it expired in between
                 fhir_context = ({"reference": f"Encounter/{launch.encounter}"},) if launch.encounter else ()
-                context = dataclasses.replace(base, patient=launch.patient, encounter=launch.encounter,
-                                              need_patient_banner=launch.need_patient_banner,
-                                              fhir_context=fhir_context, launch_id=launch.launch_id)
+                context = dataclasses.replace(
+                    base,
+                    patient=launch.patient,
+                    encounter=launch.encounter,
+                    need_patient_banner=launch.need_patient_banner,
+                    fhir_context=fhir_context,
+                    launch_id=launch.launch_id,
+                )
                 return context, wants_patient and not launch.patient
         return base, wants_patient
 
@@ -120,19 +165,37 @@ class SandboxEhr:
         if error.redirect_uri:
             return self.server.handle_error_response(oreq, error)
         log.info("authorize refused without redirect: %s", error.error)
-        return HTMLResponse(_pages.error_page("The authorization request was refused",
-                                              f"{error.error}: {error.description or ''}"), status_code=400)
+        return HTMLResponse(
+            _pages.error_page("The authorization request was refused", f"{error.error}: {error.description or ''}"),
+            status_code=400,
+        )
 
-    def consent_response(self, pending_id: str, client_name: str, scope: str, context: LaunchContext,
-                         needs_patient: bool, hint: str | None, patients: list[dict[str, str]],
-                         message: str = "") -> HTMLResponse:
+    def consent_response(
+        self,
+        pending_id: str,
+        client_name: str,
+        scope: str,
+        context: LaunchContext,
+        needs_patient: bool,
+        hint: str | None,
+        patients: list[dict[str, str]],
+        message: str = "",
+    ) -> HTMLResponse:
         scopes = _scopes.split(scope)
         writes = [s for s in scopes if isinstance(p := _scopes.parse_scope(s), _scopes.ResourceScope) and p.writes]
         html = _pages.consent_page(
-            action=self.config.base_url + "/authorize/consent", pending_id=pending_id, client_name=client_name,
-            patient=context.patient, encounter=context.encounter, needs_patient=needs_patient, hint=hint,
-            patients=patients, read_scopes=[s for s in scopes if s not in writes], write_scopes=writes,
-            message=message)
+            action=self.config.base_url + "/authorize/consent",
+            pending_id=pending_id,
+            client_name=client_name,
+            patient=context.patient,
+            encounter=context.encounter,
+            needs_patient=needs_patient,
+            hint=hint,
+            patients=patients,
+            read_scopes=[s for s in scopes if s not in writes],
+            write_scopes=writes,
+            message=message,
+        )
         # framed only by the EHR's own pages (an embedded app's sign-in runs in the EHR's frame), never elsewhere
         ancestors = " ".join(["'self'", *self.config.frame_ancestors])
         return HTMLResponse(html, headers={**_NO_STORE, "Content-Security-Policy": f"frame-ancestors {ancestors}"})
@@ -164,8 +227,12 @@ class SandboxEhr:
     def patient_exists(self, patient_id: str) -> bool | None:
         """Whether the upstream server holds Patient ``patient_id``; None when it cannot be asked."""
         try:
-            answer = self.proxy.session().get(f"{self.config.fhir_upstream}/Patient/{patient_id}",
-                                              params={"_elements": "id"}, headers={"Accept": FHIR_JSON}, timeout=10)
+            answer = self.proxy.session().get(
+                f"{self.config.fhir_upstream}/Patient/{patient_id}",
+                params={"_elements": "id"},
+                headers={"Accept": FHIR_JSON},
+                timeout=10,
+            )
         except requests.RequestException:
             return None
         if answer.status_code in (404, 410):
@@ -175,7 +242,7 @@ class SandboxEhr:
     def list_encounters(self, limit: int = 500) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for resource in self._search_all("Encounter", {"_count": str(limit), "_elements": "subject"}):
-            ref = ((resource.get("subject") or {}).get("reference") or "")
+            ref = (resource.get("subject") or {}).get("reference") or ""
             if ref.startswith("Patient/") and resource.get("id"):
                 out.setdefault(ref.split("/", 1)[1], []).append(resource["id"])
         return out
@@ -213,25 +280,35 @@ def create_app(config: EhrConfig) -> FastAPI:
 
     @app.get("/smart-style.json")
     def style() -> JSONResponse:
-        return JSONResponse({"color_background": "#f6f8fa", "color_highlight": "#0969da",
-                             "color_text": "#1b1f24", "dim_border": "#d0d7de",
-                             "font_family": "system-ui, sans-serif", "version": "0.1"})
+        return JSONResponse(
+            {
+                "color_background": "#f6f8fa",
+                "color_highlight": "#0969da",
+                "color_text": "#1b1f24",
+                "dim_border": "#d0d7de",
+                "font_family": "system-ui, sans-serif",
+                "version": "0.1",
+            }
+        )
 
     # -------------------------------------------------------------- authorize
 
     @app.api_route("/authorize", methods=["GET", "POST"])
     async def authorize(request: Request) -> Response:
-        form = list((await request.form()).multi_items()) if request.method == "POST" else []
-        form = [(k, v) for k, v in form if isinstance(v, str)]
-        oreq = SandboxRequest(request.method, str(request.url), request.headers,
-                              list(request.query_params.multi_items()), form)
+        items = list((await request.form()).multi_items()) if request.method == "POST" else []
+        form = [(k, v) for k, v in items if isinstance(v, str)]
+        oreq = SandboxRequest(
+            request.method, str(request.url), request.headers, list(request.query_params.multi_items()), form
+        )
         try:
             grant = server.get_consent_grant(oreq)
         except OAuth2Error as error:
             return ehr.authorize_error(oreq, error)
-        except ValueError:   # authlib refuses to echo characters RFC 6749 forbids in descriptions
-            return HTMLResponse(_pages.error_page("The authorization request was refused",
-                                                  "invalid_request: malformed parameters"), status_code=400)
+        except ValueError:  # authlib refuses to echo characters RFC 6749 forbids in descriptions
+            return HTMLResponse(
+                _pages.error_page("The authorization request was refused", "invalid_request: malformed parameters"),
+                status_code=400,
+            )
         params = oreq.params()
         context, needs_patient = ehr.launch_context(params, oreq.scope)
         hint = params.get("patient")
@@ -243,17 +320,27 @@ def create_app(config: EhrConfig) -> FastAPI:
         pending = ehr.store.add_pending(params, context, needs_patient, PENDING_LIFETIME)
         patients = await run_in_threadpool(ehr.list_patients) if needs_patient else []
         client = grant.request.client
-        return ehr.consent_response(pending.pending_id, client.name or client.client_id, oreq.scope or "",
-                                    context, needs_patient, hint, patients)
+        return ehr.consent_response(
+            pending.pending_id,
+            client.name or client.client_id,
+            oreq.scope or "",
+            context,
+            needs_patient,
+            hint,
+            patients,
+        )
 
     @app.post("/authorize/consent")
     async def consent(request: Request) -> Response:
         form = await request.form()
         pending = ehr.store.pop_pending(str(form.get("pending") or ""))
         if pending is None:
-            return HTMLResponse(_pages.error_page("This approval has expired",
-                                                  "It was already answered or waited too long; start again "
-                                                  "from the app."), status_code=400)
+            return HTMLResponse(
+                _pages.error_page(
+                    "This approval has expired", "It was already answered or waited too long; start again from the app."
+                ),
+                status_code=400,
+            )
         oreq = SandboxRequest("GET", config.authorize_url, {}, list(pending.params.items()))
         try:
             grant = server.get_consent_grant(oreq)
@@ -269,8 +356,16 @@ def create_app(config: EhrConfig) -> FastAPI:
                 again = ehr.store.add_pending(pending.params, context, True, PENDING_LIFETIME)
                 patients = await run_in_threadpool(ehr.list_patients)
                 client = grant.request.client
-                return ehr.consent_response(again.pending_id, client.name or client.client_id, oreq.scope or "",
-                                            context, True, None, patients, message="Choose a patient.")
+                return ehr.consent_response(
+                    again.pending_id,
+                    client.name or client.client_id,
+                    oreq.scope or "",
+                    context,
+                    True,
+                    None,
+                    patients,
+                    message="Choose a patient.",
+                )
             context = dataclasses.replace(context, patient=chosen)
         keep = tuple(v for v in form.getlist("write_scope") if isinstance(v, str))
         return server.create_authorization_response(oreq, Approval(context, keep_write=keep), grant)
@@ -285,8 +380,11 @@ def create_app(config: EhrConfig) -> FastAPI:
         try:
             return server.create_token_response(oreq)
         except ValueError:
-            return JSONResponse({"error": "invalid_request", "error_description": "malformed parameters"},
-                                status_code=400, headers=_NO_STORE)
+            return JSONResponse(
+                {"error": "invalid_request", "error_description": "malformed parameters"},
+                status_code=400,
+                headers=_NO_STORE,
+            )
 
     # -------------------------------------------------------------- the EHR side
 
@@ -300,26 +398,36 @@ def create_app(config: EhrConfig) -> FastAPI:
                 return HTMLResponse(_pages.error_page("Cannot launch", f"not a FHIR id: {label}"), 400)
         client = _launch_client(config, app_url, client_id)
         if client is None:
-            return HTMLResponse(_pages.error_page(
-                "Cannot launch", "Unknown app: register a client whose launch_url (or redirect address) "
-                                 "is on the same origin as the app URL."), status_code=400)
+            return HTMLResponse(
+                _pages.error_page(
+                    "Cannot launch",
+                    "Unknown app: register a client whose launch_url (or redirect address) "
+                    "is on the same origin as the app URL.",
+                ),
+                status_code=400,
+            )
         target = app_url or client.launch_url
         if not target:
             return HTMLResponse(_pages.error_page("Cannot launch", "The app has no launch_url."), 400)
         if patient is not None:
             exists = ehr.patient_exists(patient)
             if exists is False:  # refused here, before any approval page or token (issue 13)
-                return HTMLResponse(_pages.error_page(
-                    "Unknown patient", f"There is no patient {patient} on this EHR's FHIR server, so the app "
-                    "was not launched. Go back to the patient list and choose a patient there."), status_code=404)
+                return HTMLResponse(
+                    _pages.error_page(
+                        "Unknown patient",
+                        f"There is no patient {patient} on this EHR's FHIR server, so the app "
+                        "was not launched. Go back to the patient list and choose a patient there.",
+                    ),
+                    status_code=404,
+                )
             if exists is None:  # the server could not be asked: the launch goes on, the token step will tell
                 log.warning("EHR launch: could not confirm the patient on the FHIR server")
         banner = (q.get("need_patient_banner") or "true").lower() != "false"
-        launch = ehr.store.add_launch(patient, encounter, client.client_id,
-                                      banner, config.launch_lifetime)
+        launch = ehr.store.add_launch(patient, encounter, client.client_id, banner, config.launch_lifetime)
         log.info("EHR launch: client=%s patient=%s encounter=%s", client.client_id, patient or "-", encounter or "-")
-        return RedirectResponse(_with_params(target, iss=config.fhir_base_url, launch=launch.launch_id),
-                                status_code=302)
+        return RedirectResponse(
+            _with_params(target, iss=config.fhir_base_url, launch=launch.launch_id), status_code=302
+        )
 
     @app.get("/ehr/chart")
     def ehr_chart(request: Request) -> Response:
@@ -331,8 +439,10 @@ def create_app(config: EhrConfig) -> FastAPI:
                 return HTMLResponse(_pages.error_page("Cannot open the chart", f"not a FHIR id: {label}"), 400)
         # the frame is on the EHR's configured base URL: from a page on another host it is a cross-site frame
         src = f"{config.base_url}/ehr/launch?{urlencode(params)}"
-        return HTMLResponse(_pages.chart_page(patient=params.get("patient"), encounter=params.get("encounter"),
-                                              src=src), headers=_NO_STORE)
+        return HTMLResponse(
+            _pages.chart_page(patient=params.get("patient"), encounter=params.get("encounter"), src=src),
+            headers=_NO_STORE,
+        )
 
     @app.get("/ehr")
     async def ehr_home() -> HTMLResponse:
@@ -350,9 +460,13 @@ def create_app(config: EhrConfig) -> FastAPI:
                     links[c.client_id] = "/ehr/chart?" + urlencode(params)
                 rows.append({"patient": p["id"], "label": p["label"], "encounter": enc, "links": links})
         message = "" if patients else "No patients on the FHIR server (or it is not reachable)."
-        return HTMLResponse(_pages.ehr_page(rows=rows, apps=[{"client_id": c.client_id,
-                                                              "name": c.name or c.client_id} for c in apps],
-                                            message=message))
+        return HTMLResponse(
+            _pages.ehr_page(
+                rows=rows,
+                apps=[{"client_id": c.client_id, "name": c.name or c.client_id} for c in apps],
+                message=message,
+            )
+        )
 
     @app.get("/")
     def home() -> RedirectResponse:
@@ -383,11 +497,10 @@ def create_app(config: EhrConfig) -> FastAPI:
                 return _to_response(ehr.proxy.too_large())
             chunks.append(chunk)
         body = b"".join(chunks)
-        result = await run_in_threadpool(ehr.proxy.handle, request.method, path,
-                                         request.url.query, headers, body)
+        result = await run_in_threadpool(ehr.proxy.handle, request.method, path, request.url.query, headers, body)
         return _to_response(result)
 
-    if config.cds_services_url:   # the EHR as a CDS Hooks client (_cds_client.py)
+    if config.cds_services_url:  # the EHR as a CDS Hooks client (_cds_client.py)
         app.include_router(cds_router(ehr, config.cds_services_url))
     return app
 

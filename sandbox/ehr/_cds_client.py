@@ -191,7 +191,9 @@ class CdsClient:
                 headers = {"authorization": f"Bearer {token}", "content-type": FHIR_JSON}
                 ident = next((i for i in resource.get("identifier") or [] if i.get("system") and i.get("value")), None)
                 if ident:  # keyed on the patient too: a draft identifier alone could match another's (issue 11)
-                    headers["if-none-exist"] = f"identifier={ident['system']}|{ident['value']}&subject=Patient/{patient}"
+                    headers["if-none-exist"] = (
+                        f"identifier={ident['system']}|{ident['value']}&subject=Patient/{patient}"
+                    )
                 result = self.ehr.proxy.handle("POST", rtype, "", headers, json.dumps(resource).encode())
                 if result.status == 201:
                     lines.append(f"{rtype} created")

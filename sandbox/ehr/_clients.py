@@ -18,9 +18,10 @@ import hmac
 import json
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from authlib.oauth2.rfc6749 import ClientMixin
 from joserfc.errors import JoseError
@@ -48,13 +49,13 @@ class Client(ClientMixin):
 
     client_id: str
     redirect_uris: list[str] = field(default_factory=list)
-    scope: list[str] = field(default_factory=list)          # what it may be granted, SMART syntax
+    scope: list[str] = field(default_factory=list)  # what it may be granted, SMART syntax
     token_endpoint_auth_method: str = "none"
-    grant_types: list[str] | None = None                     # None: derived from the auth method
-    jwks: Mapping[str, Any] | None = None                    # public keys, for private_key_jwt
+    grant_types: list[str] | None = None  # None: derived from the auth method
+    jwks: Mapping[str, Any] | None = None  # public keys, for private_key_jwt
     client_secret: str | None = None
     name: str = ""
-    launch_url: str | None = None                            # where /ehr/launch sends the browser
+    launch_url: str | None = None  # where /ehr/launch sends the browser
 
     def __post_init__(self) -> None:
         if not self.client_id or not isinstance(self.client_id, str):
@@ -105,7 +106,7 @@ class Client(ClientMixin):
         return _scopes.join(granted) if granted else None
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        return redirect_uri in self.redirect_uris   # exact match, no prefix or pattern
+        return redirect_uri in self.redirect_uris  # exact match, no prefix or pattern
 
     def check_client_secret(self, client_secret: str) -> bool:
         if not self.client_secret:
@@ -130,7 +131,7 @@ class Client(ClientMixin):
     def key_set(self) -> KeySet:
         """The client's public keys as joserfc key objects (EC keys must be objects, not PEM)."""
         try:
-            keys = KeySet.import_key_set(dict(self.jwks or {}))
+            keys = KeySet.import_key_set(dict(self.jwks or {}))  # type: ignore[arg-type]  # a malformed set is refused below
         except (JoseError, ValueError, KeyError, TypeError) as exc:
             raise ClientConfigError(f"{self.client_id}: unusable jwks ({type(exc).__name__})") from None
         if any(k.is_private for k in keys.keys):
@@ -138,7 +139,7 @@ class Client(ClientMixin):
         return keys
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> "Client":
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> Client:
         data = dict(data)
         jwks_file = data.pop("jwks_file", None)
         if jwks_file:
@@ -194,7 +195,7 @@ class ClientRegistry:
         return None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ClientRegistry":
+    def from_file(cls, path: str | Path) -> ClientRegistry:
         """Load ``{"clients": [...]}``; a ``jwks_file`` is read relative to the file."""
         path = Path(path)
         try:
@@ -203,7 +204,7 @@ class ClientRegistry:
             raise ClientConfigError(f"cannot read client registry {path}: {exc}") from None
         items = data.get("clients") if isinstance(data, dict) else None
         if not isinstance(items, list):
-            raise ClientConfigError(f"{path}: expected an object with a \"clients\" list")
+            raise ClientConfigError(f'{path}: expected an object with a "clients" list')
         registry = cls()
         for item in items:
             try:

@@ -21,19 +21,19 @@ class EhrConfig:
     base_url: str
     fhir_upstream: str
     clients: ClientRegistry = field(default_factory=ClientRegistry)
-    auto_approve: bool = False                # no approval page: approve everything asked and allowed
-    access_token_lifetime: int = 300          # seconds
+    auto_approve: bool = False  # no approval page: approve everything asked and allowed
+    access_token_lifetime: int = 300  # seconds
     refresh_token_lifetime: int = 24 * 3600
-    code_lifetime: int = 60                   # RFC 6749 §4.1.2: short-lived, 10 min at most
+    code_lifetime: int = 60  # RFC 6749 §4.1.2: short-lived, 10 min at most
     launch_lifetime: int = 600
-    assertion_max_lifetime: int = 300         # SMART Backend Services: exp no more than 5 min ahead
-    assertion_leeway: int = 10                # clock skew allowed on a client assertion's exp
-    permission_v1_only: bool = False          # advertise and grant only SMART v1 scopes
-    issue_id_token: bool = True               # with openid + fhirUser: an RS256 id_token
-    user_id: str = "Practitioner/sandbox-clinician"   # the one simulated EHR user
-    smart_style_url: str | None = None        # default: the sandbox's own style document
+    assertion_max_lifetime: int = 300  # SMART Backend Services: exp no more than 5 min ahead
+    assertion_leeway: int = 10  # clock skew allowed on a client assertion's exp
+    permission_v1_only: bool = False  # advertise and grant only SMART v1 scopes
+    issue_id_token: bool = True  # with openid + fhirUser: an RS256 id_token
+    user_id: str = "Practitioner/sandbox-clinician"  # the one simulated EHR user
+    smart_style_url: str | None = None  # default: the sandbox's own style document
     upstream_timeout: float = 30.0
-    cds_services_url: str | None = None       # a CDS Hooks discovery URL: the patient page shows its cards
+    cds_services_url: str | None = None  # a CDS Hooks discovery URL: the patient page shows its cards
     # The proxy refuses a request body larger than this (413), from Content-Length before reading
     # and while streaming otherwise, and only after the bearer token checked out (issue 11).
     max_request_body: int = 20 * 1024 * 1024
@@ -54,7 +54,7 @@ class EhrConfig:
         from ._personality import personality
 
         if personality(self.personality).v1_scopes:
-            self.permission_v1_only = True      # Epic grants v1 spellings even to apps registered with v2
+            self.permission_v1_only = True  # Epic grants v1 spellings even to apps registered with v2
 
     @property
     def fhir_base_url(self) -> str:

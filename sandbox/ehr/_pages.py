@@ -29,7 +29,10 @@ _BASE = """<!doctype html>
 </main>
 </body></html>"""
 
-_CONSENT = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
+_CONSENT = _env.from_string(
+    _BASE.replace(
+        "{% block body %}{% endblock %}",
+        """
 <h1>{{ client_name }} asks for access</h1>
 {% if message %}<p class="error">{{ message }}</p>{% endif %}
 <form method="post" action="{{ action }}">
@@ -57,15 +60,25 @@ _CONSENT = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
  </fieldset>
  <button type="submit" name="decision" value="approve">Approve</button>
  <button type="submit" name="decision" value="deny">Deny</button>
-</form>"""))
+</form>""",
+    )
+)
 
-_ERROR = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
+_ERROR = _env.from_string(
+    _BASE.replace(
+        "{% block body %}{% endblock %}",
+        """
 <h1>{{ title }}</h1>
 <p class="error">{{ message }}</p>
 <p class="muted">The request cannot be sent back to the app, because the app or its redirect address
-could not be confirmed.</p>"""))
+could not be confirmed.</p>""",
+    )
+)
 
-_EHR = _env.from_string(_BASE.replace("{% block body %}{% endblock %}", """
+_EHR = _env.from_string(
+    _BASE.replace(
+        "{% block body %}{% endblock %}",
+        """
 <h1>Patients</h1>
 {% if message %}<p class="error">{{ message }}</p>{% endif %}
 {% if not apps %}<p class="muted">No app with a launch_url is registered.</p>{% endif %}
@@ -74,14 +87,20 @@ embedded.</caption><tr><th>Patient</th><th>Encounter</th>{% for app in apps %}<t
 {% for row in rows %}<tr><td>{{ row.label }} <span class="muted">({{ row.patient }})</span></td>
  <td>{{ row.encounter or "—" }}</td>
  {% for app in apps %}<td><a href="{{ row.links[app.client_id] }}">Launch app</a></td>{% endfor %}</tr>
-{% endfor %}</table>"""))
+{% endfor %}</table>""",
+    )
+)
 
 
-_CHART = _env.from_string(_BASE.replace("<body>", '<body class="chart">').replace(
-    "{% block body %}{% endblock %}", """
+_CHART = _env.from_string(
+    _BASE.replace("<body>", '<body class="chart">').replace(
+        "{% block body %}{% endblock %}",
+        """
 <div class="chart-head"><h1>Chart{% if patient %}: <code>{{ patient }}</code>{% endif %}</h1>
 {% if encounter %}<span class="muted">Encounter {{ encounter }}</span>{% endif %} <a href="/ehr">Patient list</a></div>
-<iframe class="app" src="{{ src }}" title="SMART app in this patient's chart"></iframe>"""))
+<iframe class="app" src="{{ src }}" title="SMART app in this patient's chart"></iframe>""",
+    )
+)
 
 
 def chart_page(**values) -> str:

@@ -26,17 +26,17 @@ class Personality:
     """What one kind of server allows; every refusal and the rewritten statement follow from these fields."""
 
     name: str
-    bundles: bool = True                             # transaction and batch at the base
-    bundle_refusal: int = 400                        # the status a Bundle POST gets when refused
-    conditional_create: bool = True                  # If-None-Exist honoured
-    creatable: frozenset[str] | None = None          # None: every type
+    bundles: bool = True  # transaction and batch at the base
+    bundle_refusal: int = 400  # the status a Bundle POST gets when refused
+    conditional_create: bool = True  # If-None-Exist honoured
+    creatable: frozenset[str] | None = None  # None: every type
     condition_categories: frozenset[str] | None = None
     condition_provisional_only: bool = False
-    note_needs_encounter: bool = False               # DocumentReference create needs context.encounter
-    search_needs: frozenset[str] = frozenset()       # one of these parameters on every search
+    note_needs_encounter: bool = False  # DocumentReference create needs context.encounter
+    search_needs: frozenset[str] = frozenset()  # one of these parameters on every search
     observation_needs_category: bool = False
-    revinclude: frozenset[str] | None = None         # None: any _revinclude
-    v1_scopes: bool = False                          # grants scopes in SMART v1 spelling
+    revinclude: frozenset[str] | None = None  # None: any _revinclude
+    v1_scopes: bool = False  # grants scopes in SMART v1 spelling
 
     def can_create(self, resource_type: str) -> bool:
         return self.creatable is None or resource_type in self.creatable
@@ -47,18 +47,31 @@ PERSONALITIES: dict[str, Personality] = {
     # Epic: no Bundles, no conditional create; Condition as a provisional problem-list item only; a clinical
     # note on an encounter; per-patient searches, some Observation searches need a category; v1 scopes
     "epic-like": Personality(
-        "epic-like", bundles=False, bundle_refusal=400, conditional_create=False,
+        "epic-like",
+        bundles=False,
+        bundle_refusal=400,
+        conditional_create=False,
         creatable=frozenset({"Condition", "DocumentReference"}),
-        condition_categories=frozenset({"problem-list-item"}), condition_provisional_only=True,
-        note_needs_encounter=True, search_needs=frozenset({"patient", "subject", "_id"}),
-        observation_needs_category=True, revinclude=frozenset(), v1_scopes=True),
+        condition_categories=frozenset({"problem-list-item"}),
+        condition_provisional_only=True,
+        note_needs_encounter=True,
+        search_needs=frozenset({"patient", "subject", "_id"}),
+        observation_needs_category=True,
+        revinclude=frozenset(),
+        v1_scopes=True,
+    ),
     # Oracle Health: a batch of creates is 422; no conditional create; Goal and CarePlan read-only;
     # Condition as problem-list-item or encounter-diagnosis; Provenance and DocumentReference create
     "oracle-like": Personality(
-        "oracle-like", bundles=False, bundle_refusal=422, conditional_create=False,
+        "oracle-like",
+        bundles=False,
+        bundle_refusal=422,
+        conditional_create=False,
         creatable=frozenset({"Condition", "DocumentReference", "Provenance"}),
         condition_categories=frozenset({"problem-list-item", "encounter-diagnosis"}),
-        search_needs=frozenset({"patient", "subject", "_id"}), revinclude=frozenset({"Provenance:target"})),
+        search_needs=frozenset({"patient", "subject", "_id"}),
+        revinclude=frozenset({"Provenance:target"}),
+    ),
 }
 
 
@@ -74,12 +87,18 @@ def _outcome(code: str, text: str) -> dict[str, Any]:
 
 
 def _codes(concepts: Any) -> set[str]:
-    return {str(c.get("code")) for concept in concepts or [] if isinstance(concept, Mapping)
-            for c in concept.get("coding") or [] if isinstance(c, Mapping)}
+    return {
+        str(c.get("code"))
+        for concept in concepts or []
+        if isinstance(concept, Mapping)
+        for c in concept.get("coding") or []
+        if isinstance(c, Mapping)
+    }
 
 
-def refusal(p: Personality, method: str, path: str, query: str, headers: Mapping[str, str],
-            resource: Any) -> tuple[int, dict[str, Any]] | None:
+def refusal(
+    p: Personality, method: str, path: str, query: str, headers: Mapping[str, str], resource: Any
+) -> tuple[int, dict[str, Any]] | None:
     """The status and OperationOutcome this kind of server answers the request with, or None: it is served."""
     parts = [s for s in path.strip("/").split("/") if s]
     params = parse_qsl(query, keep_blank_values=True)
@@ -98,12 +117,17 @@ def refusal(p: Personality, method: str, path: str, query: str, headers: Mapping
         if rtype == "Condition":
             categories = _codes(resource.get("category"))
             if p.condition_categories is not None and not categories & p.condition_categories:
-                return 422, _outcome("business-rule", "a Condition is created as "
-                                     + " or ".join(sorted(p.condition_categories)) + " only")
+                return 422, _outcome(
+                    "business-rule",
+                    "a Condition is created as " + " or ".join(sorted(p.condition_categories)) + " only",
+                )
             if p.condition_provisional_only and _codes([resource.get("verificationStatus")]) != {"provisional"}:
                 return 422, _outcome("business-rule", "a Condition is created with verificationStatus provisional only")
-        if rtype == "DocumentReference" and p.note_needs_encounter \
-                and not (resource.get("context") or {}).get("encounter"):
+        if (
+            rtype == "DocumentReference"
+            and p.note_needs_encounter
+            and not (resource.get("context") or {}).get("encounter")
+        ):
             return 422, _outcome("required", "a clinical note needs an existing encounter (context.encounter)")
         return None
     if method == "GET" and len(parts) == 1 and not parts[0].startswith(("$", "metadata")):
@@ -129,8 +153,9 @@ def rewrite_capabilities(p: Personality, statement: Mapping[str, Any]) -> dict[s
         if not isinstance(rest, dict):
             continue
         if not p.bundles:
-            rest["interaction"] = [i for i in rest.get("interaction") or []
-                                   if i.get("code") not in ("transaction", "batch")]
+            rest["interaction"] = [
+                i for i in rest.get("interaction") or [] if i.get("code") not in ("transaction", "batch")
+            ]
         for resource in rest.get("resource") or []:
             rtype = resource.get("type")
             if not p.can_create(str(rtype)):
@@ -138,7 +163,9 @@ def rewrite_capabilities(p: Personality, statement: Mapping[str, Any]) -> dict[s
             if not p.conditional_create:
                 resource["conditionalCreate"] = False
             if rtype == "Condition" and p.condition_categories is not None:
-                resource["supportedProfile"] = [prof for cat, prof in (("problem-list-item", _PROBLEMS),
-                                                                      ("encounter-diagnosis", _DIAGNOSIS))
-                                                if cat in p.condition_categories]
+                resource["supportedProfile"] = [
+                    prof
+                    for cat, prof in (("problem-list-item", _PROBLEMS), ("encounter-diagnosis", _DIAGNOSIS))
+                    if cat in p.condition_categories
+                ]
     return out

@@ -16,8 +16,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qsl
 
 import requests
@@ -32,15 +33,20 @@ FHIR_JSON = "application/fhir+json"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 # cache-control passes through: HAPI reuses a search's results for a minute unless told no-cache,
 # and an app reading just after its own write must see what it wrote
-_FORWARD_REQUEST_HEADERS = ("content-type", "if-none-exist", "if-match", "if-none-match", "if-modified-since",
-                            "prefer", "cache-control")
-_FORWARD_RESPONSE_HEADERS = ("content-type", "location", "content-location", "etag", "last-modified",
-                             "retry-after")
+_FORWARD_REQUEST_HEADERS = (
+    "content-type",
+    "if-none-exist",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "prefer",
+    "cache-control",
+)
+_FORWARD_RESPONSE_HEADERS = ("content-type", "location", "content-location", "etag", "last-modified", "retry-after")
 
 
 def outcome(code: str, text: str, severity: str = "error") -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": code, "diagnostics": text}]}
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code, "diagnostics": text}]}
 
 
 @dataclass
@@ -56,9 +62,12 @@ class ProxyResponse:
 
 def rewrite_urls(body: Any, upstream: str, proxy: str) -> Any:
     """Bundle links, fullUrls and entry locations on ``upstream`` moved to ``proxy`` (in place)."""
+
     def move(url: Any) -> Any:
-        if isinstance(url, str) and (url == upstream or url.startswith(upstream + "/") or url.startswith(upstream + "?")):
-            return proxy + url[len(upstream):]
+        if isinstance(url, str) and (
+            url == upstream or url.startswith(upstream + "/") or url.startswith(upstream + "?")
+        ):
+            return proxy + url[len(upstream) :]
         return url
 
     if not isinstance(body, dict):
@@ -108,7 +117,7 @@ class FhirProxy:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.trust_env = False      # loopback upstream; never through a proxy from the environment
+            session.trust_env = False  # loopback upstream; never through a proxy from the environment
             self._local.session = session
         return session
 
@@ -120,13 +129,17 @@ class FhirProxy:
             cached = self._metadata
         if cached is None:
             try:
-                answer = self.session().get(self.config.fhir_upstream + "/metadata",
-                                             headers={"Accept": FHIR_JSON}, timeout=self.config.upstream_timeout)
+                answer = self.session().get(
+                    self.config.fhir_upstream + "/metadata",
+                    headers={"Accept": FHIR_JSON},
+                    timeout=self.config.upstream_timeout,
+                )
             except requests.RequestException as exc:
                 return self._unreachable(exc)
             if answer.status_code != 200:
-                return ProxyResponse(answer.status_code, answer.content,
-                                     {"Content-Type": answer.headers.get("Content-Type", FHIR_JSON)})
+                return ProxyResponse(
+                    answer.status_code, answer.content, {"Content-Type": answer.headers.get("Content-Type", FHIR_JSON)}
+                )
             try:
                 cached = answer.json()
             except ValueError:
@@ -139,11 +152,26 @@ class FhirProxy:
 
     def _add_security(self, capability: dict[str, Any]) -> dict[str, Any]:
         security = {
-            "extension": [{"url": OAUTH_URIS, "extension": [
-                {"url": "authorize", "valueUri": self.config.authorize_url},
-                {"url": "token", "valueUri": self.config.token_url}]}],
-            "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                     "code": "SMART-on-FHIR"}], "text": "OAuth2 using SMART-on-FHIR profile"}],
+            "extension": [
+                {
+                    "url": OAUTH_URIS,
+                    "extension": [
+                        {"url": "authorize", "valueUri": self.config.authorize_url},
+                        {"url": "token", "valueUri": self.config.token_url},
+                    ],
+                }
+            ],
+            "service": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                            "code": "SMART-on-FHIR",
+                        }
+                    ],
+                    "text": "OAuth2 using SMART-on-FHIR profile",
+                }
+            ],
         }
         rests = capability.get("rest") or [{"mode": "server"}]
         for rest in rests:
@@ -167,16 +195,18 @@ class FhirProxy:
         return None
 
     def too_large(self) -> ProxyResponse:
-        return ProxyResponse.fhir(413, outcome(
-            "too-costly", f"the request body is larger than {self.config.max_request_body} bytes"))
+        return ProxyResponse.fhir(
+            413, outcome("too-costly", f"the request body is larger than {self.config.max_request_body} bytes")
+        )
 
     def handle(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> ProxyResponse:
         """One proxied request (``path`` relative to the FHIR base, ``query`` raw)."""
         started = time.monotonic()
         response = self._handle(method.upper(), path.strip("/"), query, headers, body)
         rtype = path.strip("/").split("/")[0] or "-"
-        log.info("fhir %s %s -> %d (%d ms)", method.upper(), rtype[:64], response.status,
-                 (time.monotonic() - started) * 1000)
+        log.info(
+            "fhir %s %s -> %d (%d ms)", method.upper(), rtype[:64], response.status, (time.monotonic() - started) * 1000
+        )
         return response
 
     # -------------------------------------------------------------- the steps
@@ -208,8 +238,16 @@ class FhirProxy:
         if refused is not None:
             return ProxyResponse.fhir(*refused)
         try:
-            plan = _access.plan_request(access, method, path, query, body=resource, form=form, bases=self.bases,
-                                        if_none_exist=headers.get("if-none-exist"))
+            plan = _access.plan_request(
+                access,
+                method,
+                path,
+                query,
+                body=resource,
+                form=form,
+                bases=self.bases,
+                if_none_exist=headers.get("if-none-exist"),
+            )
             for rtype, rid in plan.owned:
                 existing = self._fetch_existing(rtype, rid)
                 _access.check_owned(access, rtype, existing, bases=self.bases)
@@ -279,24 +317,32 @@ class FhirProxy:
     def _move(self, url: str) -> str:
         upstream = self.config.fhir_upstream
         if url.startswith(upstream + "/") or url == upstream:
-            return self.config.fhir_base_url + url[len(upstream):]
+            return self.config.fhir_base_url + url[len(upstream) :]
         return url
 
     def _fetch_existing(self, rtype: str, rid: str) -> dict[str, Any] | None:
         try:
-            answer = self.session().get(f"{self.config.fhir_upstream}/{rtype}/{rid}",
-                                         headers={"Accept": FHIR_JSON}, timeout=self.config.upstream_timeout)
+            answer = self.session().get(
+                f"{self.config.fhir_upstream}/{rtype}/{rid}",
+                headers={"Accept": FHIR_JSON},
+                timeout=self.config.upstream_timeout,
+            )
         except requests.RequestException as exc:
             raise _UpstreamError(self._unreachable(exc)) from None
         if answer.status_code in (404, 410):
             return None
         if answer.status_code != 200:
-            raise _UpstreamError(ProxyResponse.fhir(502, outcome(
-                "exception", f"could not check the existing {rtype} (HTTP {answer.status_code})")))
+            raise _UpstreamError(
+                ProxyResponse.fhir(
+                    502, outcome("exception", f"could not check the existing {rtype} (HTTP {answer.status_code})")
+                )
+            )
         try:
             return answer.json()
         except ValueError:
-            raise _UpstreamError(ProxyResponse.fhir(502, outcome("exception", "the FHIR server's answer is not JSON")))
+            raise _UpstreamError(
+                ProxyResponse.fhir(502, outcome("exception", "the FHIR server's answer is not JSON"))
+            ) from None
 
     def _forward(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes):
         url = self.config.fhir_upstream + ("/" + path if path else "")
@@ -306,8 +352,9 @@ class FhirProxy:
         for name in _FORWARD_REQUEST_HEADERS:
             if name in headers:
                 out[name] = headers[name]
-        return self.session().request(method, url, headers=out, data=body or None,
-                                       timeout=self.config.upstream_timeout, allow_redirects=False)
+        return self.session().request(
+            method, url, headers=out, data=body or None, timeout=self.config.upstream_timeout, allow_redirects=False
+        )
 
 
 class _UpstreamError(Exception):

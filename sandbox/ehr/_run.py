@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from smart_launch._serve import LiveServer, free_port
 
@@ -49,8 +50,14 @@ class RunningEhr:
         self.server.stop(timeout)
 
 
-def start_in_thread(fhir_upstream: str, *, host: str = "127.0.0.1", port: int | None = None,
-                    startup_timeout: float = 15.0, **settings: Any) -> RunningEhr:
+def start_in_thread(
+    fhir_upstream: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    startup_timeout: float = 15.0,
+    **settings: Any,
+) -> RunningEhr:
     """Start a sandbox EHR on ``host:port`` (a free port by default) and wait until it answers.
 
     ``settings`` are :class:`EhrConfig` fields (``auto_approve=True``, ``clients=...``…).

@@ -20,16 +20,17 @@ can decide which scopes to grant"), granting a filter it cannot enforce is not.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 CONTEXTS = ("patient", "user", "system")
 PERMISSIONS = "cruds"
 WRITE_PERMISSIONS = frozenset("cud")
 READ_PERMISSIONS = frozenset("rs")
 V1_PERMISSIONS = {"read": frozenset("rs"), "write": frozenset("cud"), "*": frozenset(PERMISSIONS)}
-OTHER_SCOPES = frozenset({"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile",
-                          "offline_access", "online_access"})
+OTHER_SCOPES = frozenset(
+    {"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile", "offline_access", "online_access"}
+)
 
 _RESOURCE = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]{0,63})\.([A-Za-z*]+)(\?.*)?$")
 _V2_PERMS = re.compile(r"^c?r?u?d?s?$")
@@ -44,16 +45,16 @@ class ResourceScope:
     """One resource scope, v1 or v2, with its permissions as letters of ``cruds``."""
 
     text: str
-    context: str            # patient | user | system
-    resource_type: str      # a FHIR type or "*"
+    context: str  # patient | user | system
+    resource_type: str  # a FHIR type or "*"
     permissions: frozenset[str]
-    version: int            # 1 or 2
-    query: str = ""         # granular filter, "" when none
+    version: int  # 1 or 2
+    query: str = ""  # granular filter, "" when none
 
     def allows(self, permission: str, resource_type: str) -> bool:
         return permission in self.permissions and self.resource_type in ("*", resource_type)
 
-    def covers(self, other: "ResourceScope") -> bool:
+    def covers(self, other: ResourceScope) -> bool:
         """Whether a client allowed this scope may be granted ``other``."""
         if self.context != other.context or self.query and self.query != other.query:
             return False
@@ -65,13 +66,13 @@ class ResourceScope:
     def writes(self) -> bool:
         return bool(self.permissions & WRITE_PERMISSIONS)
 
-    def without_write(self) -> "ResourceScope | None":
+    def without_write(self) -> ResourceScope | None:
         """The same scope with c, u and d taken away; None when nothing is left."""
         left = self.permissions - WRITE_PERMISSIONS
         if not left:
             return None
         if self.version == 1:
-            perms = "read"       # v1 has no finer read grant than read = r+s
+            perms = "read"  # v1 has no finer read grant than read = r+s
             left = V1_PERMISSIONS["read"]
         else:
             perms = "".join(p for p in PERMISSIONS if p in left)

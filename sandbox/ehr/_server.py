@@ -19,18 +19,25 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from authlib.oauth2.rfc6749 import (AuthorizationServer, InvalidClientError, InvalidRequestError,
-                                    InvalidScopeError, OAuth2Payload, OAuth2Request)
-from authlib.oauth2.rfc6749 import grants
+from authlib.oauth2.rfc6749 import (
+    AuthorizationServer,
+    InvalidClientError,
+    InvalidRequestError,
+    InvalidScopeError,
+    OAuth2Payload,
+    OAuth2Request,
+    grants,
+)
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7636.challenge import compare_s256_code_challenge
 from joserfc import jwt
-from requests.structures import CaseInsensitiveDict
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
+from requests.structures import CaseInsensitiveDict
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from . import _scopes
@@ -39,13 +46,15 @@ from ._store import Approval, AuthorizationCode, LaunchContext, Store, Token, ne
 
 log = logging.getLogger("sandbox.ehr")
 
-ASSERTION_ALGORITHMS = ("RS384", "ES384")   # SMART Backend Services: servers SHALL support both
+ASSERTION_ALGORITHMS = ("RS384", "ES384")  # SMART Backend Services: servers SHALL support both
 # authlib logs whole token responses at DEBUG in these modules; the sandbox never logs secrets.
-_CHATTY_LOGGERS = ("authlib.oauth2.rfc6749.grants.authorization_code",
-                   "authlib.oauth2.rfc6749.grants.refresh_token",
-                   "authlib.oauth2.rfc6749.grants.client_credentials",
-                   "authlib.oauth2.rfc6749.authenticate_client",
-                   "authlib.oauth2.rfc7523.client")
+_CHATTY_LOGGERS = (
+    "authlib.oauth2.rfc6749.grants.authorization_code",
+    "authlib.oauth2.rfc6749.grants.refresh_token",
+    "authlib.oauth2.rfc6749.grants.client_credentials",
+    "authlib.oauth2.rfc6749.authenticate_client",
+    "authlib.oauth2.rfc7523.client",
+)
 
 
 def quiet_authlib() -> None:
@@ -61,6 +70,7 @@ def safe_description(text: str) -> str:
 
 
 # ------------------------------------------------------------------ requests
+
 
 class _Payload(OAuth2Payload):
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
@@ -81,8 +91,14 @@ class _Payload(OAuth2Payload):
 class SandboxRequest(OAuth2Request):
     """An OAuth2Request built from already-read parts of a Starlette request (query and form pairs)."""
 
-    def __init__(self, method: str, uri: str, headers: Mapping[str, str],
-                 query: Iterable[tuple[str, str]] = (), form: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        method: str,
+        uri: str,
+        headers: Mapping[str, str],
+        query: Iterable[tuple[str, str]] = (),
+        form: Iterable[tuple[str, str]] = (),
+    ) -> None:
         # authlib looks headers up as "Authorization"; Starlette hands them over lower-cased.
         super().__init__(method, uri, headers=CaseInsensitiveDict(dict(headers)))
         self._query = list(query)
@@ -102,6 +118,7 @@ class SandboxRequest(OAuth2Request):
 
 
 # ------------------------------------------------------------------ PKCE and SMART rules
+
 
 class S256Challenge(CodeChallenge):
     """PKCE, required, S256 only: a missing challenge or ``plain`` is refused at the authorize step."""
@@ -152,13 +169,14 @@ class SmartLaunchRules:
             if "launch" not in scopes:
                 raise InvalidScopeError("an EHR launch must request the launch scope")
         elif "launch" in scopes:
-            scopes.remove("launch")   # no EHR context to give without a launch id
+            scopes.remove("launch")  # no EHR context to give without a launch id
         if not [s for s in scopes if s not in ("launch",)]:
             raise InvalidScopeError("none of the requested scopes can be granted to this client")
         request.scope = _scopes.join(scopes)
 
 
 # ------------------------------------------------------------------ client assertions
+
 
 class PrivateKeyJwt(JWTBearerClientAssertion):
     """``private_key_jwt`` (SMART Backend Services §"Authenticating to the token endpoint")."""
@@ -181,8 +199,9 @@ class PrivateKeyJwt(JWTBearerClientAssertion):
             # joserfc refuses RS384/ES384 unless named: they are not in its recommended set.
             token = jwt.decode(assertion, resolve_key, algorithms=list(ASSERTION_ALGORITHMS))
         except (JoseError, ValueError) as exc:
-            raise InvalidClientError(description="the client assertion's signature does not verify with the "
-                                                 "client's registered keys") from exc
+            raise InvalidClientError(
+                description="the client assertion's signature does not verify with the client's registered keys"
+            ) from exc
         self.verify_claims(token.claims)
         return token.claims
 
@@ -220,10 +239,15 @@ class SmartCodeGrant(grants.AuthorizationCodeGrant):
             scopes = _scopes.downgrade_writes(scopes, approval.keep_write)
         context = approval.context
         record = AuthorizationCode(
-            code=code, client_id=request.client.get_client_id(), redirect_uri=request.payload.redirect_uri,
-            scope=_scopes.join(scopes), code_challenge=request.payload.data.get("code_challenge"),
-            code_challenge_method=request.payload.data.get("code_challenge_method"), context=context,
-            expires_at=self.server.store.now() + self.server.config.code_lifetime)
+            code=code,
+            client_id=request.client.get_client_id(),
+            redirect_uri=request.payload.redirect_uri,
+            scope=_scopes.join(scopes),
+            code_challenge=request.payload.data.get("code_challenge"),
+            code_challenge_method=request.payload.data.get("code_challenge_method"),
+            context=context,
+            expires_at=self.server.store.now() + self.server.config.code_lifetime,
+        )
         if context.launch_id:
             self.server.store.use_launch(context.launch_id)
         self.server.store.add_code(record)
@@ -234,8 +258,11 @@ class SmartCodeGrant(grants.AuthorizationCodeGrant):
 
         def proven(record: AuthorizationCode) -> bool:
             # a replayed code revokes its tokens only when the replayer also holds the PKCE verifier
-            return isinstance(verifier, str) and bool(record.code_challenge) and \
-                compare_s256_code_challenge(verifier, record.code_challenge)
+            return (
+                isinstance(verifier, str)
+                and bool(record.code_challenge)
+                and compare_s256_code_challenge(verifier, record.code_challenge)
+            )
 
         return self.server.store.take_code(code, client.get_client_id(), proven=proven)
 
@@ -283,6 +310,7 @@ class BackendServicesGrant(grants.ClientCredentialsGrant):
 
 # ------------------------------------------------------------------ the server
 
+
 class SandboxAuthorizationServer(AuthorizationServer):
     """The generic authlib server with the sandbox's client registry, store and token format."""
 
@@ -321,8 +349,7 @@ class SandboxAuthorizationServer(AuthorizationServer):
     def handle_response(self, status, body, headers) -> Response:
         headers = dict(headers or [])
         if status in (301, 302, 303, 307) and "Location" in headers:
-            return RedirectResponse(headers["Location"], status_code=302,
-                                    headers={"Cache-Control": "no-store"})
+            return RedirectResponse(headers["Location"], status_code=302, headers={"Cache-Control": "no-store"})
         if isinstance(body, dict):
             headers.pop("Content-Type", None)
             return JSONResponse(body, status_code=status, headers=headers)
@@ -339,22 +366,35 @@ class SandboxAuthorizationServer(AuthorizationServer):
         parent = getattr(request, "refresh_token", None)
         family = parent.family if isinstance(parent, Token) and parent.family else token_id
         record = Token(
-            family=family, token_id=token_id, client_id=client.get_client_id(), scope=token.get("scope", ""),
-            context=context, access_token=token["access_token"], issued_at=now,
-            expires_at=now + token["expires_in"], refresh_token=token.get("refresh_token"),
+            family=family,
+            token_id=token_id,
+            client_id=client.get_client_id(),
+            scope=token.get("scope", ""),
+            context=context,
+            access_token=token["access_token"],
+            issued_at=now,
+            expires_at=now + token["expires_in"],
+            refresh_token=token.get("refresh_token"),
             refresh_expires_at=now + self.config.refresh_token_lifetime if token.get("refresh_token") else 0.0,
-            grant_type=request.payload.grant_type or "")
+            grant_type=request.payload.grant_type or "",
+        )
         self.store.add_token(record)
         if request.authorization_code is not None:
             request.authorization_code.token_ids.append(record.token_id)
-        log.info("token issued: client=%s grant=%s patient=%s scopes=%d refresh=%s", record.client_id,
-                 record.grant_type, context.patient or "-", len(_scopes.split(record.scope)),
-                 "yes" if record.refresh_token else "no")
+        log.info(
+            "token issued: client=%s grant=%s patient=%s scopes=%d refresh=%s",
+            record.client_id,
+            record.grant_type,
+            context.patient or "-",
+            len(_scopes.split(record.scope)),
+            "yes" if record.refresh_token else "no",
+        )
 
     # -------------------------------------------------------------- tokens
 
-    def _generate_token(self, grant_type, client, user=None, scope=None, expires_in=None,
-                        include_refresh_token=True) -> dict[str, Any]:
+    def _generate_token(
+        self, grant_type, client, user=None, scope=None, expires_in=None, include_refresh_token=True
+    ) -> dict[str, Any]:
         context = user if isinstance(user, LaunchContext) else LaunchContext()
         granted = _scopes.split(scope)
         token: dict[str, Any] = {
@@ -367,15 +407,24 @@ class SandboxAuthorizationServer(AuthorizationServer):
         if include_refresh_token and ({"offline_access", "online_access"} & set(granted)):
             token["refresh_token"] = new_secret(32)
         token.update(context.token_fields())
-        if self.config.issue_id_token and "openid" in granted and context.user_id \
-                and ({"fhirUser", "profile"} & set(granted)):
+        if (
+            self.config.issue_id_token
+            and "openid" in granted
+            and context.user_id
+            and ({"fhirUser", "profile"} & set(granted))
+        ):
             token["id_token"] = self._id_token(client.get_client_id(), context, "fhirUser" in granted)
         return token
 
     def _id_token(self, client_id: str, context: LaunchContext, fhir_user: bool) -> str:
         now = int(self.store.now())
-        claims: dict[str, Any] = {"iss": self.config.base_url, "sub": context.user_id, "aud": client_id,
-                                  "iat": now, "exp": now + self.config.access_token_lifetime}
+        claims: dict[str, Any] = {
+            "iss": self.config.base_url,
+            "sub": context.user_id,
+            "aud": client_id,
+            "iat": now,
+            "exp": now + self.config.access_token_lifetime,
+        }
         if fhir_user:
             claims["fhirUser"] = f"{self.config.fhir_base_url}/{context.user_id}"
         if context.nonce:

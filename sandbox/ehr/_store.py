@@ -10,8 +10,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, TokenMixin
 
@@ -69,7 +70,7 @@ class Approval:
     """The user's decision on the approval page, handed to authlib as the grant's "user"."""
 
     context: LaunchContext
-    keep_write: tuple[str, ...] | None = None   # None: everything asked for stays
+    keep_write: tuple[str, ...] | None = None  # None: everything asked for stays
 
     def get_user_id(self) -> str | None:
         return self.context.user_id
@@ -166,7 +167,7 @@ class Store:
         self.launches: dict[str, Launch] = {}
         self.pending: dict[str, Pending] = {}
         self.codes: dict[str, AuthorizationCode] = {}
-        self.tokens: dict[str, Token] = {}          # by token_id
+        self.tokens: dict[str, Token] = {}  # by token_id
         self._by_access: dict[str, str] = {}
         self._by_refresh: dict[str, str] = {}
         self._jtis: dict[tuple[str, str], float] = {}
@@ -176,8 +177,14 @@ class Store:
 
     # ------------------------------------------------------------ launches
 
-    def add_launch(self, patient: str | None, encounter: str | None, client_id: str | None,
-                   need_patient_banner: bool, lifetime: float) -> Launch:
+    def add_launch(
+        self,
+        patient: str | None,
+        encounter: str | None,
+        client_id: str | None,
+        need_patient_banner: bool,
+        lifetime: float,
+    ) -> Launch:
         launch = Launch(new_secret(12), patient, encounter, client_id, need_patient_banner, self.now() + lifetime)
         with self._lock:
             self._sweep()
@@ -199,8 +206,9 @@ class Store:
 
     # ------------------------------------------------------------ pending approvals
 
-    def add_pending(self, params: dict[str, str], context: LaunchContext, needs_patient: bool,
-                    lifetime: float) -> Pending:
+    def add_pending(
+        self, params: dict[str, str], context: LaunchContext, needs_patient: bool, lifetime: float
+    ) -> Pending:
         pending = Pending(new_secret(), dict(params), context, needs_patient, self.now() + lifetime)
         with self._lock:
             self._sweep()
@@ -221,8 +229,9 @@ class Store:
             self._sweep()
             self.codes[code.code] = code
 
-    def take_code(self, code: str, client_id: str, *, proven: Callable[[AuthorizationCode], bool] | None = None
-                  ) -> AuthorizationCode | None:
+    def take_code(
+        self, code: str, client_id: str, *, proven: Callable[[AuthorizationCode], bool] | None = None
+    ) -> AuthorizationCode | None:
         """The code if it is live and was issued to this client.
 
         A code presented a second time is refused; when ``proven(record)`` says
@@ -317,8 +326,7 @@ class Store:
             del self.codes[key]
         for key in [k for k, v in self._jtis.items() if v <= now - 60]:
             del self._jtis[key]
-        for token_id in [k for k, t in self.tokens.items()
-                         if t.expires_at <= now - 3600 and not t.refresh_valid(now)]:
+        for token_id in [k for k, t in self.tokens.items() if t.expires_at <= now - 3600 and not t.refresh_valid(now)]:
             token = self.tokens.pop(token_id)
             self._by_access.pop(token.access_token, None)
             if token.refresh_token:

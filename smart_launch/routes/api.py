@@ -26,11 +26,15 @@ router = APIRouter(prefix="/api")
 
 @router.get("/session", summary="The launch this session is bound to, and its CSRF token")
 def api_session(sess: CurrentSession) -> dict[str, Any]:
-    return {"patient": f"Patient/{sess.patient}",
-            "encounter": f"Encounter/{sess.encounter}" if sess.encounter else None,
-            "scopes": list(sess.scopes), "write_allowed": sess.write_allowed,
-            "missing_write_scopes": sess.missing_write_scopes, "csrf": sess.csrf,
-            "need_patient_banner": sess.context.need_patient_banner}
+    return {
+        "patient": f"Patient/{sess.patient}",
+        "encounter": f"Encounter/{sess.encounter}" if sess.encounter else None,
+        "scopes": list(sess.scopes),
+        "write_allowed": sess.write_allowed,
+        "missing_write_scopes": sess.missing_write_scopes,
+        "csrf": sess.csrf,
+        "need_patient_banner": sess.context.need_patient_banner,
+    }
 
 
 @router.get("/report", summary="The documentation report (SPEC §6) for the launched patient")
@@ -43,10 +47,22 @@ def api_report(loaded: ReviewedDep) -> Response:
 @router.get("/drafts", summary="The draft transaction Bundle (SPEC §7) and its phases, or why it was refused")
 def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
     if loaded.drafts is None:
-        return JSONResponse({"error": loaded.refused or loaded.settled, "refused": loaded.refused is not None,
-                             "existing": loaded.existing.to_json()}, status_code=409)
-    return JSONResponse({"drafts": loaded.drafts, "existing": loaded.existing.to_json(), "phases": draft_view(loaded.drafts)["careplan"]["phases"],
-                         "write_allowed": sess.write_allowed})
+        return JSONResponse(
+            {
+                "error": loaded.refused or loaded.settled,
+                "refused": loaded.refused is not None,
+                "existing": loaded.existing.to_json(),
+            },
+            status_code=409,
+        )
+    return JSONResponse(
+        {
+            "drafts": loaded.drafts,
+            "existing": loaded.existing.to_json(),
+            "phases": draft_view(loaded.drafts)["careplan"]["phases"],
+            "write_allowed": sess.write_allowed,
+        }
+    )
 
 
 @router.post("/write", summary="Write the drafts as one transaction (needs the X-CSRF-Token header)")
@@ -55,8 +71,9 @@ def api_write(_csrf: HeaderCsrf, sess: MayWrite, loaded: ReviewedDep, writer: Wr
         result = WriteResult((), loaded.existing.written)
         return JSONResponse({**result.to_json(), "summary": result.summary()})
     if loaded.drafts is None and loaded.settled:
-        return JSONResponse({"error": loaded.settled, "refused": False, "existing": loaded.existing.to_json()},
-                            status_code=409)
+        return JSONResponse(
+            {"error": loaded.settled, "refused": False, "existing": loaded.existing.to_json()}, status_code=409
+        )
     if loaded.drafts is None:
         return JSONResponse({"error": loaded.refused, "refused": True}, status_code=409)
     result = writer.write(loaded.drafts)

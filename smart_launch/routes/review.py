@@ -34,22 +34,44 @@ def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: P
 
 
 @router.post("/write", response_class=HTMLResponse, summary="Confirm, then write the drafts (form, CSRF token)")
-def write(request: Request, _csrf: FormCsrf, sess: MayWrite, loaded: ReviewedDep, writer: WriterDep, pages: PagesDep,
-          confirmed: Annotated[str, Form()] = "", patient: Annotated[str, Form()] = "") -> Response:
+def write(
+    request: Request,
+    _csrf: FormCsrf,
+    sess: MayWrite,
+    loaded: ReviewedDep,
+    writer: WriterDep,
+    pages: PagesDep,
+    confirmed: Annotated[str, Form()] = "",
+    patient: Annotated[str, Form()] = "",
+) -> Response:
     if patient and patient != sess.patient:
         # the page was confirmed for another patient than this launch's: never write across launches
-        raise Forbidden("this confirmation was made on another patient's page, so nothing was written; "
-                        "go back to the review and confirm again")
+        raise Forbidden(
+            "this confirmation was made on another patient's page, so nothing was written; "
+            "go back to the review and confirm again"
+        )
     if loaded.drafts is None and loaded.existing.written:  # SPEC §7.1: after a write, show it, write nothing
-        return pages.page(request, "written.html", result=WriteResult((), loaded.existing.written),
-                          report=loaded.report)
+        return pages.page(
+            request, "written.html", result=WriteResult((), loaded.existing.written), report=loaded.report
+        )
     if loaded.drafts is None:
-        return pages.page(request, "error.html", 409, title="Nothing to write",
-                          message=_sentence(loaded.refused or loaded.settled or "there are no drafts"),
-                          back="/review")
+        return pages.page(
+            request,
+            "error.html",
+            409,
+            title="Nothing to write",
+            message=_sentence(loaded.refused or loaded.settled or "there are no drafts"),
+            back="/review",
+        )
     if confirmed != "yes":
-        return pages.page(request, "confirm.html", drafts=draft_view(loaded.drafts), csrf=sess.csrf,
-                          report=loaded.report, patient=sess.patient)
+        return pages.page(
+            request,
+            "confirm.html",
+            drafts=draft_view(loaded.drafts),
+            csrf=sess.csrf,
+            report=loaded.report,
+            patient=sess.patient,
+        )
     result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
     return pages.page(request, "written.html", result=result, report=loaded.report)
@@ -60,15 +82,24 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-@router.get("/resource/{resource_type}/{resource_id}", response_class=HTMLResponse,
-            summary="A small viewer for one evidence resource of the launched patient")
-def resource(request: Request, resource_type: str, resource_id: str, sess: CurrentSession, client: Fhir,
-             pages: PagesDep) -> Response:
+@router.get(
+    "/resource/{resource_type}/{resource_id}",
+    response_class=HTMLResponse,
+    summary="A small viewer for one evidence resource of the launched patient",
+)
+def resource(
+    request: Request, resource_type: str, resource_id: str, sess: CurrentSession, client: Fhir, pages: PagesDep
+) -> Response:
     if resource_type not in VIEWABLE:
         raise UsageError(f"{resource_type} resources are not shown here")
     found = client.read(resource_type, resource_id)
     if subject_of(found) != sess.patient:
         # the token may be broader than this launch; the session still only sees its own patient
         raise Forbidden("that resource does not belong to the patient this app was launched for")
-    return pages.page(request, "resource.html", ref=f"{resource_type}/{resource_id}", facts=resource_facts(found),
-                      text=json.dumps(found, indent=2, ensure_ascii=False))
+    return pages.page(
+        request,
+        "resource.html",
+        ref=f"{resource_type}/{resource_id}",
+        facts=resource_facts(found),
+        text=json.dumps(found, indent=2, ensure_ascii=False),
+    )
