@@ -145,7 +145,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """``fhir-plugin population``: exit 0 when every patient is complete, 1 when the worklist is not empty."""
     from .._population._job import SparkSettings, iter_rows, ndjson_files, run_population, spark_session
-    from .._population._report import render_html, render_terminal, summarize
+    from .._population._report import WORKLIST_COLUMNS, render_html, render_terminal, summarize
 
     _check_args(args)
     today = parse_today(args.today) or date.today()
@@ -181,23 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     spark = spark_session(SparkSettings(args.master, args.remote, driver_memory=args.driver_memory))
     result = run_population(spark, files, out, profile_code=args.profile, today=today, now=now, keep_drafts=args.write)
-    summary = summarize(
-        iter_rows(
-            result.parquet,
-            (
-                "patient",
-                "encounter",
-                "complete",
-                "code_fit",
-                "suggested",
-                "gaps",
-                "red_flags",
-                "referral",
-                "drafts_allowed",
-                "problem",
-            ),
-        )
-    )
+    summary = summarize(iter_rows(result.parquet, WORKLIST_COLUMNS))
     page = render_html(
         summary,
         profile_code=args.profile,
