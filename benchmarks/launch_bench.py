@@ -38,7 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fhir_plugin.synthetic import generate_cases  # noqa: E402
-from sandbox.testing import load_fresh_case, sandbox_stack, treat_loopback_as_secure  # noqa: E402
+from sandbox.testing import (  # noqa: E402
+    headless_chromium,
+    load_fresh_case,
+    sandbox_stack,
+    treat_loopback_as_secure,
+)
 
 treat_loopback_as_secure()  # the app's embedded-mode cookie is Secure on loopback, as browsers allow
 
@@ -61,39 +66,23 @@ def _server_timing(header: str) -> dict[str, float]:
 
 def _in_chromium(url: str, app_url: str, launches: int, executable: str, record) -> None:  # type: ignore[no-untyped-def]
     """Each launch in a fresh headless Chromium context, timed until the review page's load event."""
-    from playwright.sync_api import sync_playwright
-
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=executable, args=args, headless=True)
-        try:
-            for i in range(launches + 1):
-                context = chromium.new_context()
-                page = context.new_page()
-                started = time.perf_counter()
-                response = page.goto(url, wait_until="load")
-                elapsed = time.perf_counter() - started
-                if (
-                    response is None
-                    or not page.url.startswith(app_url + "/review?launch=")
-                    or not page.locator("#summary").count()
-                    or not page.locator("#trends svg").count()
-                ):
-                    raise SystemExit(f"launch failed at {page.url}")
-                if i:  # the first launch warms up Chromium itself
-                    record(elapsed, response.headers.get("server-timing", ""))
-                context.close()
-        finally:
-            chromium.close()
+    with headless_chromium(executable) as chromium:  # one browser; each launch gets a fresh context
+        for i in range(launches + 1):
+            context = chromium.new_context()
+            page = context.new_page()
+            started = time.perf_counter()
+            response = page.goto(url, wait_until="load")
+            elapsed = time.perf_counter() - started
+            if (
+                response is None
+                or not page.url.startswith(app_url + "/review?launch=")
+                or not page.locator("#summary").count()
+                or not page.locator("#trends svg").count()
+            ):
+                raise SystemExit(f"launch failed at {page.url}")
+            if i:  # the first launch warms up Chromium itself
+                record(elapsed, response.headers.get("server-timing", ""))
+            context.close()
 
 
 def run(fhir_base: str, launches: int, case_key: str, browser_path: str | None = None) -> dict:

@@ -9,6 +9,7 @@ production anyway (cookies, redirects and headers as a browser sees them).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -511,3 +512,31 @@ def forget_folded_drafts(fhir_base: str, patient_id: str) -> int:
                     client.request("DELETE", f"Provenance/{provenance['id']}")
                     deleted += 1
     return deleted
+
+
+#: Debian's Chromium, which the browser tests and the launch benchmark drive through Playwright
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+#: headless, and quiet: no sandbox (root in CI), no GPU, no background traffic to anywhere
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+@contextlib.contextmanager
+def headless_chromium(executable: str = CHROMIUM) -> Iterator[Any]:
+    """A Playwright Chromium browser on Debian's binary, closed on exit (the caller checks it exists)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -10,28 +10,16 @@ it); axe-core runs the WCAG 2.2 AA rules on every app page at 1280 and 390 px.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import pytest
 import requests
 
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import load_fresh_case, sandbox_stack
+from sandbox.testing import CHROMIUM, headless_chromium, load_fresh_case, sandbox_stack
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-artifacts" / "screenshots"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 WCAG22_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 FIRST_SCREEN = 900  # px: what a clinician sees without scrolling
@@ -41,17 +29,11 @@ pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright import sync_api as playwright_api  # a test extra: missing means a broken set-up, not a skip
-
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with headless_chromium() as chromium:
+        yield chromium
 
 
 def _fresh(fhir_base_url: str, key: str):

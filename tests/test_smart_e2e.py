@@ -23,36 +23,19 @@ import requests
 
 from fhir_plugin import FhirClient, check, load_profile, review
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import APP_CLIENT_SCOPES, free_port, load_fresh_case, sandbox_stack
+from sandbox.testing import APP_CLIENT_SCOPES, CHROMIUM, free_port, headless_chromium, load_fresh_case, sandbox_stack
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright import sync_api as playwright_api  # a test extra: missing means a broken set-up, not a skip
-
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with headless_chromium() as chromium:
+        yield chromium
 
 
 def _statuses(page) -> dict[str, str]:
