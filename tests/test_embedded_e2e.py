@@ -13,14 +13,13 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-import requests
+from test_smart_e2e import _drafts_in_hapi
 
 from fhir_plugin.synthetic import generate_cases
 from sandbox.testing import CHROMIUM, headless_chromium, load_fresh_case, sandbox_stack
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-artifacts" / "screenshots"
-DRAFT_TAG = "urn:fhir-plugin:tag|machine-drafted"
 WCAG22_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 FIRST_SCREEN = 900  # px: what a clinician sees without scrolling
 
@@ -43,19 +42,6 @@ def _fresh(fhir_base_url: str, key: str):
         (r for r in case.resources if r["resourceType"] == "Encounter"), key=lambda r: r["period"]["start"]
     )
     return case.patient_id, encounters[-1]["id"]
-
-
-def _drafts_in_hapi(base: str, patient: str) -> dict[str, int]:
-    counts = {}
-    for rtype in ("Condition", "Goal", "CarePlan"):
-        bundle = requests.get(
-            f"{base}/{rtype}",
-            params={"patient": patient, "_tag": DRAFT_TAG, "_summary": "count"},
-            headers={"Cache-Control": "no-cache"},
-            timeout=30,
-        ).json()
-        counts[rtype] = bundle.get("total", 0)
-    return counts
 
 
 def _app_frame(page, app_url: str):

@@ -7,6 +7,8 @@ import os
 from datetime import date
 from typing import Any
 
+import requests
+
 from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE
 from .._sources import Checkable, from_embedded, from_files, require_patients
@@ -105,3 +107,58 @@ def strategy_options(parser: argparse.ArgumentParser, *, ledger_where: str | Non
         default=None if ledger_where else DEFAULT_LEDGER,
         help=f"the ledger writer's SQLite file of draft ids (default {ledger_where or DEFAULT_LEDGER})",
     )
+
+
+def add_auth_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a job that talks to a server on its own: a static token, or SMART Backend Services."""
+    auth = parser.add_argument_group("authentication (none: an open server)")
+    auth.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
+    auth.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
+    auth.add_argument(
+        "--client-id", metavar="ID", help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key"
+    )
+    auth.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) (or env FHIR_CLIENT_KEY)",
+    )
+    auth.add_argument(
+        "--kid",
+        metavar="KID",
+        help="key id to put in the assertion header (default: the JWK's kid, else its RFC 7638 thumbprint)",
+    )
+    auth.add_argument(
+        "--scope",
+        metavar="SCOPES",
+        help="scopes to ask for (default: SMART v2 system scopes for what the run reads and writes)",
+    )
+    auth.add_argument(
+        "--token-url",
+        metavar="URL",
+        help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)",
+    )
+
+
+def authenticate(args: argparse.Namespace, session: requests.Session, default_scope: str) -> str | None:
+    """Make ``session`` carry SMART Backend Services tokens when a client id and key are given (None back);
+    otherwise return the static token of ``--token``/``--token-file``/``FHIR_TOKEN`` (or None: an open server)."""
+    from .._backend_auth import backend_session, load_signing_key
+
+    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
+    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
+    if not (client_id or key_path):
+        return read_token(args)
+    if not (client_id and key_path):
+        raise UsageError("SMART Backend Services needs both --client-id and --key")
+    if args.token or args.token_file:
+        raise UsageError("give either --token (or --token-file) or --client-id with --key, not both")
+    backend_session(
+        args.server,
+        client_id,
+        load_signing_key(key_path, kid=args.kid),
+        args.scope or default_scope,
+        token_url=args.token_url,
+        timeout=args.timeout,
+        session=session,
+    )
+    return None

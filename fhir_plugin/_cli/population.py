@@ -16,7 +16,7 @@ from typing import Any
 
 from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE, load_profile
-from ._common import parse_today, subparser
+from ._common import add_auth_options, authenticate, parse_today, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
@@ -92,13 +92,7 @@ def add_parser(sub: Any, epilog: str) -> None:
     )
     parser.add_argument("--today", metavar="YYYY-MM-DD", help="the date 'not yet due' is judged against")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout")
-    auth = parser.add_argument_group("authentication (none: an open server)")
-    auth.add_argument("--token", metavar="TOKEN", help="a static bearer token (or env FHIR_TOKEN)")
-    auth.add_argument("--client-id", metavar="ID", help="SMART Backend Services client id (or env FHIR_CLIENT_ID)")
-    auth.add_argument("--key", metavar="FILE", help="the client's private key, PEM or JWK (or env FHIR_CLIENT_KEY)")
-    auth.add_argument("--kid", metavar="KID", help="key id for the assertion header")
-    auth.add_argument("--scope", metavar="SCOPES", help="scopes to ask for (default: SMART v2 system scopes)")
-    auth.add_argument("--token-url", metavar="URL", help="token endpoint (default: discovered)")
+    add_auth_options(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
 
 
@@ -106,29 +100,11 @@ def _session(args: argparse.Namespace) -> tuple[Any, str | None]:
     """The HTTP session (SMART Backend Services as the sync job does it) and a static token, if any."""
     import requests
 
-    from .._backend_auth import backend_session, load_signing_key
     from .._sync import Selection, default_scope
 
     session = requests.Session()
-    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
-    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
-    if client_id or key_path:
-        if not (client_id and key_path):
-            raise UsageError("SMART Backend Services needs both --client-id and --key")
-        if args.token:
-            raise UsageError("give either --token or --client-id with --key, not both")
-        scope = args.scope or default_scope(Selection((), args.group, not args.group, None), args.write)
-        backend_session(
-            args.server,
-            client_id,
-            load_signing_key(key_path, kid=args.kid),
-            scope,
-            token_url=args.token_url,
-            timeout=args.timeout,
-            session=session,
-        )
-        return session, None
-    return session, args.token or os.environ.get("FHIR_TOKEN")
+    scope = default_scope(Selection((), args.group, not args.group, None), args.write)
+    return session, authenticate(args, session, scope)
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,8 +23,7 @@ from .._sync import (
     parse_instant,
     run_sync,
 )
-from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
-from ._common import parse_today, strategy_options, subparser
+from ._common import add_auth_options, authenticate, parse_today, strategy_options, subparser
 
 
 def add_parser(sub: Any, epilog: str) -> None:
@@ -74,32 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="stop the run after N patients in a row get no answer (default %(default)s)",
     )
-    auth = parser.add_argument_group("authentication (none: an open server)")
-    auth.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
-    auth.add_argument("--token-file", metavar="FILE", help=TOKEN_FILE_HELP)
-    auth.add_argument(
-        "--client-id", metavar="ID", help="SMART Backend Services client id (or env FHIR_CLIENT_ID); needs --key"
-    )
-    auth.add_argument(
-        "--key",
-        metavar="FILE",
-        help="the client's private key, PEM or JWK, RSA (RS384) or EC P-384 (ES384) (or env FHIR_CLIENT_KEY)",
-    )
-    auth.add_argument(
-        "--kid",
-        metavar="KID",
-        help="key id to put in the assertion header (default: the JWK's kid, else its RFC 7638 thumbprint)",
-    )
-    auth.add_argument(
-        "--scope",
-        metavar="SCOPES",
-        help="scopes to ask for (default: SMART v2 system scopes for what the run reads and writes)",
-    )
-    auth.add_argument(
-        "--token-url",
-        metavar="URL",
-        help="token endpoint (default: discovered from {server}/.well-known/smart-configuration)",
-    )
+    add_auth_options(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
 
 
@@ -109,32 +82,11 @@ def _session(
     concurrency: int,
 ) -> tuple[requests.Session, str | None]:
     """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
-    from .._backend_auth import backend_session, load_signing_key
-
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, concurrency + 2))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
-    key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
-    token = read_token(args)
-    if client_id or key_path:
-        if not (client_id and key_path):
-            raise UsageError("SMART Backend Services needs both --client-id and --key")
-        if args.token or args.token_file:
-            raise UsageError("give either --token (or --token-file) or --client-id with --key, not both")
-        key = load_signing_key(key_path, kid=args.kid)
-        backend_session(
-            args.server,
-            client_id,
-            key,
-            args.scope or default_scope(selection, args.write),
-            token_url=args.token_url,
-            timeout=args.timeout,
-            session=session,
-        )
-        return session, None
-    return session, token
+    return session, authenticate(args, session, default_scope(selection, args.write))
 
 
 def run(args: argparse.Namespace) -> int:
