@@ -29,7 +29,16 @@ from ._report import Report
 from ._version import __version__
 from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER, is_plugin_draft
 
-__all__ = ["build_drafts", "draft_identifiers", "phases_of", "Phase", "DraftsRefused", "Existing", "existing_in"]
+__all__ = [
+    "build_drafts",
+    "drafts_refusal",
+    "draft_identifiers",
+    "phases_of",
+    "Phase",
+    "DraftsRefused",
+    "Existing",
+    "existing_in",
+]
 
 _NAMESPACE = uuid.UUID("6f1d8a52-3c0e-5b7e-9a51-2f4c8e1d0b37")
 _CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
@@ -199,6 +208,19 @@ def _validate(resource: Mapping[str, Any], *, name: str | None = None) -> Any:
         ) from exc
 
 
+def drafts_refusal(report: Report, profile: Profile) -> str | None:
+    """Why no drafts may be made for this report (SPEC §5, §7: a code mismatch), or None when they may."""
+    if report.code_fit.status != "mismatch":
+        return None
+    first = report.code_fit.suggested[0] if report.code_fit.suggested else None
+    why = first.reason if first else report.code_fit.detail
+    codes = ", ".join(s.code for s in report.code_fit.suggested) or "another code"
+    return (
+        f"no drafts were made: {report.patient}'s documentation does not support "
+        f"{profile.code} ({why}); suggested {codes}"
+    )
+
+
 def build_drafts(
     report: Report, profile: Profile, *, now: datetime, existing: Existing | None = None
 ) -> dict[str, Any]:
@@ -209,14 +231,9 @@ def build_drafts(
     the chart.  With an existing Condition none is drafted and the plan
     addresses it; with an existing plan no CarePlan, Goals or Provenance are.
     """
-    if report.code_fit.status == "mismatch":
-        first = report.code_fit.suggested[0] if report.code_fit.suggested else None
-        why = first.reason if first else report.code_fit.detail
-        codes = ", ".join(s.code for s in report.code_fit.suggested) or "another code"
-        raise DraftsRefused(
-            f"no drafts were made: {report.patient}'s documentation does not support "
-            f"{profile.code} ({why}); suggested {codes}"
-        )
+    refused = drafts_refusal(report, profile)
+    if refused:
+        raise DraftsRefused(refused)
     existing = existing or Existing()
     if existing.condition and existing.careplan:
         raise UsageError(f"nothing to draft: {existing.careplan} already addresses {existing.condition}")

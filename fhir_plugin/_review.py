@@ -13,7 +13,7 @@ from datetime import date, datetime
 from typing import Any
 
 from ._check import check
-from ._drafts import Existing, build_drafts, existing_in
+from ._drafts import Existing, build_drafts, drafts_refusal, existing_in
 from ._errors import DraftsRefused
 from ._profile import Profile
 from ._record import PatientRecord
@@ -39,18 +39,30 @@ class Review:
         """The plugin's drafts for this record are already on the server (SPEC §7.1, after a write)."""
         return bool(self.existing.written)
 
+    #: drafts may be made, though not built here (``review(..., draft=False)``: a worklist needs only the answer)
+    allowed_unbuilt: bool = False
+
     @property
     def drafts_allowed(self) -> bool:
-        return self.drafts is not None
+        return self.drafts is not None or self.allowed_unbuilt
 
 
 def review(
-    record: PatientRecord, profile: Profile, *, today: date, now: datetime, encounter_id: str | None = None
+    record: PatientRecord,
+    profile: Profile,
+    *,
+    today: date,
+    now: datetime,
+    encounter_id: str | None = None,
+    draft: bool = True,
 ) -> Review:
     """Check ``record`` against ``profile`` at ``today`` and draft what SPEC §7 writes back, dated ``now``.
 
     A code mismatch refuses the drafts (SPEC §5, §7): the refusal is part of
-    the answer, not an error, since the report is still worth showing.
+    the answer, not an error, since the report is still worth showing.  With
+    ``draft=False`` the answer (allowed or refused, and why) is the same but the
+    drafts are not built: a population's worklist needs the answer for every
+    patient and the drafts only when they are written.
     """
     report = check(record, profile, today=today, encounter_id=encounter_id)
     existing = existing_in(record, profile)
@@ -72,6 +84,9 @@ def review(
                 existing,
                 f"an active plan exists: {existing.careplan} addresses {existing.condition}",
             )
+    if not draft:
+        refused = drafts_refusal(report, profile)
+        return Review(report, None, refused, existing, allowed_unbuilt=refused is None)
     try:
         return Review(report, build_drafts(report, profile, now=now, existing=existing), existing=existing)
     except DraftsRefused as exc:
