@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import UsageError
-from ._rows import ROW_COLUMNS, key_line, patient_row, problem_row
+from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
 __all__ = ["SparkSettings", "spark_session", "run_population", "PopulationResult", "ROW_SCHEMA", "ndjson_files"]
 
@@ -38,7 +38,7 @@ ROW_SCHEMA = (
     "gaps array<string>, red_flags array<string>, referral boolean, drafts_allowed boolean, "
     "refused string, statuses string, flag_statuses string, problem string, drafts string"
 )
-_KEYED_SCHEMA = "file string, line long, patient string, type string, text string, problem string"
+_KEYED_SCHEMA = "file string, line long, patient string, text string, problem string"
 
 
 @dataclass(frozen=True)
@@ -108,49 +108,109 @@ def ndjson_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def _key_batches(batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInPandas: (file, pos, text) batches to keyed lines; runs in the executors."""
-    import pandas as pd
+#: what the JVM reads of a line to find its patient (the rest of the line is left to the check)
+_KEY_FIELDS = "resourceType string, id string, subject struct<reference: string>, patient struct<reference: string>"
+#: ``Patient/<id>``, relative or at the end of an absolute URL: ``_record.patient_id_of``'s rule
+_PATIENT_REF = r"(^|/)Patient/([^/]+)$"
+#: the review's output: the row columns, and the file and line of an input line no patient could take
+_OUT_SCHEMA = ROW_SCHEMA + ", file string, line long"
+#: input bytes per shuffle partition: a partition's lines are sorted in the executor's memory
+_PARTITION_BYTES = 48 * 1024 * 1024
+
+
+def _fallback_keys(batches: Iterator[Any]) -> Iterator[Any]:
+    """mapInArrow over the few lines the JVM could not key: ``_rows.key_line`` decides, as on the command line."""
+    import pyarrow as pa
 
     for batch in batches:
-        out: dict[str, list[Any]] = {k: [] for k in ("file", "line", "patient", "type", "text", "problem")}
-        for file, pos, text in zip(batch["file"], batch["pos"], batch["text"], strict=True):
+        out: dict[str, list[Any]] = {k: [] for k in ("file", "line", "patient", "text", "problem")}
+        cols = batch.to_pydict()
+        for file, line, text in zip(cols["file"], cols["line"], cols["text"], strict=True):
             keyed = key_line(text)
             if keyed is None:
                 continue
-            out["file"].append(Path(str(file)).name)
-            out["line"].append(int(pos) + 1)
+            out["file"].append(file)
+            out["line"].append(line)
             out["patient"].append(keyed.patient)
-            out["type"].append(keyed.type)
             out["text"].append(text if keyed.problem is None else None)
             out["problem"].append(keyed.problem)
-        yield pd.DataFrame(out, columns=list(out))
+        yield pa.RecordBatch.from_pydict(out, schema=_arrow_schema(_KEYED_SCHEMA))
 
 
-def _reviewer(profile_code: str, today: date, now: datetime, keep_drafts: bool) -> Any:
-    """applyInPandas: one patient's lines to one row; the profile loads once per Python worker."""
+def _struct(ddl: str) -> Any:
+    """A Spark StructType from ``name type, ...`` (the few types used here), parsed without a JVM.
 
-    def review_group(group: Any) -> Any:
-        import pandas as pd
+    The Python workers build their Arrow output from it, and neither they nor a Spark
+    Connect client have a JVM to parse a DDL string.
+    """
+    from pyspark.sql import types as T
+
+    simple = {"string": T.StringType(), "boolean": T.BooleanType(), "long": T.LongType()}
+    fields = []
+    for part in ddl.split(","):
+        name, kind = part.split()
+        element = kind.removeprefix("array<").removesuffix(">")
+        dtype = T.ArrayType(simple[element]) if kind.startswith("array<") else simple[kind]
+        fields.append(T.StructField(name, dtype))
+    return T.StructType(fields)
+
+
+def _arrow_schema(ddl: str) -> Any:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(_struct(ddl))
+
+
+def _cores(spark: Any) -> int:
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:  # Spark Connect has no SparkContext: the cluster balances the partitions
+        return 2
+
+
+def _reviewer(profile_code: str, today: date, now: datetime, keep_drafts: bool, strict_r4: bool) -> Any:
+    """applyInArrow: one patient's lines (sorted by file and line) to that patient's row.
+
+    The lines no patient could take arrive as one group with a null patient: each
+    becomes an output row naming its file, line and problem.
+    """
+
+    def review_group(table: Any) -> Any:
+        import pyarrow as pa
 
         from .._profile import load_profile
 
-        group = group.sort_values(["file", "line"])
-        patient = str(group["patient"].iloc[0])
-        try:
-            row = patient_row(
-                patient,
-                zip(group["file"], group["line"], group["text"], strict=True),
-                load_profile(profile_code),
-                today=today,
-                now=now,
-                keep_drafts=keep_drafts,
-            )
-        except Exception as exc:  # one patient's failure must not stop the population
-            row = problem_row(patient, f"the check failed ({type(exc).__name__})")
-        return pd.DataFrame([row], columns=list(ROW_COLUMNS))
+        cols = table.to_pydict()
+        patient = cols["patient"][0]
+        if patient is None:
+            rows = [
+                dict(problem_row("", problem), patient=None, file=file, line=line)
+                for file, line, problem in zip(cols["file"], cols["line"], cols["problem"], strict=True)
+            ]
+        else:
+            lines = sorted(zip(cols["file"], cols["line"], cols["text"], strict=True))
+            try:
+                row = patient_row(
+                    patient,
+                    lines,
+                    load_profile(profile_code),
+                    today=today,
+                    now=now,
+                    keep_drafts=keep_drafts,
+                    strict_r4=strict_r4,
+                )
+            except Exception as exc:  # one patient's failure must not stop the population
+                row = problem_row(patient, f"the check failed ({type(exc).__name__})")
+            rows = [dict(row, file=None, line=None)]
+        return pa.Table.from_pylist(rows, schema=_arrow_schema(_OUT_SCHEMA))
 
     return review_group
+
+
+def _partitions(paths: Sequence[str], cores: int) -> int:
+    """Shuffle partitions: enough that each sorts in memory, at least two per core to balance the load."""
+    size = sum(os.path.getsize(p) for p in paths)
+    return max(2 * cores, -(-size // _PARTITION_BYTES))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -173,37 +233,68 @@ def run_population(
     today: date,
     now: datetime,
     keep_drafts: bool = False,
+    strict_r4: bool = False,
 ) -> PopulationResult:
-    """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``."""
+    """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``.
+
+    One pass over the input: the JVM reads each line's resource type and patient
+    reference (``from_json`` with just those fields) and the few lines it cannot key
+    go to ``_rows.key_line``; the lines are grouped by patient and each group is
+    reviewed in Python (``applyInArrow``).  The rows are kept (small: no resource
+    text) while the problems are collected and the rows are sorted and written.
+    """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [str(Path(p).resolve()) for p in files]
-    raw = spark.read.text(paths, wholetext=True).select(F.input_file_name().alias("file"), "value")
-    lines = raw.select("file", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
-    keyed = lines.mapInPandas(_key_batches, schema=_KEYED_SCHEMA).cache()
+    raw = spark.read.text(paths, wholetext=True).select(
+        F.regexp_extract(F.input_file_name(), r"([^/]+)$", 1).alias("file"), "value"
+    )
+    lines = (
+        raw.select("file", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
+        .where(F.trim("text") != "")
+        .select("file", (F.col("pos") + 1).alias("line"), "text")
+    )
+    fields = F.from_json("text", _KEY_FIELDS)
+    rtype = fields["resourceType"]
+    subject_ref = fields["subject"]["reference"]
+    patient_ref = F.when(fields["subject"].isNull(), fields["patient"]["reference"])
+    ref = F.coalesce(subject_ref, patient_ref)
+    key = (
+        F.when(rtype == "Patient", fields["id"])
+        .when(rtype.isin(*READ_TYPES) & ref.rlike(_PATIENT_REF), F.regexp_extract(ref, _PATIENT_REF, 2))
+        .when(rtype.isNotNull() & ~rtype.isin(*READ_TYPES), F.lit(""))  # a type the check does not read
+    )
+    with_key = lines.select("file", "line", key.alias("patient"), "text")
+    keyed = with_key.where(F.col("patient") != "").select(
+        "file", "line", "patient", "text", F.lit(None).cast("string").alias("problem")
+    )
+    # the lines the JVM could not key (not JSON, no patient reference, odd references): Python decides
+    fallback = (
+        with_key.where(F.col("patient").isNull())
+        .select("file", "line", "text")
+        .mapInArrow(_fallback_keys, _struct(_KEYED_SCHEMA))
+    )
+    cores = _cores(spark)
+    reviewed = (
+        keyed.unionByName(fallback.select("file", "line", "patient", "text", "problem"))
+        .repartition(_partitions(paths, cores), "patient")
+        .groupBy("patient")
+        .applyInArrow(_reviewer(profile_code, today, now, keep_drafts, strict_r4), schema=_struct(_OUT_SCHEMA))
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
     try:
         problems = [
             {"file": r["file"], "line": r["line"], "problem": r["problem"]}
-            for r in keyed.where(F.col("problem").isNotNull()).orderBy("file", "line").collect()
+            for r in reviewed.where(F.col("patient").isNull()).orderBy("file", "line").collect()
         ]
-        # persisted: the sort samples its input before sorting it, which would run every check twice
-        rows = (
-            keyed.where(F.col("problem").isNull())
-            .select("patient", "file", "line", "text")
-            .groupBy("patient")
-            .applyInPandas(_reviewer(profile_code, today, now, keep_drafts), schema=ROW_SCHEMA)
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        )
         tmp = out / ".results.parquet.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            rows.orderBy("patient").write.mode("overwrite").parquet(str(tmp))
-        finally:
-            rows.unpersist()
+        rows = reviewed.where(F.col("patient").isNotNull()).select(*ROW_COLUMNS)
+        rows.orderBy("patient").write.mode("overwrite").parquet(str(tmp))
     finally:
-        keyed.unpersist()
+        reviewed.unpersist()
     parquet = out / "results.parquet"
     _replace_dir(tmp, parquet)
     jsonl = out / "results.jsonl"

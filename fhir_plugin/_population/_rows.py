@@ -17,6 +17,7 @@ from .._errors import InputError
 from .._profile import Profile
 from .._record import PatientRecord, subject_patient_id, validate_resource
 from .._review import review
+from .._shape import reading_problem
 
 __all__ = ["Keyed", "key_line", "patient_row", "problem_row", "ROW_COLUMNS", "READ_TYPES"]
 
@@ -109,16 +110,28 @@ def patient_row(
     today: date,
     now: datetime,
     keep_drafts: bool = False,
+    strict_r4: bool = False,
 ) -> dict[str, Any]:
     """Review one patient's resources (``(file, line, json)``) and return the worklist row.
 
-    A resource that is not valid R4 makes the row a problem row naming its file and line:
-    the patient is not judged on part of the record (SPEC §6 needs the whole record).
+    A resource whose elements the check reads are not valid R4 (``_shape``; with
+    ``strict_r4`` any element, against the whole R4 model) makes the row a problem
+    row naming its file and line: the patient is not judged on part of the record
+    (SPEC §6 needs the whole record).  The drafts are built only for write-back
+    (``keep_drafts``); the row says whether they are allowed either way.
     """
     resources: list[dict[str, Any]] = []
     for file, lineno, text in lines:
         try:
-            resource = validate_resource(json.loads(text))
+            resource = json.loads(text)
+            if strict_r4:
+                validate_resource(resource)
+            elif not isinstance(resource, dict):
+                raise InputError(f"expected a FHIR resource (a JSON object), got {type(resource).__name__}")
+            else:
+                problem = reading_problem(resource)
+                if problem:
+                    raise InputError(problem)
         except (InputError, ValueError) as exc:
             return problem_row(patient, f"{file} line {lineno}: {exc}")
         if subject_patient_id(resource) != patient:  # keyed by key_line, so only a caller's mistake
@@ -126,7 +139,7 @@ def patient_row(
         resources.append(resource)
     # validated above, line by line (so a problem names its line): the record is made directly,
     # as records_from_bundle would make it, without validating every resource twice
-    result = review(PatientRecord(patient, tuple(resources)), profile, today=today, now=now)
+    result = review(PatientRecord(patient, tuple(resources)), profile, today=today, now=now, draft=keep_drafts)
     report = result.report
     row = _empty_row(patient)
     row.update(
