@@ -67,7 +67,7 @@ def _load_group(base: str, prefix: str, keys: tuple[str, ...] | None = None) -> 
     ]
     load_into_server(base, cases)
     group_id = f"fp-{tag}-group"
-    body = {
+    body: dict[str, Any] = {
         "resourceType": "Group",
         "id": group_id,
         "type": "person",
@@ -232,20 +232,35 @@ class BulkProxy:
         h.close_connection = True
 
 
-def _start(base: str, group_id: str, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+@pytest.fixture
+def jobs():
+    """The population processes a test starts: any still running when it ends (a failed test) is SIGKILLed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for job in started:
+        if job.poll() is None:
+            _kill(job)
+
+
+def _start(
+    jobs: list[subprocess.Popen], base: str, group_id: str, out: Path, log: Path, *extra: str
+) -> subprocess.Popen:
     """``fhir-plugin population`` as its own process (and process group), Spark in local mode on one core."""
     args = ["--server", base, "--group", group_id, "--out", str(out), "--today", TODAY.isoformat()]
     args += ["--max-poll-wait", "1", "--master", "local[1]", *extra]
     with open(log, "w") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fhir_plugin._cli", "population", *args],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
+        jobs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "fhir_plugin._cli", "population", *args],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
+            )
         )
+    return jobs[-1]
 
 
 def _finish(job: subprocess.Popen, log: Path, timeout: float = 900) -> tuple[int, str]:
@@ -286,7 +301,7 @@ def _searchable(if_none_exist: str) -> str:
 
 
 def test_killed_during_download_resumes_the_same_export_and_gives_the_uninterrupted_rows(
-    sandbox_hapi_url, spark, tmp_path, capsys
+    sandbox_hapi_url, spark, tmp_path, capsys, jobs
 ):
     group_id, cases = _load_group(sandbox_hapi_url, "dl", KILL_KEYS)
     assert _population(sandbox_hapi_url, group_id, tmp_path / "whole") == 1  # the uninterrupted run
@@ -298,7 +313,7 @@ def test_killed_during_download_resumes_the_same_export_and_gives_the_uninterrup
     out, export = tmp_path / "killed", tmp_path / "killed" / "export"
     try:
         proxy.hold_download = 2  # the first file finished, the second half sent
-        job = _start(proxy.base, group_id, out, tmp_path / "killed.log")
+        job = _start(jobs, proxy.base, group_id, out, tmp_path / "killed.log")
         assert proxy.held.wait(600), (tmp_path / "killed.log").read_text()[-3000:]
         state = json.loads((export / "export.json").read_text())
         files = len(state["manifest"]["output"])
@@ -311,7 +326,7 @@ def test_killed_during_download_resumes_the_same_export_and_gives_the_uninterrup
         assert not [n for n in ("results.parquet", "results.jsonl", "report.html") if (out / n).exists()]
         downloads_before = proxy.downloads
 
-        code, log = _finish(_start(proxy.base, group_id, out, tmp_path / "resumed.log"), tmp_path / "resumed.log")
+        code, log = _finish(_start(jobs, proxy.base, group_id, out, tmp_path / "resumed.log"), tmp_path / "resumed.log")
         assert code == 1, log[-3000:]  # gaps found: exit 1
         assert proxy.kickoffs == 1  # the same command resumed the recorded export: no second kick-off
         assert proxy.downloads - downloads_before == files - 1  # and fetched only the files not finished
@@ -323,7 +338,9 @@ def test_killed_during_download_resumes_the_same_export_and_gives_the_uninterrup
     assert _rows(out) == whole  # the rows of the uninterrupted run
 
 
-def test_killed_during_write_back_resumes_without_exporting_again_or_a_duplicate_draft(sandbox_hapi_url, tmp_path):
+def test_killed_during_write_back_resumes_without_exporting_again_or_a_duplicate_draft(
+    sandbox_hapi_url, tmp_path, jobs
+):
     group_id, cases = _load_group(sandbox_hapi_url, "wb", KILL_KEYS)
     patients = [c.patient_id for c in cases]
     k = 2  # patients written and logged before the kill
@@ -331,7 +348,7 @@ def test_killed_during_write_back_resumes_without_exporting_again_or_a_duplicate
     out = tmp_path / "out"
     try:
         proxy.hold_transaction = k + 1  # HAPI carries out the (k+1)-th patient's drafts; the job never hears
-        job = _start(proxy.base, group_id, out, tmp_path / "killed.log", "--write")
+        job = _start(jobs, proxy.base, group_id, out, tmp_path / "killed.log", "--write")
         assert proxy.held.wait(900), (tmp_path / "killed.log").read_text()[-3000:]
         on_hapi = {p: sum(_drafts_on_hapi(sandbox_hapi_url, p).values()) for p in patients}
         assert sum(1 for n in on_hapi.values() if n) == k + 1  # counted on HAPI: k+1 patients have drafts
@@ -343,7 +360,9 @@ def test_killed_during_write_back_resumes_without_exporting_again_or_a_duplicate
         assert proxy.kickoffs == 1
 
         code, log = _finish(
-            _start(proxy.base, group_id, out, tmp_path / "resumed.log", "--write", "--max-writes-per-minute", "6000"),
+            _start(
+                jobs, proxy.base, group_id, out, tmp_path / "resumed.log", "--write", "--max-writes-per-minute", "6000"
+            ),
             tmp_path / "resumed.log",
         )
         assert code == 1, log[-3000:]
