@@ -7,7 +7,8 @@
   Data export tests use whatever FHIR_BASE_URL says), started once per test session with
   ``sandbox/hapi/run start --port P`` (P from ``SANDBOX_HAPI_PORT``, default 18080) and stopped
   when the session ends. A sandbox server of ours already running on that port is reused and
-  left running.
+  left running, and so is a ``FHIR_BASE_URL`` that is our sandbox (a shared one started from
+  another checkout): its CapabilityStatement names it, so no second HAPI is started beside it.
 
 A failed build or start fails the tests that need the server, with the script's output and the
 server log's tail; it never skips them.
@@ -66,6 +67,21 @@ def _wait_for_metadata(base_url: str, timeout_s: float) -> bool:
     return False
 
 
+#: what sandbox/hapi's CapabilityStatement says it is (SandboxRestConfig)
+SANDBOX_DESCRIPTION = "fhir-plugin sandbox HAPI FHIR R4 server"
+
+
+def _is_our_sandbox(base_url: str) -> bool:
+    """True when ``base_url`` is a running sandbox HAPI of ours (it can export), wherever it was started."""
+    try:
+        statement = requests.get(f"{base_url}/metadata", timeout=30).json()
+    except (requests.RequestException, ValueError):
+        return False
+    return isinstance(statement, dict) and (statement.get("implementation") or {}).get("description") == (
+        SANDBOX_DESCRIPTION
+    )
+
+
 @pytest.fixture(scope="session")
 def fhir_base_url(request):
     external = os.environ.get("FHIR_BASE_URL")
@@ -81,6 +97,10 @@ def sandbox_hapi_url():
 
     For tests of what only our sandbox is known to offer (Bulk Data ``$export``).
     """
+    external = os.environ.get("FHIR_BASE_URL", "").rstrip("/")
+    if external and _is_our_sandbox(external):
+        yield external  # started elsewhere: reused, never stopped here
+        return
     port = sandbox_hapi_port()
     base_url = f"http://127.0.0.1:{port}/fhir"
     started_here = False

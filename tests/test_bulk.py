@@ -128,6 +128,7 @@ def test_an_expired_export_says_so(tmp_path):
     responses.get(f"{BASE}/Binary/p1", status=404)
     with pytest.raises(NotFound, match="expired"):
         BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
+    assert not list(tmp_path.glob("*.ndjson*"))  # no file, not even a part file
     responses.reset()
     responses.get(STATUS, status=404)
     with pytest.raises(NotFound, match="--fresh-export"):
@@ -141,3 +142,45 @@ def test_a_status_url_on_another_server_never_gets_the_token(tmp_path):
     )
     with pytest.raises(UsageError, match="must not leave its server"):
         BulkExporter(BASE, tmp_path, token="s3cret").run(ExportRequest())
+
+
+def _previous_results(out):
+    """An output folder as an earlier run left it: results, report and problems, each with known content."""
+    (out / "results.parquet").mkdir(parents=True)
+    (out / "results.parquet" / "part-00000.parquet").write_bytes(b"PAR1 earlier rows PAR1")
+    (out / "results.jsonl").write_text('{"patient": "earlier"}\n')
+    (out / "report.html").write_text("<html>the earlier report</html>")
+    (out / "problems.jsonl").write_text('{"file": "earlier.ndjson", "line": 1, "problem": "earlier"}\n')
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("fails", "exit_code", "says"),
+    [
+        ("status 500", 6, "the export failed on the server"),
+        ("status 404", 7, "the export expired or was deleted"),
+        ("file 410", 7, "expired on the server"),
+    ],
+)
+@responses.activate
+def test_an_export_that_fails_or_expires_leaves_the_previous_results_as_they_were(
+    tmp_path, capsys, fails, exit_code, says
+):
+    from fhir_plugin._cli import main
+
+    before = _previous_results(tmp_path)
+    responses.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
+    where, status = fails.split()
+    if where == "status":
+        outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
+        responses.get(STATUS, status=int(status), json=outcome)
+    else:
+        responses.get(STATUS, status=200, json=manifest())
+        responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+        responses.get(f"{BASE}/Binary/c1", status=int(status))
+
+    assert main(["population", "--server", BASE, "--out", str(tmp_path), "--today", "2026-11-01"]) == exit_code
+    assert says in capsys.readouterr().err
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != "export"} == before  # nothing new, nothing changed
+    assert not [p.name for p in (tmp_path / "export").glob("*Condition.ndjson*")]  # the failed file: not even a part

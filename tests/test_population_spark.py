@@ -80,6 +80,23 @@ def test_bad_lines_are_reported_with_file_and_line_and_the_rest_is_checked(local
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "results.parquet"]  # no temporaries left
 
 
+def test_a_rerun_leaves_only_its_own_problems_beside_its_results(spark, tmp_path, capsys):
+    from fhir_plugin._cli import main
+
+    bad, good, out = tmp_path / "bad", tmp_path / "good", tmp_path / "out"
+    write_ndjson(good, TODAY, 3)
+    write_ndjson(bad, TODAY, 3)
+    (bad / "Extra.ndjson").write_text('{"resourceType": "Observation", "id": \n', encoding="utf-8")
+    args = ["population", "--out", str(out), "--today", TODAY.isoformat(), "--ndjson"]
+
+    assert main([*args, str(bad)]) == 1
+    assert [json.loads(x)["file"] for x in (out / "problems.jsonl").read_text().splitlines()] == ["Extra.ndjson"]
+    assert main([*args, str(good)]) == 1  # the same patients, without the bad line
+    capsys.readouterr()
+    assert not (out / "problems.jsonl").exists()  # the earlier run's problems are not this run's
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.jsonl", "results.parquet"]
+
+
 def test_parquet_holds_the_same_rows(local_run):
     import pyarrow.parquet as pq
 

@@ -184,11 +184,14 @@ def run(args: argparse.Namespace) -> int:
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out / "report.html")
+    # beside this run's results only this run's problems: written whole and renamed, an earlier run's removed
+    problems_path = out / "problems.jsonl"
     if result.problems or export_issues:
-        problems_path = out / "problems.jsonl"
-        problems_path.write_text(
-            "".join(json.dumps(p) + "\n" for p in result.problems + export_issues), encoding="utf-8"
-        )
+        tmp = out / ".problems.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in result.problems + export_issues), encoding="utf-8")
+        os.replace(tmp, problems_path)
+    else:
+        problems_path.unlink(missing_ok=True)
     print(render_terminal(summary, result.problems, export_issues))
     print(f"Wrote {result.parquet}, {result.jsonl} and {out / 'report.html'}.")
 
