@@ -69,6 +69,12 @@ class ServerCapabilities:
                 )
         return cls(frozenset(system), types)
 
+    @classmethod
+    def assumed_open(cls, types: tuple[str, ...]) -> ServerCapabilities:
+        """What an open server (no statement at hand) is taken to offer: batch, transaction, conditional create."""
+        every = TypeCapabilities(frozenset({"read", "search-type", "create"}), conditional_create=True)
+        return cls(frozenset({"batch", "transaction"}), dict.fromkeys(types, every))
+
     def of(self, resource_type: str) -> TypeCapabilities:
         return self.types.get(resource_type, TypeCapabilities())
 
@@ -88,6 +94,21 @@ class ServerCapabilities:
 
     def searches_by(self, resource_type: str, param: str) -> bool:
         return param in self.of(resource_type).search_params
+
+    def creating_only(self, allowed: frozenset[str], types: tuple[str, ...]) -> ServerCapabilities:
+        """These capabilities with create taken from each of ``types`` not in ``allowed``.
+
+        What the token grants narrows what the server declares (issue 12, item 5):
+        a type the job may not create is folded like one the server cannot create.
+        """
+        narrowed = dict(self.types)
+        for t in types:
+            if t not in allowed and t in narrowed:
+                kept = narrowed[t]
+                narrowed[t] = TypeCapabilities(
+                    kept.interactions - {"create"}, kept.conditional_create, kept.search_params, kept.profiles
+                )
+        return ServerCapabilities(self.system, narrowed, self.declared)
 
 
 def _codes(interactions: Any) -> set[str]:

@@ -37,6 +37,7 @@ __all__ = [
     "detected_strategies",
     "STRATEGIES",
     "DRAFT_TYPES",
+    "WRITE_TYPES",
     "ledger_at",
     "STRATEGY_ENV",
 ]
@@ -48,6 +49,8 @@ STRATEGY_ENV = "FHIR_PLUGIN_STRATEGY"
 STRATEGIES = ("auto", "transaction", "per-resource", "ledger")
 #: the resource types the drafts create (SPEC §7)
 DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
+#: every type a writer may create: the drafts, and the plan note they fold into (issue 12, writer d)
+WRITE_TYPES = (*DRAFT_TYPES, "DocumentReference")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def _needs_ledger(capabilities: ServerCapabilities) -> bool:
     """A draft type the server declares, without conditional create: it cannot de-duplicate for us."""
     return any(
         t in capabilities.types and capabilities.can_create(t) and not capabilities.can_create_conditionally(t)
-        for t in (*DRAFT_TYPES, "DocumentReference")
+        for t in WRITE_TYPES
     )
 
 
@@ -85,11 +88,14 @@ def strategies_for(
     *,
     strategy: str = "auto",
     ledger: str | Path | None = None,
+    creatable: frozenset[str] | None = None,
 ) -> Strategies:
     """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given.
 
     ``strategy`` forces the writer (one of ``STRATEGIES``); ``ledger`` is the
     ledger file's path, opened only when the ledger writer is chosen.
+    ``creatable`` (None: no limit) are the types the token lets the job create:
+    the others are folded as if the server could not create them.
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown write strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -97,6 +103,11 @@ def strategies_for(
         capabilities = ServerCapabilities.from_statement(capabilities)
     if capabilities is not None and not capabilities.declared:
         capabilities = None  # nothing usable declared: today's defaults
+    if creatable is not None and not set(WRITE_TYPES) <= creatable:
+        # the grant is narrower than the server: write only what it allows (issue 12, item 5)
+        capabilities = (capabilities or ServerCapabilities.assumed_open(WRITE_TYPES)).creating_only(
+            creatable, WRITE_TYPES
+        )
     # HAPI declares only ``transaction`` yet answers batches at the same endpoint, as every server with
     # transactions does (Azure, Google, Medplum, Firely, Aidbox); the EHRs that refuse batches refuse both
     reader: RecordReader = (
@@ -121,7 +132,13 @@ def strategies_for(
     return Strategies(reader, writer)
 
 
-def detected_strategies(client: FhirClient, *, strategy: str = "auto", ledger: str | Path | None = None) -> Strategies:
+def detected_strategies(
+    client: FhirClient,
+    *,
+    strategy: str = "auto",
+    ledger: str | Path | None = None,
+    creatable: frozenset[str] | None = None,
+) -> Strategies:
     """What every entry point calls: the server's CapabilityStatement (fetched once per base URL) decides.
 
     A server whose ``metadata`` cannot be read (an error status, no answer)
@@ -134,4 +151,4 @@ def detected_strategies(client: FhirClient, *, strategy: str = "auto", ledger: s
         raise
     except (ServerError, TransportError):
         capabilities = None
-    return strategies_for(client, capabilities, strategy=strategy, ledger=ledger)
+    return strategies_for(client, capabilities, strategy=strategy, ledger=ledger, creatable=creatable)

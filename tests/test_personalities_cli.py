@@ -321,3 +321,92 @@ def test_sync_write_killed_with_sigkill_and_resumed_leaves_one_set_per_patient(e
     # what the killed run made is kept, not made again
     for pid in pids:
         assert {r["id"] for r in partial[pid]} <= {r["id"] for r in after[pid]}, pid
+
+
+# ---------------------------------------------------------------- sync: the scopes asked and granted
+
+#: (personality, what the job's backend client is registered for, one patient's drafts after --write; None: the
+#: run is read-only). Epic-like speaks SMART v1 only; oracle-like grants fewer scopes than asked.
+GRANTS = [
+    ("epic-like", ["system/*.read", "system/*.write"], ONE_SET["epic-like"]),
+    ("epic-like", ["system/*.read"], None),
+    ("oracle-like", ["system/*.rs"], None),
+    ("oracle-like", ["system/*.rs", "system/Condition.cs", "system/DocumentReference.cs"], ONE_SET["epic-like"]),
+]
+
+
+@pytest.mark.parametrize(("ehr", "registered", "expected"), GRANTS, indirect=["ehr"])
+def test_sync_asks_the_scopes_the_server_takes_and_writes_only_what_is_granted(
+    ehr, registered, expected, fhir_base_url, tmp_path, capsys
+):
+    from fhir_plugin._cli import main
+    from sandbox.ehr import Client
+
+    client_id = f"sync-{uuid.uuid4().hex[:8]}"
+    jwk = load_signing_key(ehr.key_path).public_jwk()
+    ehr.running.clients.register(
+        Client(client_id, scope=registered, token_endpoint_auth_method="private_key_jwt", jwks={"keys": [jwk]})
+    )
+    today = dt.date.today()
+    pids = [load_fresh_case(fhir_base_url, _chart(k, today)).patient_id for k in ("missing-onset", "missing-severity")]
+    group = f"cli-scope-{uuid.uuid4().hex[:8]}"
+    requests.put(
+        f"{fhir_base_url}/Group/{group}",
+        json={
+            "resourceType": "Group",
+            "id": group,
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in pids],
+        },
+        timeout=60,
+    ).raise_for_status()
+    seen_from = len(ehr.proxy.seen)
+
+    code = main(
+        [
+            "sync",
+            "--server",
+            ehr.fhir_base_url,
+            "--group",
+            group,
+            "--write",
+            "--concurrency",
+            "1",
+            "--today",
+            today.isoformat(),
+            "--client-id",
+            client_id,
+            "--key",
+            str(ehr.key_path),  # no --scope: the job spells them as the server's smart-configuration says
+            "--state",
+            str(tmp_path / "state.sqlite"),
+            "--report",
+            str(tmp_path / "report.jsonl"),
+        ]
+    )
+    err = capsys.readouterr().err
+    seen = ehr.proxy.seen[seen_from:]
+    lines = [json.loads(x) for x in (tmp_path / "report.jsonl").read_text().splitlines() if x.strip()]
+    reported = [x for x in lines if "patient" in x]
+    drafts = {pid: _drafts_in_hapi(fhir_base_url, pid) for pid in pids}
+    for pid in pids:
+        forget_folded_drafts(fhir_base_url, pid)
+    print(f"\n{ehr.personality} registered {registered}: {err}")
+
+    assert code == 0, err
+    assert sorted(x["patient"] for x in reported) == sorted(f"Patient/{pid}" for pid in pids)
+    assert {x["status"] for x in reported} <= {"gaps", "complete"}  # every patient reviewed
+    if expected is None:
+        assert "grants no create scope" in err and "writes nothing" in err
+        assert all(x["written"] is None for x in reported)
+        assert not any(method == "POST" for method, _ in seen)  # nothing sent to write
+        assert all(d == [] for d in drafts.values())
+    else:
+        for pid in pids:
+            assert _counts(drafts[pid]) == expected, pid
+            assert set(_keys(drafts[pid]).values()) == {1}, pid
+    if ehr.personality == "oracle-like" and expected is not None:
+        # Provenance create not granted: named in the result, not written, and said once on stderr
+        assert "no create scope for" in err and "Provenance" in err
+        assert all("Provenance" in {n["draft"] for n in x["written"].get("not_written", [])} for x in reported)
