@@ -4,19 +4,21 @@ Pure parsing: ``ServerCapabilities.from_statement`` takes the statement as
 JSON and answers the questions the reader and writer choice asks — batch?
 transaction? may this type be created, conditionally? searched by which
 parameters?  ``capabilities_of(client)`` fetches the statement once per
-server and process, so every patient of a run costs no extra round trip.
+server and process (again after an hour), so every patient of a run costs no
+extra round trip.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._client import FhirClient
 
-__all__ = ["ServerCapabilities", "TypeCapabilities", "capabilities_of"]
+__all__ = ["ServerCapabilities", "TypeCapabilities", "capabilities_of", "CAPABILITIES_TTL"]
 
 
 @dataclass(frozen=True)
@@ -115,17 +117,24 @@ def _codes(interactions: Any) -> set[str]:
     return {str(i.get("code")) for i in interactions or [] if isinstance(i, Mapping) and i.get("code")}
 
 
-_cache: dict[str, ServerCapabilities] = {}
+#: how long a server's statement is trusted before it is read again: a server upgraded or reconfigured while a
+#: long-running app or job keeps going is seen within the hour (issue 12, "Capabilities")
+CAPABILITIES_TTL = 3600.0
+
+_cache: dict[str, tuple[ServerCapabilities, float]] = {}
 _lock = threading.Lock()
 
 
-def capabilities_of(client: FhirClient) -> ServerCapabilities:
-    """The server's capabilities, fetched once per base URL in this process (GET metadata)."""
+def capabilities_of(
+    client: FhirClient, *, clock: Callable[[], float] = time.monotonic, ttl: float = CAPABILITIES_TTL
+) -> ServerCapabilities:
+    """The server's capabilities, fetched once per base URL in this process and again after ``ttl`` seconds."""
+    now = clock()
     with _lock:
         known = _cache.get(client.base_url)
-    if known is not None:
-        return known
+    if known is not None and now - known[1] < ttl:
+        return known[0]
     found = ServerCapabilities.from_statement(client.capabilities())
     with _lock:
-        _cache[client.base_url] = found
+        _cache[client.base_url] = (found, now)
     return found
