@@ -35,6 +35,7 @@ __all__ = [
     "Strategies",
     "strategies_for",
     "detected_strategies",
+    "server_capabilities",
     "STRATEGIES",
     "DRAFT_TYPES",
     "WRITE_TYPES",
@@ -132,6 +133,21 @@ def strategies_for(
     return Strategies(reader, writer)
 
 
+def server_capabilities(client: FhirClient) -> ServerCapabilities | None:
+    """What the server declares (``metadata``, cached per base URL), or None when it cannot be read.
+
+    A server whose ``metadata`` cannot be read (an error status, no answer)
+    gets the defaults, as before detection: the reads and writes that follow
+    report their own errors.  A refused token is not hidden: it is raised.
+    """
+    try:
+        return capabilities_of(client)
+    except AuthError:
+        raise
+    except (ServerError, TransportError):
+        return None
+
+
 def detected_strategies(
     client: FhirClient,
     *,
@@ -139,16 +155,5 @@ def detected_strategies(
     ledger: str | Path | None = None,
     creatable: frozenset[str] | None = None,
 ) -> Strategies:
-    """What every entry point calls: the server's CapabilityStatement (fetched once per base URL) decides.
-
-    A server whose ``metadata`` cannot be read (an error status, no answer)
-    gets the defaults, as before detection: the reads and writes that follow
-    report their own errors.  A refused token is not hidden: it is raised.
-    """
-    try:
-        capabilities: ServerCapabilities | None = capabilities_of(client)
-    except AuthError:
-        raise
-    except (ServerError, TransportError):
-        capabilities = None
-    return strategies_for(client, capabilities, strategy=strategy, ledger=ledger, creatable=creatable)
+    """What every entry point calls: the server's CapabilityStatement (``server_capabilities``) decides."""
+    return strategies_for(client, server_capabilities(client), strategy=strategy, ledger=ledger, creatable=creatable)

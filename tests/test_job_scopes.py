@@ -163,3 +163,29 @@ def test_an_explicit_scope_is_asked_as_it_is_and_a_refusal_says_so(key):
     assert isinstance(info.value, LaunchError) and info.value.exit_code == 9
     assert endpoint.asked == ["system/Condition.rs"]  # --scope is never respelled
     assert "SECRET" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the app: can the chosen writer write?
+
+OPEN = None  # the server's creates not known: any
+EPIC_LIKE = {"Condition", "DocumentReference"}.__contains__  # no CarePlan, Goal or Provenance create
+
+
+@pytest.mark.parametrize(
+    ("scopes", "server", "allowed", "missing"),
+    [
+        ("patient/*.write patient/*.read", OPEN, True, ()),
+        ("patient/Condition.c patient/CarePlan.c patient/Goal.c", OPEN, True, ()),  # Provenance: named, not needed
+        ("patient/Condition.c patient/DocumentReference.c", OPEN, True, ()),  # the plan as the note
+        ("patient/Condition.c patient/DocumentReference.c", EPIC_LIKE, True, ()),
+        ("patient/Condition.c patient/CarePlan.c patient/Goal.c", EPIC_LIKE, False, ("DocumentReference",)),
+        ("patient/*.rs", OPEN, False, ("Condition", "Goal", "CarePlan")),
+        ("patient/*.read", EPIC_LIKE, False, ("Condition", "DocumentReference")),
+        ("patient/DocumentReference.c", OPEN, False, ("Condition",)),
+    ],
+)
+def test_the_app_may_write_when_the_writer_for_this_server_has_what_it_needs(scopes, server, allowed, missing):
+    from smart_launch._launch import write_access
+
+    access = write_access(scopes.split(), server)
+    assert (access.allowed, access.missing) == (allowed, missing)
