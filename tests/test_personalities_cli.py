@@ -410,3 +410,29 @@ def test_sync_asks_the_scopes_the_server_takes_and_writes_only_what_is_granted(
         # Provenance create not granted: named in the result, not written, and said once on stderr
         assert "no create scope for" in err and "Provenance" in err
         assert all("Provenance" in {n["draft"] for n in x["written"].get("not_written", [])} for x in reported)
+
+
+# ---------------------------------------------------------------- reading: Observation per category, remembered
+
+
+@pytest.mark.parametrize("ehr", ["epic-like"], indirect=True)
+def test_epic_like_refuses_one_observation_search_for_three_patients(ehr, fhir_base_url, tmp_path):
+    """The reader learns once per server that an Observation search needs a category (issue 12, reading)."""
+    from fhir_plugin._strategies import detected_strategies
+
+    today = dt.date.today()
+    keys = ("missing-onset", "missing-severity", "missing-follow-up")
+    pids = [load_fresh_case(fhir_base_url, _chart(k, today)).patient_id for k in keys]
+    token = ehr.token_file(tmp_path / "token").read_text()
+    answered_from = len(ehr.proxy.answered)
+    with FhirClient(ehr.fhir_base_url, token=token) as client:
+        records = [detected_strategies(client).reader.read(pid) for pid in pids]
+    with FhirClient(fhir_base_url) as hapi:
+        direct = [hapi.read_patient_record(pid) for pid in pids]
+    answered = ehr.proxy.answered[answered_from:]
+    refused = [(m, p, status) for m, p, status in answered if status >= 400]
+    print(f"\nrefused {refused}; {len(answered)} requests for {len(pids)} patients")
+
+    assert refused == [("GET", "/Observation", 400)]  # the first patient's plain search, and no other
+    for record, same in zip(records, direct, strict=True):
+        assert record.counts() == same.counts()  # every Observation read, per category

@@ -108,6 +108,8 @@ class FhirProxy:
         self.personality = _personality.personality(config.personality)
         #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query)
         self.seen: list[tuple[str, str]] = []
+        #: (method, path, status) of every FHIR request answered, for tests that count refusals
+        self.answered: list[tuple[str, str, int]] = []
         #: called with (method, path, status, request body as JSON or None) after the upstream answered and
         #: before the client gets the answer: a test holds it here to kill its client at a known point
         self.after_forward: Callable[[str, str, int, Any], None] | None = None
@@ -206,6 +208,7 @@ class FhirProxy:
         """One proxied request (``path`` relative to the FHIR base, ``query`` raw)."""
         started = time.monotonic()
         response = self._handle(method.upper(), path.strip("/"), query, headers, body)
+        self.answered.append((method.upper(), "/" + path.strip("/"), response.status))
         rtype = path.strip("/").split("/")[0] or "-"
         log.info(
             "fhir %s %s -> %d (%d ms)", method.upper(), rtype[:64], response.status, (time.monotonic() - started) * 1000
