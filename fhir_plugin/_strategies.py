@@ -104,11 +104,12 @@ def strategies_for(
         capabilities = ServerCapabilities.from_statement(capabilities)
     if capabilities is not None and not capabilities.declared:
         capabilities = None  # nothing usable declared: today's defaults
+    not_granted: frozenset[str] = frozenset()
     if creatable is not None and not set(WRITE_TYPES) <= creatable:
         # the grant is narrower than the server: write only what it allows (issue 12, item 5)
-        capabilities = (capabilities or ServerCapabilities.assumed_open(WRITE_TYPES)).creating_only(
-            creatable, WRITE_TYPES
-        )
+        declared = capabilities or ServerCapabilities.assumed_open(WRITE_TYPES)
+        not_granted = frozenset(t for t in WRITE_TYPES if declared.can_create(t) and t not in creatable)
+        capabilities = declared.creating_only(creatable, WRITE_TYPES)
     # HAPI declares only ``transaction`` yet answers batches at the same endpoint, as every server with
     # transactions does (Azure, Google, Medplum, Firely, Aidbox); the EHRs that refuse batches refuse both
     reader: RecordReader = (
@@ -129,7 +130,8 @@ def strategies_for(
     else:
         writer = LedgerWriter(client, lambda: ledger_at(ledger), capabilities=capabilities)
     if capabilities is not None and needs_folding(capabilities):
-        writer = FoldingWriter(writer, capabilities)  # what it cannot create goes in a form it can (writer d)
+        # what it cannot (or may not) create goes in a form it can (writer d)
+        writer = FoldingWriter(writer, capabilities, not_granted=not_granted)
     return Strategies(reader, writer)
 
 

@@ -157,4 +157,5 @@ def test_a_grant_without_plan_creates_still_writes_the_plan_as_a_note(fhir_base_
     forms = {f["draft"]: f["form"] for f in first["forms"]}
     assert forms["CarePlan"].startswith("DocumentReference (preliminary")
     assert [n["draft"] for n in first["not_written"]] == ["Provenance"]
+    assert first["not_written"][0]["reason"].startswith("the granted scopes allow no Provenance create")
     assert second["created"] == [] and sorted(second["existing"]) == sorted(first["created"])
