@@ -40,7 +40,7 @@ from ._record import PatientRecord, load_bundle_file, records_from_bundle
 from ._render import render_text
 from ._report import CodeFit, ElementResult, RedFlagResult, Report, Suggestion
 from ._review import Review, review
-from ._strategies import STRATEGIES, Strategies, detected_strategies, strategies_for
+from ._strategies import STRATEGIES, WRITE_TYPES, Strategies, detected_strategies, server_capabilities, strategies_for
 from ._version import __version__
 from ._write import DraftWriter, FoldingWriter, LedgerWriter, PerResourceWriter, TransactionWriter, WriteResult
 
@@ -90,6 +90,8 @@ __all__ = [
     "Strategies",
     "strategies_for",
     "detected_strategies",
+    "server_capabilities",
+    "WRITE_TYPES",
     "STRATEGIES",
     "PluginError",
     "UsageError",

@@ -23,6 +23,14 @@ the token and fetches a new one when it is near expiry or after the FHIR
 server answered 401; ``BearerAuth`` puts it on every request of a
 ``requests.Session`` and repeats a request once with a new token on a 401.
 
+Which scopes to ask for (issue 12, item 5): a job says what it searches,
+reads and creates (``ScopeRequest``); ``scope_candidates`` spells that in SMART
+v2 when the server's ``.well-known/smart-configuration`` takes v2 (or says
+nothing) and v1 otherwise, with v1 as the one fallback when the token endpoint
+refuses v2 with ``invalid_scope`` (Epic grants v1 spellings only);
+``negotiated_session`` asks, and the granted ``scope`` string it returns says
+which types the job may create (``granted_creates``).
+
 Neither the token nor the assertion is ever logged or put in a message.
 """
 
@@ -33,7 +41,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +51,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey, import_key
 
-from ._errors import LaunchError, UsageError
+from ._errors import LaunchError, ScopeRefused, UsageError
 from ._smart import (
     EndpointRule,
     Wording,
@@ -68,6 +76,11 @@ __all__ = [
     "fetch_token",
     "generate_signing_key",
     "backend_session",
+    "ScopeRequest",
+    "scope_candidates",
+    "granted_creates",
+    "discover_configuration",
+    "negotiated_session",
 ]
 
 log = logging.getLogger("fhir_plugin.auth")
@@ -237,10 +250,10 @@ def _check_endpoint_url(url: str, what: str) -> str:
 # ---------------------------------------------------------------- sending
 
 
-def discover_token_endpoint(
+def discover_configuration(
     session: requests.Session, fhir_base: str, *, timeout: float = 30.0, alg: str | None = None
-) -> str:
-    """The token endpoint named by ``{fhir_base}/.well-known/smart-configuration``.
+) -> dict[str, Any]:
+    """``{fhir_base}/.well-known/smart-configuration``, checked for what a backend client needs.
 
     Refuses a server that says it does not take ``private_key_jwt``, or not
     the key's algorithm, or the client_credentials grant, rather than failing
@@ -262,6 +275,14 @@ def discover_token_endpoint(
             f"the token endpoint of {fhir_base} does not accept {alg} assertions "
             f"(it names {', '.join(map(str, algs)) or 'none'})"
         )
+    return config
+
+
+def discover_token_endpoint(
+    session: requests.Session, fhir_base: str, *, timeout: float = 30.0, alg: str | None = None
+) -> str:
+    """The token endpoint named by ``{fhir_base}/.well-known/smart-configuration`` (see ``discover_configuration``)."""
+    config = discover_configuration(session, fhir_base, timeout=timeout, alg=alg)
     return _check_endpoint_url(config["token_endpoint"], "token endpoint")
 
 
@@ -293,7 +314,8 @@ def _token_error(response: requests.Response, token_url: str, client_id: str) ->
         if code
         else f"status {response.status_code}"
     )
-    return LaunchError(f"the token endpoint {token_url} refused client {client_id!r} ({text})")
+    message = f"the token endpoint {token_url} refused client {client_id!r} ({text})"
+    return ScopeRefused(message) if code == "invalid_scope" else LaunchError(message)
 
 
 def fetch_token(
@@ -356,12 +378,14 @@ class TokenCache:
     arguments bound).  Only one thread fetches; the others wait for its token.
     """
 
-    def __init__(self, fetch: Callable[[], Token], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, fetch: Callable[[], Token], *, clock: Callable[[], float] = time.monotonic, first: Token | None = None
+    ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._lock = threading.Lock()
-        self._token: Token | None = None
-        self.fetches = 0
+        self._token: Token | None = first  # a token already fetched (``negotiated_session``)
+        self.fetches = 0 if first is None else 1
 
     def __repr__(self) -> str:
         return f"TokenCache(fetches={self.fetches})"
@@ -445,3 +469,133 @@ def backend_session(
     out = session if session is not None else requests.Session()
     out.auth = BearerAuth(cache)
     return out, cache
+
+
+# ---------------------------------------------------------------- which scopes (issue 12, item 5)
+
+_V1_WORDS = ("read", "write", "*")
+
+
+@dataclass(frozen=True)
+class ScopeRequest:
+    """What a job does with each resource type, to be spelled as SMART system scopes.
+
+    ``searches``: searched (and read); ``reads``: read by id only (a Group);
+    ``creates``: created, and then found again by search or by id (the
+    ledger writer does both).  Least privilege: nothing else is asked.
+    """
+
+    searches: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    creates: tuple[str, ...] = ()
+
+    def _types(self) -> list[str]:
+        return list(dict.fromkeys((*self.searches, *self.creates, *self.reads)))
+
+    def v2(self) -> str:
+        """SMART v2: ``system/<Type>.rs`` (``.r``) per type read, and ``system/<Type>.cs`` apart per type created.
+
+        Create apart from read, so a server that will not grant the create
+        drops only that scope and the job can still read (Oracle grants fewer
+        scopes than asked); ``s`` with ``c``: a conditional create or the
+        ledger's search looks for the draft first.
+        """
+        words = []
+        for t in self._types():
+            letters = ("r" if t in self.searches or t in self.reads else "") + ("s" if t in self.searches else "")
+            if letters:
+                words.append(f"system/{t}.{letters}")
+        words += [f"system/{t}.cs" for t in self._types() if t in self.creates]
+        return " ".join(words)
+
+    def v1(self) -> str:
+        """SMART v1: ``system/<Type>.read`` for every type used, ``system/<Type>.write`` for those created."""
+        words = [f"system/{t}.read" for t in self._types()]
+        words += [f"system/{t}.write" for t in self._types() if t in self.creates]
+        return " ".join(words)
+
+
+def _is_v1_resource_scope(scope: str) -> bool | None:
+    """True for a v1 resource scope, False for a v2 one, None for anything else (``openid``, ``launch``...)."""
+    context, _, rest = scope.partition("/")
+    if context not in ("patient", "user", "system") or "." not in rest:
+        return None
+    return rest.rsplit(".", 1)[1].split("?")[0] in _V1_WORDS
+
+
+def scope_candidates(request: ScopeRequest, config: Mapping[str, Any] | None) -> list[str]:
+    """The scope strings to ask for, in order: v2 then v1, or v1 alone when the server names v1 only.
+
+    SMART App Launch 2.x: ``capabilities`` lists ``permission-v1`` and/or
+    ``permission-v2``; without them, the spellings in ``scopes_supported``
+    tell.  A server that says nothing is asked in v2 first.
+    """
+    caps = config.get("capabilities") if isinstance(config, Mapping) else None
+    caps = {c for c in caps if isinstance(c, str)} if isinstance(caps, list) else set()
+    if "permission-v2" in caps:
+        v2 = True
+    elif "permission-v1" in caps:
+        v2 = False
+    else:
+        listed = config.get("scopes_supported") if isinstance(config, Mapping) else None
+        kinds = {_is_v1_resource_scope(s) for s in listed or [] if isinstance(s, str)} - {None}
+        v2 = kinds != {True}  # only v1 spellings listed: v1; otherwise try v2 first
+    return [request.v2(), request.v1()] if v2 else [request.v1()]
+
+
+def granted_creates(granted: str, types: Iterable[str]) -> frozenset[str]:
+    """The ``types`` a granted scope string lets a system client create (v1 ``write``/``*``, v2 ``c``)."""
+    out: set[str] = set()
+    for scope in granted.split():
+        context, _, rest = scope.partition("/")
+        if context != "system" or "." not in rest or "?" in rest:  # a granular scope covers only some
+            continue
+        rtype, _, perms = rest.rpartition(".")
+        can = perms in ("write", "*") or (perms not in _V1_WORDS and "c" in perms and set(perms) <= set("cruds"))
+        if can:
+            out.update(t for t in types if rtype in ("*", t))
+    return frozenset(out)
+
+
+def negotiated_session(
+    fhir_base: str,
+    client_id: str,
+    key: SigningKey,
+    scope: str | ScopeRequest,
+    *,
+    token_url: str | None = None,
+    timeout: float = 30.0,
+    session: requests.Session | None = None,
+) -> tuple[requests.Session, TokenCache, str]:
+    """Like ``backend_session``, with the first token fetched now; also returns the granted scope string.
+
+    A ``ScopeRequest`` is spelled as the server's SMART configuration says
+    (``scope_candidates``); an ``invalid_scope`` answer to the v2 spelling is
+    asked once more in v1.  A plain string (``--scope``) is asked as it is.
+    The granted scope is the token response's ``scope``, or, when it names
+    none, what was asked (RFC 6749 §5.1).
+    """
+    auth_http = requests.Session()
+    config: dict[str, Any] | None = None
+    if token_url:
+        url = _check_endpoint_url(token_url, "token endpoint")
+    else:
+        config = discover_configuration(auth_http, fhir_base, timeout=timeout, alg=key.alg)
+        url = _check_endpoint_url(config["token_endpoint"], "token endpoint")
+    candidates: Sequence[str] = [scope] if isinstance(scope, str) else scope_candidates(scope, config)
+    token: Token | None = None
+    asked = candidates[0]
+    for i, asked in enumerate(candidates):
+        try:
+            token = fetch_token(auth_http, url, key, client_id, asked, timeout=timeout)
+            break
+        except ScopeRefused:
+            if i == len(candidates) - 1:
+                raise
+            log.info("the token endpoint refused the SMART v2 scopes (invalid_scope); asking in v1 spelling")
+    assert token is not None
+    chosen = asked
+    cache = TokenCache(lambda: fetch_token(auth_http, url, key, client_id, chosen, timeout=timeout), first=token)
+    out = session if session is not None else requests.Session()
+    out.auth = BearerAuth(cache)
+    return out, cache, token.scope or chosen

@@ -4,19 +4,21 @@ Pure parsing: ``ServerCapabilities.from_statement`` takes the statement as
 JSON and answers the questions the reader and writer choice asks — batch?
 transaction? may this type be created, conditionally? searched by which
 parameters?  ``capabilities_of(client)`` fetches the statement once per
-server and process, so every patient of a run costs no extra round trip.
+server and process (again after an hour), so every patient of a run costs no
+extra round trip.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._client import FhirClient
 
-__all__ = ["ServerCapabilities", "TypeCapabilities", "capabilities_of"]
+__all__ = ["ServerCapabilities", "TypeCapabilities", "capabilities_of", "CAPABILITIES_TTL"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class ServerCapabilities:
                 )
         return cls(frozenset(system), types)
 
+    @classmethod
+    def assumed_open(cls, types: tuple[str, ...]) -> ServerCapabilities:
+        """What an open server (no statement at hand) is taken to offer: batch, transaction, conditional create."""
+        every = TypeCapabilities(frozenset({"read", "search-type", "create"}), conditional_create=True)
+        return cls(frozenset({"batch", "transaction"}), dict.fromkeys(types, every))
+
     def of(self, resource_type: str) -> TypeCapabilities:
         return self.types.get(resource_type, TypeCapabilities())
 
@@ -89,22 +97,44 @@ class ServerCapabilities:
     def searches_by(self, resource_type: str, param: str) -> bool:
         return param in self.of(resource_type).search_params
 
+    def creating_only(self, allowed: frozenset[str], types: tuple[str, ...]) -> ServerCapabilities:
+        """These capabilities with create taken from each of ``types`` not in ``allowed``.
+
+        What the token grants narrows what the server declares (issue 12, item 5):
+        a type the job may not create is folded like one the server cannot create.
+        """
+        narrowed = dict(self.types)
+        for t in types:
+            if t not in allowed and t in narrowed:
+                kept = narrowed[t]
+                narrowed[t] = TypeCapabilities(
+                    kept.interactions - {"create"}, kept.conditional_create, kept.search_params, kept.profiles
+                )
+        return ServerCapabilities(self.system, narrowed, self.declared)
+
 
 def _codes(interactions: Any) -> set[str]:
     return {str(i.get("code")) for i in interactions or [] if isinstance(i, Mapping) and i.get("code")}
 
 
-_cache: dict[str, ServerCapabilities] = {}
+#: how long a server's statement is trusted before it is read again: a server upgraded or reconfigured while a
+#: long-running app or job keeps going is seen within the hour (issue 12, "Capabilities")
+CAPABILITIES_TTL = 3600.0
+
+_cache: dict[str, tuple[ServerCapabilities, float]] = {}
 _lock = threading.Lock()
 
 
-def capabilities_of(client: FhirClient) -> ServerCapabilities:
-    """The server's capabilities, fetched once per base URL in this process (GET metadata)."""
+def capabilities_of(
+    client: FhirClient, *, clock: Callable[[], float] = time.monotonic, ttl: float = CAPABILITIES_TTL
+) -> ServerCapabilities:
+    """The server's capabilities, fetched once per base URL in this process and again after ``ttl`` seconds."""
+    now = clock()
     with _lock:
         known = _cache.get(client.base_url)
-    if known is not None:
-        return known
+    if known is not None and now - known[1] < ttl:
+        return known[0]
     found = ServerCapabilities.from_statement(client.capabilities())
     with _lock:
-        _cache[client.base_url] = found
+        _cache[client.base_url] = (found, now)
     return found

@@ -41,6 +41,7 @@ __all__ = [
     "AuthError",
     "MultipleMatches",
     "LaunchError",
+    "ScopeRefused",
     "DraftsRefused",
     "DataUnavailable",
     "NotLaunched",
@@ -137,6 +138,10 @@ class LaunchError(PluginError):
     exit_code = 9
     http_status = 400
     title = "The launch could not be completed"
+
+
+class ScopeRefused(LaunchError):
+    """Raised when a token endpoint answers ``invalid_scope``: the job may ask again in another SMART spelling."""
 
 
 class DraftsRefused(UsageError):

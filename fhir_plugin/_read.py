@@ -10,6 +10,8 @@ server gets is decided in ``_strategies``.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -26,6 +28,28 @@ PARALLEL_SEARCHES = 1 + len(CLINICAL_TYPES)
 #: answers that mean "this search needs more parameters" (Epic answers 400 for an Observation search
 #: without category; others 403 or 422)
 _REFUSED_WITHOUT_CATEGORY = frozenset({400, 403, 422})
+#: how many servers the "Observation needs a category" memory holds (least recently used dropped first)
+CATEGORY_MEMORY = 64
+
+_needs_category: OrderedDict[str, None] = OrderedDict()
+_needs_category_lock = threading.Lock()
+
+
+def _remembered_needing_category(base_url: str) -> bool:
+    with _needs_category_lock:
+        if base_url in _needs_category:
+            _needs_category.move_to_end(base_url)
+            return True
+        return False
+
+
+def _remember_needing_category(base_url: str) -> None:
+    """This server refused an Observation search without a category: ask it per category from now on."""
+    with _needs_category_lock:
+        _needs_category[base_url] = None
+        _needs_category.move_to_end(base_url)
+        while len(_needs_category) > CATEGORY_MEMORY:
+            _needs_category.popitem(last=False)
 
 
 class RecordReader(Protocol):
@@ -48,7 +72,9 @@ class PerTypeReader:
     """GET the Patient and search each clinical type with ``patient=``, ``parallel`` requests at a time.
 
     An Observation search the server refuses without a category is asked
-    again once per category (SPEC §3 reads Observations of every category).
+    again once per category (SPEC §3 reads Observations of every category),
+    and the server is remembered (per process, bounded): later patients go
+    straight to the per-category searches, with no refused request each.
     """
 
     def __init__(self, client: FhirClient, *, parallel: int = PARALLEL_SEARCHES) -> None:
@@ -71,11 +97,14 @@ class PerTypeReader:
 
     def _search(self, resource_type: str, patient_id: str) -> list[dict[str, Any]]:
         params = {"patient": patient_id, "_count": PAGE_SIZE}
-        try:
-            return self.client.search(resource_type, params)
-        except ServerError as exc:
-            if resource_type != "Observation" or exc.status not in _REFUSED_WITHOUT_CATEGORY:
-                raise
+        by_category = resource_type == "Observation" and _remembered_needing_category(self.client.base_url)
+        if not by_category:
+            try:
+                return self.client.search(resource_type, params)
+            except ServerError as exc:
+                if resource_type != "Observation" or exc.status not in _REFUSED_WITHOUT_CATEGORY:
+                    raise
+            _remember_needing_category(self.client.base_url)
         found: list[dict[str, Any]] = []
         for category in OBSERVATION_CATEGORIES:
             found += self.client.search(resource_type, {**params, "category": f"{OBSERVATION_CATEGORY}|{category}"})

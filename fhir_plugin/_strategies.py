@@ -35,8 +35,10 @@ __all__ = [
     "Strategies",
     "strategies_for",
     "detected_strategies",
+    "server_capabilities",
     "STRATEGIES",
     "DRAFT_TYPES",
+    "WRITE_TYPES",
     "ledger_at",
     "STRATEGY_ENV",
 ]
@@ -48,6 +50,8 @@ STRATEGY_ENV = "FHIR_PLUGIN_STRATEGY"
 STRATEGIES = ("auto", "transaction", "per-resource", "ledger")
 #: the resource types the drafts create (SPEC §7)
 DRAFT_TYPES = ("Condition", "Goal", "CarePlan", "Provenance")
+#: every type a writer may create: the drafts, and the plan note they fold into (issue 12, writer d)
+WRITE_TYPES = (*DRAFT_TYPES, "DocumentReference")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def _needs_ledger(capabilities: ServerCapabilities) -> bool:
     """A draft type the server declares, without conditional create: it cannot de-duplicate for us."""
     return any(
         t in capabilities.types and capabilities.can_create(t) and not capabilities.can_create_conditionally(t)
-        for t in (*DRAFT_TYPES, "DocumentReference")
+        for t in WRITE_TYPES
     )
 
 
@@ -85,11 +89,14 @@ def strategies_for(
     *,
     strategy: str = "auto",
     ledger: str | Path | None = None,
+    creatable: frozenset[str] | None = None,
 ) -> Strategies:
     """The reader and writer for ``client``'s server, from its capabilities (or CapabilityStatement) when given.
 
     ``strategy`` forces the writer (one of ``STRATEGIES``); ``ledger`` is the
     ledger file's path, opened only when the ledger writer is chosen.
+    ``creatable`` (None: no limit) are the types the token lets the job create:
+    the others are folded as if the server could not create them.
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown write strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -97,6 +104,12 @@ def strategies_for(
         capabilities = ServerCapabilities.from_statement(capabilities)
     if capabilities is not None and not capabilities.declared:
         capabilities = None  # nothing usable declared: today's defaults
+    not_granted: frozenset[str] = frozenset()
+    if creatable is not None and not set(WRITE_TYPES) <= creatable:
+        # the grant is narrower than the server: write only what it allows (issue 12, item 5)
+        declared = capabilities or ServerCapabilities.assumed_open(WRITE_TYPES)
+        not_granted = frozenset(t for t in WRITE_TYPES if declared.can_create(t) and t not in creatable)
+        capabilities = declared.creating_only(creatable, WRITE_TYPES)
     # HAPI declares only ``transaction`` yet answers batches at the same endpoint, as every server with
     # transactions does (Azure, Google, Medplum, Firely, Aidbox); the EHRs that refuse batches refuse both
     reader: RecordReader = (
@@ -117,21 +130,32 @@ def strategies_for(
     else:
         writer = LedgerWriter(client, lambda: ledger_at(ledger), capabilities=capabilities)
     if capabilities is not None and needs_folding(capabilities):
-        writer = FoldingWriter(writer, capabilities)  # what it cannot create goes in a form it can (writer d)
+        # what it cannot (or may not) create goes in a form it can (writer d)
+        writer = FoldingWriter(writer, capabilities, not_granted=not_granted)
     return Strategies(reader, writer)
 
 
-def detected_strategies(client: FhirClient, *, strategy: str = "auto", ledger: str | Path | None = None) -> Strategies:
-    """What every entry point calls: the server's CapabilityStatement (fetched once per base URL) decides.
+def server_capabilities(client: FhirClient) -> ServerCapabilities | None:
+    """What the server declares (``metadata``, cached per base URL), or None when it cannot be read.
 
     A server whose ``metadata`` cannot be read (an error status, no answer)
     gets the defaults, as before detection: the reads and writes that follow
     report their own errors.  A refused token is not hidden: it is raised.
     """
     try:
-        capabilities: ServerCapabilities | None = capabilities_of(client)
+        return capabilities_of(client)
     except AuthError:
         raise
     except (ServerError, TransportError):
-        capabilities = None
-    return strategies_for(client, capabilities, strategy=strategy, ledger=ledger)
+        return None
+
+
+def detected_strategies(
+    client: FhirClient,
+    *,
+    strategy: str = "auto",
+    ledger: str | Path | None = None,
+    creatable: frozenset[str] | None = None,
+) -> Strategies:
+    """What every entry point calls: the server's CapabilityStatement (``server_capabilities``) decides."""
+    return strategies_for(client, server_capabilities(client), strategy=strategy, ledger=ledger, creatable=creatable)

@@ -50,14 +50,15 @@ from typing import Any, TextIO
 
 import requests
 
+from ._backend_auth import ScopeRequest
 from ._checkpoint import Checkpoint, Run
 from ._client import FhirClient, search_matches
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
 from ._profile import Profile
 from ._record import CLINICAL_TYPES, patient_id_of, subject_patient_id
 from ._review import review
-from ._strategies import detected_strategies
-from ._vocab import DRAFT_TAG, DRAFT_TYPES, READ_TYPES
+from ._strategies import WRITE_TYPES, detected_strategies
+from ._vocab import DRAFT_TAG, READ_TYPES
 
 __all__ = [
     "Selection",
@@ -65,6 +66,7 @@ __all__ = [
     "SyncResult",
     "run_sync",
     "default_scope",
+    "job_scopes",
     "parse_instant",
     "patient_line",
     "changed_patients",
@@ -137,6 +139,8 @@ class SyncOptions:
     #: the writer: ``auto`` detects it from the CapabilityStatement (issue 12); ledger = the ledger writer's file
     strategy: str = "auto"
     ledger: str | None = None
+    #: the types the token lets the job create (None: no limit known); the rest are folded (issue 12, item 5)
+    creatable: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -190,6 +194,19 @@ class SyncResult:
 # ---------------------------------------------------------------- pure parts
 
 
+def _written(written: Mapping[str, Any]) -> dict[str, Any]:
+    """What one patient's write did; ``forms`` and ``not_written`` when the drafts were folded (issue 12, writer d:
+    nothing dropped silently, README "On the EHRs clinicians use")."""
+    out: dict[str, Any] = {
+        "created": list(written.get("created") or []),
+        "existing": list(written.get("existing") or []),
+    }
+    for extra in ("forms", "not_written"):
+        if written.get(extra):
+            out[extra] = list(written[extra])
+    return out
+
+
 def patient_line(
     patient_id: str,
     *,
@@ -206,9 +223,7 @@ def patient_line(
         "status": status,
         "gaps": [g.id for g in report.gaps()] if report is not None else [],
         "code_fit": report.code_fit.status if report is not None else None,
-        "written": {"created": list(written.get("created") or []), "existing": list(written.get("existing") or [])}
-        if written is not None
-        else None,
+        "written": _written(written) if written is not None else None,
         "error": error,
     }
 
@@ -355,6 +370,7 @@ def sync_patient(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     strategy: str = "auto",
     ledger: str | None = None,
+    creatable: frozenset[str] | None = None,
 ) -> PatientOutcome:
     """Read, check, draft and (with ``write``) send one patient's drafts; the outcome as a report line.
 
@@ -362,7 +378,7 @@ def sync_patient(
     raised instead: no other patient would fare better.
     """
     try:
-        strategies = detected_strategies(client, strategy=strategy, ledger=ledger)
+        strategies = detected_strategies(client, strategy=strategy, ledger=ledger, creatable=creatable)
         result = review(strategies.reader.read(patient_id), profile, today=today, now=now())
         if result.refused is not None:  # a code mismatch; a settled record (SPEC §7.1) just has nothing new
             return PatientOutcome(patient_line(patient_id, status="refused", report=result.report))
@@ -572,7 +588,14 @@ def _work(
 
     def task(pid: str) -> PatientOutcome:
         return sync_patient(
-            client, profile, pid, today=today, write=options.write, strategy=options.strategy, ledger=options.ledger
+            client,
+            profile,
+            pid,
+            today=today,
+            write=options.write,
+            strategy=options.strategy,
+            ledger=options.ledger,
+            creatable=options.creatable,
         )
 
     with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="fhir-plugin-sync") as pool:
@@ -625,12 +648,21 @@ def _work(
 # ---------------------------------------------------------------- the command line
 
 
+def job_scopes(selection: Selection, write: bool) -> ScopeRequest:
+    """What the job does with each type, for the SMART scopes it asks (spelled v2 or v1 by ``_backend_auth``).
+
+    Least privilege: the review's types are searched; with ``--write`` the
+    drafts and the plan note they may fold into are created (and found again:
+    the ledger writer searches for each, and reads back by id each it made but
+    a Provenance); a Group is read by id.
+    """
+    creates = WRITE_TYPES if write else ()
+    reads = tuple(t for t in WRITE_TYPES if t != "Provenance") if write else ()
+    if selection.mode == "group":
+        reads += ("Group",)
+    return ScopeRequest(READ_TYPES, reads, creates)
+
+
 def default_scope(selection: Selection, write: bool) -> str:
     """SMART v2 system scopes for what the job reads and (with --write) creates: least privilege."""
-    # conditional creates search for the identifier first, so each written type needs c and s
-    created = DRAFT_TYPES if write else ()
-    scopes = [f"system/{t}.{'crs' if t in created else 'rs'}" for t in READ_TYPES]
-    scopes += [f"system/{t}.cs" for t in created if t not in READ_TYPES]
-    if selection.mode == "group":
-        scopes.append("system/Group.r")
-    return " ".join(scopes)
+    return job_scopes(selection, write).v2()

@@ -470,13 +470,24 @@ class FoldingWriter:
     what could not be written, so every entry point shows it.
     """
 
-    def __init__(self, inner: DraftWriter, capabilities: ServerCapabilities) -> None:
+    def __init__(
+        self, inner: DraftWriter, capabilities: ServerCapabilities, *, not_granted: frozenset[str] = frozenset()
+    ) -> None:
         self.inner = inner
         self.capabilities = capabilities
+        #: types the server creates but the token may not: their reason names the grant, not the server
+        self.not_granted = not_granted
 
     def write(self, drafts: Mapping[str, Any]) -> WriteResult:
         folded = fold_drafts(
             drafts, self.capabilities.can_create, condition_category=_condition_category(self.capabilities)
         )
         result = self.inner.write(folded.drafts)
-        return WriteResult(result.created, result.existing, folded.forms, folded.not_written)
+        not_written = tuple((d, self._reason(d, r)) for d, r in folded.not_written)
+        return WriteResult(result.created, result.existing, folded.forms, not_written)
+
+    def _reason(self, draft: str, reason: str) -> str:
+        server_says = f"the server creates no {draft}"
+        if draft in self.not_granted and reason.startswith(server_says):
+            return f"the granted scopes allow no {draft} create" + reason[len(server_says) :]
+        return reason

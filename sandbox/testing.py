@@ -366,6 +366,7 @@ def sandbox_stack(
     clock: Callable[[], float] = time.time,
     cds: bool = False,
     personality: str = "hapi",
+    client_scopes: list[str] | None = None,
     **app_settings: Any,
 ) -> Iterator[SandboxStack]:
     """Start the sandbox EHR and the app on free ports, the app registered as a public client.
@@ -373,7 +374,8 @@ def sandbox_stack(
     ``clock`` is the app's (``create_app(clock=)``): a test moves it to make the app see its token expire.
     ``cds=True`` makes the EHR a CDS Hooks client of the app (its patient page shows the cards) and has
     the app trust the EHR's signed JWTs.  ``personality`` shapes the EHR's proxy like a vendor's server
-    (``hapi``, ``epic-like``, ``oracle-like``; issue 12).
+    (``hapi``, ``epic-like``, ``oracle-like``; issue 12).  ``client_scopes`` registers the app for exactly
+    those scopes (default: everything, or read only with ``read_only``), so the EHR grants fewer than asked.
     """
     from sandbox.ehr import Client, running_ehr
     from smart_launch._app import create_app
@@ -399,7 +401,7 @@ def sandbox_stack(
                 redirect_uris=[f"{app_url}/callback"],
                 launch_url=f"{app_url}/launch",
                 name="M62.561 documentation check",
-                scope=list(READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES),
+                scope=list(client_scopes or (READ_ONLY_CLIENT_SCOPES if read_only else APP_CLIENT_SCOPES)),
             )
         )
         if cds:

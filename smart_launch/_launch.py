@@ -56,6 +56,8 @@ __all__ = [
     "SCOPES_V1",
     "DRAFT_TYPES",
     "OAUTH_URIS",
+    "WriteAccess",
+    "write_access",
 ]
 
 log = logging.getLogger("smart_launch.launch")
@@ -290,6 +292,49 @@ def missing_write_scopes(scopes: Iterable[str]) -> list[str]:
 
 def can_write_drafts(scopes: Iterable[str]) -> bool:
     return not missing_write_scopes(scopes)
+
+
+#: every type the writer may create: the drafts, and the plan note they fold into (issue 12, writer d)
+WRITE_TYPES = (*DRAFT_TYPES, "DocumentReference")
+
+
+@dataclass(frozen=True)
+class WriteAccess:
+    """What the granted scopes let the app write on this server (issue 12, item 5)."""
+
+    allowed: bool
+    #: the create scopes the writer needs and the grant lacks (what the page tells the user)
+    missing: tuple[str, ...]
+    #: the types the grant lets the app create; the writer folds or names the rest
+    creatable: frozenset[str]
+
+
+def write_access(scopes: Iterable[str], server_can_create: Callable[[str], bool] | None = None) -> WriteAccess:
+    """Whether the writer chosen for this server can write the drafts under these scopes.
+
+    It needs the Condition and the plan in some form: the CarePlan and its
+    Goals as drafted, or, folded, the DocumentReference note (SPEC §7.1, "not
+    every server takes every resource").  A Provenance it cannot create is
+    named as not written, so it is not needed.  ``server_can_create`` is the
+    server's declared create per type (None: not known, taken as any).
+    """
+    scopes = list(scopes)
+    granted = frozenset(t for t in WRITE_TYPES if any(_covers(s, t, "c") for s in scopes))
+    server = server_can_create or (lambda _t: True)
+
+    def can(t: str) -> bool:
+        return t in granted and server(t)
+
+    plan_as_drafted = server("CarePlan") and server("Goal")
+    plan_ok = (can("CarePlan") and can("Goal")) or can("DocumentReference")
+    allowed = can("Condition") and plan_ok
+    if allowed:
+        return WriteAccess(True, (), granted)
+    wanted = [] if can("Condition") else ["Condition"]
+    if not plan_ok:
+        wanted += ["Goal", "CarePlan"] if plan_as_drafted else ["DocumentReference"]
+    missing = tuple(t for t in wanted if t not in granted) or tuple(wanted)
+    return WriteAccess(False, missing, granted)
 
 
 # ---------------------------------------------------------------- authorize

@@ -49,6 +49,7 @@ from fhir_plugin import (
     available_profiles,
     detected_strategies,
     load_profile,
+    server_capabilities,
 )
 from fhir_plugin import review as review_record
 
@@ -259,12 +260,26 @@ FormCsrf = Annotated[LaunchSession, Depends(_form_csrf)]
 HeaderCsrf = Annotated[LaunchSession, Depends(_header_csrf)]
 
 
-def _may_write(sess: CurrentSession) -> LaunchSession:
-    missing = sess.missing_write_scopes
-    if missing:
+def _write_access(sess: CurrentSession, client: Fhir) -> smart.WriteAccess:
+    """What the granted scopes let the writer chosen for this EHR write (issue 12, item 5).
+
+    The server's declared creates come from its CapabilityStatement (cached
+    per server); a folded form it takes (the plan as a DocumentReference note)
+    counts, so a grant without CarePlan or Goal create can still write there.
+    """
+    declared = server_capabilities(client)
+    can_create = declared.can_create if declared is not None and declared.declared and declared.types else None
+    return smart.write_access(sess.scopes, can_create)
+
+
+WriteAccessDep = Annotated[smart.WriteAccess, Depends(_write_access)]
+
+
+def _may_write(sess: CurrentSession, access: WriteAccessDep) -> LaunchSession:
+    if not access.allowed:
         raise Forbidden(
             "the EHR did not grant this app permission to create "
-            + ", ".join(missing)
+            + ", ".join(access.missing)
             + " resources, so nothing was written"
         )
     return sess
@@ -317,10 +332,13 @@ def _reviewed(sess: CurrentSession, client: Fhir, profile: ProfileDep, today: To
 ReviewedDep = Annotated[Reviewed, Depends(_reviewed)]
 
 
-def _writer(client: Fhir, s: Services) -> DraftWriter:
-    """The writer the EHR's CapabilityStatement calls for (issue 12), unless the settings force one."""
+def _writer(client: Fhir, s: Services, access: WriteAccessDep) -> DraftWriter:
+    """The writer the EHR's CapabilityStatement calls for (issue 12), unless the settings force one; it creates
+    only the types the grant allows and folds (or names) the rest."""
     settings = s.settings
-    return detected_strategies(client, strategy=settings.write_strategy, ledger=settings.ledger_store).writer
+    return detected_strategies(
+        client, strategy=settings.write_strategy, ledger=settings.ledger_store, creatable=access.creatable
+    ).writer
 
 
 WriterDep = Annotated[DraftWriter, Depends(_writer)]

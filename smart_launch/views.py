@@ -26,6 +26,7 @@ from fhir_plugin import PatientRecord, PluginError, Profile, Report, __version__
 from fhir_plugin._record import subject_patient_id
 from fhir_plugin._urls import origin, safe_url
 
+from ._launch import WriteAccess
 from .state import LaunchSession
 
 if TYPE_CHECKING:  # deps imports this module; the type only
@@ -198,8 +199,13 @@ def _evidence_link(ref: str) -> str | None:
     return None
 
 
-def review_context(sess: LaunchSession, loaded: Reviewed, *, shipped: tuple[str, ...] = ()) -> dict[str, Any]:
-    """What review.html shows for one launch: the verdict, the actions, the one button, then the details."""
+def review_context(
+    sess: LaunchSession, loaded: Reviewed, *, shipped: tuple[str, ...] = (), access: WriteAccess | None = None
+) -> dict[str, Any]:
+    """What review.html shows for one launch: the verdict, the actions, the one button, then the details.
+
+    ``access`` is what the grant lets the writer chosen for this EHR write (None: judged on the scopes alone).
+    """
     report, record, drafts = loaded.report, loaded.record, loaded.drafts
     profile = loaded.profile
     assert profile is not None  # the review dependency always names the profile it used
@@ -216,8 +222,8 @@ def review_context(sess: LaunchSession, loaded: Reviewed, *, shipped: tuple[str,
         "settled": loaded.settled,
         "existing": loaded.existing,
         "written": written,
-        "write_allowed": sess.write_allowed,
-        "missing_write": sess.missing_write_scopes,
+        "write_allowed": access.allowed if access is not None else sess.write_allowed,
+        "missing_write": list(access.missing) if access is not None else sess.missing_write_scopes,
         "csrf": sess.csrf,
         "ehr_style": bool(context.smart_style_url),
         "verdict": verdict(report, settled=loaded.settled, written=written),

@@ -971,3 +971,27 @@ def test_capabilities_read_from_a_statement_and_malformed_ones_read_as_undeclare
     assert caps.searches_by("Condition", "identifier") and not caps.searches_by("Goal", "identifier")
     assert not ServerCapabilities.from_statement({"resourceType": "Bundle"}).declared
     assert not ServerCapabilities.from_statement(None).transaction
+
+
+def test_a_server_that_wants_a_category_is_remembered_and_asked_per_category_from_then_on(mock, client):
+    """Epic refuses an Observation search without a category: the first patient costs one refused request,
+    the next ones none (issue 12, reading)."""
+    from fhir_plugin._vocab import OBSERVATION_CATEGORIES
+
+    refused = mock.get(  # only the search without a category (the matcher is strict)
+        f"{BASE}/Observation",
+        status=400,
+        json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "required"}]},
+        match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})],
+    )
+    per_category = mock.get(f"{BASE}/Observation", json=searchset([]))
+    mock.get(f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
+    for rtype in ("Condition", "Encounter", "CarePlan"):
+        mock.get(f"{BASE}/{rtype}", json=searchset([]))
+
+    reader = PerTypeReader(client)
+    for _ in range(3):
+        reader.read("p1")
+
+    assert refused.call_count == 1
+    assert per_category.call_count == 3 * len(OBSERVATION_CATEGORIES)

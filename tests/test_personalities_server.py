@@ -20,7 +20,13 @@ import requests
 from fhir_plugin import FhirClient, check, load_profile
 from fhir_plugin._vocab import DRAFT_TAG
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import forget_folded_drafts, load_fresh_case, needing_drafts, sandbox_stack
+from sandbox.testing import (
+    READ_ONLY_CLIENT_SCOPES,
+    forget_folded_drafts,
+    load_fresh_case,
+    needing_drafts,
+    sandbox_stack,
+)
 
 pytestmark = pytest.mark.server
 
@@ -122,3 +128,34 @@ def test_fewer_scopes_granted_than_asked_gives_a_working_read_only_review(fhir_b
     assert {e["status"] for e in report["elements"]} and report["patient"].endswith(case.patient_id)
     assert refused.status_code == 403
     assert not any(method == "POST" for method, _ in seen)
+
+
+def test_a_grant_without_plan_creates_still_writes_the_plan_as_a_note(fhir_base_url, tmp_path):
+    """The EHR grants create on Condition and DocumentReference only (not CarePlan, Goal, Provenance): the app
+    may still write, in the forms the grant allows — the plan as the note — and names what it could not."""
+    today = dt.date.today()
+    case = load_fresh_case(fhir_base_url, _needing_drafts(today))
+    pid = case.patient_id
+    scopes = [*READ_ONLY_CLIENT_SCOPES, "patient/Condition.c", "patient/DocumentReference.c"]
+    with sandbox_stack(fhir_base_url, client_scopes=scopes, ledger_store=str(tmp_path / "ledger.sqlite")) as stack:
+        browser = requests.Session()
+        page = browser.get(stack.launch_url(pid), timeout=60)
+        assert page.status_code == 200 and urlsplit(page.url).path == "/review", page.text[:300]
+        session = browser.get(f"{stack.app_url}/api/session", timeout=30).json()
+        first = browser.post(f"{stack.app_url}/api/write", headers={"X-CSRF-Token": session["csrf"]}, timeout=60)
+        second = browser.post(f"{stack.app_url}/api/write", headers={"X-CSRF-Token": session["csrf"]}, timeout=60)
+    written = _drafts_in_hapi(fhir_base_url, pid)
+    forget_folded_drafts(fhir_base_url, pid)
+    print(f"\ngranted {session['scopes']}\nfirst {first.text[:600]}")
+
+    assert not any(s.startswith(("patient/CarePlan.c", "patient/Goal.c")) for s in session["scopes"])
+    assert session["write_allowed"] and session["missing_write_scopes"] == []
+    assert first.status_code == 200 and second.status_code == 200, (first.text[:300], second.text[:300])
+    first, second = first.json(), second.json()
+    counts = {t: len(v) for t, v in written.items()}
+    assert counts == {"Condition": 1, "Goal": 0, "CarePlan": 0, "DocumentReference": 1, "Provenance": 0}
+    forms = {f["draft"]: f["form"] for f in first["forms"]}
+    assert forms["CarePlan"].startswith("DocumentReference (preliminary")
+    assert [n["draft"] for n in first["not_written"]] == ["Provenance"]
+    assert first["not_written"][0]["reason"].startswith("the granted scopes allow no Provenance create")
+    assert second["created"] == [] and sorted(second["existing"]) == sorted(first["created"])

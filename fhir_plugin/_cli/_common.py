@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -13,6 +15,9 @@ from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE
 from .._sources import Checkable, from_embedded, from_files, require_patients
 from .._token_arg import TOKEN_FILE_HELP, TOKEN_HELP, read_token
+
+if TYPE_CHECKING:
+    from .._backend_auth import ScopeRequest
 
 __all__ = ["source_options", "parse_today", "checkables", "subparser"]
 
@@ -130,7 +135,8 @@ def add_auth_options(parser: argparse.ArgumentParser) -> None:
     auth.add_argument(
         "--scope",
         metavar="SCOPES",
-        help="scopes to ask for (default: SMART v2 system scopes for what the run reads and writes)",
+        help="scopes to ask for, as they are (default: system scopes for what the run reads and writes, in "
+        "SMART v2 or v1 as the server's smart-configuration says; v1 again if v2 is refused)",
     )
     auth.add_argument(
         "--token-url",
@@ -139,26 +145,76 @@ def add_auth_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def authenticate(args: argparse.Namespace, session: requests.Session, default_scope: str) -> str | None:
-    """Make ``session`` carry SMART Backend Services tokens when a client id and key are given (None back);
-    otherwise return the static token of ``--token``/``--token-file``/``FHIR_TOKEN`` (or None: an open server)."""
-    from .._backend_auth import backend_session, load_signing_key
+@dataclass(frozen=True)
+class JobAuth:
+    """How a job is authenticated: a static token (or None), and the scope a backend token was granted."""
+
+    token: str | None = None
+    #: the granted scope string (SMART Backend Services only; None: not known, nothing to narrow)
+    granted: str | None = None
+
+
+def authenticate_job(args: argparse.Namespace, session: requests.Session, wanted: ScopeRequest | str) -> JobAuth:
+    """Make ``session`` carry SMART Backend Services tokens when a client id and key are given; otherwise the
+    static token of ``--token``/``--token-file``/``FHIR_TOKEN`` (or none: an open server).
+
+    The scopes asked are ``--scope`` as given, else ``wanted`` spelled as the
+    server's SMART configuration says (issue 12, item 5: v2, or v1, or v1 after
+    v2 is refused); the first token is fetched now, so its granted scope is known.
+    """
+    from .._backend_auth import load_signing_key, negotiated_session
 
     client_id = args.client_id or os.environ.get("FHIR_CLIENT_ID")
     key_path = args.key or os.environ.get("FHIR_CLIENT_KEY")
     if not (client_id or key_path):
-        return read_token(args)
+        return JobAuth(token=read_token(args))
     if not (client_id and key_path):
         raise UsageError("SMART Backend Services needs both --client-id and --key")
     if args.token or args.token_file:
         raise UsageError("give either --token (or --token-file) or --client-id with --key, not both")
-    backend_session(
+    _, _, granted = negotiated_session(
         args.server,
         client_id,
         load_signing_key(key_path, kid=args.kid),
-        args.scope or default_scope,
+        args.scope or wanted,
         token_url=args.token_url,
         timeout=args.timeout,
         session=session,
     )
-    return None
+    return JobAuth(granted=granted)
+
+
+def authenticate(args: argparse.Namespace, session: requests.Session, wanted: ScopeRequest | str) -> str | None:
+    """``authenticate_job`` for a job that only needs the static token back (None: the session authenticates)."""
+    return authenticate_job(args, session, wanted).token
+
+
+def write_allowed_by(granted: str | None, write: bool, job: str) -> tuple[bool, frozenset[str] | None]:
+    """Whether a ``--write`` run writes, and which types it may create, from the granted scope (issue 12, item 5).
+
+    No create granted: the run goes on read-only, and says so on stderr — the
+    review is still worth having, and the operator learns what to register.
+    Some granted: only those are created; the rest are folded or named as not
+    written in each result (``_strategies``).
+    """
+    from .._backend_auth import granted_creates
+    from .._strategies import WRITE_TYPES
+
+    if not write or granted is None:
+        return write, None
+    creatable = granted_creates(granted, WRITE_TYPES)
+    if not creatable:
+        print(
+            f"fhir-plugin {job}: the token grants no create scope (granted: {granted or 'nothing'}); "
+            "this run checks and reports but writes nothing",
+            file=sys.stderr,
+        )
+        return False, None
+    missing = [t for t in WRITE_TYPES if t not in creatable]
+    if missing:
+        print(
+            f"fhir-plugin {job}: the token grants no create scope for {', '.join(missing)}; "
+            "the drafts go in the forms it allows, and each result names what was not written",
+            file=sys.stderr,
+        )
+    return True, creatable

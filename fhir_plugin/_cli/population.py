@@ -16,7 +16,7 @@ from typing import Any
 
 from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE, load_profile
-from ._common import add_auth_options, authenticate, parse_today, subparser
+from ._common import add_auth_options, authenticate_job, parse_today, subparser, write_allowed_by
 
 
 def add_parser(sub: Any, epilog: str) -> None:
@@ -106,11 +106,13 @@ def _session(args: argparse.Namespace) -> tuple[Any, str | None]:
     """The HTTP session (SMART Backend Services as the sync job does it) and a static token, if any."""
     import requests
 
-    from .._sync import Selection, default_scope
+    from .._sync import Selection, job_scopes
 
     session = requests.Session()
-    scope = default_scope(Selection((), args.group, not args.group, None), args.write)
-    return session, authenticate(args, session, scope)
+    auth = authenticate_job(args, session, job_scopes(Selection((), args.group, not args.group, None), args.write))
+    # no create granted: the run reports and writes nothing, and says so (issue 12, item 5)
+    args.write, _ = write_allowed_by(auth.granted, args.write, "population")
+    return session, auth.token
 
 
 def _check_args(args: argparse.Namespace) -> None:

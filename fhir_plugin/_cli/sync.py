@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,11 +20,19 @@ from .._sync import (
     Selection,
     ServerClock,
     SyncOptions,
-    default_scope,
+    job_scopes,
     parse_instant,
     run_sync,
 )
-from ._common import add_auth_options, authenticate, parse_today, strategy_options, subparser
+from ._common import (
+    JobAuth,
+    add_auth_options,
+    authenticate_job,
+    parse_today,
+    strategy_options,
+    subparser,
+    write_allowed_by,
+)
 
 
 def add_parser(sub: Any, epilog: str) -> None:
@@ -80,13 +89,13 @@ def _session(
     args: argparse.Namespace,
     selection: Selection,
     concurrency: int,
-) -> tuple[requests.Session, str | None]:
-    """The HTTP session for the FHIR server (pooled for the threads, authenticated) and a static token."""
+) -> tuple[requests.Session, JobAuth]:
+    """The HTTP session for the FHIR server (pooled for the threads, authenticated), a static token, the grant."""
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, concurrency + 2))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return session, authenticate(args, session, default_scope(selection, args.write))
+    return session, authenticate_job(args, session, job_scopes(selection, args.write))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
         ledger,
     )
     profile = load_profile(args.profile)
-    session, token = _session(args, selection, options.concurrency)
+    session, auth = _session(args, selection, options.concurrency)
+    # what the token was granted decides whether and what this run writes (issue 12, item 5)
+    write, creatable = write_allowed_by(auth.granted, args.write, "sync")
+    options = dataclasses.replace(options, write=write, creatable=creatable)
+    token = auth.token
     clock = ServerClock()
     session.hooks["response"].append(clock)
     try:

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -108,6 +108,11 @@ class FhirProxy:
         self.personality = _personality.personality(config.personality)
         #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query)
         self.seen: list[tuple[str, str]] = []
+        #: (method, path, status) of every FHIR request answered, for tests that count refusals
+        self.answered: list[tuple[str, str, int]] = []
+        #: called with (method, path, status, request body as JSON or None) after the upstream answered and
+        #: before the client gets the answer: a test holds it here to kill its client at a known point
+        self.after_forward: Callable[[str, str, int, Any], None] | None = None
 
     @property
     def bases(self) -> tuple[str, str]:
@@ -203,6 +208,7 @@ class FhirProxy:
         """One proxied request (``path`` relative to the FHIR base, ``query`` raw)."""
         started = time.monotonic()
         response = self._handle(method.upper(), path.strip("/"), query, headers, body)
+        self.answered.append((method.upper(), "/" + path.strip("/"), response.status))
         rtype = path.strip("/").split("/")[0] or "-"
         log.info(
             "fhir %s %s -> %d (%d ms)", method.upper(), rtype[:64], response.status, (time.monotonic() - started) * 1000
@@ -260,6 +266,8 @@ class FhirProxy:
             answer = self._forward(method, path, query, headers, body)
         except requests.RequestException as exc:
             return self._unreachable(exc)
+        if self.after_forward is not None:
+            self.after_forward(method, "/" + path, answer.status_code, resource)
         out_headers = {}
         for name in _FORWARD_RESPONSE_HEADERS:
             if name in answer.headers:

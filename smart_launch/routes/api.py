@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fhir_plugin import WriteResult
 
-from ..deps import CurrentSession, HeaderCsrf, MayWrite, ReviewedDep, WriterDep
+from ..deps import CurrentSession, HeaderCsrf, MayWrite, ReviewedDep, WriteAccessDep, WriterDep
 from ..views import draft_view
 
 __all__ = ["router"]
@@ -25,13 +25,13 @@ router = APIRouter(prefix="/api")
 
 
 @router.get("/session", summary="The launch this session is bound to, and its CSRF token")
-def api_session(sess: CurrentSession) -> dict[str, Any]:
+def api_session(sess: CurrentSession, access: WriteAccessDep) -> dict[str, Any]:
     return {
         "patient": f"Patient/{sess.patient}",
         "encounter": f"Encounter/{sess.encounter}" if sess.encounter else None,
         "scopes": list(sess.scopes),
-        "write_allowed": sess.write_allowed,
-        "missing_write_scopes": sess.missing_write_scopes,
+        "write_allowed": access.allowed,
+        "missing_write_scopes": list(access.missing),
         "csrf": sess.csrf,
         "need_patient_banner": sess.context.need_patient_banner,
     }
@@ -45,7 +45,7 @@ def api_report(loaded: ReviewedDep) -> Response:
 
 
 @router.get("/drafts", summary="The draft transaction Bundle (SPEC §7) and its phases, or why it was refused")
-def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
+def api_drafts(access: WriteAccessDep, loaded: ReviewedDep) -> Response:
     if loaded.drafts is None:
         return JSONResponse(
             {
@@ -60,7 +60,7 @@ def api_drafts(sess: CurrentSession, loaded: ReviewedDep) -> Response:
             "drafts": loaded.drafts,
             "existing": loaded.existing.to_json(),
             "phases": draft_view(loaded.drafts)["careplan"]["phases"],
-            "write_allowed": sess.write_allowed,
+            "write_allowed": access.allowed,
         }
     )
 

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from fhir_plugin import Forbidden, UsageError, WriteResult, available_profiles
 
-from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep, WriterDep
+from ..deps import CurrentSession, Fhir, FormCsrf, MayWrite, PagesDep, ReviewedDep, WriteAccessDep, WriterDep
 from ..views import VIEWABLE, draft_view, resource_facts, review_context, subject_of
 
 __all__ = ["router"]
@@ -27,8 +27,11 @@ router = APIRouter()
 
 
 @router.get("/review", response_class=HTMLResponse, summary="The review page for the launched patient")
-def review(request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: PagesDep) -> Response:
-    response = pages.page(request, "review.html", **review_context(sess, loaded, shipped=tuple(available_profiles())))
+def review(
+    request: Request, sess: CurrentSession, loaded: ReviewedDep, pages: PagesDep, access: WriteAccessDep
+) -> Response:
+    context = review_context(sess, loaded, shipped=tuple(available_profiles()), access=access)
+    response = pages.page(request, "review.html", **context)
     response.headers["Server-Timing"] = loaded.server_timing()
     return response
 
