@@ -163,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
         files = ndjson_files(args.ndjson)
         source = f"the NDJSON files in {args.ndjson}"
 
-    spark = spark_session(SparkSettings(args.master, args.remote, driver_memory=args.driver_memory))
+    spark = spark_session(
+        SparkSettings(
+            args.master, args.remote, driver_memory=args.driver_memory, warm_r4=bool(args.write or args.strict_r4)
+        )
+    )
     result = run_population(
         spark,
         files,

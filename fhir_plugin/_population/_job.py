@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import UsageError
+from ._daemon import WARM_R4
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
 __all__ = ["SparkSettings", "spark_session", "run_population", "PopulationResult", "ROW_SCHEMA", "ndjson_files"]
@@ -38,7 +39,6 @@ ROW_SCHEMA = (
     "gaps array<string>, red_flags array<string>, referral boolean, drafts_allowed boolean, "
     "refused string, statuses string, flag_statuses string, problem string, drafts string"
 )
-_KEYED_SCHEMA = "file string, line long, patient string, text string, problem string"
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class SparkSettings:
     remote: str | None = None
     shuffle_partitions: int | None = None
     driver_memory: str | None = None
+    #: the workers will validate whole resources or build drafts: their daemon builds the R4 validators first
+    warm_r4: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("fhir-plugin population")
+    if settings.warm_r4:
+        os.environ[WARM_R4] = "1"  # local mode: the workers' daemon inherits the driver's environment
+        builder = builder.config(f"spark.executorEnv.{WARM_R4}", "1")
     if settings.remote:
         return builder.remote(settings.remote).getOrCreate()
     if settings.master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
@@ -84,6 +89,10 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     if settings.driver_memory:
         builder = builder.config("spark.driver.memory", settings.driver_memory)
+    if master.startswith("local"):
+        # a job of minutes in one JVM: the quick JIT tier and the throughput collector cost the least
+        # CPU in all (docs/benchmarks-population.md); a cluster's executors keep their own settings
+        builder = builder.config("spark.driver.extraJavaOptions", _LOCAL_JVM_OPTIONS)
     session = (
         builder.config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
@@ -110,31 +119,12 @@ def ndjson_files(folder: str | Path) -> list[Path]:
 
 #: what the JVM reads of a line to find its patient (the rest of the line is left to the check)
 _KEY_FIELDS = "resourceType string, id string, subject struct<reference: string>, patient struct<reference: string>"
-#: ``Patient/<id>``, relative or at the end of an absolute URL: ``_record.patient_id_of``'s rule
-_PATIENT_REF = r"(^|/)Patient/([^/]+)$"
 #: the review's output: the row columns, and the file and line of an input line no patient could take
 _OUT_SCHEMA = ROW_SCHEMA + ", file string, line long"
+#: the driver JVM's options in local mode (it also runs the executor)
+_LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
 #: input bytes per shuffle partition: a partition's lines are sorted in the executor's memory
 _PARTITION_BYTES = 48 * 1024 * 1024
-
-
-def _fallback_keys(batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInArrow over the few lines the JVM could not key: ``_rows.key_line`` decides, as on the command line."""
-    import pyarrow as pa
-
-    for batch in batches:
-        out: dict[str, list[Any]] = {k: [] for k in ("file", "line", "patient", "text", "problem")}
-        cols = batch.to_pydict()
-        for file, line, text in zip(cols["file"], cols["line"], cols["text"], strict=True):
-            keyed = key_line(text)
-            if keyed is None:
-                continue
-            out["file"].append(file)
-            out["line"].append(line)
-            out["patient"].append(keyed.patient)
-            out["text"].append(text if keyed.problem is None else None)
-            out["problem"].append(keyed.problem)
-        yield pa.RecordBatch.from_pydict(out, schema=_arrow_schema(_KEYED_SCHEMA))
 
 
 def _struct(ddl: str) -> Any:
@@ -168,49 +158,95 @@ def _cores(spark: Any) -> int:
         return 2
 
 
-def _reviewer(profile_code: str, today: date, now: datetime, keep_drafts: bool, strict_r4: bool) -> Any:
-    """applyInArrow: one patient's lines (sorted by file and line) to that patient's row.
+def _unkeyed_problems(files: list[str], lines: list[int], texts: list[str]) -> Iterator[tuple[str, int, str]]:
+    """The problem of each line the JVM could not key, as ``_rows.key_line`` (the command line's rule) says it.
 
-    The lines no patient could take arrive as one group with a null patient: each
-    becomes an output row naming its file, line and problem.
+    A line ``key_line`` does key (the JVM's JSON reader refused what Python's reads) is
+    reported too: it reached no patient's group, and it must not vanish silently.
+    """
+    for file, line, text in sorted(zip(files, lines, texts, strict=True)):
+        keyed = key_line(text)
+        if keyed is None:
+            continue
+        if keyed.problem is not None:
+            yield file, line, keyed.problem
+        else:
+            yield file, line, f"Patient/{keyed.patient}'s {keyed.type} could not be grouped with the record; not read"
+
+
+def _reviewer(profile_code: str, today: date, now: datetime, keep_drafts: bool, strict_r4: bool) -> Any:
+    """mapInArrow over a partition sorted by patient, file and line: each patient's run of lines to one row.
+
+    This is the grouped map by hand: Spark has put each patient's lines in one
+    partition, together and in order, and each Arrow batch is converted once —
+    rather than one Arrow stream per patient (``applyInArrow``), whose cost per
+    group was most of the job's (docs/benchmarks-population.md).  The lines no
+    patient could take (a null patient, sorted first) become problem rows naming
+    their file and line.
     """
 
-    def review_group(table: Any) -> Any:
+    def review_partition(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
         from .._profile import load_profile
 
-        cols = table.to_pydict()
-        patient = cols["patient"][0]
-        if patient is None:
-            rows = [
-                dict(problem_row("", problem), patient=None, file=file, line=line)
-                for file, line, problem in zip(cols["file"], cols["line"], cols["problem"], strict=True)
-            ]
-        else:
-            lines = sorted(zip(cols["file"], cols["line"], cols["text"], strict=True))
+        profile = load_profile(profile_code)
+        schema = _arrow_schema(_OUT_SCHEMA)
+        out: list[dict[str, Any]] = []
+        unkeyed: list[tuple[str, int, str]] = []
+        current: str | None = None
+        lines: list[tuple[str, int, str]] = []
+
+        def finish() -> None:
+            if current is None:
+                return
             try:
                 row = patient_row(
-                    patient,
-                    lines,
-                    load_profile(profile_code),
-                    today=today,
-                    now=now,
-                    keep_drafts=keep_drafts,
-                    strict_r4=strict_r4,
+                    current, lines, profile, today=today, now=now, keep_drafts=keep_drafts, strict_r4=strict_r4
                 )
             except Exception as exc:  # one patient's failure must not stop the population
-                row = problem_row(patient, f"the check failed ({type(exc).__name__})")
-            rows = [dict(row, file=None, line=None)]
-        return pa.Table.from_pylist(rows, schema=_arrow_schema(_OUT_SCHEMA))
+                row = problem_row(current, f"the check failed ({type(exc).__name__})")
+            out.append(dict(row, file=None, line=None))
 
-    return review_group
+        for batch in batches:
+            cols = batch.to_pydict()
+            for patient, file, line, text in zip(
+                cols["patient"], cols["file"], cols["line"], cols["text"], strict=True
+            ):
+                if patient is None:
+                    unkeyed.append((file, line, text))
+                    continue
+                if patient != current:
+                    finish()
+                    current, lines = patient, []
+                lines.append((file, line, text))
+            if len(out) >= 1024:
+                yield pa.RecordBatch.from_pylist(out, schema=schema)
+                out = []
+        finish()
+        if unkeyed:
+            files, numbers, texts = zip(*unkeyed, strict=True)
+            out.extend(
+                dict(problem_row("", problem), patient=None, file=file, line=line)
+                for file, line, problem in _unkeyed_problems(list(files), list(numbers), list(texts))
+            )
+        if out:
+            yield pa.RecordBatch.from_pylist(out, schema=schema)
+
+    return review_partition
 
 
 def _partitions(paths: Sequence[str], cores: int) -> int:
     """Shuffle partitions: enough that each sorts in memory, at least two per core to balance the load."""
     size = sum(os.path.getsize(p) for p in paths)
     return max(2 * cores, -(-size // _PARTITION_BYTES))
+
+
+def _recover_dir(final: Path) -> None:
+    """Put back the previous results if a run was killed between ``_replace_dir``'s two renames."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -247,41 +283,37 @@ def run_population(
     from pyspark.sql import functions as F
 
     out.mkdir(parents=True, exist_ok=True)
+    _recover_dir(out / "results.parquet")
     paths = [str(Path(p).resolve()) for p in files]
     raw = spark.read.text(paths, wholetext=True).select(
         F.regexp_extract(F.input_file_name(), r"([^/]+)$", 1).alias("file"), "value"
     )
     lines = (
         raw.select("file", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
-        .where(F.trim("text") != "")
+        .where(F.length("text") > 0)  # a line of spaces is left to key_line, which skips it
         .select("file", (F.col("pos") + 1).alias("line"), "text")
     )
-    fields = F.from_json("text", _KEY_FIELDS)
+    # the parsed fields as a column: used inline in several branches, the line was parsed once per use
+    parsed = lines.select("file", "line", "text", F.from_json("text", _KEY_FIELDS).alias("k"))
+    fields = F.col("k")
     rtype = fields["resourceType"]
-    subject_ref = fields["subject"]["reference"]
-    patient_ref = F.when(fields["subject"].isNull(), fields["patient"]["reference"])
-    ref = F.coalesce(subject_ref, patient_ref)
+    ref = F.coalesce(fields["subject"]["reference"], F.when(fields["subject"].isNull(), fields["patient"]["reference"]))
+    # ``…Patient/<id>``, relative or at the end of an absolute URL: ``_record.patient_id_of``'s rule
+    # (measured: string functions here made Spark parse the line once per use, the regex did not)
+    patient_ref = r"(^|/)Patient/([^/]+)$"
     key = (
         F.when(rtype == "Patient", fields["id"])
-        .when(rtype.isin(*READ_TYPES) & ref.rlike(_PATIENT_REF), F.regexp_extract(ref, _PATIENT_REF, 2))
+        .when(rtype.isin(*READ_TYPES) & ref.rlike(patient_ref), F.regexp_extract(ref, patient_ref, 2))
         .when(rtype.isNotNull() & ~rtype.isin(*READ_TYPES), F.lit(""))  # a type the check does not read
     )
-    with_key = lines.select("file", "line", key.alias("patient"), "text")
-    keyed = with_key.where(F.col("patient") != "").select(
-        "file", "line", "patient", "text", F.lit(None).cast("string").alias("problem")
+    # a null patient: the JVM could not key the line (not JSON, no patient reference): one group, for key_line
+    keyed = parsed.select("file", "line", key.alias("patient"), "text").where(
+        F.col("patient").isNull() | (F.col("patient") != "")
     )
-    # the lines the JVM could not key (not JSON, no patient reference, odd references): Python decides
-    fallback = (
-        with_key.where(F.col("patient").isNull())
-        .select("file", "line", "text")
-        .mapInArrow(_fallback_keys, _struct(_KEYED_SCHEMA))
-    )
-    cores = _cores(spark)
     reviewed = (
-        keyed.unionByName(fallback.select("file", "line", "patient", "text", "problem"))
-        .repartition(_partitions(paths, cores), "patient")
-        .groupBy("patient")
-        .applyInArrow(_reviewer(profile_code, today, now, keep_drafts, strict_r4), schema=_struct(_OUT_SCHEMA))
+        keyed.repartition(_partitions(paths, _cores(spark)), "patient")
+        .sortWithinPartitions("patient", "file", "line")
+        .mapInArrow(_reviewer(profile_code, today, now, keep_drafts, strict_r4), _struct(_OUT_SCHEMA))
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     try:
