@@ -104,6 +104,24 @@ def timed(cmd: list[str]) -> dict:
     }
 
 
+def _phases(stdout: str) -> dict:
+    """The command's own account of its phases: Spark's start, the check (NDJSON to Parquet), the report."""
+    import re
+
+    found = re.search(
+        r"Spark started in ([\d.]+) s; the check of (\d+) patients took ([\d.]+) s .*the report ([\d.]+) s", stdout
+    )
+    if not found:
+        return {}
+    start, n, job, report = float(found[1]), int(found[2]), float(found[3]), float(found[4])
+    return {
+        "spark_start_s": start,
+        "job_s": job,
+        "report_s": report,
+        "job_patients_per_s": round(n / job, 1) if job else None,
+    }
+
+
 def bench_ndjson(args: argparse.Namespace) -> list[dict]:
     from sandbox.population import write_ndjson
 
@@ -119,7 +137,12 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
         for cores in args.cores:
             out = work / f"out-{size}-{cores}"
             # each run in a fresh process, so RUSAGE_CHILDREN is that run's alone: run this script again
+            # the whole process tree (driver, JVM, Python workers) pinned to the first ``cores`` CPUs,
+            # so "one core" is one CPU for everything, not one Spark task slot beside a busy JVM
             cmd = [
+                "taskset",
+                "-c",
+                ",".join(str(c) for c in range(cores)),
                 sys.executable,
                 __file__,
                 "one",
@@ -136,7 +159,7 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
                 TODAY.isoformat(),
             ]
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            r.update(size=size, cores=cores, patients_per_s=round(size / r["wall_s"], 1))
+            r.update(size=size, cores=cores, patients_per_s=round(size / r["wall_s"], 1), **_phases(r["stdout"]))
             print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
             results.append(r)
     return results

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -163,11 +164,13 @@ def run(args: argparse.Namespace) -> int:
         files = ndjson_files(args.ndjson)
         source = f"the NDJSON files in {args.ndjson}"
 
+    started = time.monotonic()
     spark = spark_session(
         SparkSettings(
             args.master, args.remote, driver_memory=args.driver_memory, warm_r4=bool(args.write or args.strict_r4)
         )
     )
+    spark_ready = time.monotonic()
     result = run_population(
         spark,
         files,
@@ -178,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         keep_drafts=args.write,
         strict_r4=args.strict_r4,
     )
+    checked = time.monotonic()
     summary = summarize(iter_rows(result.parquet, WORKLIST_COLUMNS))
     page = render_html(
         summary,
@@ -200,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
         problems_path.unlink(missing_ok=True)
     print(render_terminal(summary, result.problems, export_issues))
     print(f"Wrote {result.parquet}, {result.jsonl} and {out / 'report.html'}.")
+    job = checked - spark_ready
+    print(
+        f"Spark started in {spark_ready - started:.1f} s; the check of {result.patients} patients took {job:.1f} s"
+        f" ({result.patients / job if job > 0 else 0:.0f} patients/s), the report {time.monotonic() - checked:.1f} s."
+    )
 
     if args.write:
         _write(args, result.parquet, session, token, out, iter_rows)

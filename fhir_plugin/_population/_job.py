@@ -123,6 +123,9 @@ _KEY_FIELDS = "resourceType string, id string, subject struct<reference: string>
 _OUT_SCHEMA = ROW_SCHEMA + ", file string, line long"
 #: the driver JVM's options in local mode (it also runs the executor)
 _LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
+#: rows per results file and bytes per Parquet row group (see ``run_population``)
+_FILE_ROWS = 20_000
+_ROW_GROUP_BYTES = 4 * 1024 * 1024
 #: input bytes per shuffle partition: a partition's lines are sorted in the executor's memory
 _PARTITION_BYTES = 48 * 1024 * 1024
 
@@ -324,7 +327,15 @@ def run_population(
         tmp = out / ".results.parquet.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         rows = reviewed.where(F.col("patient").isNotNull()).select(*ROW_COLUMNS)
-        rows.orderBy("patient").write.mode("overwrite").parquet(str(tmp))
+        # files and row groups of bounded size, so whoever reads the results back a batch at a time
+        # (the report, the JSON lines, write-back) holds a bounded part of them, however many patients
+        (
+            rows.orderBy("patient")
+            .write.mode("overwrite")
+            .option("maxRecordsPerFile", _FILE_ROWS)
+            .option("parquet.block.size", _ROW_GROUP_BYTES)
+            .parquet(str(tmp))
+        )
     finally:
         reviewed.unpersist()
     parquet = out / "results.parquet"
@@ -339,7 +350,14 @@ def iter_rows(parquet: Path, columns: Sequence[str] | None = None) -> Iterator[d
     import pyarrow.dataset as ds
 
     dataset = ds.dataset(str(parquet), format="parquet")
-    for batch in dataset.to_batches(columns=list(columns) if columns else None, batch_size=4096):
+    batches = dataset.to_batches(
+        columns=list(columns) if columns else None,
+        batch_size=4096,
+        batch_readahead=1,
+        fragment_readahead=1,
+        use_threads=False,  # the files in order: the rows stay in patient order
+    )
+    for batch in batches:
         yield from batch.to_pylist()
 
 
