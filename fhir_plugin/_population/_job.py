@@ -346,19 +346,17 @@ def run_population(
 
 
 def iter_rows(parquet: Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The rows of a results folder in patient order, a batch at a time (the driver never holds them all)."""
-    import pyarrow.dataset as ds
+    """The rows of a results folder in patient order, a batch at a time (the driver never holds them all).
 
-    dataset = ds.dataset(str(parquet), format="parquet")
-    batches = dataset.to_batches(
-        columns=list(columns) if columns else None,
-        batch_size=4096,
-        batch_readahead=1,
-        fragment_readahead=1,
-        use_threads=False,  # the files in order: the rows stay in patient order
-    )
-    for batch in batches:
-        yield from batch.to_pylist()
+    File by file: Spark wrote them in patient order.
+    """
+    import pyarrow.parquet as pq
+
+    for path in sorted(Path(parquet).glob("*.parquet")):
+        source = pq.ParquetFile(path)
+        for batch in source.iter_batches(batch_size=4096, columns=list(columns) if columns else None):
+            yield from batch.to_pylist()
+        source.close()
 
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
