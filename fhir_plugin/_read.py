@@ -15,16 +15,25 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ._client import PAGE_SIZE, FhirClient
+from ._client import PAGE_SIZE, PLAN_NOTE_SEARCH, FhirClient, own_plan_notes
 from ._errors import ServerError
 from ._record import PatientRecord, validate_resource
-from ._vocab import CLINICAL_TYPES, OBSERVATION_CATEGORIES, OBSERVATION_CATEGORY
+from ._vocab import (
+    CLINICAL_TYPES,
+    NOTE_PROVENANCE_EXTENSION,
+    OBSERVATION_CATEGORIES,
+    OBSERVATION_CATEGORY,
+    URI_IDENTIFIER,
+    is_plugin_draft,
+)
 
 __all__ = ["RecordReader", "BatchReader", "PerTypeReader"]
 
-#: requests in flight at once for one patient: the Patient read and one search per type all go out
-#: together, so the read costs about one round trip of latency, as the batch does (issue 12)
-PARALLEL_SEARCHES = 1 + len(CLINICAL_TYPES)
+#: requests in flight at once for one patient: the Patient read, one search per type and the plan-note
+#: search all go out together, so the read costs about one round trip of latency, as the batch does (issue 12)
+PARALLEL_SEARCHES = 2 + len(CLINICAL_TYPES)
+#: plan notes whose Provenance is looked for, at most (one per encounter the plugin drafted for)
+MAX_NOTES_FOLLOWED = 10
 #: answers that mean "this search needs more parameters" (Epic answers 400 for an Observation search
 #: without category; others 403 or 422)
 _REFUSED_WITHOUT_CATEGORY = frozenset({400, 403, 422})
@@ -52,6 +61,52 @@ def _remember_needing_category(base_url: str) -> None:
             _needs_category.popitem(last=False)
 
 
+def _refused(exc: ServerError) -> bool:
+    """A search the server (or the token's scopes) will not answer: the record is read without it."""
+    return exc.status != 401
+
+
+def _plan_notes(client: FhirClient, patient_id: str) -> list[dict[str, Any]]:
+    """The plugin's plan notes (one page of plan-of-care notes, filtered here); none when the search is refused."""
+    try:
+        page = client.request("GET", "DocumentReference", params={"patient": patient_id, **PLAN_NOTE_SEARCH})
+    except ServerError as exc:
+        if not _refused(exc):
+            raise
+        return []
+    return own_plan_notes(page) if page.get("resourceType") == "Bundle" else []
+
+
+def _with_note_provenances(client: FhirClient, record: PatientRecord) -> PatientRecord:
+    """``record`` with the plugin's Provenances about its plan notes that name one (SPEC §7.1).
+
+    A note names the Provenance written after it (``_fold``); whether that one
+    is there tells a complete set from a write cut short, so a rerun offers
+    only what is missing.  One search per such note, only after a folded write
+    on a server that creates Provenance; a refused search adds nothing.
+    """
+    notes = [
+        n
+        for n in record.of_type("DocumentReference")
+        if any(e.get("url") == NOTE_PROVENANCE_EXTENSION for e in n.get("extension") or [])
+    ][:MAX_NOTES_FOLLOWED]
+    found: dict[str, dict[str, Any]] = {}
+    for note in notes:
+        try:
+            answer = client.search("Provenance", {"target": f"DocumentReference/{note['id']}"})
+        except ServerError as exc:
+            if not _refused(exc):
+                raise
+            continue
+        for provenance in answer:
+            tagged = any(t.get("system") == URI_IDENTIFIER for t in (provenance.get("meta") or {}).get("tag") or [])
+            if provenance.get("resourceType") == "Provenance" and is_plugin_draft(provenance) and tagged:
+                found[str(provenance.get("id"))] = provenance
+    if not found:
+        return record
+    return PatientRecord(record.patient_id, record.resources + tuple(validate_resource(p) for p in found.values()))
+
+
 class RecordReader(Protocol):
     """Reads one patient's record (the Patient and its clinical resources), validated as R4."""
 
@@ -65,7 +120,8 @@ class BatchReader:
         self.client = client
 
     def read(self, patient_id: str) -> PatientRecord:
-        return self.client.read_patient_record(patient_id)
+        # the plugin's plan notes ride in the same batch: one round trip still (SPEC §7.1)
+        return _with_note_provenances(self.client, self.client.read_patient_record(patient_id, plan_notes=True))
 
 
 class PerTypeReader:
@@ -85,6 +141,7 @@ class PerTypeReader:
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="fhir-plugin-read") as pool:
             patient = pool.submit(self.client.read, "Patient", patient_id)
             searches = [pool.submit(self._search, rtype, patient_id) for rtype in CLINICAL_TYPES]
+            notes = pool.submit(_plan_notes, self.client, patient_id)
             resources = [validate_resource(patient.result())]
             seen: set[tuple[str, str]] = {("Patient", patient_id)}
             for rtype, future in zip(CLINICAL_TYPES, searches, strict=True):
@@ -93,7 +150,12 @@ class PerTypeReader:
                     if key[0] == rtype and key not in seen:  # skip stray types, and repeats across categories
                         seen.add(key)
                         resources.append(validate_resource(found))
-        return PatientRecord(patient_id, tuple(resources))
+            for note in notes.result():
+                key = ("DocumentReference", str(note.get("id")))
+                if key not in seen:
+                    seen.add(key)
+                    resources.append(validate_resource(note))
+        return _with_note_provenances(self.client, PatientRecord(patient_id, tuple(resources)))
 
     def _search(self, resource_type: str, patient_id: str) -> list[dict[str, Any]]:
         params = {"patient": patient_id, "_count": PAGE_SIZE}

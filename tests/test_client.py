@@ -797,10 +797,18 @@ def test_per_type_reader_reads_with_one_request_per_type(mock, client):
             json=searchset([resource]),
             match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})],
         )
+    mock.get(
+        f"{BASE}/DocumentReference",
+        json=searchset([]),
+        match=[
+            matchers.query_param_matcher({"patient": "p1", "_count": "500", "type": "http://loinc.org|18776-5"})
+        ],
+    )
 
     record = PerTypeReader(client).read("p1")
 
-    assert client.round_trips == 5
+    # the Patient, one search per type, and the plugin's plan notes (SPEC §7.1, issue 12 follow-up)
+    assert client.round_trips == 6
     assert record.counts() == {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
 
 
@@ -938,6 +946,7 @@ def test_per_type_reader_asks_per_category_when_an_observation_search_needs_one(
             ],
         )
     mock.get(f"{BASE}/Observation", json=searchset([]))
+    mock.get(f"{BASE}/DocumentReference", json=searchset([]))
 
     record = PerTypeReader(client).read("p1")
 
