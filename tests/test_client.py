@@ -800,9 +800,7 @@ def test_per_type_reader_reads_with_one_request_per_type(mock, client):
     mock.get(
         f"{BASE}/DocumentReference",
         json=searchset([]),
-        match=[
-            matchers.query_param_matcher({"patient": "p1", "_count": "500", "type": "http://loinc.org|18776-5"})
-        ],
+        match=[matchers.query_param_matcher({"patient": "p1", "_count": "500", "type": "http://loinc.org|18776-5"})],
     )
 
     record = PerTypeReader(client).read("p1")
