@@ -41,24 +41,35 @@ _REFUSED_WITHOUT_CATEGORY = frozenset({400, 403, 422})
 CATEGORY_MEMORY = 64
 
 _needs_category: OrderedDict[str, None] = OrderedDict()
-_needs_category_lock = threading.Lock()
+#: servers that refused a record batch for its plan-note search: their batches go without it
+_notes_refused: OrderedDict[str, None] = OrderedDict()
+_memory_lock = threading.Lock()
 
 
-def _remembered_needing_category(base_url: str) -> bool:
-    with _needs_category_lock:
-        if base_url in _needs_category:
-            _needs_category.move_to_end(base_url)
+def _remembered(memory: OrderedDict[str, None], base_url: str) -> bool:
+    with _memory_lock:
+        if base_url in memory:
+            memory.move_to_end(base_url)
             return True
         return False
 
 
+def _remember(memory: OrderedDict[str, None], base_url: str) -> None:
+    """Remember ``base_url`` in ``memory`` (per process, the least recently used dropped past CATEGORY_MEMORY)."""
+    with _memory_lock:
+        memory[base_url] = None
+        memory.move_to_end(base_url)
+        while len(memory) > CATEGORY_MEMORY:
+            memory.popitem(last=False)
+
+
+def _remembered_needing_category(base_url: str) -> bool:
+    return _remembered(_needs_category, base_url)
+
+
 def _remember_needing_category(base_url: str) -> None:
     """This server refused an Observation search without a category: ask it per category from now on."""
-    with _needs_category_lock:
-        _needs_category[base_url] = None
-        _needs_category.move_to_end(base_url)
-        while len(_needs_category) > CATEGORY_MEMORY:
-            _needs_category.popitem(last=False)
+    _remember(_needs_category, base_url)
 
 
 def _refused(exc: ServerError) -> bool:
@@ -121,7 +132,20 @@ class BatchReader:
 
     def read(self, patient_id: str) -> PatientRecord:
         # the plugin's plan notes ride in the same batch: one round trip still (SPEC §7.1)
-        return _with_note_provenances(self.client, self.client.read_patient_record(patient_id, plan_notes=True))
+        base = self.client.base_url
+        if _remembered(_notes_refused, base):
+            return self.client.read_patient_record(patient_id)
+        try:
+            record = self.client.read_patient_record(patient_id, plan_notes=True)
+        except ServerError as exc:
+            # a gateway that refuses the whole batch for its note search (a token without DocumentReference
+            # read): read without notes, and from now on for this server, if that is what it takes
+            if exc.status not in _REFUSED_WITHOUT_CATEGORY:
+                raise
+            record = self.client.read_patient_record(patient_id)
+            _remember(_notes_refused, base)
+            return record
+        return _with_note_provenances(self.client, record)
 
 
 class PerTypeReader:

@@ -1057,3 +1057,27 @@ def test_a_refused_note_search_does_not_break_the_read(mock, client, status):
 
     expected = {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
     assert by_batch.counts() == expected and per_type.counts() == expected
+
+
+def _asks_for_notes(request) -> tuple[bool, str]:
+    body = request.body.decode() if isinstance(request.body, bytes) else str(request.body or "")
+    return "DocumentReference" in body, "the batch asks for the plan notes"
+
+
+def test_a_batch_refused_for_its_note_search_is_read_again_without_it_and_the_server_remembered(mock, client):
+    """A gateway that checks every entry against the token's scopes refuses the whole batch (403) when the
+    token may not read DocumentReference: the record is still read, and later batches go without notes."""
+    with_notes = mock.post(
+        BASE,
+        status=403,
+        json=outcome("entry 5 (GET DocumentReference): the token's scopes do not allow search on DocumentReference"),
+        match=[_asks_for_notes],
+    )
+    without_notes = mock.post(BASE, json=full_record_answer())
+    reader = BatchReader(client)
+
+    first, second = reader.read("p1"), reader.read("p1")
+
+    expected = {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
+    assert first.counts() == expected and second.counts() == expected
+    assert with_notes.call_count == 1 and without_notes.call_count == 2  # one refused batch for this server
