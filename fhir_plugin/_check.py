@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from . import _icd10cm as icd
+from ._drafts import drafted_plans
 from ._errors import UsageError
 from ._profile import Profile, Rule
 from ._record import PatientRecord
@@ -517,6 +518,7 @@ class _Context:
         self.conditions = [d for d in self.docs if d.type == "Condition"]
         self.observations = [d for d in self.docs if d.type == "Observation"]
         self.care_plans = [r for r in usable if r["resourceType"] == "CarePlan"]
+        self.plan_notes = drafted_plans(record)
         _label, site_codes, site_terms = profile.site_terms[profile.region]
         self.under_review = [d for d in self.conditions if self._under_review(d, site_codes, site_terms)]
         self.under_review_refs = {d.ref for d in self.under_review}
@@ -861,6 +863,10 @@ def _care_plan_element(
                 proposed.append(_ref(plan))
         elif plan.get("status") in _PLAN_COUNTS and addressed & ctx.under_review_refs:  # SPEC §3.1, §7.1
             clinician.append(_ref(plan))
+    # the plan as a note, on a server without CarePlan create (issue 12, writer d): the plugin's too
+    for note in ctx.plan_notes:
+        if _references(note.careplan, "addresses") & (ctx.under_review_refs | own_drafts):
+            proposed.append(note.ref)
     if clinician:
         return "met", clinician, "a care plan addresses the condition"
     if proposed:

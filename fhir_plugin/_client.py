@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from authlib.common.errors import AuthlibBaseError
@@ -46,6 +46,7 @@ from urllib3.util import parse_url
 from ._errors import AuthError, InputError, MultipleMatches, NotFound, ServerError, TransportError, UsageError
 from ._record import CLINICAL_TYPES, PatientRecord, validate_resource
 from ._urls import is_absolute, origin, safe_url
+from ._vocab import PLAN_NOTE_TYPE, is_plugin_draft
 
 __all__ = [
     "FhirClient",
@@ -56,6 +57,8 @@ __all__ = [
     "error_for_status",
     "is_safe_to_repeat",
     "record_batch",
+    "PLAN_NOTE_SEARCH",
+    "own_plan_notes",
     "search_matches",
     "resolve_url",
     "retry_after_seconds",
@@ -199,14 +202,30 @@ def _check_type(value: str) -> str:
     return value
 
 
-def record_batch(patient_id: str, types: Iterable[str] = CLINICAL_TYPES) -> dict[str, Any]:
-    """The batch Bundle that reads one patient's record: the Patient, then one search per type."""
+#: the search for a patient's plan-of-care notes beside ``patient=`` (US Core's patient+type): where the plugin's
+#: plan is on a server without CarePlan create (issue 12, writer d); one page of them is read, no more
+PLAN_NOTE_SEARCH = {"type": f"{PLAN_NOTE_TYPE['system']}|{PLAN_NOTE_TYPE['code']}", "_count": PAGE_SIZE}
+
+
+def own_plan_notes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The plugin's own notes on one DocumentReference searchset page: the only notes a record keeps."""
+    return [r for r in search_matches(page) if r.get("resourceType") == "DocumentReference" and is_plugin_draft(r)]
+
+
+def record_batch(patient_id: str, types: Iterable[str] = CLINICAL_TYPES, *, plan_notes: bool = False) -> dict[str, Any]:
+    """The batch Bundle that reads one patient's record: the Patient, then one search per type.
+
+    With ``plan_notes`` a last entry searches the patient's plan-of-care notes (``PLAN_NOTE_SEARCH``).
+    """
     _check_id(patient_id, "Patient")
     entries = [{"request": {"method": "GET", "url": f"Patient/{patient_id}"}}]
     for rtype in types:
         if _check_type(rtype) == "Patient":
             raise UsageError("the Patient is always read; list only the clinical types")
         entries.append({"request": {"method": "GET", "url": f"{rtype}?patient={patient_id}&_count={PAGE_SIZE}"}})
+    if plan_notes:
+        query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in PLAN_NOTE_SEARCH.items())
+        entries.append({"request": {"method": "GET", "url": f"DocumentReference?patient={patient_id}&{query}"}})
     return {"resourceType": "Bundle", "type": "batch", "entry": entries}
 
 
@@ -407,24 +426,35 @@ class FhirClient:
         """Every matching resource of a search, over all pages (not validated: any type may come back)."""
         return [res for page in self.search_bundle_pages(resource_type, params) for res in search_matches(page)]
 
-    def read_patient_record(self, patient_id: str, *, types: Sequence[str] = CLINICAL_TYPES) -> PatientRecord:
+    def read_patient_record(
+        self, patient_id: str, *, types: Sequence[str] = CLINICAL_TYPES, plan_notes: bool = False
+    ) -> PatientRecord:
         """One patient's record in one round trip: a batch of the Patient read and one search per type.
 
         Extra round trips happen only for searchsets longer than a page.  Every
         resource is validated as R4; a missing patient is NotFound, any other
-        failed entry the ServerError its status maps to.
+        failed entry the ServerError its status maps to.  With ``plan_notes``
+        the batch also asks for the plugin's plan notes (SPEC §7.1, after a
+        folded write): one page of them, and a refused search is no notes.
         """
-        batch = record_batch(patient_id, types)
+        batch = record_batch(patient_id, types, plan_notes=plan_notes)
         answer = self.request("POST", "", body=batch, safe_to_retry=True)
         entries = answer.get("entry") or []
         if answer.get("resourceType") != "Bundle" or len(entries) != len(batch["entry"]):
             raise InputError(f"the server did not answer the batch with one entry per request ({self.base_url})")
+        notes: list[dict[str, Any]] = []
+        if plan_notes:
+            last = entries.pop()
+            page = last.get("resource") if isinstance(last, dict) else None
+            answered = str(((last.get("response") if isinstance(last, dict) else None) or {}).get("status", ""))
+            if answered.startswith("2") and isinstance(page, dict) and page.get("resourceType") == "Bundle":
+                notes = own_plan_notes(page)
         patient = self._entry_resource(entries[0], batch["entry"][0], patient_id=patient_id)
         if patient.get("resourceType") != "Patient":
             raise InputError(f"the server answered Patient/{patient_id} with a {patient.get('resourceType')}")
         resources = [validate_resource(patient)]
         seen: set[tuple[str, str]] = {("Patient", patient_id)}
-        for rtype, entry, sent in zip(types, entries[1:], batch["entry"][1:], strict=True):
+        for rtype, entry, sent in zip(types, entries[1:], batch["entry"][1 : 1 + len(types)], strict=True):
             for page in self._pages(self._entry_resource(entry, sent)):
                 for resource in search_matches(page):
                     key = (str(resource.get("resourceType")), str(resource.get("id")))
@@ -432,6 +462,11 @@ class FhirClient:
                         continue
                     seen.add(key)
                     resources.append(validate_resource(resource))
+        for note in notes:
+            key = ("DocumentReference", str(note.get("id")))
+            if key not in seen:
+                seen.add(key)
+                resources.append(validate_resource(note))
         return PatientRecord(patient_id, tuple(resources))
 
     # -- writing

@@ -12,7 +12,10 @@ CarePlan as the server returns it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import html
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +30,17 @@ from ._profile import Profile
 from ._record import PatientRecord
 from ._report import Report
 from ._version import __version__
-from ._vocab import DRAFT_TAG, ICD10CM, PHASE_EXTENSION, PLUGIN_NAME, SNOMED, URI_IDENTIFIER, is_plugin_draft
+from ._vocab import (
+    DRAFT_TAG,
+    ICD10CM,
+    NOTE_PROVENANCE_EXTENSION,
+    PHASE_EXTENSION,
+    PLAN_NOTE_TYPE,
+    PLUGIN_NAME,
+    SNOMED,
+    URI_IDENTIFIER,
+    is_plugin_draft,
+)
 
 __all__ = [
     "build_drafts",
@@ -38,6 +51,8 @@ __all__ = [
     "DraftsRefused",
     "Existing",
     "existing_in",
+    "drafted_plans",
+    "DraftedPlan",
 ]
 
 _NAMESPACE = uuid.UUID("6f1d8a52-3c0e-5b7e-9a51-2f4c8e1d0b37")
@@ -50,6 +65,8 @@ _WEEK_DAYS = {"wk": 7, "d": 1, "mo": 30}
 _VOID_VERIFICATION = frozenset({"entered-in-error", "refuted"})
 _ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 _CLOSED_PLAN = frozenset({"entered-in-error", "revoked", "completed"})
+#: the largest attached plan decoded from a note (base64 characters): the plugin's own is a few tens of kB
+_MAX_ATTACHED = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -121,12 +138,138 @@ def existing_in(record: PatientRecord, profile: Profile) -> Existing:
             for p in record.of_type("Provenance")
             if is_plugin_draft(p) and _ref(plan) in {t.get("reference") for t in p.get("target") or []}
         ]
+    # SPEC §7.1 on a server without CarePlan create: the plan went as a note; its set is written once the
+    # Provenance that follows the note (where one is written) is there too
+    for noted in drafted_plans(record):
+        addressed = {a.get("reference") for a in noted.careplan.get("addresses") or []}
+        if not addressed & matching or not noted.complete:
+            continue
+        written.append(noted.ref)
+        written += sorted(_ref(c) for c in conditions if is_plugin_draft(c) and _ref(c) in addressed)
+        written += [_ref(p) for p in noted.provenances]
     other_plans = sorted(_ref(r) for r in plans if not is_plugin_draft(r))
     return Existing(
         condition=_ref(clinician[0]) if clinician else None,
         careplan=other_plans[0] if other_plans else None,
         written=tuple(dict.fromkeys(written)),
     )
+
+
+@dataclass(frozen=True)
+class DraftedPlan:
+    """The plugin's plan as a server without CarePlan create holds it: a preliminary note, the CarePlan attached."""
+
+    #: the note (``DocumentReference/id``): what the report names as the proposed plan
+    ref: str
+    #: the attached CarePlan, its placeholders of drafts now on the server replaced by their ids
+    careplan: dict[str, Any]
+    #: the plugin's Provenances in the record about the note
+    provenances: tuple[dict[str, Any], ...]
+    #: every draft of the note's set is on the server (the Provenance the note names, if it names one)
+    complete: bool
+
+
+def _attached_plan(note: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The CarePlan attached to a plan note as FHIR JSON (``_fold``), or None when there is none readable."""
+    for content in note.get("content") or []:
+        attachment = content.get("attachment") or {}
+        data = attachment.get("data")
+        if attachment.get("contentType") != "application/fhir+json" or not isinstance(data, str):
+            continue
+        if len(data) > _MAX_ATTACHED:
+            return None
+        try:
+            bundle = json.loads(base64.b64decode(data, validate=True))
+        except (binascii.Error, ValueError):
+            return None
+        entries = bundle.get("entry") if isinstance(bundle, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == "CarePlan":
+                return resource
+    return None
+
+
+def _is_plan_note(resource: Mapping[str, Any]) -> bool:
+    codings = (resource.get("type") or {}).get("coding") or []
+    return (
+        resource.get("resourceType") == "DocumentReference"
+        and is_plugin_draft(resource)
+        and resource.get("status") != "entered-in-error"
+        and resource.get("docStatus") != "entered-in-error"
+        and any(
+            c.get("system") == PLAN_NOTE_TYPE["system"] and c.get("code") == PLAN_NOTE_TYPE["code"] for c in codings
+        )
+    )
+
+
+def _identifier_values(resource: Mapping[str, Any]) -> set[str]:
+    return {str(i.get("value")) for i in resource.get("identifier") or [] if i.get("system") == URI_IDENTIFIER}
+
+
+def _local(reference: Any) -> str:
+    """``Type/id`` of a reference, whatever base or ``_history`` suffix it carries."""
+    parts = [p for p in str(reference or "").split("/") if p]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:])
+
+
+def _placeholder(identifier: str) -> str:
+    """The ``fullUrl`` a draft with ``identifier`` had in the transaction Bundle (``build_drafts``)."""
+    return f"urn:uuid:{_uuid(identifier, 'fullUrl')}"
+
+
+def drafted_plans(record: PatientRecord) -> list[DraftedPlan]:
+    """The plugin's plan notes in ``record`` as the plans they carry (issue 12, writer d; SPEC §7.1). Pure.
+
+    Only a note the plugin drafted counts, and only with its own CarePlan
+    attached (the same identifier, the same patient): its phases are the
+    plugin's, so it stands for the draft CarePlan — a proposed plan, never
+    evidence.  The plan's placeholders for drafts written beside it (the
+    Condition it addresses) become those drafts' ids.
+    """
+    placed = {
+        _placeholder(value): _ref(r)
+        for r in record.resources
+        if is_plugin_draft(r) and r.get("id")
+        for value in _identifier_values(r)
+    }
+    provenances = [p for p in record.of_type("Provenance") if is_plugin_draft(p)]
+    out: list[DraftedPlan] = []
+    for note in record.of_type("DocumentReference"):
+        if not _is_plan_note(note) or not note.get("id"):
+            continue
+        plan = _attached_plan(note)
+        subject = (note.get("subject") or {}).get("reference")
+        if (
+            plan is None
+            or not is_plugin_draft(plan)
+            or not _identifier_values(plan) & _identifier_values(note)
+            or (plan.get("subject") or {}).get("reference") != subject
+        ):
+            continue
+        ref = _ref(note)
+        plan = dict(
+            plan,
+            addresses=[
+                {**a, "reference": placed.get(str(a.get("reference")), a.get("reference"))}
+                for a in plan.get("addresses") or []
+                if isinstance(a, dict)
+            ],
+        )
+        about = tuple(p for p in provenances if ref in {_local(t.get("reference")) for t in p.get("target") or []})
+        expected = {
+            str(e.get("valueString")) for e in note.get("extension") or [] if e.get("url") == NOTE_PROVENANCE_EXTENSION
+        }
+        tags = {
+            str(t.get("code"))
+            for p in about
+            for t in (p.get("meta") or {}).get("tag") or []
+            if t.get("system") == URI_IDENTIFIER
+        }
+        out.append(DraftedPlan(ref, plan, about, expected <= tags))
+    return out
 
 
 @dataclass(frozen=True)

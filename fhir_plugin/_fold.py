@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._drafts import _validate
-from ._vocab import URI_IDENTIFIER
+from ._vocab import NOTE_PROVENANCE_EXTENSION, PLAN_NOTE_TYPE, URI_IDENTIFIER
 
 __all__ = ["Folded", "fold_drafts", "PROBLEM_LIST_PROFILE", "ENCOUNTER_DIAGNOSIS_PROFILE"]
 
 PROBLEM_LIST_PROFILE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition-problems-health-concerns"
 ENCOUNTER_DIAGNOSIS_PROFILE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition-encounter-diagnosis"
 _CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
-_PLAN_NOTE = {"system": "http://loinc.org", "code": "18776-5", "display": "Plan of care note"}
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,14 @@ def _identifier_of(resource: Mapping[str, Any]) -> str:
     return str(next(i["value"] for i in resource.get("identifier") or [] if i.get("system") == URI_IDENTIFIER))
 
 
-def _plan_note(careplan: Mapping[str, Any], goals: list[Mapping[str, Any]], full_url: str) -> dict[str, Any]:
-    """The CarePlan and its Goals as one preliminary note: the plan's HTML, and its FHIR JSON attached."""
+def _plan_note(
+    careplan: Mapping[str, Any], goals: list[Mapping[str, Any]], full_url: str, provenance_key: str | None
+) -> dict[str, Any]:
+    """The CarePlan and its Goals as one preliminary note: the plan's HTML, and its FHIR JSON attached.
+
+    ``provenance_key`` names the Provenance written after the note, so a
+    reader can tell a complete set from one cut short between the two (SPEC §7.1).
+    """
     narrative = str((careplan.get("text") or {}).get("div", ""))
     goal_items = "".join(f"<li>{_escape(str((g.get('description') or {}).get('text', '')))}</li>" for g in goals)
     html = (
@@ -64,7 +69,7 @@ def _plan_note(careplan: Mapping[str, Any], goals: list[Mapping[str, Any]], full
         "identifier": careplan.get("identifier"),
         "status": "current",
         "docStatus": "preliminary",
-        "type": {"coding": [dict(_PLAN_NOTE)], "text": "Plan of care note"},
+        "type": {"coding": [dict(PLAN_NOTE_TYPE)], "text": "Plan of care note"},
         "subject": careplan["subject"],
         "date": f"{careplan['created']}",
         "description": str(careplan.get("title", "Draft care plan")),
@@ -85,6 +90,8 @@ def _plan_note(careplan: Mapping[str, Any], goals: list[Mapping[str, Any]], full
             },
         ],
     }
+    if provenance_key:
+        note["extension"] = [{"url": NOTE_PROVENANCE_EXTENSION, "valueString": provenance_key}]
     if careplan.get("encounter"):
         note["context"] = {"encounter": [dict(careplan["encounter"])]}
     _validate(note, name="plan note")
@@ -121,6 +128,17 @@ def fold_drafts(
     out: list[dict[str, Any]] = []
     dropped_urls: set[str] = set()
     fold_plan = not (can_create("CarePlan") and can_create("Goal")) and can_create("DocumentReference")
+    provenance_key = next(
+        (
+            str(t["code"])
+            for e in by_type.get("Provenance", [])
+            for t in (e["resource"].get("meta") or {}).get("tag") or []
+            if t.get("system") == URI_IDENTIFIER
+        ),
+        None,
+    )
+    if not can_create("Provenance"):
+        provenance_key = None
 
     for entry in entries:
         resource = entry["resource"]
@@ -147,7 +165,7 @@ def fold_drafts(
             dropped_urls.add(entry["fullUrl"])
             if rtype == "CarePlan":
                 goals = [g["resource"] for g in by_type.get("Goal", [])]
-                out.append(_plan_note(resource, goals, entry["fullUrl"]))
+                out.append(_plan_note(resource, goals, entry["fullUrl"], provenance_key))
                 forms.append(("CarePlan", "DocumentReference (preliminary plan note, CarePlan JSON attached)"))
                 dropped_urls.discard(entry["fullUrl"])  # the note keeps the plan's placeholder
             else:

@@ -25,6 +25,11 @@ DRAFT_TAG = {
 #: extension on a CarePlan activity naming the protocol phase it belongs to
 PHASE_EXTENSION = "urn:fhir-plugin:StructureDefinition:careplan-phase"
 PLUGIN_NAME = "fhir-plugin"
+#: the type of the note a server without CarePlan create gets the plan in (issue 12, writer d)
+PLAN_NOTE_TYPE = {"system": LOINC, "code": "18776-5", "display": "Plan of care note"}
+#: extension on a plan note naming the Provenance key that completes its set (SPEC §7.1: a rerun after a write
+#: part-way, the note made and its Provenance not, must still offer the Provenance)
+NOTE_PROVENANCE_EXTENSION = "urn:fhir-plugin:StructureDefinition:plan-note-provenance"
 
 #: the resource types the check reads beside the Patient (SPEC §3: evidence, and CarePlan for the plan)
 CLINICAL_TYPES = ("Condition", "Observation", "Encounter", "CarePlan")

@@ -165,15 +165,17 @@ def mocked_servers_declare_an_open_server(request, monkeypatch):
     reads and writes alone.  Tests against a real server (``server``,
     ``browser``) and tests of the detection itself (``detects_capabilities``)
     fetch the real statement, from a cache cleared before each test.  The
-    reader's memory of servers whose Observation searches need a category is
-    cleared too, so no test inherits another's server.
+    reader's memory of servers whose Observation searches need a category (and
+    of those that refuse a batch for its plan-note search) is cleared too, so no
+    test inherits another's server.
     """
     from fhir_plugin import _capabilities, _read, _strategies
 
     with _capabilities._lock:
         _capabilities._cache.clear()
-    with _read._needs_category_lock:
+    with _read._memory_lock:
         _read._needs_category.clear()
+        _read._notes_refused.clear()
     if not any(request.node.get_closest_marker(m) for m in ("server", "browser", "detects_capabilities")):
         open_server = _capabilities.ServerCapabilities(frozenset({"batch", "transaction"}))
         monkeypatch.setattr(_strategies, "capabilities_of", lambda client: open_server)

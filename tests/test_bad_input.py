@@ -129,7 +129,7 @@ def test_malformed_server_data_is_reported_and_nothing_is_written(capsys):
             {"resource": patient, "response": {"status": "200 OK"}},
             *(
                 {"resource": searchset(t), "response": {"status": "200 OK"}}
-                for t in ("Condition", "Observation", "Encounter", "CarePlan")
+                for t in ("Condition", "Observation", "Encounter", "CarePlan", "DocumentReference")
             ),
         ],
     }

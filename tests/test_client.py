@@ -797,10 +797,16 @@ def test_per_type_reader_reads_with_one_request_per_type(mock, client):
             json=searchset([resource]),
             match=[matchers.query_param_matcher({"patient": "p1", "_count": "500"})],
         )
+    mock.get(
+        f"{BASE}/DocumentReference",
+        json=searchset([]),
+        match=[matchers.query_param_matcher({"patient": "p1", "_count": "500", "type": "http://loinc.org|18776-5"})],
+    )
 
     record = PerTypeReader(client).read("p1")
 
-    assert client.round_trips == 5
+    # the Patient, one search per type, and the plugin's plan notes (SPEC §7.1, issue 12 follow-up)
+    assert client.round_trips == 6
     assert record.counts() == {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
 
 
@@ -938,6 +944,7 @@ def test_per_type_reader_asks_per_category_when_an_observation_search_needs_one(
             ],
         )
     mock.get(f"{BASE}/Observation", json=searchset([]))
+    mock.get(f"{BASE}/DocumentReference", json=searchset([]))
 
     record = PerTypeReader(client).read("p1")
 
@@ -986,7 +993,7 @@ def test_a_server_that_wants_a_category_is_remembered_and_asked_per_category_fro
     )
     per_category = mock.get(f"{BASE}/Observation", json=searchset([]))
     mock.get(f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
-    for rtype in ("Condition", "Encounter", "CarePlan"):
+    for rtype in ("Condition", "Encounter", "CarePlan", "DocumentReference"):
         mock.get(f"{BASE}/{rtype}", json=searchset([]))
 
     reader = PerTypeReader(client)
@@ -995,3 +1002,82 @@ def test_a_server_that_wants_a_category_is_remembered_and_asked_per_category_fro
 
     assert refused.call_count == 1
     assert per_category.call_count == 3 * len(OBSERVATION_CATEGORIES)
+
+
+# ---------------------------------------------------------------- the plugin's plan notes (SPEC §7.1, issue 12)
+
+
+def _note(nid: str, *, plugin: bool = True) -> dict:
+    note = {
+        "resourceType": "DocumentReference",
+        "id": nid,
+        "status": "current",
+        "docStatus": "preliminary",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18776-5"}]},
+        "subject": {"reference": "Patient/p1"},
+        "content": [{"attachment": {"contentType": "text/html", "data": "PHA+PC9wPg=="}}],
+    }
+    if plugin:
+        note["meta"] = {"tag": [{"system": "urn:fhir-plugin:tag", "code": "machine-drafted"}]}
+    return note
+
+
+def test_the_batch_reader_asks_for_plan_notes_in_the_same_batch_and_keeps_only_the_plugins(mock, client):
+    answer = full_record_answer()
+    answer["entry"].append(ok(searchset([_note("mine"), _note("clinicians", plugin=False)])))
+    mock.post(BASE, json=answer)
+
+    record = BatchReader(client).read("p1")
+
+    assert client.round_trips == 1  # still one batch
+    [sent] = [sent_json(c) for c in mock.calls]
+    assert sent["entry"][-1]["request"]["url"] == (
+        "DocumentReference?patient=p1&type=http%3A%2F%2Floinc.org%7C18776-5&_count=500"
+    )
+    assert [r["id"] for r in record.of_type("DocumentReference")] == ["mine"]  # a clinician's note is not read
+
+
+@pytest.mark.parametrize("status", ["403 Forbidden", "400 Bad Request"])
+def test_a_refused_note_search_does_not_break_the_read(mock, client, status):
+    answer = full_record_answer()
+    answer["entry"].append(failed(status, outcome("DocumentReference search is not allowed")))
+    mock.post(BASE, json=answer)
+    mock.get(f"{BASE}/Patient/p1", json=patient())
+    for rtype, resource in (
+        ("Condition", condition("c1")),
+        ("Observation", observation("o1")),
+        ("Encounter", encounter("e1")),
+        ("CarePlan", careplan("cp1")),
+    ):
+        mock.get(f"{BASE}/{rtype}", json=searchset([resource]))
+    mock.get(f"{BASE}/DocumentReference", status=int(status[:3]), json=outcome("not allowed"))
+
+    by_batch = BatchReader(client).read("p1")
+    per_type = PerTypeReader(client).read("p1")
+
+    expected = {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
+    assert by_batch.counts() == expected and per_type.counts() == expected
+
+
+def _asks_for_notes(request) -> tuple[bool, str]:
+    body = request.body.decode() if isinstance(request.body, bytes) else str(request.body or "")
+    return "DocumentReference" in body, "the batch asks for the plan notes"
+
+
+def test_a_batch_refused_for_its_note_search_is_read_again_without_it_and_the_server_remembered(mock, client):
+    """A gateway that checks every entry against the token's scopes refuses the whole batch (403) when the
+    token may not read DocumentReference: the record is still read, and later batches go without notes."""
+    with_notes = mock.post(
+        BASE,
+        status=403,
+        json=outcome("entry 5 (GET DocumentReference): the token's scopes do not allow search on DocumentReference"),
+        match=[_asks_for_notes],
+    )
+    without_notes = mock.post(BASE, json=full_record_answer())
+    reader = BatchReader(client)
+
+    first, second = reader.read("p1"), reader.read("p1")
+
+    expected = {"Patient": 1, "Condition": 1, "Observation": 1, "Encounter": 1, "CarePlan": 1}
+    assert first.counts() == expected and second.counts() == expected
+    assert with_notes.call_count == 1 and without_notes.call_count == 2  # one refused batch for this server

@@ -178,6 +178,8 @@ def test_propose_write_twice_writes_one_set_in_the_personalitys_forms(ehr, fhir_
     second = _cli("propose", *args)  # the text a user reads
     after_second = _drafts_in_hapi(fhir_base_url, pid)
     seen = ehr.proxy.seen[seen_from:]
+    review_after = _cli("propose", *[a for a in args if a != "--write"], "--format", "json")  # what a rerun shows
+    plan_types = ("CarePlan/", "Goal/") if ehr.personality == "hapi" else ("DocumentReference/",)
     forget_folded_drafts(fhir_base_url, pid)  # the shared HAPI outlives this test (see sandbox.testing)
 
     assert first.returncode == 0, first.stderr
@@ -205,9 +207,15 @@ def test_propose_write_twice_writes_one_set_in_the_personalitys_forms(ehr, fhir_
         assert ("POST", "/") not in seen  # no Bundle request reached the proxy
     else:
         assert written["not_written"] == []
-    # the second run: nothing new offered (SPEC §7.1), or offered again and every draft found already there
+    # the second run: nothing new offered (SPEC §7.1) on every personality, the plan note read as the plan
+    # (issue 12 follow-up: "or offered again and every draft found already there" no longer passes)
     text = second.stdout + second.stderr
-    assert "nothing new to draft" in text or "nothing new written" in text, text
+    assert "nothing new to draft: the drafts are already in the record" in text, text
+    again = json.loads(review_after.stdout)
+    assert review_after.returncode == 0 and again["drafts"] is None and again["settled"], review_after.stderr
+    assert {e["id"]: e["status"] for e in again["report"]["elements"]}["treatment-plan"] == "proposed"
+    # the Condition and the plan are named (HAPI's Provenance is not read back, as before)
+    assert all(ref in again["settled"] for ref in written["created"] if ref.startswith(("Condition/", *plan_types)))
 
 
 # ---------------------------------------------------------------- sync --write, SIGKILL, resume

@@ -107,6 +107,45 @@ def test_launch_review_write_twice_on_each_personality(fhir_base_url, tmp_path, 
         assert counts["Provenance"] == 1 and first["not_written"] == []
 
 
+@pytest.mark.parametrize("personality", ["hapi", "epic-like", "oracle-like"])
+def test_after_a_complete_write_a_new_launch_offers_nothing_and_the_plan_reads_proposed(
+    fhir_base_url, tmp_path, personality
+):
+    """SPEC §7.1 on every personality (issue 12 follow-up): once the drafts are written — on epic-like and
+    oracle-like the plan as a note — a new launch reads them back: ``treatment-plan`` is proposed, naming the
+    plan (the CarePlan, or the note), and no drafts are offered."""
+    today = dt.date.today()
+    case = load_fresh_case(fhir_base_url, _needing_drafts(today))
+    pid = case.patient_id
+    with sandbox_stack(fhir_base_url, personality=personality, ledger_store=str(tmp_path / "ledger.sqlite")) as stack:
+        first = requests.Session()
+        assert first.get(stack.launch_url(pid), timeout=60).status_code == 200
+        before = first.get(f"{stack.app_url}/api/report", timeout=60).json()
+        csrf = first.get(f"{stack.app_url}/api/session", timeout=30).json()["csrf"]
+        wrote = first.post(f"{stack.app_url}/api/write", headers={"X-CSRF-Token": csrf}, timeout=60)
+        assert wrote.status_code == 200, wrote.text[:500]
+        rerun = requests.Session()
+        page = rerun.get(stack.launch_url(pid), timeout=60)
+        report = rerun.get(f"{stack.app_url}/api/report", timeout=60).json()
+        drafts = rerun.get(f"{stack.app_url}/api/drafts", timeout=60)
+    forget_folded_drafts(fhir_base_url, pid)
+    created = wrote.json()["created"]
+    print(f"\n{personality}: wrote {created}; rerun drafts {drafts.status_code} {drafts.text[:300]}")
+
+    status = {e["id"]: e for e in report["elements"]}
+    assert {e["id"]: e["status"] for e in before["elements"]}["treatment-plan"] == "missing"
+    plan = "CarePlan/" if personality == "hapi" else "DocumentReference/"
+    assert status["treatment-plan"]["status"] == "proposed"
+    assert [r for r in status["treatment-plan"]["evidence"] if r.startswith(plan)] == [
+        r for r in created if r.startswith(plan)
+    ]
+    # nothing new is offered: the drafts answer says why, naming what the record holds
+    assert drafts.status_code == 409 and "already in the record" in drafts.json()["error"]
+    assert set(drafts.json()["existing"]["written"]) <= set(created)
+    assert [r for r in created if r.startswith(plan)][0] in drafts.json()["existing"]["written"]
+    assert "already" in page.text or "written" in page.text.lower()
+
+
 @pytest.mark.parametrize("personality", ["epic-like", "oracle-like"])
 def test_fewer_scopes_granted_than_asked_gives_a_working_read_only_review(fhir_base_url, personality):
     """The client is registered read-only, so the EHR grants fewer scopes than the app asks (on epic-like, in

@@ -76,7 +76,7 @@ class FakeServer:
         self.lock = threading.Lock()
 
     # the job reads records and writes transactions; selection modes other than --patient use request()
-    def read_patient_record(self, pid: str):
+    def read_patient_record(self, pid: str, *, plan_notes: bool = False):  # the records hold no notes
         if pid in self.fail:
             raise self.fail[pid]
         if pid not in self.records:

@@ -19,6 +19,9 @@ from .._errors import UsageError
 from .._profile import DEFAULT_PROFILE, load_profile
 from ._common import add_auth_options, authenticate_job, parse_today, subparser, write_allowed_by
 
+#: the write-back's draft ledger, beside its write log in ``--out``
+LEDGER = "ledger.sqlite"
+
 
 def add_parser(sub: Any, epilog: str) -> None:
     parser = subparser(
@@ -103,17 +106,19 @@ def add_parser(sub: Any, epilog: str) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (ids only)")
 
 
-def _session(args: argparse.Namespace) -> tuple[Any, str | None]:
-    """The HTTP session (SMART Backend Services as the sync job does it) and a static token, if any."""
+def _session(args: argparse.Namespace) -> tuple[Any, str | None, frozenset[str] | None]:
+    """The HTTP session (SMART Backend Services as the sync job does it), a static token if any, and the
+    types the token may create (None: not known, no limit)."""
     import requests
 
     from .._sync import Selection, job_scopes
 
     session = requests.Session()
     auth = authenticate_job(args, session, job_scopes(Selection((), args.group, not args.group, None), args.write))
-    # no create granted: the run reports and writes nothing, and says so (issue 12, item 5)
-    args.write, _ = write_allowed_by(auth.granted, args.write, "population")
-    return session, auth.token
+    # no create granted: the run reports and writes nothing, and says so; some granted: the write-back
+    # creates only those, the rest folded or named as not written, as the sync job does (issue 12, item 5)
+    args.write, creatable = write_allowed_by(auth.granted, args.write, "population")
+    return session, auth.token, creatable
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -144,11 +149,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     export_issues: list[dict[str, Any]] = []
-    session = token = None
+    session = token = creatable = None
     if args.server:
         from .._bulk import EXPORT_TYPES, BulkExporter, ExportRequest
 
-        session, token = _session(args)
+        session, token, creatable = _session(args)
         types = tuple(t.strip() for t in args.type.split(",") if t.strip()) if args.type else EXPORT_TYPES
         request = ExportRequest(args.group, args.level, types, args.since, tuple(args.type_filter))
         exporter = BulkExporter(
@@ -216,20 +221,32 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.write:
-        _write(args, result.parquet, session, token, out, iter_rows)
+        _write(args, result.parquet, session, token, out, iter_rows, creatable=creatable)
     return 0 if summary.worklist_total == 0 else 1
 
 
-def _write(args: argparse.Namespace, parquet: Path, session: Any, token: str | None, out: Path, iter_rows: Any) -> None:
+def _write(
+    args: argparse.Namespace,
+    parquet: Path,
+    session: Any,
+    token: str | None,
+    out: Path,
+    iter_rows: Any,
+    *,
+    creatable: frozenset[str] | None = None,
+) -> None:
+    """The write-back through the writer the server and the grant call for (``creatable``: what the token may
+    create), as the sync job writes: the drafts in the forms allowed, and what could not be written named."""
     from .._client import FhirClient
     from .._population._writeback import WRITE_LOG, RateLimiter, WriteLog, write_back
-    from .._strategies import strategies_for
+    from .._strategies import detected_strategies
 
     with (
         FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client,
         WriteLog(out / WRITE_LOG) as log,
     ):
-        writer = strategies_for(client).writer
+        # the ledger (servers without conditional create) lives beside the write log (issue 12, writer c)
+        writer = detected_strategies(client, ledger=out / LEDGER, creatable=creatable).writer
         summary = write_back(
             iter_rows(parquet, ("patient", "drafts_allowed", "drafts")),
             writer,
@@ -242,5 +259,9 @@ def _write(args: argparse.Namespace, parquet: Path, session: Any, token: str | N
         f"{summary.existing} already there), {summary.skipped} written by an earlier run, "
         f"{len(summary.failed)} failed."
     )
+    for form in summary.forms:
+        print(f"Written as: {form}.")
+    for draft in summary.not_written:
+        print(f"Not written: {draft}.")
     for patient, why in summary.failed:
         print(f"write-back failed for {patient}: {why}", file=sys.stderr)

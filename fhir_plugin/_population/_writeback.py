@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._errors import PluginError, UsageError
+from .._write import DraftWriter
 
 __all__ = ["RateLimiter", "WriteLog", "WriteSummary", "write_back", "WRITE_LOG"]
 
@@ -90,11 +91,15 @@ class WriteSummary:
     created: int = 0
     existing: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: each draft written in another form than drafted ("CarePlan as DocumentReference ..."), once
+    forms: list[str] = field(default_factory=list)
+    #: each draft no form could carry, with why (issue 12, writer d: nothing dropped silently), once
+    not_written: list[str] = field(default_factory=list)
 
 
 def write_back(
     rows: Iterable[Mapping[str, Any]],
-    writer: Any,
+    writer: DraftWriter,
     log: WriteLog,
     limiter: RateLimiter,
     *,
@@ -119,6 +124,12 @@ def write_back(
         summary.written += 1
         summary.created += len(result.created)
         summary.existing += len(result.existing)
+        for draft, form in result.folded:
+            if f"{draft} as {form}" not in summary.forms:
+                summary.forms.append(f"{draft} as {form}")
+        for draft, why in result.not_written:
+            if f"{draft} ({why})" not in summary.not_written:
+                summary.not_written.append(f"{draft} ({why})")
         if progress is not None:
             print(
                 f"write-back: {patient} ({len(result.created)} created, {len(result.existing)} already there)",
