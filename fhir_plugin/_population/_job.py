@@ -1,11 +1,13 @@
 """The population job on Apache Spark: NDJSON in, one worklist row per patient out (Parquet + JSON lines).
 
-Spark carries the check, it does not reimplement it: every line is keyed by its
-patient with ``_rows.key_line``, the lines are grouped by patient, and each group
-goes through ``_rows.patient_row`` (the one review pipeline) in an Arrow-based
-grouped map (``applyInPandas``).  Only the DataFrame API is used, so the same job
-runs in local mode (the default), on a standalone or YARN/Kubernetes master, and
-through Spark Connect.
+Spark carries the check, it does not reimplement it: the JVM finds each line's
+patient (its resource type and ``subject`` reference; ``_rows.key_line`` decides the
+lines it cannot), the lines are grouped by patient, and each group goes through
+``_rows.patient_row`` (the one review pipeline) in an Arrow-based grouped map: the
+lines are partitioned by patient and sorted, and ``mapInArrow`` reviews each
+patient's run of lines.  Only the DataFrame API is used, so the same job runs in
+local mode (the default), on a standalone or YARN/Kubernetes master, and through
+Spark Connect.
 
 Line numbers: each file is read whole (``wholetext``) and split with its positions,
 so a problem names its file and line; bulk servers split their output into files of
@@ -277,9 +279,9 @@ def run_population(
     """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``.
 
     One pass over the input: the JVM reads each line's resource type and patient
-    reference (``from_json`` with just those fields) and the few lines it cannot key
-    go to ``_rows.key_line``; the lines are grouped by patient and each group is
-    reviewed in Python (``applyInArrow``).  The rows are kept (small: no resource
+    reference (``from_json`` with just those fields); the few lines it cannot key
+    form one group that ``_rows.key_line`` reports on; each patient's lines are
+    reviewed in Python (``_reviewer``).  The rows are kept (small: no resource
     text) while the problems are collected and the rows are sorted and written.
     """
     from pyspark import StorageLevel
