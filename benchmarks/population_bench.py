@@ -109,7 +109,7 @@ def _phases(stdout: str) -> dict:
     import re
 
     found = re.search(
-        r"Spark started in ([\d.]+) s; the check of (\d+) patients took ([\d.]+) s .*the report ([\d.]+) s", stdout
+        r"Spark ready after ([\d.]+) s.*?; the check of (\d+) patients took ([\d.]+) s .*the report ([\d.]+) s", stdout
     )
     if not found:
         return {}

@@ -33,7 +33,15 @@ from .._errors import UsageError
 from ._daemon import WARM_R4
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
-__all__ = ["SparkSettings", "spark_session", "run_population", "PopulationResult", "ROW_SCHEMA", "ndjson_files"]
+__all__ = [
+    "SparkSettings",
+    "spark_session",
+    "warm_workers",
+    "run_population",
+    "PopulationResult",
+    "ROW_SCHEMA",
+    "ndjson_files",
+]
 
 #: the Spark schema of a worklist row (``_rows.ROW_COLUMNS`` in order)
 ROW_SCHEMA = (
@@ -106,6 +114,22 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
     )
     session.sparkContext.setLogLevel("ERROR")  # the summary is the output; Spark's warnings are noise there
     return session
+
+
+def _warm_batches(batches: Iterator[Any]) -> Iterator[Any]:
+    """mapInArrow: load the profile in this worker (its daemon has loaded the rest), pass nothing on."""
+    from .._profile import DEFAULT_PROFILE, load_profile
+
+    load_profile(DEFAULT_PROFILE)
+    for _ in batches:
+        pass
+    return iter(())
+
+
+def warm_workers(spark: Any) -> None:
+    """Start the Python workers (one per core) before the job, e.g. while an export runs on the server."""
+    cores = _cores(spark)
+    spark.range(0, cores, 1, cores).mapInArrow(_warm_batches, "id long").collect()
 
 
 def ndjson_files(folder: str | Path) -> list[Path]:
@@ -319,7 +343,8 @@ def run_population(
         keyed.repartition(_partitions(paths, _cores(spark)), "patient")
         .sortWithinPartitions("patient", "file", "line")
         .mapInArrow(_reviewer(profile_code, today, now, keep_drafts, strict_r4), _struct(_OUT_SCHEMA))
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        # on disk only: kept in memory, the rows made the driver's JVM grow with the population
+        .persist(StorageLevel.DISK_ONLY)
     )
     try:
         problems = [
