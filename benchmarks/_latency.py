@@ -27,8 +27,19 @@ def delayed(base_url: str, latency_ms: float) -> Iterator[str]:
         yield base_url
         return
     upstream = urlsplit(base_url)
-    session = requests.Session()
-    lock = threading.Lock()
+    # one upstream session per handler thread: requests in flight at once reach the server at once, as
+    # over a network (a shared session behind a lock made the proxy send them one at a time, which
+    # charged a reader that sends its searches together for a queue no real network has)
+    local = threading.local()
+    sessions: list[requests.Session] = []
+    sessions_lock = threading.Lock()
+
+    def session() -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            with sessions_lock:
+                sessions.append(local.session)
+        return local.session
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -43,14 +54,13 @@ def delayed(base_url: str, latency_ms: float) -> Iterator[str]:
             time.sleep(latency_ms / 1000.0)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-            with lock:  # one upstream connection pool, used one request at a time
-                answer = session.request(
-                    self.command,
-                    f"{upstream.scheme}://{upstream.netloc}{self.path}",
-                    data=body,
-                    headers=headers,
-                    timeout=120,
-                )
+            answer = session().request(
+                self.command,
+                f"{upstream.scheme}://{upstream.netloc}{self.path}",
+                data=body,
+                headers=headers,
+                timeout=120,
+            )
             data = answer.content
             self.send_response(answer.status_code)
             for key, value in answer.headers.items():
@@ -72,4 +82,5 @@ def delayed(base_url: str, latency_ms: float) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}{upstream.path}"
     finally:
         server.shutdown()
-        session.close()
+        for each in sessions:
+            each.close()

@@ -114,7 +114,9 @@ def _phases(stdout: str) -> dict:
     if not found:
         return {}
     start, n, job, report = float(found[1]), int(found[2]), float(found[3]), float(found[4])
+    export = re.search(r"The export took ([\d.]+) s", stdout)
     return {
+        **({"export_s": float(export[1])} if export else {}),
         "spark_start_s": start,
         "job_s": job,
         "report_s": report,
@@ -240,7 +242,12 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
                 [sys.executable, __file__, "one", "--", *cmd], capture_output=True, text=True, check=True
             ).stdout
         )
-        r.update(run=name, patients=args.patients, patients_per_s=round(args.patients / r["wall_s"], 1))
+        r.update(
+            run=name,
+            patients=args.patients,
+            patients_per_s=round(args.patients / r["wall_s"], 1),
+            **_phases(r["stdout"]),
+        )
         print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
         runs.append(r)
     return runs

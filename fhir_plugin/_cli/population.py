@@ -180,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.export_timeout,
             progress=sys.stderr,
         )
+        exported = time.monotonic()
         files, export_issues = exporter.run(request, fresh=args.fresh_export)
+        print(f"The export took {time.monotonic() - exported:.1f} s ({len(files)} files).")
         source = f"a Bulk Data export of {args.server}"
         if not files:
             raise UsageError("the export holds no files: the server has no resources of the types asked for")
