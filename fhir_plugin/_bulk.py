@@ -162,8 +162,11 @@ class BulkExporter:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         progress: TextIO | None = None,
+        on_waiting: Callable[[], None] | None = None,
     ) -> None:
         self.base = _normal_base(base_url)
+        #: called once, when the server first says the export is still running (the caller's time to prepare)
+        self._on_waiting = on_waiting
         self.folder = Path(folder)
         self._session = session or requests.Session()
         self._token = token
@@ -284,6 +287,9 @@ class BulkExporter:
                 f"export: {response.headers.get('X-Progress') or 'in progress'} "
                 f"({elapsed:.0f} s; next look in {wait:.0f} s)"
             )
+            if self._on_waiting is not None:
+                waiting, self._on_waiting = self._on_waiting, None
+                waiting()
             self._sleep(wait)
 
     def download(self, manifest: Manifest, state: _State) -> list[Path]:

@@ -162,9 +162,13 @@ def run(args: argparse.Namespace) -> int:
         return spark
 
     spark_start: Future[Any] | None = None
-    if args.server:
-        # Spark and its Python workers start while the server runs the export (mostly waiting on it)
+
+    def start_spark_meanwhile() -> None:
+        # the server is running the export and we only wait: Spark and its Python workers start meanwhile
+        nonlocal spark_start
         spark_start = ThreadPoolExecutor(1, thread_name_prefix="spark-start").submit(start_spark)
+
+    if args.server:
         from .._bulk import EXPORT_TYPES, BulkExporter, ExportRequest
 
         session, token, creatable = _session(args)
@@ -179,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             max_wait=args.max_poll_wait,
             timeout=args.export_timeout,
             progress=sys.stderr,
+            on_waiting=start_spark_meanwhile,
         )
         exported = time.monotonic()
         files, export_issues = exporter.run(request, fresh=args.fresh_export)
