@@ -172,6 +172,7 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
 
     from fhir_plugin.synthetic import load_into_server
     from sandbox.population import population
+    from sandbox.testing import put_group
 
     base = args.server.rstrip("/")
     group_id = f"fp-bench-{args.patients}"
@@ -187,14 +188,7 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
                 batch = []
         if batch:
             load_into_server(base, batch)
-        body = {
-            "resourceType": "Group",
-            "id": group_id,
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members],
-        }
-        requests.put(f"{base}/Group/{group_id}", json=body, timeout=120).raise_for_status()
+        put_group(base, group_id, members, timeout=120)
     if args.load_only:
         return []
     work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))

@@ -57,6 +57,7 @@ def _group_size(base: str, group: str) -> int:
 def load_set(base: str, prefix: str, n: int, chunk: int = 50) -> str:
     """``n`` patients under ids ``fp-<prefix>-NNNN-<case>``, and the Group ``<prefix>`` of them."""
     from fhir_plugin import synthetic
+    from sandbox.testing import put_group
 
     if _group_size(base, prefix) == n:
         return prefix
@@ -78,17 +79,7 @@ def load_set(base: str, prefix: str, n: int, chunk: int = 50) -> str:
             flush()
     if batch:
         flush()
-    requests.put(
-        f"{base}/Group/{prefix}",
-        json={
-            "resourceType": "Group",
-            "id": prefix,
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids],
-        },
-        timeout=300,
-    ).raise_for_status()
+    put_group(base, prefix, ids, timeout=300)
     print(f"  loaded {n} patients as Group/{prefix} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return prefix
 

@@ -443,6 +443,30 @@ def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
     return moved
 
 
+def put_group(fhir_base: str, group_id: str, patient_ids: list[str], *, timeout: float = 60) -> str:
+    """Put ``Group/<group_id>`` (an actual group of persons) with these patients as members; its id.
+
+    The jobs take a population as a Group (``sync --group``, ``population --group``).
+    """
+    import requests
+
+    body: dict[str, Any] = {
+        "resourceType": "Group",
+        "id": group_id,
+        "type": "person",
+        "actual": True,
+        "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in patient_ids],
+    }
+    answer = requests.put(
+        f"{fhir_base.rstrip('/')}/Group/{group_id}",
+        json=body,
+        timeout=timeout,
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    answer.raise_for_status()
+    return group_id
+
+
 def treat_loopback_as_secure() -> None:
     """Let ``requests`` send ``Secure`` cookies to http://127.0.0.1 and localhost, as browsers do.
 

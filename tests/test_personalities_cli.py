@@ -32,7 +32,7 @@ from fhir_plugin._backend_auth import fetch_token, load_signing_key
 from fhir_plugin._vocab import DRAFT_TAG
 from fhir_plugin._write import draft_key
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import forget_folded_drafts, load_fresh_case, needing_drafts
+from sandbox.testing import forget_folded_drafts, load_fresh_case, needing_drafts, put_group
 
 pytestmark = pytest.mark.server
 
@@ -275,17 +275,7 @@ def test_sync_write_killed_with_sigkill_and_resumed_leaves_one_set_per_patient(e
     keys = ["missing-onset", "missing-severity", "missing-follow-up"]
     pids = [load_fresh_case(fhir_base_url, _chart(key, today)).patient_id for key in keys]
     group = f"cli-kill-{uuid.uuid4().hex[:8]}"
-    requests.put(
-        f"{fhir_base_url}/Group/{group}",
-        json={
-            "resourceType": "Group",
-            "id": group,
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in pids],
-        },
-        timeout=60,
-    ).raise_for_status()
+    put_group(fhir_base_url, group, pids)
     per_patient = WRITES_PER_PATIENT[ehr.personality]
     # the second patient's second write where it has one (mid-set: its Condition and its note made, the
     # rest not), else its one transaction; HAPI has done it, the job never hears back
@@ -358,17 +348,7 @@ def test_sync_asks_the_scopes_the_server_takes_and_writes_only_what_is_granted(
     today = dt.date.today()
     pids = [load_fresh_case(fhir_base_url, _chart(k, today)).patient_id for k in ("missing-onset", "missing-severity")]
     group = f"cli-scope-{uuid.uuid4().hex[:8]}"
-    requests.put(
-        f"{fhir_base_url}/Group/{group}",
-        json={
-            "resourceType": "Group",
-            "id": group,
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in pids],
-        },
-        timeout=60,
-    ).raise_for_status()
+    put_group(fhir_base_url, group, pids)
     seen_from = len(ehr.proxy.seen)
 
     code = main(

@@ -30,7 +30,7 @@ import requests
 from fhir_plugin._cli import main
 from fhir_plugin._vocab import DRAFT_TAG
 from fhir_plugin.synthetic import generate_cases, load_into_server, renamed_case
-from sandbox.testing import needing_drafts
+from sandbox.testing import needing_drafts, put_group
 
 pytestmark = [pytest.mark.server, pytest.mark.spark]
 
@@ -67,17 +67,7 @@ def _load_group(base: str, prefix: str, keys: tuple[str, ...] | None = None) -> 
     ]
     load_into_server(base, cases)
     group_id = f"fp-{tag}-group"
-    body: dict[str, Any] = {
-        "resourceType": "Group",
-        "id": group_id,
-        "type": "person",
-        "actual": True,
-        "member": [{"entity": {"reference": f"Patient/{c.patient_id}"}} for c in cases],
-    }
-    r = requests.put(
-        f"{base}/Group/{group_id}", json=body, timeout=60, headers={"Content-Type": "application/fhir+json"}
-    )
-    assert r.status_code in (200, 201), r.text[:500]
+    put_group(base, group_id, [c.patient_id for c in cases])
     return group_id, cases
 
 

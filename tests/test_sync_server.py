@@ -40,7 +40,7 @@ from fhir_plugin._cli import main
 from fhir_plugin._profile import load_profile
 from fhir_plugin._record import records_from_bundle
 from fhir_plugin._sync import parse_instant
-from sandbox.testing import needing_drafts
+from sandbox.testing import needing_drafts, put_group
 
 pytestmark = pytest.mark.server
 
@@ -70,17 +70,7 @@ def load(base: str, patients: list[list[dict[str, Any]]], group: str | None = No
     synthetic.load_into_server(base, cases, timeout=300)
     ids = [_pid(r) for r in patients]
     if group:
-        requests.put(
-            f"{base}/Group/{group}",
-            json={
-                "resourceType": "Group",
-                "id": group,
-                "type": "person",
-                "actual": True,
-                "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in ids],
-            },
-            timeout=60,
-        ).raise_for_status()
+        put_group(base, group, ids)
     return ids
 
 
