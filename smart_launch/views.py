@@ -53,7 +53,7 @@ __all__ = [
 
 _HERE = Path(__file__).parent
 #: resource types the evidence viewer shows (the patient's own record; SPEC §7's drafts)
-VIEWABLE = ("Patient", "Condition", "Observation", "Encounter", "CarePlan", "Goal", "Provenance")
+VIEWABLE = ("Patient", "Condition", "Observation", "Encounter", "CarePlan", "Goal", "Provenance", "DocumentReference")
 GROUPS = (
     ("conflict", "Conflicts"),
     ("missing", "Missing"),
@@ -334,9 +334,14 @@ def evidence_index(record: PatientRecord) -> dict[str, dict[str, str]]:
 def resource_facts(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The resource viewer's readable lines (label, value); the raw JSON stays one click further."""
     facts = [("Type", str(resource.get("resourceType", "")))]
-    name = _text_of(resource.get("code"))
+    # a note (the plan as the plugin folds it on EHRs without CarePlan create) is named by its type
+    name = _text_of(resource.get("code")) or _text_of(resource.get("type"))
     if name:
         facts.append(("What", name))
+    if resource.get("description"):
+        facts.append(("Description", str(resource["description"])))
+    if resource.get("docStatus"):
+        facts.append(("Document status", str(resource["docStatus"])))
     if _when(resource):
         facts.append(("Date", _when(resource)))
     if _value(resource):

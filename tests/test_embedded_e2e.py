@@ -9,6 +9,7 @@ it); axe-core runs the WCAG 2.2 AA rules on every app page at 1280 and 390 px.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -16,7 +17,14 @@ import pytest
 from test_smart_e2e import _drafts_in_hapi
 
 from fhir_plugin.synthetic import generate_cases
-from sandbox.testing import CHROMIUM, headless_chromium, load_fresh_case, sandbox_stack
+from sandbox.testing import (
+    CHROMIUM,
+    forget_folded_drafts,
+    headless_chromium,
+    load_fresh_case,
+    needing_drafts,
+    sandbox_stack,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-artifacts" / "screenshots"
@@ -267,3 +275,47 @@ def test_trends_are_inline_svg_with_a_table(fhir_base_url, browser):
         assert page.locator("#trend-pain table tbody tr").count() >= 2
         page.locator("#trends").screenshot(path=str(SHOTS / "trends.png"))
         context.close()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+@pytest.mark.parametrize("personality", ["epic-like", "oracle-like"])
+def test_the_pages_of_a_folded_write_pass_wcag22_aa_on_each_ehr_personality(
+    fhir_base_url, browser, tmp_path, personality, width
+):
+    """Issue 12's pages as a clinician sees them on an EHR without CarePlan create: the review, the
+    confirmation, the result naming the plan written as a note, and a new launch that offers nothing
+    (SPEC §7.1) — each with the verdict and the action on the first screen, and no serious axe finding."""
+    chart = next(c for c in generate_cases(dt.date.today()) if c.key == "missing-onset")
+    case = load_fresh_case(fhir_base_url, dataclasses.replace(chart, resources=needing_drafts(chart.resources)))
+    suffix = "" if width == 1280 else f"-{width}"
+    problems: list[str] = []
+    with sandbox_stack(fhir_base_url, personality=personality, ledger_store=str(tmp_path / "ledger.sqlite")) as stack:
+        for step in ("first", "again"):
+            context = browser.new_context(viewport={"width": width, "height": FIRST_SCREEN})
+            page = context.new_page()
+            page.goto(stack.launch_url(case.patient_id))
+            page.wait_for_selector("#summary")
+            page.screenshot(path=str(SHOTS / f"{personality}-review-{step}{suffix}.png"))
+            assert _within_first_screen(page.locator("#verdict")), step
+            action = page.locator("#write-button, #read-only, #drafts-refused, #nothing-new, #already-written").first
+            assert _within_first_screen(action), step
+            problems += [f"{personality} review ({step}) @{width}: {v}" for v in _serious(page)]
+            if step == "first":
+                page.click("#write-button")
+                page.wait_for_selector("#confirm-write")
+                problems += [f"{personality} confirm @{width}: {v}" for v in _serious(page)]
+                page.click("#confirm-write")
+                page.wait_for_selector("#write-result")
+                page.screenshot(path=str(SHOTS / f"{personality}-written{suffix}.png"), full_page=True)
+                assert "note" in page.locator("#write-result").inner_text().lower()  # the plan's form is named
+                problems += [f"{personality} written @{width}: {v}" for v in _serious(page)]
+            else:
+                assert page.locator("#write-button").count() == 0  # SPEC §7.1: nothing new is offered
+                # the plan note it names opens in the app's resource viewer
+                page.locator(".written-list a", has_text="DocumentReference/").first.click()
+                page.wait_for_selector("#resource-facts")
+                page.screenshot(path=str(SHOTS / f"{personality}-plan-note{suffix}.png"), full_page=True)
+                problems += [f"{personality} plan note @{width}: {v}" for v in _serious(page)]
+            context.close()
+    forget_folded_drafts(fhir_base_url, case.patient_id)
+    assert problems == []
