@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     def start_spark() -> Any:
         spark = spark_session(settings)
-        warm_workers(spark)
+        warm_workers(spark, args.profile)
         return spark
 
     spark_start: Future[Any] | None = None

@@ -117,20 +117,24 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
     return session
 
 
-def _warm_batches(batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInArrow: load the profile in this worker (its daemon has loaded the rest), pass nothing on."""
-    from .._profile import DEFAULT_PROFILE, load_profile
+def _warmer(profile_code: str) -> Any:
+    """mapInArrow: load the job's profile in this worker (its daemon has loaded the rest), pass nothing on."""
 
-    load_profile(DEFAULT_PROFILE)
-    for _ in batches:
-        pass
-    return iter(())
+    def warm(batches: Iterator[Any]) -> Iterator[Any]:
+        from .._profile import load_profile
+
+        load_profile(profile_code)
+        for _ in batches:
+            pass
+        return iter(())
+
+    return warm
 
 
-def warm_workers(spark: Any) -> None:
+def warm_workers(spark: Any, profile_code: str) -> None:
     """Start the Python workers (one per core) before the job, e.g. while an export runs on the server."""
     cores = _cores(spark)
-    spark.range(0, cores, 1, cores).mapInArrow(_warm_batches, "id long").collect()
+    spark.range(0, cores, 1, cores).mapInArrow(_warmer(profile_code), "id long").collect()
 
 
 def ndjson_files(folder: str | Path) -> list[Path]:
