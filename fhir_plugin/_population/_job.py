@@ -31,6 +31,7 @@ from typing import Any
 
 from .._errors import UsageError
 from ._daemon import WARM_R4
+from ._jvm_cds import cds_options
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
 __all__ = [
@@ -103,7 +104,9 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
         # a job of minutes in one JVM: the quick JIT tier costs the least CPU in all, and the serial
         # collector keeps the heap near what is live (the parallel one grew it with the population: +27%
         # from 10k to 100k patients against +9%; docs/benchmarks-population.md); a cluster keeps its own
-        builder = builder.config("spark.driver.extraJavaOptions", _LOCAL_JVM_OPTIONS)
+        # and its classes come from a class-data-sharing archive once one is recorded (_jvm_cds)
+        jvm_options = f"{_LOCAL_JVM_OPTIONS} {cds_options(_spark_home(), _LOCAL_JVM_OPTIONS)}".strip()
+        builder = builder.config("spark.driver.extraJavaOptions", jvm_options)
     session = (
         builder.config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
@@ -115,6 +118,14 @@ def spark_session(settings: SparkSettings = SparkSettings()) -> Any:
     )
     session.sparkContext.setLogLevel("ERROR")  # the summary is the output; Spark's warnings are noise there
     return session
+
+
+def _spark_home() -> Path:
+    """Where PySpark's jars are: ``$SPARK_HOME``, else the pip-installed distribution."""
+    import pyspark
+
+    home = os.environ.get("SPARK_HOME")
+    return Path(home) if home else Path(pyspark.__file__).parent
 
 
 def _warmer(profile_code: str) -> Any:

@@ -1,0 +1,132 @@
+"""The local Spark JVM's class-data-sharing archive: recorded once, adopted when finished, used afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fhir_plugin._population import _jvm_cds
+from fhir_plugin._population._jvm_cds import CDS_SWITCH, cds_options
+
+
+@pytest.fixture
+def spark_home(tmp_path):
+    jars = tmp_path / "spark" / "jars"
+    jars.mkdir(parents=True)
+    (jars / "spark-core.jar").write_bytes(b"x" * 10)
+    return tmp_path / "spark"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FHIR_PLUGIN_CACHE", str(folder))
+    monkeypatch.delenv(CDS_SWITCH, raising=False)
+    return folder
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def _settled(path: Path) -> None:
+    old = time.time() - 60
+    os.utime(path, (old, old))
+
+
+def test_without_an_archive_the_jvm_records_one_under_its_drivers_own_name(spark_home, cache):
+    options = cds_options(spark_home, "-XX:+UseSerialGC", pid=4242)
+    assert options.startswith("-XX:ArchiveClassesAtExit=")
+    recording = Path(options.split()[0].split("=", 1)[1])
+    assert recording.parent == cache and recording.name.endswith(".4242.part")
+    assert "-Xlog:cds*=off" in options  # the JVM's CDS messages would land in the command's output
+
+
+def test_a_finished_recording_is_adopted_and_then_used(spark_home, cache):
+    pid = _dead_pid()
+    recording = Path(cds_options(spark_home, pid=pid).split()[0].split("=", 1)[1])
+    recording.write_bytes(b"archive")
+    _settled(recording)
+    options = cds_options(spark_home)
+    archive = Path(options.split()[0].split("=", 1)[1])
+    assert options.startswith("-XX:SharedArchiveFile=")
+    assert archive.read_bytes() == b"archive" and not recording.exists()
+    assert cds_options(spark_home) == options  # stable: the next start uses the same archive
+
+
+def test_a_recording_still_being_written_is_left_alone(spark_home, cache):
+    # the driver is alive (this process), or its JVM wrote the file a moment ago
+    mine = Path(cds_options(spark_home, pid=os.getpid()).split()[0].split("=", 1)[1])
+    mine.write_bytes(b"half")
+    _settled(mine)
+    fresh = Path(cds_options(spark_home, pid=_dead_pid()).split()[0].split("=", 1)[1])
+    fresh.write_bytes(b"half")
+    assert cds_options(spark_home).startswith("-XX:ArchiveClassesAtExit=")
+    assert mine.exists() and fresh.exists()
+
+
+def test_an_empty_recording_is_dropped_and_a_new_one_made(spark_home, cache):
+    empty = Path(cds_options(spark_home, pid=_dead_pid()).split()[0].split("=", 1)[1])
+    empty.write_bytes(b"")
+    _settled(empty)
+    assert cds_options(spark_home).startswith("-XX:ArchiveClassesAtExit=")
+    assert not empty.exists()
+
+
+def test_other_jars_or_options_need_their_own_archive(spark_home, cache):
+    first = cds_options(spark_home, "-XX:+UseSerialGC", pid=1)
+    assert cds_options(spark_home, "-XX:+UseParallelGC", pid=1) != first
+    (spark_home / "jars" / "spark-sql.jar").write_bytes(b"y")
+    assert cds_options(spark_home, "-XX:+UseSerialGC", pid=1) != first
+
+
+def test_switched_off_or_without_java_or_a_writable_cache_nothing_is_added(spark_home, cache, monkeypatch, tmp_path):
+    monkeypatch.setenv(CDS_SWITCH, "0")
+    assert cds_options(spark_home) == ""
+    monkeypatch.delenv(CDS_SWITCH)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FHIR_PLUGIN_CACHE", str(blocker / "cache"))
+    assert cds_options(spark_home) == ""
+    monkeypatch.setattr(_jvm_cds, "_java", lambda: None)
+    assert cds_options(spark_home) == ""
+
+
+@pytest.mark.spark
+def test_a_real_spark_jvm_records_the_archive_and_the_next_job_runs_on_it(tmp_path):
+    """Two real local jobs in their own processes: the first records, the second maps the archive."""
+    env = dict(os.environ, FHIR_PLUGIN_CACHE=str(tmp_path / "cache"))
+    env.pop(CDS_SWITCH, None)
+    job = (
+        "import sys; from fhir_plugin._population._job import spark_session, SparkSettings; "
+        "s = spark_session(SparkSettings(master='local[1]')); "
+        "print(s.sparkContext.getConf().get('spark.driver.extraJavaOptions')); "
+        "print(s.range(5).selectExpr('sum(id)').collect()[0][0]); "
+        # the driver JVM (spark-submit execs it): has it mapped the archive?
+        "jvm = s.sparkContext._gateway.proc.pid; "
+        "print('mapped' if any('spark-jvm-' in l and l.rstrip().endswith('.jsa') for l in open(f'/proc/{jvm}/maps')) else 'not mapped')"
+    )
+    first = subprocess.run([sys.executable, "-c", job], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "ArchiveClassesAtExit" in first.stdout and first.stdout.splitlines()[-2:] == ["10", "not mapped"]
+    assert "cds" not in first.stdout.lower().replace("-xlog:cds*=off", "")  # no JVM message in the output
+    # the JVM writes the archive as it exits, just after its driver
+    deadline = time.monotonic() + 120
+    parts: list[Path] = []
+    while time.monotonic() < deadline:
+        parts = [p for p in (tmp_path / "cache").glob("*.part") if p.stat().st_size > 0]
+        if parts and time.time() - parts[0].stat().st_mtime > 2:
+            break
+        time.sleep(0.5)
+    assert parts, "the first job's JVM wrote no archive"
+    _settled(parts[0])
+    second = subprocess.run([sys.executable, "-c", job], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "SharedArchiveFile" in second.stdout and second.stdout.splitlines()[-2:] == ["10", "mapped"]
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".jsa"]
