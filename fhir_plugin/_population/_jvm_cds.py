@@ -26,22 +26,15 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = ["CDS_SWITCH", "cds_options", "cache_dir"]
+from .._cache import cache_dir
+
+__all__ = ["CDS_SWITCH", "cds_options"]
 
 #: "0" turns the archive off (recording and using)
 CDS_SWITCH = "FHIR_PLUGIN_SPARK_CDS"
 _QUIET = "-Xlog:cds*=off"
 #: a recording untouched this long, by a process that has ended, is complete (the JVM writes it in a second or two)
 _SETTLE_SECONDS = 10
-
-
-def cache_dir() -> Path:
-    """``$FHIR_PLUGIN_CACHE``, else ``$XDG_CACHE_HOME/fhir-plugin``, else ``~/.cache/fhir-plugin``."""
-    explicit = os.environ.get("FHIR_PLUGIN_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fhir-plugin"
 
 
 def _java() -> Path | None:
