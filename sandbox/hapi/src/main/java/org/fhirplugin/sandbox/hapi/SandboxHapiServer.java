@@ -1,5 +1,6 @@
 package org.fhirplugin.sandbox.hapi;
 
+import ca.uhn.fhir.jpa.search.builder.SearchBuilder;
 import ca.uhn.fhir.rest.server.RestfulServer;
 import java.lang.management.ManagementFactory;
 import org.eclipse.jetty.ee10.servlet.ServletContextHandler;
@@ -41,6 +42,11 @@ public final class SandboxHapiServer {
 			}
 		}
 
+		// HAPI asks for ids in lists of up to 800 per query (IN (...)); profiled with jstack, a Group
+		// $export spent most of its time in H2 evaluating those lists row by row, in the include
+		// step that finds each patient's resources. Lists of 100 halve a 1,000-patient export
+		// (20 s -> 11 s; 25 was no faster). Only the size of each query changes, not what it finds.
+		SearchBuilder.setMaxPageSizeForTest(100);
 		AnnotationConfigApplicationContext spring = new AnnotationConfigApplicationContext(SandboxJpaConfig.class);
 		RestfulServer fhirServlet = spring.getBean(RestfulServer.class);
 
