@@ -1,7 +1,7 @@
 """Throughput and memory of ``fhir-plugin population`` (NDJSON -> Spark -> Parquet), and export + Spark
 against the sync job's per-patient path on the same patients in HAPI.
 
-    .venv/bin/python benchmarks/population_bench.py ndjson --sizes 10000 100000 --cores 1 2 [--out r.json]
+    .venv/bin/python benchmarks/population_bench.py ndjson --sizes 10000 100000 --cores 1 2 [--cache off on] [--out r.json]
     .venv/bin/python benchmarks/population_bench.py hapi --server http://127.0.0.1:18500/fhir --patients 1000
 
 ``ndjson``: writes the synthetic population (``sandbox.population.write_ndjson``, files of
@@ -11,7 +11,11 @@ Spark's start-up is counted, as a user would see it.  Measured: wall time, patie
 the driver's peak memory: the Python driver's and the driver JVM's ``VmHWM``
 (in local mode the JVM also hosts the executors' task threads; the Python workers that run
 the check are separate processes, whose peak is reported as the largest one), each the
-kernel's ``VmHWM`` sampled every half second.
+kernel's ``VmHWM`` sampled every half second.  ``--cache``: each run with the machine's cache
+folder (``fhir_plugin._cache``: the ICD-10-CM index and the Spark JVM's class archive, primed
+by one small job first) and without it (a folder that cannot be written: the package is
+imported and no archive used, as before there was a cache), alternating, so the two compare
+in the same run on the same machine.
 
 ``hapi``: loads ``--patients`` synthetic patients (and a Group of them) into a HAPI that
 offers ``$export`` (our sandbox), then times, each as its own command, ``population --server
@@ -124,11 +128,38 @@ def _phases(stdout: str) -> dict:
     }
 
 
+#: a cache folder that cannot be made (under a file): the plugin then works as it did without one
+NO_CACHE = {"FHIR_PLUGIN_CACHE": "/dev/null/fhir-plugin-cache"}
+
+
+def primed_cache(work: Path) -> dict[str, str]:
+    """A cache folder with the ICD-10-CM index and the Spark JVM's archive in it, recorded by a small real job."""
+    from sandbox.population import write_ndjson
+
+    cache = work / "cache"
+    env = {"FHIR_PLUGIN_CACHE": str(cache)}
+    if list(cache.glob("spark-jvm-*.jsa")):
+        return env
+    folder = work / "ndjson-prime"
+    write_ndjson(folder, TODAY, 200)
+    cmd = [*CLI, "population", "--ndjson", str(folder), "--out", str(work / "out-prime"), "--master", "local[1]"]
+    subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, check=True)
+    # the JVM writes the archive as it exits; a later start adopts it once it has been still for 10 s
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        parts = [p for p in cache.glob("*.part") if p.stat().st_size > 0]
+        if parts and time.time() - parts[0].stat().st_mtime > 11:
+            break
+        time.sleep(1)
+    return env
+
+
 def bench_ndjson(args: argparse.Namespace) -> list[dict]:
     from sandbox.population import write_ndjson
 
     results = []
     work = Path(args.work or tempfile.mkdtemp(prefix="population-bench-"))
+    caches = {"on": primed_cache(work) if "on" in args.cache else {}, "off": NO_CACHE}
     for size in args.sizes:
         folder = work / f"ndjson-{size}"
         if not (folder / ".complete").exists():
@@ -136,7 +167,7 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
             write_ndjson(folder, TODAY, size)
             (folder / ".complete").write_text("")
             print(f"wrote {size} patients in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        for cores in args.cores:
+        for cores, cache in ((c, m) for c in args.cores for m in args.cache):
             out = work / f"out-{size}-{cores}"
             # each run in a fresh process, so RUSAGE_CHILDREN is that run's alone: run this script again
             # the whole process tree (driver, JVM, Python workers) pinned to the first ``cores`` CPUs,
@@ -160,8 +191,11 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
                 "--today",
                 TODAY.isoformat(),
             ]
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            r.update(size=size, cores=cores, patients_per_s=round(size / r["wall_s"], 1), **_phases(r["stdout"]))
+            env = {**os.environ, **caches[cache]}
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+            r.update(
+                size=size, cores=cores, cache=cache, patients_per_s=round(size / r["wall_s"], 1), **_phases(r["stdout"])
+            )
             print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
             results.append(r)
     return results
@@ -192,6 +226,7 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
     if args.load_only:
         return []
     work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))
+    env = {**os.environ, **primed_cache(work)}  # both paths with the machine's cache, as a user has it
     runs = []
     for name, cmd in (
         (
@@ -233,7 +268,7 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
     ):
         r = json.loads(
             subprocess.run(
-                [sys.executable, __file__, "one", "--", *cmd], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "one", "--", *cmd], capture_output=True, text=True, check=True, env=env
             ).stdout
         )
         r.update(
@@ -253,6 +288,7 @@ def main() -> None:
     nd = sub.add_parser("ndjson")
     nd.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     nd.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    nd.add_argument("--cache", nargs="+", choices=["off", "on"], default=["off", "on"])
     nd.add_argument("--work", help="folder for the NDJSON and outputs (reused between runs)")
     nd.add_argument("--out", help="results JSON file")
     hp = sub.add_parser("hapi")
