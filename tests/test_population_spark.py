@@ -229,3 +229,82 @@ def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_clust
     # the work really ran on the cluster's two workers
     executors = list((logs / "work").glob("app-*/*"))
     assert len(executors) == 2, executors
+
+
+@pytest.fixture(scope="module")
+def spark_connect_server(tmp_path_factory):
+    """A Spark Connect server (local[2] inside) from the PySpark distribution, on loopback; stopped at the end."""
+    spark_home = Path(pyspark.__file__).parent
+    logs = tmp_path_factory.mktemp("connect-logs")
+    port = _free_port()
+    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    log = open(logs / "connect.log", "w")  # noqa: SIM115 - closed when the server stops
+    proc = subprocess.Popen(
+        [
+            str(spark_home / "bin" / "spark-submit"),
+            "--class",
+            "org.apache.spark.sql.connect.service.SparkConnectServer",
+            "--master",
+            "local[2]",
+            "--conf",
+            f"spark.connect.grpc.binding.port={port}",
+            "--conf",
+            "spark.connect.grpc.binding.address=127.0.0.1",
+            "--conf",
+            "spark.ui.enabled=false",
+            # the server's Python workers run the check: forked with it loaded, as in local mode
+            "--conf",
+            "spark.python.daemon.module=fhir_plugin._population._daemon",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(
+            lambda: "Spark Connect server started" in (logs / "connect.log").read_text() or proc.poll() is not None,
+            180,
+            "the Spark Connect server",
+        )
+        assert proc.poll() is None, (logs / "connect.log").read_text()[-3000:]
+        yield f"sc://127.0.0.1:{port}", logs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_spark_connect_gives_the_same_rows_as_local_mode(spark_connect_server, local_run, population, tmp_path):
+    url, _ = spark_connect_server
+    folder, _ = population
+    out = tmp_path / "out-connect"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fhir_plugin._cli",
+            "population",
+            "--ndjson",
+            str(folder),
+            "--out",
+            str(out),
+            "--remote",
+            url,
+            "--today",
+            TODAY.isoformat(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
+    assert f"{N} patients:" in done.stdout
+    assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
+    # the same problems as local mode, each with its file and line
+    problems = [json.loads(line) for line in (out / "problems.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert problems == local_run.problems
