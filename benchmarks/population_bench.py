@@ -143,7 +143,9 @@ def primed_cache(work: Path) -> dict[str, str]:
     folder = work / "ndjson-prime"
     write_ndjson(folder, TODAY, 200)
     cmd = [*CLI, "population", "--ndjson", str(folder), "--out", str(work / "out-prime"), "--master", "local[1]"]
-    subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, check=True)
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1: some patients have gaps
+        raise RuntimeError(f"the priming job failed: {done.stderr[-2000:]}")
     # the JVM writes the archive as it exits; a later start adopts it once it has been still for 10 s
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
