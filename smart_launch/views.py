@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # deps imports this module; the type only
 __all__ = [
     "Pages",
     "VIEWABLE",
+    "PLAIN_TYPES",
+    "plain_refs",
+    "plain_form",
+    "plain_reason",
     "GROUPS",
     "review_context",
     "draft_view",
@@ -192,6 +196,69 @@ def style_css(style: Mapping[str, str]) -> str:
     return css
 
 
+#: what a clinician calls each kind of record the app shows or writes (the page's words, not FHIR's);
+#: the only DocumentReference the plugin writes is its plan of care note
+PLAIN_TYPES = {
+    "Patient": "patient",
+    "Condition": "diagnosis",
+    "Observation": "observation",
+    "Encounter": "visit",
+    "CarePlan": "treatment plan",
+    "Goal": "goal",
+    "Provenance": "authorship record",
+    "DocumentReference": "plan of care note",
+}
+_CONDITION_CATEGORY = {"problem-list-item": "problem-list entry", "encounter-diagnosis": "encounter diagnosis"}
+_CONDITION_FORM = re.compile(r"^Condition \(([\w-]+), ([\w-]+)\)$")
+_NO_CREATE = re.compile(r"^the server creates no (\w+)( and no DocumentReference)?(; .*)?$")
+_NO_GRANT = re.compile(r"^the granted scopes allow no (\w+) create(; .*)?$")
+
+
+def _plain(rtype: str) -> str:
+    return PLAIN_TYPES.get(rtype, rtype)
+
+
+def plain_refs(refs: list[str]) -> list[tuple[str, str]]:
+    """Each written reference with its label in plain words ("Diagnosis", "Goal 2"), in order."""
+    types = [ref.split("/", 1)[0] for ref in refs]
+    seen: dict[str, int] = {}
+    out = []
+    for ref, rtype in zip(refs, types, strict=True):
+        seen[rtype] = seen.get(rtype, 0) + 1
+        label = _plain(rtype).capitalize()
+        out.append((ref, f"{label} {seen[rtype]}" if types.count(rtype) > 1 else label))
+    return out
+
+
+def plain_form(draft: str, form: str) -> str:
+    """How a draft was written on this EHR (``_fold``'s form), in plain words."""
+    found = _CONDITION_FORM.match(form)
+    if draft == "Condition" and found:
+        category = _CONDITION_CATEGORY.get(found[1], found[1])
+        return f"as a {found[2]} {category}"
+    if draft == "CarePlan" and form.startswith("DocumentReference (preliminary plan note"):
+        return "as a preliminary plan of care note, with the structured plan attached"
+    if draft == "Goal" and form.startswith("in the plan note"):
+        return "inside the plan of care note"
+    return "as drafted" if form == draft else form
+
+
+def plain_reason(reason: str) -> str:
+    """Why a draft was not written (``_fold`` and the writer's reasons), in plain words."""
+    rest = ""
+    if found := _NO_CREATE.match(reason):
+        text = f"this EHR accepts no {_plain(found[1])}" + (" and no note" if found[2] else "")
+        rest = found[3] or ""
+    elif found := _NO_GRANT.match(reason):
+        text = f"the access this app was granted does not allow writing a {_plain(found[1])}"
+        rest = found[2] or ""
+    else:
+        return reason
+    if rest == "; the note and the Condition carry the machine-drafted tag":
+        rest = "; the note and the diagnosis are marked as drafted by software"
+    return text + rest
+
+
 def _evidence_link(ref: str) -> str | None:
     parts = ref.split("/")
     if len(parts) == 2 and parts[0] in VIEWABLE:
@@ -251,6 +318,11 @@ class Pages:
             profile_code=profile_code,
             profile_display=profile_display,
             evidence_link=_evidence_link,
+            human_name=_human_name,
+            plain_refs=plain_refs,
+            plain_form=plain_form,
+            plain_reason=plain_reason,
+            plain_type=lambda rtype: _plain(rtype).capitalize(),
         )
 
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:

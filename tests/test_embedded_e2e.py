@@ -312,7 +312,7 @@ def test_the_pages_of_a_folded_write_pass_wcag22_aa_on_each_ehr_personality(
             else:
                 assert page.locator("#write-button").count() == 0  # SPEC §7.1: nothing new is offered
                 # the plan note it names opens in the app's resource viewer
-                page.locator(".written-list a", has_text="DocumentReference/").first.click()
+                page.locator(".written-list a", has_text="Plan of care note").first.click()
                 page.wait_for_selector("#resource-facts")
                 page.screenshot(path=str(SHOTS / f"{personality}-plan-note{suffix}.png"), full_page=True)
                 problems += [f"{personality} plan note @{width}: {v}" for v in _serious(page)]

@@ -55,7 +55,11 @@ def write(
         )
     if loaded.drafts is None and loaded.existing.written:  # SPEC §7.1: after a write, show it, write nothing
         return pages.page(
-            request, "written.html", result=WriteResult((), loaded.existing.written), report=loaded.report
+            request,
+            "written.html",
+            result=WriteResult((), loaded.existing.written),
+            report=loaded.report,
+            patient=loaded.record.patient,
         )
     if loaded.drafts is None:
         return pages.page(
@@ -77,7 +81,7 @@ def write(
         )
     result = writer.write(loaded.drafts)
     log.info("write: Patient/%s created %d, existing %d", sess.patient, len(result.created), len(result.existing))
-    return pages.page(request, "written.html", result=result, report=loaded.report)
+    return pages.page(request, "written.html", result=result, report=loaded.report, patient=loaded.record.patient)
 
 
 def _sentence(text: str) -> str:
