@@ -230,26 +230,32 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))
     env = {**os.environ, **primed_cache(work)}  # both paths with the machine's cache, as a user has it
     runs = []
+
+    def export_cmd(out: str) -> list[str]:
+        """Each export run in its own folder: a finished export in the folder would be reused, not redone."""
+        return [
+            *CLI,
+            "population",
+            "--server",
+            base,
+            "--group",
+            group_id,
+            "--out",
+            str(work / out),
+            "--today",
+            TODAY.isoformat(),
+            "--max-poll-wait",
+            "1",
+        ]
+
+    connect = (
+        [("export + Spark Connect (a running server: --remote)", [*export_cmd("pop-connect"), "--remote", args.remote])]
+        if args.remote
+        else []
+    )
     for name, cmd in (
-        (
-            "export + Spark (population --server --group, local[2])",
-            [
-                *CLI,
-                "population",
-                "--server",
-                base,
-                "--group",
-                group_id,
-                "--out",
-                str(work / "pop"),
-                "--today",
-                TODAY.isoformat(),
-                "--max-poll-wait",
-                "1",
-                "--master",
-                "local[2]",
-            ],
-        ),
+        ("export + Spark (population --server --group, local[2])", [*export_cmd("pop-local"), "--master", "local[2]"]),
+        *connect,
         (
             "sync job, per-patient reads (sync --group, check only, concurrency 4)",
             [
@@ -296,6 +302,7 @@ def main() -> None:
     hp = sub.add_parser("hapi")
     hp.add_argument("--server", required=True)
     hp.add_argument("--patients", type=int, default=1000)
+    hp.add_argument("--remote", help="also through this Spark Connect server (sc://HOST:PORT), started beforehand")
     hp.add_argument("--load-only", action="store_true", help="only load the patients and their Group")
     hp.add_argument("--out", help="results JSON file")
     one = sub.add_parser("one")
