@@ -418,6 +418,8 @@ class _Doc:
         self.categories = frozenset(categories)
         #: the first words of the profile's terms that occur in this resource's text
         self.index: frozenset[str] = vocabulary.scan(self.text)
+        #: the rules this resource could satisfy (``_RuleIndex.candidates``), set by the context
+        self.rule_keys: set[int] = set()
 
     @cached_property
     def analysed(self) -> TextIndex:
@@ -513,7 +515,8 @@ class _Context:
         index, self.finding_rules_by_name = _rule_index(profile)
         self.by_rule: dict[int, list[_Doc]] = {}
         for d in self.docs:
-            for key in index.candidates(d):
+            d.rule_keys = index.candidates(d)
+            for key in d.rule_keys:
                 self.by_rule.setdefault(key, []).append(d)
         self.conditions = [d for d in self.docs if d.type == "Condition"]
         self.observations = [d for d in self.docs if d.type == "Observation"]
@@ -574,7 +577,8 @@ class _Context:
         rules = [self.profile.rules[e["id"]] for e in self.profile.elements if e["kind"] == "evidence"]
         for d in self.observations:
             # only an Observation that documents one of the profile's elements (a blood pressure does not)
-            if d.resource.get("bodySite") and any(_matches(rule, d, self) for rule in rules):
+            # a rule the index does not offer this Observation cannot match it (``_evidence`` relies on the same)
+            if d.resource.get("bodySite") and any(id(r) in d.rule_keys and _matches(r, d, self) for r in rules):
                 other = [str(d.code_words)] + [
                     str(n.get("text")) for n in d.resource.get("note") or [] if isinstance(n, dict) and n.get("text")
                 ]
