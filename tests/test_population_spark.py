@@ -128,6 +128,27 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _population_cli(folder: Path, out: Path, *where: str) -> subprocess.CompletedProcess:
+    """``fhir-plugin population --ndjson`` as a user runs it, on the Spark that ``where`` names."""
+    return subprocess.run(
+        [sys.executable, "-m", "fhir_plugin._cli", "population", "--ndjson", str(folder), "--out", str(out), *where]
+        + ["--today", TODAY.isoformat()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
+    )
+
+
 @pytest.fixture(scope="module")
 def standalone_cluster(tmp_path_factory):
     """One master and two one-core workers from the PySpark distribution, on loopback; stopped at the end."""
@@ -190,12 +211,7 @@ def standalone_cluster(tmp_path_factory):
         yield master_url, logs
     finally:
         for proc, log in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
             log.close()
 
 
@@ -203,26 +219,7 @@ def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_clust
     master_url, logs = standalone_cluster
     folder, _ = population
     out = tmp_path / "out-cluster"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fhir_plugin._cli",
-            "population",
-            "--ndjson",
-            str(folder),
-            "--out",
-            str(out),
-            "--master",
-            master_url,
-            "--today",
-            TODAY.isoformat(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
-    )
+    done = _population_cli(folder, out, "--master", master_url)
     assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
     assert f"{N} patients:" in done.stdout
     assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
@@ -270,12 +267,7 @@ def spark_connect_server(tmp_path_factory):
         assert proc.poll() is None, (logs / "connect.log").read_text()[-3000:]
         yield f"sc://127.0.0.1:{port}", logs
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         log.close()
 
 
@@ -283,25 +275,7 @@ def test_spark_connect_gives_the_same_rows_as_local_mode(spark_connect_server, l
     url, _ = spark_connect_server
     folder, _ = population
     out = tmp_path / "out-connect"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fhir_plugin._cli",
-            "population",
-            "--ndjson",
-            str(folder),
-            "--out",
-            str(out),
-            "--remote",
-            url,
-            "--today",
-            TODAY.isoformat(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _population_cli(folder, out, "--remote", url)
     assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
     assert f"{N} patients:" in done.stdout
     assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
