@@ -78,8 +78,8 @@ def _index() -> dict[str, _Facts]:
     try:
         loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         return {code: (t, leaf, notes) for code, (t, leaf, notes) in loaded.items()}
-    except (OSError, ValueError, TypeError):
-        pass  # not built yet, or damaged: build it
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # not built yet, or damaged (not JSON, or not the index's shape): build it
     facts = _from_package()
     try:
         _save(path, facts)

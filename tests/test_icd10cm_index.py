@@ -61,10 +61,15 @@ def test_what_is_not_a_code_is_not_valid(fresh_index, code):
             icd.title(code)
 
 
-def test_a_damaged_index_is_rebuilt_from_the_package(fresh_index):
+@pytest.mark.parametrize(
+    "damage",
+    ['{"M62.561": ["typed by hand"', '{"M62.561": ["typed by hand"]}', '["M62.561"]', '{"M62.561": 5}'],
+    ids=["cut short", "short entry", "a list", "not an entry"],
+)
+def test_a_damaged_index_is_rebuilt_from_the_package(fresh_index, damage):
     assert icd.title("M62.561") == cm.get_description("M62.561")
     [index] = list(fresh_index.iterdir())
-    index.write_text('{"M62.561": ["typed by hand"', encoding="utf-8")  # cut short
+    index.write_text(damage, encoding="utf-8")
     icd._index.cache_clear()
     icd.title.cache_clear()
     assert icd.title("M62.561") == cm.get_description("M62.561")
