@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,12 +222,13 @@ def _plain(rtype: str) -> str:
 def plain_refs(refs: list[str]) -> list[tuple[str, str]]:
     """Each written reference with its label in plain words ("Diagnosis", "Goal 2"), in order."""
     types = [ref.split("/", 1)[0] for ref in refs]
-    seen: dict[str, int] = {}
+    counts = Counter(types)
+    seen: Counter[str] = Counter()
     out = []
     for ref, rtype in zip(refs, types, strict=True):
-        seen[rtype] = seen.get(rtype, 0) + 1
+        seen[rtype] += 1
         label = _plain(rtype).capitalize()
-        out.append((ref, f"{label} {seen[rtype]}" if types.count(rtype) > 1 else label))
+        out.append((ref, f"{label} {seen[rtype]}" if counts[rtype] > 1 else label))
     return out
 
 
