@@ -149,6 +149,12 @@ def _population_cli(folder: Path, out: Path, *where: str) -> subprocess.Complete
     )
 
 
+def _assert_same_rows_as_local(done: subprocess.CompletedProcess, out: Path, local_run) -> None:
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
+    assert f"{N} patients:" in done.stdout
+    assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
+
+
 @pytest.fixture(scope="module")
 def standalone_cluster(tmp_path_factory):
     """One master and two one-core workers from the PySpark distribution, on loopback; stopped at the end."""
@@ -219,10 +225,7 @@ def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_clust
     master_url, logs = standalone_cluster
     folder, _ = population
     out = tmp_path / "out-cluster"
-    done = _population_cli(folder, out, "--master", master_url)
-    assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
-    assert f"{N} patients:" in done.stdout
-    assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
+    _assert_same_rows_as_local(_population_cli(folder, out, "--master", master_url), out, local_run)
     # the work really ran on the cluster's two workers
     executors = list((logs / "work").glob("app-*/*"))
     assert len(executors) == 2, executors
@@ -275,10 +278,7 @@ def test_spark_connect_gives_the_same_rows_as_local_mode(spark_connect_server, l
     url, _ = spark_connect_server
     folder, _ = population
     out = tmp_path / "out-connect"
-    done = _population_cli(folder, out, "--remote", url)
-    assert done.returncode == 1, done.stderr[-3000:]  # 1: the worklist is not empty
-    assert f"{N} patients:" in done.stdout
-    assert _rows(out / "results.jsonl") == _rows(local_run.jsonl)
+    _assert_same_rows_as_local(_population_cli(folder, out, "--remote", url), out, local_run)
     # the same problems as local mode, each with its file and line
     problems = [json.loads(line) for line in (out / "problems.jsonl").read_text(encoding="utf-8").splitlines()]
     assert problems == local_run.problems
