@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from smart_launch._serve import LiveServer, free_port
@@ -441,6 +442,22 @@ def load_fresh_case(fhir_base: str, case: Any, tag: str | None = None) -> Any:
     moved = renamed_case(case, tag or uuid.uuid4().hex[:8])
     load_into_server(fhir_base, [moved])
     return moved
+
+
+def forwarding_handler(
+    handle: Callable[[BaseHTTPRequestHandler, str], None], methods: tuple[str, ...] = ("GET", "POST", "PUT", "DELETE")
+) -> type[BaseHTTPRequestHandler]:
+    """A quiet HTTP/1.1 request handler class that passes each request of ``methods`` to ``handle(h, method)``.
+
+    For the tests' in-process proxies (a fault proxy, a bulk proxy) in front of the real HAPI.
+    """
+    attrs: dict[str, Any] = {
+        "protocol_version": "HTTP/1.1",
+        "log_message": lambda self, *args: None,
+    }
+    for method in methods:
+        attrs[f"do_{method}"] = lambda self, _m=method: handle(self, _m)
+    return type("ForwardingHandler", (BaseHTTPRequestHandler,), attrs)
 
 
 def put_group(fhir_base: str, group_id: str, patient_ids: list[str], *, timeout: float = 60) -> str:

@@ -30,7 +30,7 @@ import requests
 from fhir_plugin._cli import main
 from fhir_plugin._vocab import DRAFT_TAG
 from fhir_plugin.synthetic import generate_cases, load_into_server, renamed_case
-from sandbox.testing import needing_drafts, put_group
+from sandbox.testing import forwarding_handler, needing_drafts, put_group
 
 pytestmark = [pytest.mark.server, pytest.mark.spark]
 
@@ -145,7 +145,7 @@ class BulkProxy:
         self.held = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), forwarding_handler(self.handle))
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -154,29 +154,6 @@ class BulkProxy:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def do_GET(self) -> None:
-                proxy.handle(self, "GET")
-
-            def do_POST(self) -> None:
-                proxy.handle(self, "POST")
-
-            def do_PUT(self) -> None:
-                proxy.handle(self, "PUT")
-
-            def do_DELETE(self) -> None:
-                proxy.handle(self, "DELETE")
-
-        return Handler
 
     def _count(self, method: str, path: str, body: bytes) -> str | None:
         """Count the request; the kind to hold when it is the one asked for."""

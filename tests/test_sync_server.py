@@ -40,7 +40,7 @@ from fhir_plugin._cli import main
 from fhir_plugin._profile import load_profile
 from fhir_plugin._record import records_from_bundle
 from fhir_plugin._sync import parse_instant
-from sandbox.testing import needing_drafts, put_group
+from sandbox.testing import forwarding_handler, needing_drafts, put_group
 
 pytestmark = pytest.mark.server
 
@@ -162,7 +162,7 @@ class FaultProxy:
         self.release = threading.Event()
         self.held_patient: str | None = None
         self.http = threading.local()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), forwarding_handler(self.handle, ("GET", "POST", "PUT")))
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
         self.token_url = f"http://127.0.0.1:{self.server.server_address[1]}/auth/token"
@@ -182,26 +182,6 @@ class FaultProxy:
         self.client_id, self.public_key, self.token_lifetime = client_id, public_key, lifetime
 
     # -- the handler
-
-    def _handler(self):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def do_GET(self) -> None:
-                proxy.handle(self, "GET")
-
-            def do_POST(self) -> None:
-                proxy.handle(self, "POST")
-
-            def do_PUT(self) -> None:
-                proxy.handle(self, "PUT")
-
-        return Handler
 
     def _send(
         self,
