@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import requests
 
-from ._client import _normal_base, resolve_url, retry_after_seconds
+from ._client import _is_outcome, _normal_base, _outcome_text, resolve_url, retry_after_seconds
 from ._errors import NotFound, ServerError, TransportError, UsageError
 
 __all__ = [
@@ -246,10 +246,12 @@ class BulkExporter:
         response = self._get("GET", url, headers=headers, params=params)
         self.kickoffs += 1
         if response.status_code != 202:
+            outcome = self._outcome(response)
+            said = _outcome_text(outcome) if _is_outcome(outcome) else ""
             raise ServerError(
-                f"the server refused the $export kick-off (HTTP {response.status_code})",
+                f"the server refused the $export kick-off (HTTP {response.status_code}{': ' + said if said else ''})",
                 status=response.status_code,
-                outcome=self._outcome(response),
+                outcome=outcome,
             )
         location = response.headers.get("Content-Location")
         if not location:

@@ -14,6 +14,7 @@ import uvicorn
 from ._app import create_app
 from ._clients import ClientConfigError, ClientRegistry
 from ._config import EhrConfig
+from ._throttle import parse_rate_limit
 
 EXAMPLE_CLIENTS = Path(__file__).with_name("clients.example.json")
 
@@ -25,6 +26,13 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _rate_limit(text: str) -> tuple[int, float]:
+    try:
+        return parse_rate_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--v1-only", action="store_true", help="advertise and grant SMART v1 scopes only")
     parser.add_argument("--token-lifetime", type=int, default=300, help="access token lifetime, seconds")
+    parser.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        metavar="CALLS[/SECONDS]",
+        help="at most CALLS FHIR calls per app in any SECONDS (default 60), then 429 with Retry-After: "
+        "a metered EHR (eClinicalWorks: 250)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         permission_v1_only=args.v1_only,
         personality=args.personality,
         access_token_lifetime=args.token_lifetime,
+        rate_limit=args.rate_limit,
     )
     print(
         f"sandbox EHR on {config.base_url} (FHIR base {config.fhir_base_url}, upstream {config.fhir_upstream}, "

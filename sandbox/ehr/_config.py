@@ -39,6 +39,9 @@ class EhrConfig:
     max_request_body: int = 20 * 1024 * 1024
     # hapi | epic-like | oracle-like: what the proxy refuses and declares, and how scopes are granted (issue 12)
     personality: str = "hapi"
+    #: (calls, seconds): each app (client id) may make at most this many FHIR calls in any such window;
+    #: past it the proxy answers 429 with Retry-After, as metered EHRs do.  None: no limit
+    rate_limit: tuple[int, float] | None = None
     # Seconds since the epoch; tests pass a clock they advance instead of sleeping.
     clock: Callable[[], float] = time.time
     #: origins besides the EHR's own that may frame its pages (the approval page inside an embedded app)
@@ -51,6 +54,8 @@ class EhrConfig:
             raise ValueError("token lifetimes must be positive")
         if self.max_request_body <= 0:
             raise ValueError("max_request_body must be positive")
+        if self.rate_limit is not None and (self.rate_limit[0] < 1 or not self.rate_limit[1] > 0):
+            raise ValueError("rate_limit is (calls, seconds), at least one call in a positive number of seconds")
         from ._personality import personality
 
         if personality(self.personality).v1_scopes:

@@ -37,6 +37,8 @@ class Personality:
     observation_needs_category: bool = False
     revinclude: frozenset[str] | None = None  # None: any _revinclude
     v1_scopes: bool = False  # grants scopes in SMART v1 spelling
+    #: Bulk Data export levels offered: system ($export), patient (Patient/$export), group (Group/[id]/$export)
+    export_levels: frozenset[str] = frozenset({"system", "patient", "group"})
 
     def can_create(self, resource_type: str) -> bool:
         return self.creatable is None or resource_type in self.creatable
@@ -45,7 +47,8 @@ class Personality:
 PERSONALITIES: dict[str, Personality] = {
     "hapi": Personality("hapi"),
     # Epic: no Bundles, no conditional create; Condition as a provisional problem-list item only; a clinical
-    # note on an encounter; per-patient searches, some Observation searches need a category; v1 scopes
+    # note on an encounter; per-patient searches, some Observation searches need a category; v1 scopes;
+    # Bulk Data export of a Group only
     "epic-like": Personality(
         "epic-like",
         bundles=False,
@@ -59,9 +62,11 @@ PERSONALITIES: dict[str, Personality] = {
         observation_needs_category=True,
         revinclude=frozenset(),
         v1_scopes=True,
+        export_levels=frozenset({"group"}),
     ),
     # Oracle Health: a batch of creates is 422; no conditional create; Goal and CarePlan read-only;
-    # Condition as problem-list-item or encounter-diagnosis; Provenance and DocumentReference create
+    # Condition as problem-list-item or encounter-diagnosis; Provenance and DocumentReference create;
+    # Bulk Data export of a Group or of all patients (Patient/$export)
     "oracle-like": Personality(
         "oracle-like",
         bundles=False,
@@ -71,6 +76,7 @@ PERSONALITIES: dict[str, Personality] = {
         condition_categories=frozenset({"problem-list-item", "encounter-diagnosis"}),
         search_needs=frozenset({"patient", "subject", "_id"}),
         revinclude=frozenset({"Provenance:target"}),
+        export_levels=frozenset({"group", "patient"}),
     ),
 }
 

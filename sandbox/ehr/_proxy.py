@@ -23,9 +23,10 @@ from urllib.parse import parse_qsl
 
 import requests
 
-from . import _access, _personality, _scopes
+from . import _access, _bulk, _personality, _scopes
 from ._config import EhrConfig
 from ._store import Store, Token
+from ._throttle import Throttle
 
 log = logging.getLogger("sandbox.ehr")
 
@@ -42,7 +43,15 @@ _FORWARD_REQUEST_HEADERS = (
     "prefer",
     "cache-control",
 )
-_FORWARD_RESPONSE_HEADERS = ("content-type", "location", "content-location", "etag", "last-modified", "retry-after")
+_FORWARD_RESPONSE_HEADERS = (
+    "content-type",
+    "location",
+    "content-location",
+    "etag",
+    "last-modified",
+    "retry-after",
+    "x-progress",
+)
 
 
 def outcome(code: str, text: str, severity: str = "error") -> dict[str, Any]:
@@ -106,6 +115,8 @@ class FhirProxy:
         self._metadata: dict[str, Any] | None = None
         self._metadata_lock = threading.Lock()
         self.personality = _personality.personality(config.personality)
+        self.exports = _bulk.Exports()
+        self.throttle = Throttle(*config.rate_limit, config.clock) if config.rate_limit else None
         #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query)
         self.seen: list[tuple[str, str]] = []
         #: (method, path, status) of every FHIR request answered, for tests that count refusals
@@ -223,9 +234,22 @@ class FhirProxy:
         if failure is not None:
             return failure
         assert token is not None
+        if self.throttle is not None and (wait := self.throttle.admit(token.client_id)):
+            calls, seconds = self.config.rate_limit or (0, 0)
+            return ProxyResponse.fhir(
+                429,
+                outcome("throttled", f"more than {calls} calls in {seconds:g} s from this app; try again later"),
+                {"Retry-After": str(wait)},
+            )
         access = access_for(token)
         if len(body) > self.config.max_request_body:
             return self.too_large()
+        call = _bulk.export_call(path)
+        if call is not None:
+            return self._export(call, method, path, query, headers, token)
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] == "Binary" and (owner := self.exports.file_owner(parts[1])) is not None:
+            return self._export_file(method, path, headers, token, owner)
         if any(k == "_format" and "json" not in v for k, v in parse_qsl(query, keep_blank_values=True)):
             return ProxyResponse.fhir(406, outcome("not-supported", "the sandbox proxy speaks FHIR JSON only"))
         resource, form = None, ""
@@ -290,6 +314,70 @@ class FhirProxy:
             return ProxyResponse(answer.status_code, json.dumps(data).encode(), out_headers)
         return ProxyResponse(answer.status_code, answer.content, out_headers)
 
+    def _export(
+        self, call: _bulk.ExportCall, method: str, path: str, query: str, headers: Mapping[str, str], token: Token
+    ) -> ProxyResponse:
+        """A Bulk Data kick-off or status call: allowed by ``_bulk``, forwarded, its URLs moved to the proxy."""
+        params = parse_qsl(query, keep_blank_values=True)
+        try:
+            if call.kind == "kickoff":
+                if method != "GET":
+                    raise _access.Denied("kick off an export with GET", 405)
+                _bulk.check_kickoff(call, params, _scopes.resource_scopes(token.scope), self.personality.export_levels)
+            else:
+                if method not in ("GET", "DELETE"):
+                    raise _access.Denied(f"{method} on an export's status is not supported", 405)
+                job = _bulk.job_id(query)
+                if job is None or self.exports.owner(job) != token.client_id:
+                    # another app's export, or none: not found, whether or not it exists
+                    return ProxyResponse.fhir(404, outcome("not-found", "no such export"))
+        except _access.Denied as exc:
+            return self._denied(exc)
+        try:
+            answer = self._forward(method, path, query, headers, b"")
+        except requests.RequestException as exc:
+            return self._unreachable(exc)
+        out_headers = {
+            name.title(): self._move(answer.headers[name])
+            for name in _FORWARD_RESPONSE_HEADERS
+            if name in answer.headers
+        }
+        if call.kind == "kickoff":
+            job = _bulk.job_id(answer.headers.get("content-location", ""))
+            if answer.status_code == 202 and job:
+                self.exports.started(job, token.client_id)
+            return ProxyResponse(answer.status_code, answer.content, out_headers)
+        if method == "GET" and answer.status_code == 200:
+            try:
+                manifest = answer.json()
+            except ValueError:
+                return ProxyResponse.fhir(502, outcome("exception", "the FHIR server's export manifest is not JSON"))
+            if isinstance(manifest, dict):
+                manifest, files = _bulk.rewrite_manifest(manifest, self._move, self.config.fhir_upstream)
+                self.exports.listed(files, token.client_id)
+                out_headers["Content-Type"] = "application/json"
+                return ProxyResponse(200, json.dumps(manifest).encode(), out_headers)
+        return ProxyResponse(answer.status_code, answer.content, out_headers)
+
+    def _export_file(
+        self, method: str, path: str, headers: Mapping[str, str], token: Token, owner: str
+    ) -> ProxyResponse:
+        """One of an export's files: to the app that ran the export only, as the server sends it (NDJSON)."""
+        if owner != token.client_id:
+            return ProxyResponse.fhir(404, outcome("not-found", "no such file"))
+        if method != "GET":
+            return self._denied(_access.Denied(f"{method} on an export's file is not supported", 405))
+        try:
+            answer = self._forward(
+                method, path, "", headers, b"", accept=headers.get("accept") or "application/fhir+ndjson"
+            )
+        except requests.RequestException as exc:
+            return self._unreachable(exc)
+        out_headers = {
+            name.title(): answer.headers[name] for name in ("content-type", "etag") if name in answer.headers
+        }
+        return ProxyResponse(answer.status_code, answer.content, out_headers)
+
     def _authenticate(self, headers: Mapping[str, str]) -> tuple[Token | None, ProxyResponse | None]:
         auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
@@ -352,11 +440,13 @@ class FhirProxy:
                 ProxyResponse.fhir(502, outcome("exception", "the FHIR server's answer is not JSON"))
             ) from None
 
-    def _forward(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes):
+    def _forward(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes, *, accept: str = FHIR_JSON
+    ):
         url = self.config.fhir_upstream + ("/" + path if path else "")
         if query:
             url += "?" + query
-        out = {"Accept": FHIR_JSON}
+        out = {"Accept": accept}
         for name in _FORWARD_REQUEST_HEADERS:
             if name in headers:
                 out[name] = headers[name]
