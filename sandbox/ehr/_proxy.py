@@ -3,7 +3,9 @@
 The checks are :mod:`._access` (pure); this module only authenticates the
 token, fetches what the plan asks, forwards with ``requests`` and rewrites
 HAPI's absolute URLs (Bundle links, fullUrl, Location) to the proxy's base
-so clients page and follow links through the proxy, never around it.
+so clients page and follow links through the proxy, never around it.  Bulk Data
+export calls and files are allowed by :mod:`._bulk`; a metered EHR's limit is
+:mod:`._throttle` (429 with Retry-After).
 
 Logs carry the method, the resource type, the status and the time — never
 the query (it may hold names), bodies, or the token.
