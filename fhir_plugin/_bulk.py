@@ -37,6 +37,7 @@ import requests
 
 from ._client import _is_outcome, _normal_base, _outcome_text, resolve_url, retry_after_seconds
 from ._errors import NotFound, ServerError, TransportError, UsageError
+from ._pace import RateLimiter
 
 __all__ = [
     "ExportRequest",
@@ -146,7 +147,9 @@ class BulkExporter:
 
     ``session`` carries the authentication (the sync job's SMART Backend Services session,
     or none); a static ``token`` is added only to requests under the FHIR base.  ``max_wait``
-    caps one wait between polls (HAPI asks for 120 s); ``timeout`` ends the polling.
+    caps one wait between polls (HAPI asks for 120 s); ``timeout`` ends the polling.  ``pacer``
+    (``_pace.RateLimiter``) paces every request, kick-off, polls and downloads alike, and a 429's
+    ``Retry-After`` holds it (the write-back's client may share it: the EHR meters the app).
     """
 
     def __init__(
@@ -163,8 +166,10 @@ class BulkExporter:
         clock: Callable[[], float] = time.monotonic,
         progress: TextIO | None = None,
         on_waiting: Callable[[], None] | None = None,
+        pacer: RateLimiter | None = None,
     ) -> None:
         self.base = _normal_base(base_url)
+        self._pacer = pacer if pacer is not None else RateLimiter(None, clock=clock, sleep=sleep)
         #: called once, when the server first says the export is still running (the caller's time to prepare)
         self._on_waiting = on_waiting
         self.folder = Path(folder)
@@ -219,12 +224,18 @@ class BulkExporter:
         stream: bool = False,
         session: requests.Session | None = None,
     ) -> requests.Response:
+        self._pacer.wait()
         try:
-            return (session or self._session).request(
+            response = (session or self._session).request(
                 method, url, headers=headers, params=list(params) or None, timeout=self._request_timeout, stream=stream
             )
         except requests.RequestException as exc:
             raise TransportError(f"the export at {self.base} could not be reached ({type(exc).__name__})") from exc
+        if response.status_code == 429:
+            held = retry_after_seconds(response.headers.get("Retry-After"))
+            if held is not None:
+                self._pacer.hold_for(min(held, self._max_wait))
+        return response
 
     @staticmethod
     def _outcome(response: requests.Response) -> Any:

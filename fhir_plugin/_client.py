@@ -4,7 +4,7 @@ Sync only, over ``requests``.  A SMART app or the backend-services job passes
 authlib's ``OAuth2Session`` as ``session`` (token refresh comes with it); a
 plain ``token`` adds ``Authorization: Bearer`` instead.
 
-Every request goes through ``FhirClient._send``, where three rules hold:
+Every request goes through ``FhirClient._send``, where these rules hold:
 
 - it is sent only to a URL under the FHIR base, paging ``next`` links
   included, so the bearer token never leaves the server it was issued for
@@ -12,6 +12,12 @@ Every request goes through ``FhirClient._send``, where three rules hold:
 - a search follows at most ``max_pages`` pages and a body is read, as a
   stream, up to ``max_response_bytes``: a hostile server cannot page or
   stream the client out of memory;
+- every attempt, retries included, passes the client's pacer first
+  (``_pace.RateLimiter``, shared by the threads using the client): at most
+  ``max_requests_per_minute`` a minute when given, and after a 429 whose
+  ``Retry-After`` is usable, no thread sends until it has passed (EHRs meter
+  the app, not the request: threads waiting out their own 429s apart would
+  spend their retries together);
 - 429 is always retried (the server says it did not act); 502/503/504,
   timeouts and dropped connections are retried only when repeating the request
   is harmless (GET, or a Bundle whose entries are all reads, PUTs, deletes or
@@ -44,6 +50,7 @@ from authlib.common.errors import AuthlibBaseError
 from urllib3.util import parse_url
 
 from ._errors import AuthError, InputError, MultipleMatches, NotFound, ServerError, TransportError, UsageError
+from ._pace import RateLimiter
 from ._record import CLINICAL_TYPES, PatientRecord, validate_resource
 from ._urls import is_absolute, origin, safe_url
 from ._vocab import PLAN_NOTE_TYPE, is_plugin_draft
@@ -359,6 +366,11 @@ class FhirClient:
     ``max_response_bytes`` the size of one response body (default
     ``MAX_RESPONSE_BYTES``); past either the client stops with InputError
     instead of paging or buffering forever (issue 11).
+
+    ``max_requests_per_minute`` paces every request (retries too) to stay under
+    an EHR's published limit; ``pacer`` passes a ``RateLimiter`` instead (one
+    shared by several clients, or a test's clock).  Either way 429 holds all
+    callers of the pacer.
     """
 
     def __init__(
@@ -374,11 +386,18 @@ class FhirClient:
         sleep: Callable[[float], None] = time.sleep,
         max_pages: int = MAX_PAGES,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_requests_per_minute: float | None = None,
+        pacer: RateLimiter | None = None,
     ) -> None:
+        if pacer is not None and max_requests_per_minute is not None:
+            raise UsageError("give FhirClient a max_requests_per_minute or a pacer, not both")
         if timeout <= 0 or retries < 0 or backoff < 0 or max_retry_after < 0:
             raise UsageError("timeout must be positive; retries, backoff and max_retry_after must not be negative")
         if max_pages < 1 or max_response_bytes < 1:
             raise UsageError("max_pages and max_response_bytes must be positive")
+        if pacer is None:
+            pacer = RateLimiter(max_requests_per_minute, what="max_requests_per_minute", sleep=sleep)
+        self._pacer = pacer
         self.max_pages = max_pages
         self.max_response_bytes = max_response_bytes
         self.base_url = _normal_base(base_url)
@@ -573,6 +592,7 @@ class FhirClient:
         attempt = 0
         while True:
             attempt += 1
+            self._pacer.wait()
             self.round_trips += 1
             started = time.monotonic()
             try:
@@ -616,6 +636,8 @@ class FhirClient:
                     else min(waited, self.max_retry_after)
                 )
                 response.close()
+                if response.status_code == 429 and waited is not None:
+                    self._pacer.hold_for(delay)  # the other threads wait too; this one sleeps below
             log.info("%s /%s: retry %d of %d in %.1f s", method, logged, attempt, self.retries, delay)
             self._sleep(delay)
 

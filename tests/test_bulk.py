@@ -10,6 +10,7 @@ import responses
 
 from fhir_plugin._bulk import BulkExporter, ExportRequest, kickoff_url
 from fhir_plugin._errors import NotFound, ServerError, TransportError, UsageError
+from fhir_plugin._pace import RateLimiter
 
 BASE = "https://ehr.example/fhir"
 STATUS = f"{BASE}/$export-poll-status?_jobId=42"
@@ -184,3 +185,50 @@ def test_an_export_that_fails_or_expires_leaves_the_previous_results_as_they_wer
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert {k: v for k, v in after.items() if k.parts[0] != "export"} == before  # nothing new, nothing changed
     assert not [p.name for p in (tmp_path / "export").glob("*Condition.ndjson*")]  # the failed file: not even a part
+
+
+@responses.activate
+def test_every_export_request_waits_its_turn_at_the_rate(tmp_path):
+    _kickoff_and_poll(responses, manifest())
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, status=202)
+    slept: list[float] = []
+    pacer = RateLimiter(60, clock=lambda: sum(slept), sleep=slept.append)  # one a second; time is what was slept
+    BulkExporter(BASE, tmp_path, max_wait=5, sleep=slept.append, pacer=pacer).run(ExportRequest())
+    # kick-off at 0; first poll 1 s later; the poll's own 5 s wait (Retry-After capped); the second poll is
+    # already past its slot; then the two files and the DELETE, 1 s apart
+    assert len(responses.calls) == 6 and slept == [1.0, 5.0, 1.0, 1.0, 1.0]
+
+
+@responses.activate
+def test_a_429_during_the_export_holds_the_shared_pacer(tmp_path):
+    class Pacer:
+        def __init__(self):
+            self.waits, self.holds = 0, []
+
+        def wait(self):
+            self.waits += 1
+
+        def hold_for(self, seconds):
+            self.holds.append(seconds)
+
+    responses.get(STATUS, status=429, headers={"Retry-After": "90"})
+    responses.get(STATUS, status=200, json=manifest())
+    pacer = Pacer()
+    BulkExporter(BASE, tmp_path, max_wait=30, sleep=lambda s: None, pacer=pacer).poll(STATUS)
+    assert pacer.waits == 2 and pacer.holds == [30]  # Retry-After capped by max_wait, like the poll's own wait
+
+
+def test_the_population_command_refuses_a_rate_it_cannot_use(tmp_path, capsys):
+    from fhir_plugin._cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["population", "--ndjson", str(tmp_path), "--out", out, "--max-requests-per-minute", "60"]) == 2
+    assert "--max-requests-per-minute applies to --server" in capsys.readouterr().err
+    assert main(["population", "--server", BASE, "--out", out, "--max-requests-per-minute", "0"]) == 2
+    assert "--max-requests-per-minute must be a positive number, not 0" in capsys.readouterr().err
+    # a write rate that cannot work is refused before any export or Spark job, not after them
+    assert main(["population", "--server", BASE, "--out", out, "--write", "--max-writes-per-minute", "0"]) == 2
+    assert "--max-writes-per-minute must be a positive number, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "export").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 from email.utils import formatdate
 
 import pytest
@@ -36,6 +37,7 @@ from fhir_plugin._errors import (
     TransportError,
     UsageError,
 )
+from fhir_plugin._pace import RateLimiter
 
 BASE = "http://fhir.test:8080/fhir"
 TOKEN = "tok-3f9c-SECRET-a81e"
@@ -141,9 +143,14 @@ def sleeps() -> list[float]:
     return []
 
 
+def slept_time(sleeps: list[float], per_minute: float | None = None) -> RateLimiter:
+    """A pacer whose clock is the time slept so far: the client's waits and the pacer's on one timeline."""
+    return RateLimiter(per_minute, clock=lambda: sum(sleeps), sleep=sleeps.append)
+
+
 @pytest.fixture
 def client(sleeps):
-    with FhirClient(BASE, token=TOKEN, sleep=sleeps.append) as c:
+    with FhirClient(BASE, token=TOKEN, sleep=sleeps.append, pacer=slept_time(sleeps)) as c:
         yield c
 
 
@@ -399,7 +406,7 @@ def test_retry_after_is_capped_by_max_retry_after(mock, sleeps):
     mock.get(url, status=429, headers={"Retry-After": "3600"})
     mock.get(url, json=patient())
 
-    with FhirClient(BASE, max_retry_after=10, sleep=sleeps.append) as client:
+    with FhirClient(BASE, max_retry_after=10, sleep=sleeps.append, pacer=slept_time(sleeps)) as client:
         client.read("Patient", "p1")
     assert sleeps == [10]
 
@@ -415,6 +422,71 @@ def test_429_is_retried_even_for_a_plain_create(mock, client, sleeps):
 
     client.transaction(bundle)
     assert client.round_trips == 2 and sleeps == [1.0]
+
+
+def test_max_requests_per_minute_spaces_every_attempt_retries_included(mock, sleeps):
+    mock.get(f"{BASE}/Patient/p1", status=503)
+    mock.get(f"{BASE}/Patient/p1", json=patient())
+    mock.get(f"{BASE}/Patient/p2", json=patient("p2"))
+
+    with FhirClient(BASE, backoff=0, sleep=sleeps.append, pacer=slept_time(sleeps, 30)) as client:
+        client.read("Patient", "p1")
+        client.read("Patient", "p2")
+    # 30 a minute: 2 s between attempts; the 503's own backoff (0 here) does not count as a slot
+    assert client.round_trips == 3 and sleeps == [0.0, 2.0, 2.0]
+
+
+def test_without_a_rate_a_normal_run_never_sleeps(mock, sleeps):
+    mock.post(BASE, json=full_record_answer())
+    mock.get(f"{BASE}/Patient/p1", json=patient())
+
+    with FhirClient(BASE, sleep=sleeps.append) as client:
+        client.read_patient_record("p1")
+        for _ in range(20):
+            client.read("Patient", "p1")
+    assert sleeps == []
+
+
+def test_a_429_one_thread_gets_holds_the_other_threads_next_request(mock):
+    mock.get(f"{BASE}/Patient/a", status=429, headers={"Retry-After": "3"})
+    mock.get(f"{BASE}/Patient/a", json=patient("a"))
+    mock.get(f"{BASE}/Patient/b", json=patient("b"))
+    held, b_done = threading.Event(), threading.Event()
+    paced: list[tuple[str, float]] = []  # (thread, seconds) the pacer made it wait; the clock stays at 0
+
+    def pacer_sleep(seconds: float) -> None:
+        paced.append((threading.current_thread().name, seconds))
+
+    def client_sleep(seconds: float) -> None:  # thread a waits out its own 429 here, while b goes on
+        held.set()
+        b_done.wait(timeout=5)
+
+    client = FhirClient(BASE, sleep=client_sleep, pacer=RateLimiter(None, clock=lambda: 0.0, sleep=pacer_sleep))
+
+    def read_b() -> None:
+        held.wait(timeout=5)
+        client.read("Patient", "b")
+        b_done.set()
+
+    threads = [
+        threading.Thread(target=client.read, args=("Patient", "a"), name="a"),
+        threading.Thread(target=read_b, name="b"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+
+    assert ("b", 3.0) in paced  # b was held the 3 s the server asked of a
+    assert [c.request.url.rsplit("/", 1)[-1] for c in mock.calls] == ["a", "b", "a"]
+
+
+def test_a_request_rate_must_be_positive_and_given_once():
+    for rate in (0, -1):
+        with pytest.raises(UsageError, match="max_requests_per_minute must be a positive number"):
+            FhirClient(BASE, max_requests_per_minute=rate)
+    with pytest.raises(UsageError, match="not both"):
+        FhirClient(BASE, max_requests_per_minute=60, pacer=RateLimiter(60))
 
 
 def test_a_burst_of_503_is_ridden_out_with_growing_bounded_waits(mock, client, sleeps):

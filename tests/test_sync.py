@@ -407,6 +407,33 @@ def test_command_line_usage_errors(tmp_path, capsys):
     assert main(["sync", "--server", BASE, "--concurrency", "0", "--state", str(tmp_path / "s")]) == 2
 
 
+def test_the_command_paces_its_one_client_at_max_requests_per_minute(tmp_path, monkeypatch):
+    from fhir_plugin._cli import sync as command
+    from fhir_plugin._sync import SyncResult
+
+    used = []
+
+    def fake_run_sync(client, checkpoint, options, **_):
+        used.append(client)
+        return SyncResult(1, "patients")
+
+    monkeypatch.setattr(command, "run_sync", fake_run_sync)
+    state = str(tmp_path / "s")
+    args = ["sync", "--server", BASE, "--patient", "p1", "--state", state, "--report", str(tmp_path / "r")]
+    assert main([*args, "--max-requests-per-minute", "250"]) == 0
+    assert main(args) == 0
+    assert [client._pacer.per_minute for client in used] == [250, None]
+
+
+@pytest.mark.parametrize("rate", ["0", "-5"])
+def test_a_rate_that_is_not_positive_is_refused_in_one_sentence(tmp_path, capsys, rate):
+    args = ["sync", "--server", BASE, "--all", "--state", str(tmp_path / "s"), "--max-requests-per-minute", rate]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fhir-plugin: --max-requests-per-minute must be a positive number, not {rate}"
+    assert not (tmp_path / "s").exists()  # refused before the state file or the server is touched
+
+
 def test_progress_goes_to_stderr_and_report_lines_carry_no_names(cases, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     server = FakeServer(cases)

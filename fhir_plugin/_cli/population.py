@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import UsageError
+from .._pace import RateLimiter
 from .._profile import DEFAULT_PROFILE, load_profile
 from ._common import add_auth_options, authenticate_job, parse_today, subparser, write_allowed_by
 
@@ -93,6 +94,13 @@ def add_parser(sub: Any, epilog: str) -> None:
         "--max-writes-per-minute", type=float, metavar="N", help="rate limit for --write (default: none)"
     )
     parser.add_argument(
+        "--max-requests-per-minute",
+        type=float,
+        metavar="N",
+        help="with --server: at most N requests a minute, export and write-back (default: no limit); keep under "
+        "the EHR's published limit: every request counts, retries and status polls included",
+    )
+    parser.add_argument(
         "--profile", metavar="CODE", default=DEFAULT_PROFILE, help=f"condition profile (default {DEFAULT_PROFILE})"
     )
     parser.add_argument(
@@ -131,6 +139,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--group, --since, --type and --type-filter apply to an export (--server)")
     if args.max_writes_per_minute is not None and not args.write:
         raise UsageError("--max-writes-per-minute applies to --write")
+    if args.max_writes_per_minute is not None and not args.max_writes_per_minute > 0:
+        # refused before the export and the Spark job, not after them
+        raise UsageError(f"--max-writes-per-minute must be a positive number, not {args.max_writes_per_minute:g}")
+    if args.max_requests_per_minute is not None and not args.server:
+        raise UsageError("--max-requests-per-minute applies to --server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     from .._population._report import WORKLIST_COLUMNS, render_html, render_terminal, summarize
 
     _check_args(args)
+    # one pacer for every request of the run, export and write-back: the EHR meters the app
+    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute")
     import pyarrow as pa
 
     # Arrow's default allocator keeps what it frees: reading the results back, the driver grew with the
@@ -184,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.export_timeout,
             progress=sys.stderr,
             on_waiting=start_spark_meanwhile,
+            pacer=pacer,
         )
         exported = time.monotonic()
         files, export_issues = exporter.run(request, fresh=args.fresh_export)
@@ -238,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.write:
-        _write(args, result.parquet, session, token, out, iter_rows, creatable=creatable)
+        _write(args, result.parquet, session, token, out, iter_rows, creatable=creatable, pacer=pacer)
     return 0 if summary.worklist_total == 0 else 1
 
 
@@ -251,15 +267,16 @@ def _write(
     iter_rows: Any,
     *,
     creatable: frozenset[str] | None = None,
+    pacer: RateLimiter | None = None,
 ) -> None:
     """The write-back through the writer the server and the grant call for (``creatable``: what the token may
     create), as the sync job writes: the drafts in the forms allowed, and what could not be written named."""
     from .._client import FhirClient
-    from .._population._writeback import WRITE_LOG, RateLimiter, WriteLog, write_back
+    from .._population._writeback import WRITE_LOG, WriteLog, write_back
     from .._strategies import detected_strategies
 
     with (
-        FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client,
+        FhirClient(args.server, session=session, token=token, timeout=args.timeout, pacer=pacer) as client,
         WriteLog(out / WRITE_LOG) as log,
     ):
         # the ledger (servers without conditional create) lives beside the write log (issue 12, writer c)
@@ -268,7 +285,7 @@ def _write(
             iter_rows(parquet, ("patient", "drafts_allowed", "drafts")),
             writer,
             log,
-            RateLimiter(args.max_writes_per_minute),
+            RateLimiter(args.max_writes_per_minute, what="--max-writes-per-minute"),
             progress=sys.stderr,
         )
     print(

@@ -14,6 +14,7 @@ from .._checkpoint import DEFAULT_STATE, Checkpoint
 from .._client import FhirClient
 from .._errors import UsageError
 from .._ledger import DEFAULT_LEDGER
+from .._pace import RateLimiter
 from .._profile import DEFAULT_PROFILE, load_profile
 from .._sync import (
     DEFAULT_MAX_TRANSPORT_ERRORS,
@@ -59,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     strategy_options(parser, ledger_where=f"{DEFAULT_LEDGER} beside --state")
     parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="patients in flight (default 4)")
+    parser.add_argument(
+        "--max-requests-per-minute",
+        type=float,
+        metavar="N",
+        help="at most N requests a minute, all threads together (default: no limit); keep under the EHR's "
+        "published limit: every request counts, retries included",
+    )
     parser.add_argument(
         "--state", metavar="FILE", default=DEFAULT_STATE, help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})"
     )
@@ -115,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         args.strategy,
         ledger,
     )
+    # one pacer for the threads: the EHR meters the app, and a 429 holds them all (checked before signing in)
+    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute")
     profile = load_profile(args.profile)
     session, auth = _session(args, selection, options.concurrency)
     # what the token was granted decides whether and what this run writes (issue 12, item 5)
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with (
             Checkpoint(args.state) as checkpoint,
-            FhirClient(args.server, session=session, token=token, timeout=args.timeout) as client,
+            FhirClient(args.server, session=session, token=token, timeout=args.timeout, pacer=pacer) as client,
         ):
             out = sys.stdout if args.report == "-" else _open_report(args.report)
             try:

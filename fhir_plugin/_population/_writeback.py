@@ -12,44 +12,18 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._errors import PluginError, UsageError
+from .._errors import PluginError
+from .._pace import RateLimiter
 from .._write import DraftWriter
 
 __all__ = ["RateLimiter", "WriteLog", "WriteSummary", "write_back", "WRITE_LOG"]
 
 WRITE_LOG = "writeback.sqlite"
-
-
-class RateLimiter:
-    """At most ``per_minute`` calls a minute, evenly spaced (None: no limit)."""
-
-    def __init__(
-        self,
-        per_minute: float | None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if per_minute is not None and per_minute <= 0:
-            raise UsageError("--max-writes-per-minute must be a positive number")
-        self._interval = 60.0 / per_minute if per_minute else 0.0
-        self._clock = clock
-        self._sleep = sleep
-        self._next: float | None = None
-
-    def wait(self) -> None:
-        if not self._interval:
-            return
-        now = self._clock()
-        if self._next is not None and now < self._next:
-            self._sleep(self._next - now)
-            now = self._next
-        self._next = now + self._interval
 
 
 class WriteLog:
