@@ -783,3 +783,53 @@ def test_backend_services_against_the_sandbox_ehr(fhir_base_url, tmp_path):
         assert requests.get(f"{ehr.fhir_base_url}/Patient/{_pid(patients[0])}", timeout=30).status_code == 401
     assert summary["error"] == 0 and len(lines) == 3
     assert_each_draft_once(fhir_base_url, expected_drafts(patients))
+
+
+def test_a_metered_ehr_fails_no_patient_and_paced_under_its_limit_refuses_nothing(fhir_base_url, tmp_path):
+    """The sandbox EHR meters the job at 5 calls a second (429 with Retry-After past it), as an EHR with a
+    published limit does.  Four threads unpaced: refused calls, held and retried, and every patient checked.
+    Paced at 4 a second (``--max-requests-per-minute 240``): not one call refused."""
+    ehr_module = pytest.importorskip("sandbox.ehr")
+    patients = prefixed("meter", None, needing=False)[:12]  # a dry run: reads only
+    load(fhir_base_url, patients, group=f"sync-meter-{SESSION}")
+    key_path = tmp_path / "meter.pem"
+    key_path.write_bytes(ECKey.generate_key("P-384", private=True).as_pem(private=True))
+    from fhir_plugin._backend_auth import load_signing_key
+
+    jwk = load_signing_key(key_path).public_jwk()
+    refused, reports = [], []
+    with ehr_module.running_ehr(fhir_base_url, rate_limit=(5, 1.0)) as ehr:
+        for run in ("unpaced", "paced"):  # an app each: the meter counts per app
+            ehr.clients.register(
+                ehr_module.Client(
+                    run, scope=["system/*.read"], token_endpoint_auth_method="private_key_jwt", jwks={"keys": [jwk]}
+                )
+            )
+        for run, pacing in (("unpaced", []), ("paced", ["--max-requests-per-minute", "240"])):
+            ehr.proxy.answered.clear()
+            code = sync(
+                "--server",
+                ehr.fhir_base_url,
+                "--group",
+                f"sync-meter-{SESSION}",
+                "--concurrency",
+                "4",
+                "--client-id",
+                run,
+                "--key",
+                str(key_path),
+                "--state",
+                str(tmp_path / f"{run}.sqlite"),
+                "--report",
+                str(tmp_path / f"{run}.jsonl"),
+                *pacing,
+            )
+            refused.append(sum(1 for _, _, status in ehr.proxy.answered if status == 429))
+            reports.append((code, *read_report(tmp_path / f"{run}.jsonl")))
+    print(f"\n429s: unpaced {refused[0]}, paced {refused[1]}")
+    for code, lines, [summary] in reports:
+        assert code in (0, 1) and summary["error"] == 0  # gaps found is 1; no patient failed
+        assert sorted(x["patient"] for x in lines) == sorted(f"Patient/{_pid(p)}" for p in patients)
+        assert all(x["status"] in ("complete", "gaps", "refused") for x in lines)
+    assert refused[0] > 0  # the meter did refuse the unpaced job, and the job rode it out
+    assert refused[1] == 0
