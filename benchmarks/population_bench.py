@@ -20,7 +20,11 @@ in the same run on the same machine.
 ``hapi``: loads ``--patients`` synthetic patients (and a Group of them) into a HAPI that
 offers ``$export`` (our sandbox), then times, each as its own command, ``population --server
 --group`` (kick-off, poll, download, Spark) and ``sync --group`` (check only, the per-patient
-path).  Not a timed test: the figures go to docs/benchmarks-population.md.
+path).  With ``--rate-limit N`` both go through the sandbox EHR in front of that HAPI, metered at
+N calls a minute per app (as eClinicalWorks is, at 250), each authenticated as a backend client
+(SMART Backend Services, a key made here); the sync job then paces itself under the limit
+(``--max-requests-per-minute N``), as an operator runs it against such an EHR.  Not a timed test:
+the figures go to docs/benchmarks-population.md.
 """
 
 from __future__ import annotations
@@ -230,6 +234,11 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="population-bench-hapi-"))
     env = {**os.environ, **primed_cache(work)}  # both paths with the machine's cache, as a user has it
     runs = []
+    ehr = None
+    auth: list[str] = []
+    if args.rate_limit:
+        ehr, auth = _metered_ehr(base, args.rate_limit, work)
+        base = ehr.fhir_base_url
 
     def export_cmd(out: str) -> list[str]:
         """Each export run in its own folder: a finished export in the folder would be reused, not redone."""
@@ -246,6 +255,7 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
             TODAY.isoformat(),
             "--max-poll-wait",
             "1",
+            *auth,
         ]
 
     connect = (
@@ -271,6 +281,8 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
                 str(work / "sync.jsonl"),
                 "--today",
                 TODAY.isoformat(),
+                *auth,
+                *(["--max-requests-per-minute", str(args.rate_limit)] if args.rate_limit else []),
             ],
         ),
     ):
@@ -285,9 +297,41 @@ def bench_hapi(args: argparse.Namespace) -> list[dict]:
             patients_per_s=round(args.patients / r["wall_s"], 1),
             **_phases(r["stdout"]),
         )
+        if ehr is not None:
+            r["ehr_answers"] = _answers(ehr)
         print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
         runs.append(r)
+    if ehr is not None:
+        ehr.stop()
     return runs
+
+
+def _metered_ehr(upstream: str, per_minute: int, work: Path) -> tuple[object, list[str]]:
+    """The sandbox EHR in front of ``upstream``, metering each app at ``per_minute``; the job's auth options."""
+    from joserfc.jwk import RSAKey
+
+    from fhir_plugin._backend_auth import load_signing_key
+    from sandbox.ehr import Client, start_in_thread
+
+    key = work / "backend.pem"
+    key.write_bytes(RSAKey.generate_key(2048, private=True).as_pem(private=True))
+    key.chmod(0o600)
+    ehr = start_in_thread(upstream, rate_limit=(per_minute, 60.0))
+    jwk = load_signing_key(key).public_jwk()
+    ehr.clients.register(
+        Client("bench", scope=["system/*.read"], token_endpoint_auth_method="private_key_jwt", jwks={"keys": [jwk]})
+    )
+    return ehr, ["--client-id", "bench", "--key", str(key)]
+
+
+def _answers(ehr: object) -> dict[str, int]:
+    """The EHR's answers so far by status (then forgotten): how many calls were made, and how many refused."""
+    answered = ehr.proxy.answered  # type: ignore[attr-defined]
+    counts: dict[str, int] = {}
+    for _, _, status in answered:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    answered.clear()
+    return counts
 
 
 def main() -> None:
@@ -304,6 +348,9 @@ def main() -> None:
     hp.add_argument("--patients", type=int, default=1000)
     hp.add_argument("--remote", help="also through this Spark Connect server (sc://HOST:PORT), started beforehand")
     hp.add_argument("--load-only", action="store_true", help="only load the patients and their Group")
+    hp.add_argument(
+        "--rate-limit", type=int, metavar="N", help="both paths through the sandbox EHR metered at N calls a minute"
+    )
     hp.add_argument("--out", help="results JSON file")
     one = sub.add_parser("one")
     one.add_argument("cmd", nargs=argparse.REMAINDER)
