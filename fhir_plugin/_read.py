@@ -27,7 +27,11 @@ from ._vocab import (
     is_plugin_draft,
 )
 
-__all__ = ["RecordReader", "BatchReader", "PerTypeReader"]
+__all__ = ["RecordReader", "BatchReader", "PerTypeReader", "NOTE_TYPES"]
+
+#: what every reader searches beside the review's types: the plugin's plan notes, and the Provenance
+#: about such a note (SPEC §7.1: a rerun reads a folded plan as drafted); a token needs search on both
+NOTE_TYPES = ("DocumentReference", "Provenance")
 
 #: requests in flight at once for one patient: the Patient read, one search per type and the plan-note
 #: search all go out together, so the read costs about one round trip of latency, as the batch does (issue 12)

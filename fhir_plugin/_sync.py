@@ -55,6 +55,7 @@ from ._checkpoint import Checkpoint, Run
 from ._client import FhirClient, search_matches
 from ._errors import AuthError, LaunchError, PluginError, TransportError, UsageError
 from ._profile import Profile
+from ._read import NOTE_TYPES
 from ._record import CLINICAL_TYPES, patient_id_of, subject_patient_id
 from ._review import review
 from ._strategies import WRITE_TYPES, detected_strategies
@@ -648,19 +649,21 @@ def _work(
 # ---------------------------------------------------------------- the command line
 
 
-def job_scopes(selection: Selection, write: bool) -> ScopeRequest:
+def job_scopes(selection: Selection, write: bool, *, notes: bool = True) -> ScopeRequest:
     """What the job does with each type, for the SMART scopes it asks (spelled v2 or v1 by ``_backend_auth``).
 
-    Least privilege: the review's types are searched; with ``--write`` the
-    drafts and the plan note they may fold into are created (and found again:
-    the ledger writer searches for each, and reads back by id each it made but
-    a Provenance); a Group is read by id.
+    Least privilege: the review's types are searched, and with ``notes`` (the
+    sync job's readers) the plugin's plan notes and their Provenance, so a dry
+    run reads a folded plan as drafted, as a writing run does; with ``--write``
+    the drafts and the plan note they may fold into are created (and found
+    again: the ledger writer searches for each, and reads back by id each it
+    made but a Provenance); a Group is read by id.
     """
     creates = WRITE_TYPES if write else ()
     reads = tuple(t for t in WRITE_TYPES if t != "Provenance") if write else ()
     if selection.mode == "group":
         reads += ("Group",)
-    return ScopeRequest(READ_TYPES, reads, creates)
+    return ScopeRequest(READ_TYPES + (NOTE_TYPES if notes else ()), reads, creates)
 
 
 def default_scope(selection: Selection, write: bool) -> str:

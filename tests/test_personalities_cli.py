@@ -426,3 +426,44 @@ def test_epic_like_refuses_one_observation_search_for_three_patients(ehr, fhir_b
     assert refused == [("GET", "/Observation", 400)]  # the first patient's plain search, and no other
     for record, same in zip(records, direct, strict=True):
         assert record.counts() == same.counts()  # every Observation read, per category
+
+
+def test_a_dry_run_after_a_write_reads_the_written_plan_as_drafted(ehr, fhir_base_url, tmp_path):
+    """SPEC §7.1 on every personality: after ``sync --write`` (the plan folded into a note where the EHR
+    takes no CarePlan), a ``sync`` without ``--write`` reads the written plan as drafted, so it reports
+    no treatment-plan gap.  The job asks for what its reader searches, the plan notes and their
+    Provenance included, and no read is refused for want of a scope."""
+    today = dt.date.today()
+    pid = load_fresh_case(fhir_base_url, _chart("missing-onset", today)).patient_id
+    lines = {}
+    ehr.proxy.answered.clear()
+    for run, extra in (("write", ["--write"]), ("dry", [])):
+        done = _cli(
+            "sync",
+            "--server",
+            ehr.fhir_base_url,
+            "--patient",
+            pid,
+            "--today",
+            today.isoformat(),
+            "--client-id",
+            ehr.client_id,
+            "--key",
+            str(ehr.key_path),
+            "--state",
+            str(tmp_path / f"{run}.sqlite"),
+            "--report",
+            str(tmp_path / f"{run}.jsonl"),
+            *extra,
+        )
+        assert done.returncode == 0, done.stderr
+        lines[run] = next(
+            json.loads(x) for x in (tmp_path / f"{run}.jsonl").read_text().splitlines() if '"patient"' in x
+        )
+    refused = [a for a in ehr.proxy.answered if a[2] in (401, 403)]
+    forget_folded_drafts(fhir_base_url, pid)
+    print(f"\n{ehr.personality}: {lines}")
+    assert lines["write"]["written"]["created"]  # the drafts were written
+    assert "treatment-plan" in lines["write"]["gaps"]  # read before the write: no plan yet
+    assert "treatment-plan" not in lines["dry"]["gaps"] and "onset" in lines["dry"]["gaps"]
+    assert refused == []

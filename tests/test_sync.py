@@ -159,6 +159,8 @@ def test_instants():
 def test_default_scopes_are_least_privilege():
     read = default_scope(Selection(), write=False)
     assert "system/Condition.rs" in read and ".c" not in read and "Group" not in read
+    # a dry run searches the plugin's plan notes and their Provenance too (SPEC §7.1), so it asks to
+    assert {"system/DocumentReference.rs", "system/Provenance.rs"} <= set(read.split())
     write = default_scope(Selection(group="g"), write=True)
     # create asked apart from read (issue 12, item 5): a server that refuses the create keeps the read
     assert {

@@ -123,7 +123,9 @@ def _session(args: argparse.Namespace) -> tuple[Any, str | None, frozenset[str] 
     from .._sync import Selection, job_scopes
 
     session = requests.Session()
-    auth = authenticate_job(args, session, job_scopes(Selection((), args.group, not args.group, None), args.write))
+    # the export's types only: the population reads no plan notes (the NDJSON is what it checks)
+    scopes = job_scopes(Selection((), args.group, not args.group, None), args.write, notes=False)
+    auth = authenticate_job(args, session, scopes)
     # no create granted: the run reports and writes nothing, and says so; some granted: the write-back
     # creates only those, the rest folded or named as not written, as the sync job does (issue 12, item 5)
     args.write, creatable = write_allowed_by(auth.granted, args.write, "population")
