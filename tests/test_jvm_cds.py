@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,40 @@ def test_other_jars_or_options_need_their_own_archive(spark_home, cache):
     assert cds_options(spark_home, "-XX:+UseParallelGC", pid=1) != first
     (spark_home / "jars" / "spark-sql.jar").write_bytes(b"y")
     assert cds_options(spark_home, "-XX:+UseSerialGC", pid=1) != first
+
+
+def test_the_same_jars_installed_elsewhere_need_their_own_archive(spark_home, cache, tmp_path):
+    """The JVM checks the class path by path (and each jar's time): an archive recorded in another
+    virtual environment is refused, so another install records its own."""
+    first = cds_options(spark_home, pid=1)
+    elsewhere = tmp_path / "other-venv" / "spark"
+    shutil.copytree(spark_home, elsewhere)
+    assert cds_options(elsewhere, pid=1) != first
+    jar = spark_home / "jars" / "spark-core.jar"
+    os.utime(jar, (1_000_000, 1_000_000))  # the same jar, rewritten
+    assert cds_options(spark_home, pid=1) != first
+
+
+def test_the_cache_keeps_the_archives_used_last(spark_home, cache):
+    cache.mkdir()
+    olds = []
+    for age, key in enumerate("abcde"):
+        old = cache / f"spark-jvm-{key}.jsa"
+        old.write_bytes(b"archive")
+        os.utime(old, (time.time() - 3600 * (age + 1),) * 2)  # a used an hour ago … e five hours ago
+        olds.append(old)
+    stale = cache / "spark-jvm-f.123.part"  # another install's recording, never adopted
+    stale.write_bytes(b"x")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    options = cds_options(spark_home, pid=_dead_pid())  # this install records its own
+    left = sorted(p.name for p in cache.glob("spark-jvm-*.jsa"))
+    assert left == ["spark-jvm-a.jsa", "spark-jvm-b.jsa"]  # with this install's, to come: three kept
+    assert not stale.exists()
+    recording = Path(options.split()[0].split("=", 1)[1])
+    recording.write_bytes(b"archive")
+    _settled(recording)
+    used = Path(cds_options(spark_home).split()[0].split("=", 1)[1])
+    assert used.exists() and time.time() - used.stat().st_mtime < 60  # touched: used last, pruned last
 
 
 def test_switched_off_or_without_java_or_a_writable_cache_nothing_is_added(spark_home, cache, monkeypatch, tmp_path):

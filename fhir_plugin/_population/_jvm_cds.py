@@ -8,8 +8,11 @@ the next start (``-XX:SharedArchiveFile``): measured on one CPU, the session sta
 (docs/benchmarks-population.md).  The first job on a machine records the archive,
 the later ones use it.
 
-The archive belongs to one JVM build and one Spark class path: its name carries a key
-of both, so a new Java or PySpark records a new one.  The JVM writes it as it exits,
+The archive belongs to one JVM build and one Spark class path, by path: the JVM refuses an
+archive recorded with its jars anywhere else (another virtual environment, a CI clone),
+and says so only in the messages turned off here.  Its name carries a key of both, so a
+new Java, PySpark or install records its own; the cache keeps the few archives used
+last (``_KEEP``) and deletes the rest.  The JVM writes it as it exits,
 after the Python driver that started it may have gone, so it is written under a
 name of its own (the recording driver's process id) and put in place by a later
 start, once that process has ended and the file has been still for ten seconds:
@@ -35,6 +38,10 @@ CDS_SWITCH = "FHIR_PLUGIN_SPARK_CDS"
 _QUIET = "-Xlog:cds*=off"
 #: a recording untouched this long, by a process that has ended, is complete (the JVM writes it in a second or two)
 _SETTLE_SECONDS = 10
+#: archives kept (the ones used last; each is 150–200 MB): this install's and a few others'
+_KEEP = 3
+#: a recording for another key, untouched this long, was left by an install that never came back for it
+_STALE_PART_SECONDS = 24 * 3600
 
 
 def _java() -> Path | None:
@@ -51,8 +58,11 @@ def _key(java: Path, spark_home: Path, jvm_options: str) -> str:
         stat = part.stat()
         digest.update(f"{part}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     jars = spark_home / "jars"
+    # by path and modification time, as the JVM checks the class path it was recorded with
+    digest.update(f"{jars}\n".encode())
     for jar in sorted(jars.glob("*.jar")) if jars.is_dir() else ():
-        digest.update(f"{jar.name}:{jar.stat().st_size}\n".encode())
+        stat = jar.stat()
+        digest.update(f"{jar.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     digest.update(jvm_options.encode())
     return digest.hexdigest()[:16]
 
@@ -83,6 +93,18 @@ def _adopt_recorded(folder: Path, archive: Path) -> None:
             part.unlink(missing_ok=True)
 
 
+def _prune(folder: Path, archive: Path) -> None:
+    """Keep ``archive`` and the archives used last (``_KEEP`` in all); drop stale recordings of other keys."""
+    others = sorted(
+        (a for a in folder.glob("spark-jvm-*.jsa") if a != archive), key=lambda a: a.stat().st_mtime, reverse=True
+    )
+    for old in others[_KEEP - 1 :]:
+        old.unlink(missing_ok=True)
+    for part in folder.glob("spark-jvm-*.part"):
+        if not part.name.startswith(archive.stem + ".") and time.time() - part.stat().st_mtime > _STALE_PART_SECONDS:
+            part.unlink(missing_ok=True)
+
+
 def cds_options(spark_home: Path, jvm_options: str = "", *, pid: int | None = None) -> str:
     """The JVM options that use this machine's archive, or record it when there is none ("" when off).
 
@@ -100,6 +122,9 @@ def cds_options(spark_home: Path, jvm_options: str = "", *, pid: int | None = No
         folder.mkdir(parents=True, exist_ok=True)
         archive = folder / f"spark-jvm-{_key(java, spark_home, jvm_options)}.jsa"
         _adopt_recorded(folder, archive)
+        if archive.exists():
+            os.utime(archive)  # used now: the last to be pruned
+        _prune(folder, archive)
     except OSError:
         return ""  # no writable cache: the job runs as it would without the archive
     if archive.exists():
