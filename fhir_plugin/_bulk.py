@@ -38,6 +38,7 @@ import requests
 from ._client import _is_outcome, _normal_base, _outcome_text, resolve_url, retry_after_seconds
 from ._errors import NotFound, ServerError, TransportError, UsageError
 from ._pace import RateLimiter
+from ._vocab import PLAN_NOTE_TYPE
 
 __all__ = [
     "ExportRequest",
@@ -47,6 +48,7 @@ __all__ = [
     "kickoff_url",
     "parse_manifest",
     "EXPORT_TYPES",
+    "PLAN_NOTE_FILTER",
     "STATE_FILE",
 ]
 
@@ -54,6 +56,8 @@ log = logging.getLogger("fhir_plugin.bulk")
 
 #: the resource types the population check reads (SPEC §3), and the Patient for the banner
 EXPORT_TYPES = ("Patient", "Encounter", "Condition", "Observation", "CarePlan")
+#: the plugin's plan-of-care notes only (``--plan-notes``): where its plan is on an EHR without CarePlan create
+PLAN_NOTE_FILTER = f"DocumentReference?type={PLAN_NOTE_TYPE['system']}|{PLAN_NOTE_TYPE['code']}"
 STATE_FILE = "export.json"
 _CHUNK = 1 << 16
 

@@ -108,3 +108,46 @@ def test_a_note_that_is_not_the_plugins_own_plan_is_no_plan():
         changed_record = PatientRecord(after.patient_id, resources)
         assert drafted_plans(changed_record) == []
         assert existing_in(changed_record, PROFILE).written == ()
+
+
+def test_the_population_row_reads_the_written_note_as_the_plan_and_skips_other_notes():
+    """``population --plan-notes``: the export's DocumentReference lines reach the row; only the plugin's own
+    plan note is kept (as the reader keeps it), any other note is skipped, not evidence and not a problem."""
+    from fhir_plugin._population._rows import key_line, patient_row
+
+    case, record, folded = _folded(EPIC_LIKE)
+    after = _on_the_server(record, folded)
+    clinician_note = {
+        "resourceType": "DocumentReference",
+        "id": "clin1",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18776-5"}]},
+        "subject": {"reference": f"Patient/{record.patient_id}"},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "cGxhbg=="}}],
+        "description": "Right calf atrophy: onset three weeks ago, painful exam",  # no evidence for anything
+    }
+    unlinked = {"resourceType": "DocumentReference", "id": "x", "status": "current", "content": []}
+    lines = [("f.ndjson", i, json.dumps(r)) for i, r in enumerate((*after.resources, clinician_note), 1)]
+    row = patient_row(record.patient_id, lines, PROFILE, today=TODAY, now=NOW)
+    before = patient_row(record.patient_id, lines[: len(record.resources)], PROFILE, today=TODAY, now=NOW)
+
+    assert row["problem"] is None
+    assert json.loads(row["statuses"])["treatment-plan"] == "proposed" and "treatment-plan" not in row["gaps"]
+    assert row["drafts_allowed"] is False
+    assert json.loads(before["statuses"])["treatment-plan"] == "missing" and before["drafts_allowed"] is True
+    # apart from the plan, the row is the one the record without the notes gives
+    same = {k: v for k, v in json.loads(row["statuses"]).items() if k != "treatment-plan"}
+    assert same == {k: v for k, v in json.loads(before["statuses"]).items() if k != "treatment-plan"}
+    assert key_line(json.dumps(unlinked)) is None  # a note with no patient is skipped, not reported
+
+
+def test_the_population_row_of_a_note_whose_provenance_is_not_exported_offers_the_set_again():
+    """Oracle-like: the Provenance about the note is outside the patient compartment a Group export follows.
+    The note still reads as the proposed plan; the set counts as not complete, so its drafts are offered."""
+    from fhir_plugin._population._rows import patient_row
+
+    case, record, folded = _folded(ORACLE_LIKE)
+    after = _on_the_server(record, folded, leave_out="Provenance")
+    lines = [("f.ndjson", i, json.dumps(r)) for i, r in enumerate(after.resources, 1)]
+    row = patient_row(record.patient_id, lines, PROFILE, today=TODAY, now=NOW)
+    assert json.loads(row["statuses"])["treatment-plan"] == "proposed" and row["drafts_allowed"] is True

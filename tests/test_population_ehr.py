@@ -9,6 +9,7 @@ offer is refused with the EHR's words.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import uuid
@@ -21,7 +22,7 @@ from joserfc.jwk import RSAKey
 from fhir_plugin._backend_auth import fetch_token, load_signing_key
 from fhir_plugin._cli import main
 from fhir_plugin.synthetic import generate_cases, load_into_server, renamed_case
-from sandbox.testing import put_group
+from sandbox.testing import forget_folded_drafts, needing_drafts, put_group
 
 pytestmark = [pytest.mark.server, pytest.mark.spark]
 
@@ -147,3 +148,63 @@ def test_an_export_through_an_epic_like_ehr_gives_the_cli_reports_and_only_its_a
         assert row["code_fit"] == report["code_fit"]["status"]
         assert row["complete"] is report["complete"]
         assert row["referral"] is report["referral_recommended"]
+
+
+def test_after_a_write_back_into_notes_plan_notes_reads_the_written_plans(sandbox_hapi_url, spark, tmp_path, capsys):
+    """On epic-like the plan is written as a note (no CarePlan create).  The next run reads it as the drafted
+    plan with ``--plan-notes`` (the export then holds the plugin's plan notes): no treatment-plan gap, no
+    drafts offered again; without it the plan reads as missing, and the write-back said to add it."""
+    from sandbox.ehr import running_ehr
+
+    tag = "ehrpn" + uuid.uuid4().hex[:6]
+    cases = [
+        dataclasses.replace(c, resources=needing_drafts(c.resources))
+        for c in (renamed_case(c, tag) for c in generate_cases(TODAY) if c.key in ("missing-onset", "missing-severity"))
+    ]
+    load_into_server(sandbox_hapi_url, cases)
+    group_id = f"fp-{tag}-group"
+    put_group(sandbox_hapi_url, group_id, [c.patient_id for c in cases])
+    key = _key(tmp_path, "app")
+    runs = {}
+    with running_ehr(sandbox_hapi_url, personality="epic-like") as ehr:
+        _register(ehr, "population-app", key, ["system/*.read", "system/*.write"])
+        for run, extra in (("write", ["--write"]), ("plain", []), ("notes", ["--plan-notes"])):
+            code = main(
+                [
+                    "population",
+                    "--server",
+                    ehr.fhir_base_url,
+                    "--group",
+                    group_id,
+                    "--client-id",
+                    "population-app",
+                    "--key",
+                    str(key),
+                    "--out",
+                    str(tmp_path / run),
+                    "--today",
+                    TODAY.isoformat(),
+                    "--max-poll-wait",
+                    "1",
+                    *extra,
+                ]
+            )
+            rows = [json.loads(x) for x in (tmp_path / run / "results.jsonl").read_text().splitlines()]
+            runs[run] = (code, capsys.readouterr().out, {r["patient"]: r for r in rows})
+    for pid in (c.patient_id for c in cases):
+        forget_folded_drafts(sandbox_hapi_url, pid)
+    print({k: (v[0], v[1][-600:]) for k, v in runs.items()})
+
+    _, said, before = runs["write"]
+    assert "Write-back: 2 patients written (4 resources created, 0 already there)" in said
+    assert "give the next run --plan-notes" in said
+    for pid in (c.patient_id for c in cases):
+        assert "treatment-plan" in before[pid]["gaps"] and before[pid]["drafts_allowed"] is True
+        assert "treatment-plan" in runs["plain"][2][pid]["gaps"]  # the notes were not exported
+        after = runs["notes"][2][pid]
+        assert after["statuses"]["treatment-plan"] == "proposed" and "treatment-plan" not in after["gaps"]
+        assert after["drafts_allowed"] is False
+        # the rest of the row is the one before the write
+        assert {k: v for k, v in after["statuses"].items() if k != "treatment-plan"} == {
+            k: v for k, v in before[pid]["statuses"].items() if k != "treatment-plan"
+        }

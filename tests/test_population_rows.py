@@ -145,3 +145,16 @@ def test_population_command_refuses_unclear_sources(tmp_path, capsys):
     assert main(["population", "--out", str(tmp_path), "--ndjson", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "give exactly one source" in err and "--write needs --server" in err and "not a folder" in err
+    assert main(["population", "--out", str(tmp_path), "--ndjson", str(tmp_path), "--plan-notes"]) == 2
+    assert "--plan-notes apply to an export (--server)" in capsys.readouterr().err
+
+
+def test_plan_notes_export_the_plugins_plan_notes_only():
+    from fhir_plugin._bulk import EXPORT_TYPES, PLAN_NOTE_FILTER, ExportRequest, kickoff_url
+
+    _, params = kickoff_url(
+        "https://ehr.test/fhir",
+        ExportRequest("g", types=(*EXPORT_TYPES, "DocumentReference"), type_filters=(PLAN_NOTE_FILTER,)),
+    )
+    assert ("_type", "Patient,Encounter,Condition,Observation,CarePlan,DocumentReference") in params
+    assert ("_typeFilter", "DocumentReference?type=http://loinc.org|18776-5") in params

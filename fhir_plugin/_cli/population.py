@@ -7,6 +7,7 @@ summary and report (``_population._report``) and the write-back (``_population._
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -55,6 +56,13 @@ def add_parser(sub: Any, epilog: str) -> None:
         help="comma-separated _type (default Patient,Encounter,Condition,Observation,CarePlan)",
     )
     export.add_argument("--since", metavar="INSTANT", help="_since: only resources changed after this instant")
+    export.add_argument(
+        "--plan-notes",
+        action="store_true",
+        help="also export the plugin's plan-of-care notes (DocumentReference, _typeFilter on LOINC 18776-5): on an "
+        "EHR that takes the plan as a note (Epic, Oracle Health), a run after a write-back then reads the written "
+        "plans as drafted",
+    )
     export.add_argument(
         "--type-filter",
         metavar="QUERY",
@@ -123,8 +131,10 @@ def _session(args: argparse.Namespace) -> tuple[Any, str | None, frozenset[str] 
     from .._sync import Selection, job_scopes
 
     session = requests.Session()
-    # the export's types only: the population reads no plan notes (the NDJSON is what it checks)
+    # the export's types only: the sync job's note searches are not made here; --plan-notes exports the notes
     scopes = job_scopes(Selection((), args.group, not args.group, None), args.write, notes=False)
+    if getattr(args, "plan_notes", False):
+        scopes = dataclasses.replace(scopes, searches=(*scopes.searches, "DocumentReference"))
     auth = authenticate_job(args, session, scopes)
     # no create granted: the run reports and writes nothing, and says so; some granted: the write-back
     # creates only those, the rest folded or named as not written, as the sync job does (issue 12, item 5)
@@ -137,8 +147,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("give exactly one source: --server URL (a Bulk Data export) or --ndjson DIR")
     if args.write and not args.server:
         raise UsageError("--write needs --server: drafts are written to a FHIR server")
-    if args.ndjson and (args.group or args.since or args.type_filter or args.type):
-        raise UsageError("--group, --since, --type and --type-filter apply to an export (--server)")
+    if args.ndjson and (args.group or args.since or args.type_filter or args.type or args.plan_notes):
+        raise UsageError("--group, --since, --type, --type-filter and --plan-notes apply to an export (--server)")
     if args.max_writes_per_minute is not None and not args.write:
         raise UsageError("--max-writes-per-minute applies to --write")
     if args.max_writes_per_minute is not None and not args.max_writes_per_minute > 0:
@@ -186,11 +196,14 @@ def run(args: argparse.Namespace) -> int:
         spark_start = ThreadPoolExecutor(1, thread_name_prefix="spark-start").submit(start_spark)
 
     if args.server:
-        from .._bulk import EXPORT_TYPES, BulkExporter, ExportRequest
+        from .._bulk import EXPORT_TYPES, PLAN_NOTE_FILTER, BulkExporter, ExportRequest
 
         session, token, creatable = _session(args)
         types = tuple(t.strip() for t in args.type.split(",") if t.strip()) if args.type else EXPORT_TYPES
-        request = ExportRequest(args.group, args.level, types, args.since, tuple(args.type_filter))
+        filters = tuple(args.type_filter)
+        if args.plan_notes:
+            types, filters = (*types, "DocumentReference"), (*filters, PLAN_NOTE_FILTER)
+        request = ExportRequest(args.group, args.level, types, args.since, filters)
         exporter = BulkExporter(
             args.server,
             out / "export",
@@ -297,6 +310,13 @@ def _write(
     )
     for form in summary.forms:
         print(f"Written as: {form}.")
+    if any(f.startswith("CarePlan as DocumentReference") for f in summary.forms) and not getattr(
+        args, "plan_notes", False
+    ):
+        print(
+            "The plans went into plan-of-care notes: give the next run --plan-notes, so its worklist reads them as "
+            "drafted plans rather than missing ones."
+        )
     for draft in summary.not_written:
         print(f"Not written: {draft}.")
     for patient, why in summary.failed:

@@ -18,11 +18,13 @@ from .._profile import Profile
 from .._record import PatientRecord, subject_patient_id, validate_resource
 from .._review import review
 from .._shape import reading_problem
+from .._vocab import PLAN_NOTE_TYPE, is_plugin_draft
 
 __all__ = ["Keyed", "key_line", "patient_row", "problem_row", "ROW_COLUMNS", "READ_TYPES"]
 
-#: the resource types a record is made of (SPEC §3; Patient for the banner); others are skipped
-READ_TYPES = frozenset({"Patient", "Condition", "Observation", "Encounter", "CarePlan"})
+#: the resource types a record is made of (SPEC §3; Patient for the banner; DocumentReference for the
+#: plugin's own plan notes only, SPEC §7.1); others are skipped
+READ_TYPES = frozenset({"Patient", "Condition", "Observation", "Encounter", "CarePlan", "DocumentReference"})
 
 #: one row per patient: the worklist's columns, in order (``_job`` gives their Spark types)
 ROW_COLUMNS = (
@@ -70,10 +72,23 @@ def key_line(text: str) -> Keyed | None:
     if rtype not in READ_TYPES:
         return None
     pid = subject_patient_id(resource)
+    if not pid and rtype == "DocumentReference":
+        return None  # a note is no evidence: only the plugin's own, which name their patient, are read
     if not pid:
         label = f"{rtype}/{resource.get('id', '(no id)')}"
         return Keyed(None, rtype, f"{label} has no subject Patient reference, so it belongs to no record")
     return Keyed(pid, rtype)
+
+
+def own_plan_note(resource: Mapping[str, Any]) -> bool:
+    """A plan-of-care note the plugin wrote (its tag, LOINC 18776-5): the plan on an EHR without CarePlan create."""
+    codings = (resource.get("type") or {}).get("coding") or []
+    return is_plugin_draft(resource) and any(
+        isinstance(c, Mapping)
+        and c.get("system") == PLAN_NOTE_TYPE["system"]
+        and c.get("code") == PLAN_NOTE_TYPE["code"]
+        for c in codings
+    )
 
 
 def _empty_row(patient: str) -> dict[str, Any]:
@@ -124,7 +139,13 @@ def patient_row(
     for file, lineno, text in lines:
         try:
             resource = json.loads(text)
-            if strict_r4:
+            if isinstance(resource, dict) and resource.get("resourceType") == "DocumentReference":
+                # only the plugin's own plan notes, as the sync job's reader keeps them: a note is never
+                # evidence, but a plan written as one is the drafted plan (SPEC §7.1)
+                if not own_plan_note(resource):
+                    continue
+                validate_resource(resource)
+            elif strict_r4:
                 validate_resource(resource)
             elif not isinstance(resource, dict):
                 raise InputError(f"expected a FHIR resource (a JSON object), got {type(resource).__name__}")
