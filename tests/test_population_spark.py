@@ -28,11 +28,25 @@ N = 80  # more than two cycles of the 36 cases, in two files per type
 def population(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ndjson")
     patients = write_ndjson(folder, TODAY, N, file_patients=50)
-    # a line that is not JSON, a resource with no patient, and a type the check does not read
+    # a line that is not JSON, a resource with no patient, and a type the check does not read; then two
+    # clinicians' notes, one a patient's (words that would be evidence, were a note ever evidence), one no
+    # one's: neither is the plugin's plan note, so both are skipped without a problem (SPEC §7.1)
+    first = sorted(patients)[0]
+    note = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18776-5"}]},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "cGxhbg=="}}],
+        "description": "onset three weeks ago; severity 7/10; range of motion reduced; denies fever",
+    }
     (folder / "Extra.ndjson").write_text(
         '{"resourceType":"Medication","id":"m1"}\n'
         '{"resourceType": "Observation", "id": \n'
-        '{"resourceType":"Condition","id":"orphan","code":{"text":"x"}}\n',
+        '{"resourceType":"Condition","id":"orphan","code":{"text":"x"}}\n'
+        + json.dumps(dict(note, id="n1", subject={"reference": f"Patient/{first}"}))
+        + "\n"
+        + json.dumps(dict(note, id="n2"))
+        + "\n",
         encoding="utf-8",
     )
     return folder, patients

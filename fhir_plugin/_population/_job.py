@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import UsageError
+from .._vocab import DRAFT_TAG
 from ._daemon import WARM_R4
 from ._jvm_cds import cds_options
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
@@ -348,6 +349,9 @@ def run_population(
     patient_ref = r"(^|/)Patient/([^/]+)$"
     key = (
         F.when(rtype == "Patient", fields["id"])
+        # a note is read only when it is the plugin's own (``_rows.own_plan_note``): the others, often most of
+        # an export's bytes, stay in the JVM instead of crossing the shuffle to be dropped in Python
+        .when((rtype == "DocumentReference") & ~F.col("text").contains(DRAFT_TAG["system"]), F.lit(""))
         .when(rtype.isin(*READ_TYPES) & ref.rlike(patient_ref), F.regexp_extract(ref, patient_ref, 2))
         .when(rtype.isNotNull() & ~rtype.isin(*READ_TYPES), F.lit(""))  # a type the check does not read
     )
