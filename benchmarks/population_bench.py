@@ -136,13 +136,29 @@ def _phases(stdout: str) -> dict:
 NO_CACHE = {"FHIR_PLUGIN_CACHE": "/dev/null/fhir-plugin-cache"}
 
 
+def _archive_ready(cache: Path) -> bool:
+    """Whether a local job would start on an archive in ``cache`` (one for this Java, these jars, these options)."""
+    from fhir_plugin._population._job import _LOCAL_JVM_OPTIONS, _spark_home
+    from fhir_plugin._population._jvm_cds import cds_options
+
+    saved = os.environ.get("FHIR_PLUGIN_CACHE")
+    os.environ["FHIR_PLUGIN_CACHE"] = str(cache)
+    try:
+        return "SharedArchiveFile" in cds_options(_spark_home(), _LOCAL_JVM_OPTIONS)
+    finally:
+        if saved is None:
+            os.environ.pop("FHIR_PLUGIN_CACHE")
+        else:
+            os.environ["FHIR_PLUGIN_CACHE"] = saved
+
+
 def primed_cache(work: Path) -> dict[str, str]:
     """A cache folder with the ICD-10-CM index and the Spark JVM's archive in it, recorded by a small real job."""
     from sandbox.population import write_ndjson
 
     cache = work / "cache"
     env = {"FHIR_PLUGIN_CACHE": str(cache)}
-    if list(cache.glob("spark-jvm-*.jsa")):
+    if _archive_ready(cache):
         return env
     folder = work / "ndjson-prime"
     write_ndjson(folder, TODAY, 200)
