@@ -294,10 +294,7 @@ class FhirProxy:
             return self._unreachable(exc)
         if self.after_forward is not None:
             self.after_forward(method, "/" + path, answer.status_code, resource)
-        out_headers = {}
-        for name in _FORWARD_RESPONSE_HEADERS:
-            if name in answer.headers:
-                out_headers[name.title()] = self._move(answer.headers[name])
+        out_headers = self._answer_headers(answer)
         data: Any = None
         if answer.content and "json" in answer.headers.get("Content-Type", ""):
             try:
@@ -339,11 +336,7 @@ class FhirProxy:
             answer = self._forward(method, path, query, headers, b"")
         except requests.RequestException as exc:
             return self._unreachable(exc)
-        out_headers = {
-            name.title(): self._move(answer.headers[name])
-            for name in _FORWARD_RESPONSE_HEADERS
-            if name in answer.headers
-        }
+        out_headers = self._answer_headers(answer)
         if call.kind == "kickoff":
             job = _bulk.job_id(answer.headers.get("content-location", ""))
             if answer.status_code == 202 and job:
@@ -411,6 +404,14 @@ class FhirProxy:
         status = 504 if isinstance(exc, requests.Timeout) else 502
         log.warning("FHIR server unreachable: %s", type(exc).__name__)
         return ProxyResponse.fhir(status, outcome("transient", "the FHIR server behind the sandbox did not answer"))
+
+    def _answer_headers(self, answer: requests.Response) -> dict[str, str]:
+        """The upstream answer's headers a client may see, their URLs moved to the proxy."""
+        return {
+            name.title(): self._move(answer.headers[name])
+            for name in _FORWARD_RESPONSE_HEADERS
+            if name in answer.headers
+        }
 
     def _move(self, url: str) -> str:
         upstream = self.config.fhir_upstream
