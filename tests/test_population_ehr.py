@@ -54,6 +54,12 @@ def _token(ehr, client_id: str, key: Path) -> str:
         ).access_token
 
 
+def _population(ehr, key: Path, out: Path, *args: str) -> int:
+    """``fhir-plugin population`` from the EHR as the backend client ``population-app``."""
+    common = ["--client-id", "population-app", "--key", str(key), "--today", TODAY.isoformat(), "--max-poll-wait", "1"]
+    return main(["population", "--server", ehr.fhir_base_url, "--out", str(out), *common, *args])
+
+
 @pytest.fixture(scope="module")
 def group(sandbox_hapi_url):
     tag = "ehrbk" + uuid.uuid4().hex[:6]
@@ -75,25 +81,7 @@ def test_an_export_through_an_epic_like_ehr_gives_the_cli_reports_and_only_its_a
     with running_ehr(sandbox_hapi_url, personality="epic-like") as ehr:
         _register(ehr, "population-app", key, ["system/*.read"])
         _register(ehr, "other-app", other_key, ["system/*.read"])
-        code = main(
-            [
-                "population",
-                "--server",
-                ehr.fhir_base_url,
-                "--group",
-                group_id,
-                "--client-id",
-                "population-app",
-                "--key",
-                str(key),
-                "--out",
-                str(out),
-                "--today",
-                TODAY.isoformat(),
-                "--max-poll-wait",
-                "1",
-            ]
-        )
+        code = _population(ehr, key, out, "--group", group_id)
         printed = capsys.readouterr()
         answered = list(ehr.proxy.answered)
         state = json.loads((out / "export" / "export.json").read_text())
@@ -102,23 +90,7 @@ def test_an_export_through_an_epic_like_ehr_gives_the_cli_reports_and_only_its_a
         status = requests.get(state["status_url"], headers=other, timeout=30)
         files = [requests.get(f["url"], headers=other, timeout=30) for f in state["manifest"]["output"]]
         # and the EHR offers no system-level export: the command says so in the EHR's words
-        refused = main(
-            [
-                "population",
-                "--server",
-                ehr.fhir_base_url,
-                "--level",
-                "system",
-                "--client-id",
-                "population-app",
-                "--key",
-                str(key),
-                "--out",
-                str(tmp_path / "system"),
-                "--today",
-                TODAY.isoformat(),
-            ]
-        )
+        refused = _population(ehr, key, tmp_path / "system", "--level", "system")
         refusal = capsys.readouterr()
 
     assert code == 1  # gaps found
@@ -169,26 +141,7 @@ def test_after_a_write_back_into_notes_plan_notes_reads_the_written_plans(sandbo
     with running_ehr(sandbox_hapi_url, personality="epic-like") as ehr:
         _register(ehr, "population-app", key, ["system/*.read", "system/*.write"])
         for run, extra in (("write", ["--write"]), ("plain", []), ("notes", ["--plan-notes"])):
-            code = main(
-                [
-                    "population",
-                    "--server",
-                    ehr.fhir_base_url,
-                    "--group",
-                    group_id,
-                    "--client-id",
-                    "population-app",
-                    "--key",
-                    str(key),
-                    "--out",
-                    str(tmp_path / run),
-                    "--today",
-                    TODAY.isoformat(),
-                    "--max-poll-wait",
-                    "1",
-                    *extra,
-                ]
-            )
+            code = _population(ehr, key, tmp_path / run, "--group", group_id, *extra)
             rows = [json.loads(x) for x in (tmp_path / run / "results.jsonl").read_text().splitlines()]
             runs[run] = (code, capsys.readouterr().out, {r["patient"]: r for r in rows})
     for pid in (c.patient_id for c in cases):
