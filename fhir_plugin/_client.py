@@ -14,8 +14,8 @@ Every request goes through ``FhirClient._send``, where these rules hold:
   stream the client out of memory;
 - every attempt, retries included, passes the client's pacer first
   (``_pace.RateLimiter``, shared by the threads using the client): at most
-  ``max_requests_per_minute`` a minute when given, and after a 429 whose
-  ``Retry-After`` is usable, no thread sends until it has passed (EHRs meter
+  ``max_requests_per_minute`` a minute when given, and after a 429 or 503
+  whose ``Retry-After`` is usable, no thread sends until it has passed (EHRs meter
   the app, not the request: threads waiting out their own 429s apart would
   spend their retries together);
 - 429 is always retried (the server says it did not act); 502/503/504,
@@ -94,6 +94,8 @@ _REPEATABLE_ENTRY_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})  # idemp
 # was carried out, so those are retried only when repeating is harmless.
 _RETRY_ALWAYS = frozenset({429})
 _RETRY_IF_SAFE = frozenset({502, 503, 504})
+#: statuses whose Retry-After speaks for the whole server, so every thread waits it out (RFC 9110 §10.2.3)
+_HOLD_ALL = frozenset({429, 503})
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
@@ -636,7 +638,7 @@ class FhirClient:
                     else min(waited, self.max_retry_after)
                 )
                 response.close()
-                if response.status_code == 429 and waited is not None:
+                if response.status_code in _HOLD_ALL and waited is not None:
                     self._pacer.hold_for(delay)  # the other threads wait too; this one sleeps below
             log.info("%s /%s: retry %d of %d in %.1f s", method, logged, attempt, self.retries, delay)
             self._sleep(delay)

@@ -447,8 +447,9 @@ def test_without_a_rate_a_normal_run_never_sleeps(mock, sleeps):
     assert sleeps == []
 
 
-def test_a_429_one_thread_gets_holds_the_other_threads_next_request(mock):
-    mock.get(f"{BASE}/Patient/a", status=429, headers={"Retry-After": "3"})
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_429_or_503_one_thread_gets_holds_the_other_threads_next_request(mock, status):
+    mock.get(f"{BASE}/Patient/a", status=status, headers={"Retry-After": "3"})
     mock.get(f"{BASE}/Patient/a", json=patient("a"))
     mock.get(f"{BASE}/Patient/b", json=patient("b"))
     held, b_done = threading.Event(), threading.Event()
