@@ -71,3 +71,30 @@ def test_the_rewritten_statements_choose_each_writer(tmp_path):
     epic = ServerCapabilities.from_statement(rewrite_capabilities(personality("epic-like"), HAPI_LIKE))
     assert not epic.batch and not epic.transaction and not epic.can_create("CarePlan")
     assert epic.can_create("DocumentReference") and not epic.can_create_conditionally("Condition")
+
+
+def test_each_statement_declares_the_export_levels_its_personality_offers():
+    """The $export operations HAPI declares (system, Patient, Group) are kept only where the personality
+    offers that level: a client reading the statement learns it before any kick-off is refused."""
+    export = {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "rest": [
+            {
+                "mode": "server",
+                "operation": [export, {"name": "export-poll-status"}],
+                "resource": [{"type": t, "operation": [dict(export)]} for t in ("Patient", "Group")],
+            }
+        ],
+    }
+
+    def levels(name: str) -> set[str]:
+        [rest] = rewrite_capabilities(personality(name), statement)["rest"]
+        found = {"system"} if any(o["name"] == "export" for o in rest["operation"]) else set()
+        return found | {
+            r["type"].lower() for r in rest["resource"] if any(o["name"] == "export" for o in r["operation"])
+        }
+
+    assert levels("hapi") == {"system", "patient", "group"}
+    assert levels("epic-like") == {"group"}
+    assert levels("oracle-like") == {"patient", "group"}

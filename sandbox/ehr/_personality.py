@@ -158,6 +158,8 @@ def rewrite_capabilities(p: Personality, statement: Mapping[str, Any]) -> dict[s
     for rest in out.get("rest") or []:
         if not isinstance(rest, dict):
             continue
+        if "system" not in p.export_levels:
+            rest["operation"] = [o for o in rest.get("operation") or [] if o.get("name") != "export"]
         if not p.bundles:
             rest["interaction"] = [
                 i for i in rest.get("interaction") or [] if i.get("code") not in ("transaction", "batch")
@@ -168,6 +170,9 @@ def rewrite_capabilities(p: Personality, statement: Mapping[str, Any]) -> dict[s
                 resource["interaction"] = [i for i in resource.get("interaction") or [] if i.get("code") != "create"]
             if not p.conditional_create:
                 resource["conditionalCreate"] = False
+            level = {"Patient": "patient", "Group": "group"}.get(str(rtype))
+            if level and level not in p.export_levels:
+                resource["operation"] = [o for o in resource.get("operation") or [] if o.get("name") != "export"]
             if rtype == "Condition" and p.condition_categories is not None:
                 resource["supportedProfile"] = [
                     prof
