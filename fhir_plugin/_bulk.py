@@ -59,6 +59,8 @@ EXPORT_TYPES = ("Patient", "Encounter", "Condition", "Observation", "CarePlan")
 #: the plugin's plan-of-care notes only (``--plan-notes``): where its plan is on an EHR without CarePlan create
 PLAN_NOTE_FILTER = f"DocumentReference?type={PLAN_NOTE_TYPE['system']}|{PLAN_NOTE_TYPE['code']}"
 STATE_FILE = "export.json"
+#: status answers in a row that say "later" (not 202) before the export is given up as failed
+_TRANSIENT_POLLS = 5
 _CHUNK = 1 << 16
 
 
@@ -274,8 +276,14 @@ class BulkExporter:
         return resolve_url(self.base, location)
 
     def poll(self, status_url: str) -> Manifest:
-        """Poll until the export completes, honouring Retry-After (capped by ``max_wait``)."""
+        """Poll until the export completes, honouring Retry-After (capped by ``max_wait``).
+
+        A status answer that says "later" without failing the job — a gateway's 502/503/504,
+        or a 5xx whose OperationOutcome is ``transient`` (the IG's sign that the job goes on)
+        — is polled again, at most ``_TRANSIENT_POLLS`` times in a row.
+        """
         started = self._clock()
+        transient = 0
         while True:
             response = self._get("GET", status_url, headers=self._headers(status_url, "application/json"))
             if response.status_code == 200:
@@ -286,7 +294,8 @@ class BulkExporter:
                     status=response.status_code,
                     outcome=self._outcome(response),
                 )
-            if response.status_code not in (202, 429):
+            transient = transient + 1 if _transient(response, self._outcome(response)) else 0
+            if response.status_code not in (202, 429) and not 0 < transient <= _TRANSIENT_POLLS:
                 raise ServerError(
                     f"the export failed on the server (HTTP {response.status_code})",
                     status=response.status_code,
@@ -300,10 +309,12 @@ class BulkExporter:
                     f"the export did not finish within {self._timeout:.0f} s; run again to "
                     "keep waiting for the same export"
                 )
-            self._say(
-                f"export: {response.headers.get('X-Progress') or 'in progress'} "
-                f"({elapsed:.0f} s; next look in {wait:.0f} s)"
+            state = (
+                f"the server answered HTTP {response.status_code}, not a verdict on the export"
+                if transient
+                else response.headers.get("X-Progress") or "in progress"
             )
+            self._say(f"export: {state} ({elapsed:.0f} s; next look in {wait:.0f} s)")
             if self._on_waiting is not None:
                 waiting, self._on_waiting = self._on_waiting, None
                 waiting()
@@ -402,6 +413,18 @@ class BulkExporter:
             state.deleted = True
             self._save(state)
         return paths, issues
+
+
+def _transient(response: requests.Response, outcome: Any) -> bool:
+    """A status answer that is no verdict on the export: a gateway's 502/503/504, or a 5xx marked ``transient``."""
+    if response.status_code in (502, 503, 504):
+        return True
+    codes = (
+        {i.get("code") for i in (outcome or {}).get("issue") or [] if isinstance(i, dict)}
+        if _is_outcome(outcome)
+        else set()
+    )
+    return response.status_code >= 500 and "transient" in codes
 
 
 def _manifest_from_state(data: dict[str, Any]) -> Manifest:

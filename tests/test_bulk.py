@@ -124,6 +124,30 @@ def test_a_failed_export_is_a_server_error_with_its_outcome(tmp_path):
 
 
 @responses.activate
+def test_a_transient_status_answer_is_polled_again_and_too_many_fail(tmp_path):
+    """Bulk Data IG: a polling failure that is not the job's failure carries a transient issue code (or is a
+    gateway's 502/503/504): poll again after Retry-After.  Past five in a row the export is given up."""
+    transient = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient"}]}
+    responses.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=503, headers={"Retry-After": "7"})
+    responses.get(STATUS, status=500, json=transient)
+    _kickoff_and_poll(responses, manifest(requires_token=False))  # its kick-off is not reached again
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, status=202)
+    waits: list[float] = []
+    paths, _ = BulkExporter(BASE, tmp_path, max_wait=30, sleep=waits.append).run(ExportRequest())
+    assert [p.name for p in paths] == ["000-Patient.ndjson", "001-Condition.ndjson"]
+    assert waits[:3] == [7.0, 1.0, 30.0]  # Retry-After, none given (1 s), HAPI's 120 s capped
+
+    responses.reset()
+    responses.get(STATUS, status=502)
+    with pytest.raises(ServerError, match="the export failed on the server \\(HTTP 502\\)"):
+        BulkExporter(BASE, tmp_path / "again", sleep=lambda s: None).poll(STATUS)
+    assert len(responses.calls) == 6  # five in a row polled again, the sixth given up
+
+
+@responses.activate
 def test_an_expired_export_says_so(tmp_path):
     _kickoff_and_poll(responses, manifest())
     responses.get(f"{BASE}/Binary/p1", status=404)
