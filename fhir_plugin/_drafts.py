@@ -44,6 +44,7 @@ from ._vocab import (
 
 __all__ = [
     "build_drafts",
+    "is_plan_note",
     "drafts_refusal",
     "draft_identifiers",
     "phases_of",
@@ -190,7 +191,8 @@ def _attached_plan(note: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _is_plan_note(resource: Mapping[str, Any]) -> bool:
+def is_plan_note(resource: Mapping[str, Any]) -> bool:
+    """A plan-of-care note the plugin wrote and did not withdraw: where its plan is on an EHR without CarePlan create."""
     codings = (resource.get("type") or {}).get("coding") or []
     return (
         resource.get("resourceType") == "DocumentReference"
@@ -238,7 +240,7 @@ def drafted_plans(record: PatientRecord) -> list[DraftedPlan]:
     provenances = [p for p in record.of_type("Provenance") if is_plugin_draft(p)]
     out: list[DraftedPlan] = []
     for note in record.of_type("DocumentReference"):
-        if not _is_plan_note(note) or not note.get("id"):
+        if not is_plan_note(note) or not note.get("id"):
             continue
         plan = _attached_plan(note)
         subject = (note.get("subject") or {}).get("reference")

@@ -349,7 +349,7 @@ def run_population(
     patient_ref = r"(^|/)Patient/([^/]+)$"
     key = (
         F.when(rtype == "Patient", fields["id"])
-        # a note is read only when it is the plugin's own (``_rows.own_plan_note``): the others, often most of
+        # a note is read only when it is the plugin's own (``_drafts.is_plan_note``): the others, often most of
         # an export's bytes, stay in the JVM instead of crossing the shuffle to be dropped in Python
         .when((rtype == "DocumentReference") & ~F.col("text").contains(DRAFT_TAG["system"]), F.lit(""))
         .when(rtype.isin(*READ_TYPES) & ref.rlike(patient_ref), F.regexp_extract(ref, patient_ref, 2))

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from .._drafts import is_plan_note
 from .._errors import InputError
 from .._profile import Profile
 from .._record import PatientRecord, subject_patient_id, validate_resource
 from .._review import review
 from .._shape import reading_problem
-from .._vocab import PLAN_NOTE_TYPE, is_plugin_draft
 
 __all__ = ["Keyed", "key_line", "patient_row", "problem_row", "ROW_COLUMNS", "READ_TYPES"]
 
@@ -80,17 +80,6 @@ def key_line(text: str) -> Keyed | None:
     return Keyed(pid, rtype)
 
 
-def own_plan_note(resource: Mapping[str, Any]) -> bool:
-    """A plan-of-care note the plugin wrote (its tag, LOINC 18776-5): the plan on an EHR without CarePlan create."""
-    codings = (resource.get("type") or {}).get("coding") or []
-    return is_plugin_draft(resource) and any(
-        isinstance(c, Mapping)
-        and c.get("system") == PLAN_NOTE_TYPE["system"]
-        and c.get("code") == PLAN_NOTE_TYPE["code"]
-        for c in codings
-    )
-
-
 def _empty_row(patient: str) -> dict[str, Any]:
     return {
         "patient": patient,
@@ -142,7 +131,7 @@ def patient_row(
             if isinstance(resource, dict) and resource.get("resourceType") == "DocumentReference":
                 # only the plugin's own plan notes, as the sync job's reader keeps them: a note is never
                 # evidence, but a plan written as one is the drafted plan (SPEC §7.1)
-                if not own_plan_note(resource):
+                if not is_plan_note(resource):
                     continue
                 validate_resource(resource)
             elif strict_r4:
