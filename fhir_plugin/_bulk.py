@@ -59,8 +59,11 @@ EXPORT_TYPES = ("Patient", "Encounter", "Condition", "Observation", "CarePlan")
 #: the plugin's plan-of-care notes only (``--plan-notes``): where its plan is on an EHR without CarePlan create
 PLAN_NOTE_FILTER = f"DocumentReference?type={PLAN_NOTE_TYPE['system']}|{PLAN_NOTE_TYPE['code']}"
 STATE_FILE = "export.json"
-#: status answers in a row that say "later" (not 202) before the export is given up as failed
-_TRANSIENT_POLLS = 5
+#: answers in a row that say "later" (a status other than 202, a 429 or a gateway's 5xx on any request, a
+#: dropped connection) before the step is given up: the export as failed, a download until the next run
+_RETRIES = 5
+#: answers that speak for the whole server, not the request: wait (``Retry-After``) and send it again
+_LATER = frozenset({429, 502, 503, 504})
 _CHUNK = 1 << 16
 
 
@@ -237,11 +240,52 @@ class BulkExporter:
             )
         except requests.RequestException as exc:
             raise TransportError(f"the export at {self.base} could not be reached ({type(exc).__name__})") from exc
-        if response.status_code == 429:
+        if response.status_code in (429, 503):  # the whole server's "later", as FhirClient reads it
             held = retry_after_seconds(response.headers.get("Retry-After"))
             if held is not None:
                 self._pacer.hold_for(min(held, self._max_wait))
         return response
+
+    def _wait(self, attempt: int, retry_after: str | None) -> float:
+        """How long to wait before trying again: the server's ``Retry-After``, else 1, 2, 4… s; capped by max_wait."""
+        asked = retry_after_seconds(retry_after)
+        return min(self._max_wait, asked if asked is not None else 2.0**attempt)
+
+    def _retried(
+        self,
+        what: str,
+        method: str,
+        url: str,
+        *,
+        reconnect: bool,
+        headers: dict[str, str],
+        params: Sequence[tuple[str, str]] = (),
+        stream: bool = False,
+        session: requests.Session | None = None,
+    ) -> requests.Response:
+        """One request (``_get``), sent again while the server says "later" (``_LATER``) and, with
+        ``reconnect``, while the connection fails: ``_RETRIES`` times in a row at most, then its
+        last answer (or error) stands.
+
+        Without ``reconnect`` a dropped connection is final: a kick-off that may have reached the
+        server is not sent twice (two export jobs).
+        """
+        attempt = 0
+        while True:
+            try:
+                response = self._get(method, url, headers=headers, params=params, stream=stream, session=session)
+            except TransportError:
+                if not reconnect or attempt >= _RETRIES:
+                    raise
+                wait, said = self._wait(attempt, None), "the connection failed"
+            else:
+                if response.status_code not in _LATER or attempt >= _RETRIES:
+                    return response
+                wait, said = self._wait(attempt, response.headers.get("Retry-After")), f"HTTP {response.status_code}"
+                response.close()
+            self._say(f"export: {what}: {said}; trying again in {wait:.0f} s")
+            self._sleep(wait)
+            attempt += 1
 
     @staticmethod
     def _outcome(response: requests.Response) -> Any:
@@ -260,7 +304,7 @@ class BulkExporter:
         url, params = kickoff_url(self.base, request)
         headers = self._headers(url, "application/fhir+json")
         headers["Prefer"] = "respond-async"
-        response = self._get("GET", url, headers=headers, params=params)
+        response = self._retried("the kick-off", "GET", url, headers=headers, params=params, reconnect=False)
         self.kickoffs += 1
         if response.status_code != 202:
             outcome = self._outcome(response)
@@ -280,12 +324,20 @@ class BulkExporter:
 
         A status answer that says "later" without failing the job — a gateway's 502/503/504,
         or a 5xx whose OperationOutcome is ``transient`` (the IG's sign that the job goes on)
-        — is polled again, at most ``_TRANSIENT_POLLS`` times in a row.
+        — is polled again, at most ``_RETRIES`` times in a row; so is a dropped connection (the
+        export goes on on the server; past the limit the run ends, and the next one polls it again).
         """
         started = self._clock()
         transient = 0
         while True:
-            response = self._get("GET", status_url, headers=self._headers(status_url, "application/json"))
+            try:
+                response = self._get("GET", status_url, headers=self._headers(status_url, "application/json"))
+            except TransportError as exc:
+                transient += 1
+                if transient > _RETRIES:
+                    raise TransportError(f"{exc}; run again to keep waiting for the same export") from exc
+                self._pause(started, self._wait(transient - 1, None), "the connection to the server failed")
+                continue
             if response.status_code == 200:
                 return parse_manifest(self._outcome(response))
             if response.status_code in (404, 410):
@@ -295,30 +347,31 @@ class BulkExporter:
                     outcome=self._outcome(response),
                 )
             transient = transient + 1 if _transient(response, self._outcome(response)) else 0
-            if response.status_code not in (202, 429) and not 0 < transient <= _TRANSIENT_POLLS:
+            if response.status_code not in (202, 429) and not 0 < transient <= _RETRIES:
                 raise ServerError(
                     f"the export failed on the server (HTTP {response.status_code})",
                     status=response.status_code,
                     outcome=self._outcome(response),
-                )
-            wait = retry_after_seconds(response.headers.get("Retry-After"))
-            wait = min(self._max_wait, wait if wait is not None else 1.0)
-            elapsed = self._clock() - started
-            if elapsed + wait > self._timeout:
-                raise TransportError(
-                    f"the export did not finish within {self._timeout:.0f} s; run again to "
-                    "keep waiting for the same export"
                 )
             state = (
                 f"the server answered HTTP {response.status_code}, not a verdict on the export"
                 if transient
                 else response.headers.get("X-Progress") or "in progress"
             )
-            self._say(f"export: {state} ({elapsed:.0f} s; next look in {wait:.0f} s)")
-            if self._on_waiting is not None:
-                waiting, self._on_waiting = self._on_waiting, None
-                waiting()
-            self._sleep(wait)
+            self._pause(started, self._wait(0, response.headers.get("Retry-After")), state)
+
+    def _pause(self, started: float, wait: float, state: str) -> None:
+        """One wait between polls, said on the progress display; past ``timeout`` the polling ends."""
+        elapsed = self._clock() - started
+        if elapsed + wait > self._timeout:
+            raise TransportError(
+                f"the export did not finish within {self._timeout:.0f} s; run again to keep waiting for the same export"
+            )
+        self._say(f"export: {state} ({elapsed:.0f} s; next look in {wait:.0f} s)")
+        if self._on_waiting is not None:
+            waiting, self._on_waiting = self._on_waiting, None
+            waiting()
+        self._sleep(wait)
 
     def download(self, manifest: Manifest, state: _State) -> list[Path]:
         """Fetch every output file not yet done; record each as it finishes."""
@@ -336,12 +389,35 @@ class BulkExporter:
         return paths
 
     def _fetch(self, item: ExportFile, target: Path, session: requests.Session, with_token: bool) -> None:
+        """One file, its ``.part`` continued after a cut-off (``Range``), ``_RETRIES`` times in a row at most."""
+        cut = 0
+        while True:
+            try:
+                self._fetch_once(item, target, session, with_token)
+                return
+            except TransportError:
+                if cut >= _RETRIES:
+                    raise
+            wait = self._wait(cut, None)
+            self._say(f"export: downloading {target.name} was cut off; going on in {wait:.0f} s")
+            self._sleep(wait)
+            cut += 1
+
+    def _fetch_once(self, item: ExportFile, target: Path, session: requests.Session, with_token: bool) -> None:
         part = target.with_name(target.name + ".part")
         have = part.stat().st_size if part.exists() else 0
         headers = self._headers(item.url, "application/fhir+ndjson", with_token)
         if have:
             headers["Range"] = f"bytes={have}-"
-        response = self._get("GET", item.url, headers=headers, stream=True, session=session)
+        response = self._retried(
+            f"downloading {target.name}",
+            "GET",
+            item.url,
+            headers=headers,
+            stream=True,
+            session=session,
+            reconnect=False,  # _fetch goes on from the part file
+        )
         with response:
             if response.status_code in (404, 410):
                 raise NotFound(
@@ -370,7 +446,7 @@ class BulkExporter:
         issues: list[dict[str, Any]] = []
         for item in manifest.error:
             headers = self._headers(item.url, "application/fhir+ndjson", manifest.requires_token)
-            response = self._get("GET", item.url, headers=headers)
+            response = self._retried("reading an error file", "GET", item.url, headers=headers, reconnect=True)
             if response.status_code != 200:
                 issues.append(
                     {
@@ -385,11 +461,27 @@ class BulkExporter:
                     issues.append({"file": item.url.rsplit("/", 1)[-1], "line": lineno, "problem": _issue_text(line)})
         return issues
 
-    def delete(self, status_url: str) -> None:
-        """Tell the server the job is done (it may then drop the files); a 404 means it already has."""
-        response = self._get("DELETE", status_url, headers=self._headers(status_url, "application/json"))
+    def delete(self, status_url: str) -> bool:
+        """Tell the server the job is done (it may then drop the files); a 404 means it already has.
+
+        A courtesy, not the run's result: when the server cannot be reached the files are kept
+        and the run goes on (False; the next run in this folder asks again), and the server
+        expires the job in its own time.
+        """
+        try:
+            response = self._retried(
+                "deleting the job",
+                "DELETE",
+                status_url,
+                headers=self._headers(status_url, "application/json"),
+                reconnect=True,
+            )
+        except TransportError as exc:
+            log.warning("deleting the export job failed: %s", exc)
+            return False
         if response.status_code >= 400 and response.status_code not in (404, 410):
             log.warning("deleting the export job answered HTTP %s", response.status_code)
+        return True
 
     def run(self, request: ExportRequest, *, fresh: bool = False) -> tuple[list[Path], list[dict[str, Any]]]:
         """The whole export into ``folder``: the NDJSON paths and the export's own error issues."""
@@ -408,8 +500,7 @@ class BulkExporter:
         manifest = _manifest_from_state(state.manifest)
         paths = self.download(manifest, state)
         issues = self.errors(manifest) if manifest.error else []
-        if state.status_url and not state.deleted:
-            self.delete(state.status_url)
+        if state.status_url and not state.deleted and self.delete(state.status_url):
             state.deleted = True
             self._save(state)
         return paths, issues

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -135,8 +136,10 @@ def test_a_transient_status_answer_is_polled_again_and_too_many_fail(tmp_path):
     responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
     responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
     responses.delete(STATUS, status=202)
-    waits: list[float] = []
-    paths, _ = BulkExporter(BASE, tmp_path, max_wait=30, sleep=waits.append).run(ExportRequest())
+    waits: list[float] = []  # time passes as the client sleeps: a held pacer waits no longer than the poll
+    paths, _ = BulkExporter(BASE, tmp_path, max_wait=30, sleep=waits.append, clock=lambda: sum(waits)).run(
+        ExportRequest()
+    )
     assert [p.name for p in paths] == ["000-Patient.ndjson", "001-Condition.ndjson"]
     assert waits[:3] == [7.0, 1.0, 30.0]  # Retry-After, none given (1 s), HAPI's 120 s capped
 
@@ -256,3 +259,100 @@ def test_the_population_command_refuses_a_rate_it_cannot_use(tmp_path, capsys):
     assert main(["population", "--server", BASE, "--out", out, "--write", "--max-writes-per-minute", "0"]) == 2
     assert "--max-writes-per-minute must be a positive number, not 0" in capsys.readouterr().err
     assert not (tmp_path / "out" / "export").exists()
+
+
+class _CutOff(io.RawIOBase):
+    """A response body that breaks off after ``keep`` bytes, as a dropped connection does mid-file."""
+
+    def __init__(self, data: bytes, keep: int) -> None:
+        self._data, self._keep, self._at = data, keep, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if self._at >= self._keep:
+            raise ConnectionResetError("connection reset by peer")
+        n = min(len(buffer), self._keep - self._at)
+        buffer[:n] = self._data[self._at : self._at + n]
+        self._at += n
+        return n
+
+
+@responses.activate
+def test_a_file_cut_off_mid_download_goes_on_from_its_part_in_the_same_run(tmp_path):
+    body = CONDITIONS.encode() * 1000  # more than one chunk: the first is on disk when the connection drops
+    cut = 1 << 16
+    _kickoff_and_poll(responses, manifest(requires_token=False))
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=io.BufferedReader(_CutOff(body, cut)))
+    responses.get(
+        f"{BASE}/Binary/c1",
+        status=206,
+        body=body[cut:],
+        match=[responses.matchers.header_matcher({"Range": f"bytes={cut}-"})],
+    )
+    responses.delete(STATUS, status=202)
+    exporter = BulkExporter(BASE, tmp_path, sleep=lambda s: None)
+    files, _ = exporter.run(ExportRequest())
+
+    assert files[1].read_bytes() == body
+    assert exporter.kickoffs == 1 and not list(tmp_path.glob("*.part"))
+
+
+@responses.activate
+def test_a_dropped_connection_while_polling_is_polled_again_and_too_many_end_the_run(tmp_path):
+    responses.get(f"{BASE}/Patient/$export", status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, body=requests.ConnectionError("connection reset"))
+    responses.get(STATUS, body=requests.ConnectionError("connection reset"))
+    responses.get(STATUS, status=200, json=manifest(requires_token=False))
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, status=202)
+    waits: list[float] = []
+    files, _ = BulkExporter(BASE, tmp_path, sleep=waits.append).run(ExportRequest())
+    assert len(files) == 2 and waits == [1.0, 2.0]  # one export; 1 s, then 2 s between the tries
+
+    responses.reset()
+    responses.get(STATUS, body=requests.ConnectionError("connection reset"))
+    with pytest.raises(TransportError, match="run again to keep waiting for the same export"):
+        BulkExporter(BASE, tmp_path / "again", max_wait=4, sleep=waits.append).poll(STATUS)
+    assert len(responses.calls) == 6 and waits[2:] == [1.0, 2.0, 4.0, 4.0, 4.0]  # capped by max_wait
+
+
+@responses.activate
+def test_a_kickoff_told_later_is_sent_again_but_a_lost_one_is_not(tmp_path):
+    """A 429 (or a gateway's 503) refused the kick-off, so sending it again starts one export; a kick-off whose
+    connection dropped may have started one, so it is not sent twice."""
+    responses.get(f"{BASE}/Patient/$export", status=429, headers={"Retry-After": "3"})
+    responses.get(f"{BASE}/Patient/$export", status=503)
+    _kickoff_and_poll(responses, manifest(requires_token=False))
+    waits: list[float] = []
+    exporter = BulkExporter(BASE, tmp_path, max_wait=5, sleep=waits.append, clock=lambda: sum(waits))
+    assert exporter.kickoff(ExportRequest()) == STATUS
+    assert exporter.kickoffs == 1 and waits == [3.0, 2.0]  # Retry-After; then none given: 2 s, the second try
+
+    responses.reset()
+    responses.get(f"{BASE}/Patient/$export", body=requests.ConnectionError("connection reset"))
+    with pytest.raises(TransportError):
+        BulkExporter(BASE, tmp_path / "lost", sleep=waits.append).kickoff(ExportRequest())
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_a_busy_download_is_fetched_again_and_a_delete_that_cannot_be_sent_is_asked_next_run(tmp_path):
+    _kickoff_and_poll(responses, manifest(requires_token=False))
+    responses.get(f"{BASE}/Binary/p1", status=503, headers={"Retry-After": "2"})
+    responses.get(f"{BASE}/Binary/p1", body=PATIENTS)
+    responses.get(f"{BASE}/Binary/c1", body=CONDITIONS)
+    responses.delete(STATUS, body=requests.ConnectionError("connection reset"))
+    files, _ = BulkExporter(BASE, tmp_path, sleep=lambda s: None).run(ExportRequest())
+    assert [p.read_text() for p in files] == [PATIENTS, CONDITIONS]  # the results stand without the delete
+    assert json.loads((tmp_path / "export.json").read_text())["deleted"] is False
+
+    responses.reset()
+    responses.delete(STATUS, status=202)
+    again = BulkExporter(BASE, tmp_path, sleep=lambda s: None)
+    again.run(ExportRequest())
+    assert [c.request.method for c in responses.calls] == ["DELETE"]  # nothing fetched again, only the delete
+    assert json.loads((tmp_path / "export.json").read_text())["deleted"] is True
