@@ -38,6 +38,7 @@ import random
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
@@ -362,7 +363,8 @@ class FhirClient:
 
     ``retries`` is how many times a failed request is repeated, so a request is
     tried at most ``retries + 1`` times.  ``round_trips`` counts every HTTP
-    request tried (retries included), for the round-trip benchmark.
+    request tried (retries included), for the round-trip benchmark; the sync
+    job's threads share one client, so the count is kept under a lock.
 
     ``max_pages`` caps the pages one search follows (default ``MAX_PAGES``) and
     ``max_response_bytes`` the size of one response body (default
@@ -408,6 +410,7 @@ class FhirClient:
         self.backoff = backoff
         self.max_retry_after = max_retry_after
         self.round_trips = 0
+        self._trips = threading.Lock()
         self._token = token
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
@@ -595,7 +598,8 @@ class FhirClient:
         while True:
             attempt += 1
             self._pacer.wait()
-            self.round_trips += 1
+            with self._trips:
+                self.round_trips += 1
             started = time.monotonic()
             try:
                 # No redirects: a redirect could carry the token off the base; it surfaces as a 3xx error.
