@@ -165,3 +165,20 @@ def test_a_real_spark_jvm_records_the_archive_and_the_next_job_runs_on_it(tmp_pa
     assert second.returncode == 0, second.stderr[-2000:]
     assert "SharedArchiveFile" in second.stdout and second.stdout.splitlines()[-2:] == ["10", "mapped"]
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".jsa"]
+
+
+def test_another_installs_finished_recordings_are_settled_not_left_for_a_day(spark_home, cache):
+    """Jobs started together each record: a CI clone, gone after its run, used to leave its spare recordings
+    (186 MB each) in the shared cache for a day.  Any start now settles them: the first becomes that key's
+    archive (counted against the archives kept), the spares are dropped; one still being written stays."""
+    cache.mkdir()
+    first, spare = (cache / f"spark-jvm-clone.{_dead_pid()}.part" for _ in range(2))
+    writing = cache / f"spark-jvm-other.{os.getpid()}.part"
+    for part in (first, spare, writing):
+        part.write_bytes(b"archive")
+        _settled(part)
+    cds_options(spark_home, pid=_dead_pid())
+    assert (cache / "spark-jvm-clone.jsa").read_bytes() == b"archive"
+    assert not first.exists() and not spare.exists()
+    assert writing.exists()  # its process is running: it may still be writing
+    assert not (cache / "spark-jvm-other.jsa").exists()

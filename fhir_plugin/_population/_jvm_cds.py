@@ -12,7 +12,8 @@ The archive belongs to one JVM build and one Spark class path, by path: the JVM 
 archive recorded with its jars anywhere else (another virtual environment, a CI clone),
 and says so only in the messages turned off here.  Its name carries a key of both, so a
 new Java, PySpark or install records its own; the cache keeps the few archives used
-last (``_KEEP``) and deletes the rest.  The JVM writes it as it exits,
+last (``_KEEP``) and deletes the rest, and settles every finished recording, whichever
+install left it (``_settle_recordings``).  The JVM writes it as it exits,
 after the Python driver that started it may have gone, so it is written under a
 name of its own (the recording driver's process id) and put in place by a later
 start, once that process has ended and the file has been still for ten seconds:
@@ -40,7 +41,7 @@ _QUIET = "-Xlog:cds*=off"
 _SETTLE_SECONDS = 10
 #: archives kept (the ones used last; each is 150–200 MB): this install's and a few others'
 _KEEP = 3
-#: a recording for another key, untouched this long, was left by an install that never came back for it
+#: a recording untouched this long is dropped, whatever its process id says (ids are reused)
 _STALE_PART_SECONDS = 24 * 3600
 
 
@@ -77,32 +78,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _adopt_recorded(folder: Path, archive: Path) -> None:
-    """Put a finished recording in place (its JVM has exited); drop the others that have finished."""
-    for part in sorted(folder.glob(f"{archive.stem}.*.part")):
+def _settle_recordings(folder: Path) -> None:
+    """Each finished recording, whatever install left it, becomes its key's archive, or is dropped.
+
+    Dropped when its key already has one: jobs started together each record, and one
+    recording is enough.  Another install's finished recording is settled here too, not
+    left for it to come back (a CI clone never does): every archive then counts against
+    ``_KEEP``.  A recording older than a day is dropped even if its process id looks alive
+    (a reused id).
+    """
+    for part in sorted(folder.glob("spark-jvm-*.*.part")):
+        stem, _, rest = part.name.partition(".")
         try:
-            pid = int(part.name.rsplit(".", 2)[-2])
-        except ValueError:
+            pid = int(rest.removesuffix(".part"))
+            stat = part.stat()
+        except (ValueError, FileNotFoundError):
             continue
-        stat = part.stat()
-        if _alive(pid) or time.time() - stat.st_mtime < _SETTLE_SECONDS:
+        age = time.time() - stat.st_mtime
+        finished = not _alive(pid) and age >= _SETTLE_SECONDS
+        if not finished and age <= _STALE_PART_SECONDS:
             continue  # still running, or its JVM still writing as it exits
-        if not archive.exists() and stat.st_size > 0:
+        archive = folder / f"{stem}.jsa"
+        if finished and not archive.exists() and stat.st_size > 0:
             os.replace(part, archive)
         else:
             part.unlink(missing_ok=True)
 
 
 def _prune(folder: Path, archive: Path) -> None:
-    """Keep ``archive`` and the archives used last (``_KEEP`` in all); drop stale recordings of other keys."""
+    """Keep ``archive`` and the archives used last: ``_KEEP`` in all."""
     others = sorted(
         (a for a in folder.glob("spark-jvm-*.jsa") if a != archive), key=lambda a: a.stat().st_mtime, reverse=True
     )
     for old in others[_KEEP - 1 :]:
         old.unlink(missing_ok=True)
-    for part in folder.glob("spark-jvm-*.part"):
-        if not part.name.startswith(archive.stem + ".") and time.time() - part.stat().st_mtime > _STALE_PART_SECONDS:
-            part.unlink(missing_ok=True)
 
 
 def cds_options(spark_home: Path, jvm_options: str = "", *, pid: int | None = None) -> str:
@@ -121,7 +130,7 @@ def cds_options(spark_home: Path, jvm_options: str = "", *, pid: int | None = No
     try:
         folder.mkdir(parents=True, exist_ok=True)
         archive = folder / f"spark-jvm-{_key(java, spark_home, jvm_options)}.jsa"
-        _adopt_recorded(folder, archive)
+        _settle_recordings(folder)
         if archive.exists():
             os.utime(archive)  # used now: the last to be pruned
         _prune(folder, archive)
