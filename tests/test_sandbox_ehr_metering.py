@@ -101,3 +101,21 @@ def test_a_rate_limit_is_written_calls_or_calls_per_seconds():
     for bad in ("0", "-3", "five", "5/0", "5/x"):
         with pytest.raises(ValueError):
             parse_rate_limit(bad)
+
+
+def test_a_sandbox_left_running_forgets_the_oldest_exports_and_requests_not_the_rules():
+    exports = Exports(max_jobs=2, max_files=3)
+    for n in range(4):
+        exports.started(f"job-{n}", "app-a")
+        exports.listed([f"file-{n}a", f"file-{n}b"], "app-a")
+    # the two latest jobs and three latest files are remembered; the forgotten ones are no one's (404), not anyone's
+    assert [exports.owner(f"job-{n}") for n in range(4)] == [None, None, "app-a", "app-a"]
+    assert exports.file_owner("file-3b") == "app-a" and exports.file_owner("file-2b") == "app-a"
+    assert exports.file_owner("file-1b") is None and exports.file_owner("file-0a") is None
+
+    from sandbox.ehr import _proxy
+
+    seen: list[int] = []
+    for n in range(2 * _proxy.RECORDED + 1):
+        _proxy._record(seen, n)
+    assert len(seen) == _proxy.RECORDED and seen[-1] == 2 * _proxy.RECORDED  # the latest kept, in order

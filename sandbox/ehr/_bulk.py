@@ -123,16 +123,29 @@ def rewrite_manifest(
 
 
 class Exports:
-    """Which client started which export, and which files each may fetch (in memory, like the EHR's tokens)."""
+    """Which client started which export, and which files each may fetch (in memory, like the EHR's tokens).
 
-    def __init__(self) -> None:
+    Bounded, so a sandbox left running does not grow with every export: past ``max_jobs``
+    exports or ``max_files`` files the oldest are forgotten, and their status URL and files
+    then answer 404 to every app, as an expired export's do (closed, never open to another app).
+    """
+
+    def __init__(self, max_jobs: int = 1_000, max_files: int = 100_000) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, str] = {}
         self._files: dict[str, str] = {}
+        self._max_jobs = max_jobs
+        self._max_files = max_files
+
+    @staticmethod
+    def _bound(owners: dict[str, str], most: int) -> None:
+        while len(owners) > most:
+            del owners[next(iter(owners))]  # dicts keep insertion order: the oldest first
 
     def started(self, job: str, client_id: str) -> None:
         with self._lock:
             self._jobs[job] = client_id
+            self._bound(self._jobs, self._max_jobs)
 
     def owner(self, job: str) -> str | None:
         with self._lock:
@@ -142,6 +155,7 @@ class Exports:
         with self._lock:
             for rid in files:
                 self._files[rid] = client_id
+            self._bound(self._files, self._max_files)
 
     def file_owner(self, binary_id: str) -> str | None:
         """The client whose export produced this Binary; None when it is no export's file."""

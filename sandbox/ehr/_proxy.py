@@ -103,6 +103,17 @@ def rewrite_urls(body: Any, upstream: str, proxy: str) -> Any:
     return body
 
 
+#: requests the proxy's ``seen`` and ``answered`` keep at least (at most twice as many)
+RECORDED = 100_000
+
+
+def _record(entries: list[Any], entry: Any) -> None:
+    """Append, and past ``2 * RECORDED`` drop all but the last ``RECORDED`` (amortised: one cut per ``RECORDED``)."""
+    entries.append(entry)
+    if len(entries) > 2 * RECORDED:
+        del entries[: len(entries) - RECORDED]
+
+
 def access_for(token: Token) -> _access.Access:
     return _access.Access(tuple(_scopes.resource_scopes(token.scope)), token.context.patient)
 
@@ -119,9 +130,10 @@ class FhirProxy:
         self.personality = _personality.personality(config.personality)
         self.exports = _bulk.Exports()
         self.throttle = Throttle(*config.rate_limit, config.clock) if config.rate_limit else None
-        #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query)
+        #: (method, path) of every FHIR request the proxy was sent, for tests to show (never the query); the
+        #: last ``RECORDED`` to ``2 * RECORDED`` of them, so a sandbox left running does not grow without end
         self.seen: list[tuple[str, str]] = []
-        #: (method, path, status) of every FHIR request answered, for tests that count refusals
+        #: (method, path, status) of every FHIR request answered, for tests that count refusals (bounded alike)
         self.answered: list[tuple[str, str, int]] = []
         #: called with (method, path, status, request body as JSON or None) after the upstream answered and
         #: before the client gets the answer: a test holds it here to kill its client at a known point
@@ -221,7 +233,7 @@ class FhirProxy:
         """One proxied request (``path`` relative to the FHIR base, ``query`` raw)."""
         started = time.monotonic()
         response = self._handle(method.upper(), path.strip("/"), query, headers, body)
-        self.answered.append((method.upper(), "/" + path.strip("/"), response.status))
+        _record(self.answered, (method.upper(), "/" + path.strip("/"), response.status))
         rtype = path.strip("/").split("/")[0] or "-"
         log.info(
             "fhir %s %s -> %d (%d ms)", method.upper(), rtype[:64], response.status, (time.monotonic() - started) * 1000
@@ -231,7 +243,7 @@ class FhirProxy:
     # -------------------------------------------------------------- the steps
 
     def _handle(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> ProxyResponse:
-        self.seen.append((method, "/" + path))
+        _record(self.seen, (method, "/" + path))
         token, failure = self._authenticate(headers)
         if failure is not None:
             return failure
