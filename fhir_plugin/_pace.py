@@ -15,11 +15,7 @@ from collections.abc import Callable
 
 from ._errors import UsageError
 
-__all__ = ["RateLimiter", "HEADROOM"]
-
-#: the commands' pacing runs this fraction under the rate asked for: 250 a minute against an EHR metered at
-#: 250 met 11 refusals in 1,001 calls (docs/benchmarks-population.md), each holding every thread a second
-HEADROOM = 0.01
+__all__ = ["RateLimiter"]
 
 
 class RateLimiter:
@@ -27,10 +23,7 @@ class RateLimiter:
 
     ``wait()`` reserves the caller's slot under a lock and sleeps outside it, so threads
     queue one interval apart instead of waking together.  ``what`` names the setting in
-    the error a bad rate raises (a command-line flag, a parameter).  ``headroom`` spaces
-    the slots that fraction further apart than the rate: calls reach the server a few
-    milliseconds off their slots, and against a sliding window of exactly the rate
-    (the vendors' meters) a call that lands early is one too many (``HEADROOM``).
+    the error a bad rate raises (a command-line flag, a parameter).
     """
 
     def __init__(
@@ -40,12 +33,11 @@ class RateLimiter:
         what: str = "the rate limit",
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
-        headroom: float = 0.0,
     ) -> None:
         if per_minute is not None and not per_minute > 0:  # ``not >`` refuses NaN too
             raise UsageError(f"{what} must be a positive number, not {per_minute:g}")
         self.per_minute = per_minute
-        self._interval = 60.0 / per_minute * (1.0 + headroom) if per_minute else 0.0
+        self._interval = 60.0 / per_minute if per_minute else 0.0
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()

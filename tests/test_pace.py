@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from fhir_plugin._errors import UsageError
-from fhir_plugin._pace import HEADROOM, RateLimiter
+from fhir_plugin._pace import RateLimiter
 
 
 def test_threads_share_one_rate_their_slots_one_interval_apart():
@@ -83,18 +83,3 @@ def test_the_write_back_still_takes_the_pacer_from_where_it_was():
     from fhir_plugin._population import _writeback
 
     assert _writeback.RateLimiter is RateLimiter
-
-
-def test_headroom_keeps_a_minute_of_calls_under_a_meter_of_exactly_that_rate():
-    """A meter of N calls in any 60 s refuses call N+1 when it lands a few ms early; the commands' pacing
-    (``HEADROOM``) spaces the slots 1% further apart, so N+1 calls span more than a minute by 0.6 s."""
-    slept: list[float] = []
-    pacer = RateLimiter(250, clock=lambda: 0.0, sleep=slept.append, headroom=HEADROOM)
-    for _ in range(251):
-        pacer.wait()
-    assert HEADROOM == 0.01 and slept[-1] == pytest.approx(60.6)  # call 251's slot: 250 intervals of 0.2424 s
-    exact: list[float] = []
-    unpaced = RateLimiter(250, clock=lambda: 0.0, sleep=exact.append)
-    for _ in range(251):
-        unpaced.wait()
-    assert exact[-1] == pytest.approx(60.0)  # no headroom: one late first call and the 251st is one too many

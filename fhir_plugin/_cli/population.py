@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import UsageError
-from .._pace import HEADROOM, RateLimiter
+from .._pace import RateLimiter
 from .._profile import DEFAULT_PROFILE, load_profile
 from ._common import add_auth_options, authenticate_job, parse_today, subparser, write_allowed_by
 
@@ -105,8 +105,8 @@ def add_parser(sub: Any, epilog: str) -> None:
         "--max-requests-per-minute",
         type=float,
         metavar="N",
-        help="with --server: at most N requests a minute, export and write-back (default: no limit); give the "
-        "EHR's published limit: the run paces 1%% under it, and every request counts, retries and polls included",
+        help="with --server: at most N requests a minute, export and write-back (default: no limit); keep under "
+        "the EHR's published limit: every request counts, retries and status polls included",
     )
     parser.add_argument(
         "--profile", metavar="CODE", default=DEFAULT_PROFILE, help=f"condition profile (default {DEFAULT_PROFILE})"
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     # one pacer for every request of the run, export and write-back: the EHR meters the app
-    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute", headroom=HEADROOM)
+    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute")
     import pyarrow as pa
 
     # Arrow's default allocator keeps what it frees: reading the results back, the driver grew with the
@@ -300,7 +300,7 @@ def _write(
             iter_rows(parquet, ("patient", "drafts_allowed", "drafts")),
             writer,
             log,
-            RateLimiter(args.max_writes_per_minute, what="--max-writes-per-minute", headroom=HEADROOM),
+            RateLimiter(args.max_writes_per_minute, what="--max-writes-per-minute"),
             progress=sys.stderr,
         )
     print(

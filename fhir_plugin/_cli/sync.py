@@ -14,7 +14,7 @@ from .._checkpoint import DEFAULT_STATE, Checkpoint
 from .._client import FhirClient
 from .._errors import UsageError
 from .._ledger import DEFAULT_LEDGER
-from .._pace import HEADROOM, RateLimiter
+from .._pace import RateLimiter
 from .._profile import DEFAULT_PROFILE, load_profile
 from .._sync import (
     DEFAULT_MAX_TRANSPORT_ERRORS,
@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-requests-per-minute",
         type=float,
         metavar="N",
-        help="at most N requests a minute, all threads together (default: no limit); give the EHR's published "
-        "limit: the job paces 1%% under it, and every request counts, retries included",
+        help="at most N requests a minute, all threads together (default: no limit); keep under the EHR's "
+        "published limit: every request counts, retries included",
     )
     parser.add_argument(
         "--state", metavar="FILE", default=DEFAULT_STATE, help=f"checkpoint file, SQLite (default ./{DEFAULT_STATE})"
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         ledger,
     )
     # one pacer for the threads: the EHR meters the app, and a 429 holds them all (checked before signing in)
-    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute", headroom=HEADROOM)
+    pacer = RateLimiter(args.max_requests_per_minute, what="--max-requests-per-minute")
     profile = load_profile(args.profile)
     session, auth = _session(args, selection, options.concurrency)
     # what the token was granted decides whether and what this run writes (issue 12, item 5)
