@@ -2,6 +2,7 @@
 against the sync job's per-patient path on the same patients in HAPI.
 
     .venv/bin/python benchmarks/population_bench.py ndjson --sizes 10000 100000 --cores 1 2 [--cache off on] [--out r.json]
+    .venv/bin/python benchmarks/population_bench.py connect --sizes 10000 100000 --cores 1 2
     .venv/bin/python benchmarks/population_bench.py hapi --server http://127.0.0.1:18500/fhir --patients 1000
 
 ``ndjson``: writes the synthetic population (``sandbox.population.write_ndjson``, files of
@@ -16,6 +17,12 @@ folder (``fhir_plugin._cache``: the ICD-10-CM index and the Spark JVM's class ar
 by one small job first) and without it (a folder that cannot be written: the package is
 imported and no archive used, as before there was a cache), alternating, so the two compare
 in the same run on the same machine.
+
+``connect``: the same job on a running Spark Connect server (``local[C]`` inside), started here
+pinned to the first C CPUs with the command beside it on the same CPUs, and warmed by one run of
+the first size (a long-lived server has run jobs before): Spark's start and its JVM's warm-up
+are paid once, not by each job, as a team running population jobs on a cluster has it.  Memory:
+the server JVM's peak (``VmHWM``) and its resident set after each run.
 
 ``hapi``: loads ``--patients`` synthetic patients (and a Group of them) into a HAPI that
 offers ``$export`` (our sandbox), then times, each as its own command, ``population --server
@@ -176,28 +183,32 @@ def primed_cache(work: Path) -> dict[str, str]:
     return env
 
 
-def bench_ndjson(args: argparse.Namespace) -> list[dict]:
+def _population_folder(work: Path, size: int) -> Path:
+    """The synthetic population of ``size`` patients as NDJSON, written once per work folder."""
     from sandbox.population import write_ndjson
 
+    folder = work / f"ndjson-{size}"
+    if not (folder / ".complete").exists():
+        t = time.perf_counter()
+        write_ndjson(folder, TODAY, size)
+        (folder / ".complete").write_text("")
+        print(f"wrote {size} patients in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return folder
+
+
+def bench_ndjson(args: argparse.Namespace) -> list[dict]:
     results = []
     work = Path(args.work or tempfile.mkdtemp(prefix="population-bench-"))
     caches = {"on": primed_cache(work) if "on" in args.cache else {}, "off": NO_CACHE}
     for size in args.sizes:
-        folder = work / f"ndjson-{size}"
-        if not (folder / ".complete").exists():
-            t = time.perf_counter()
-            write_ndjson(folder, TODAY, size)
-            (folder / ".complete").write_text("")
-            print(f"wrote {size} patients in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        folder = _population_folder(work, size)
         for cores, cache in ((c, m) for c in args.cores for m in args.cache):
             out = work / f"out-{size}-{cores}"
             # each run in a fresh process, so RUSAGE_CHILDREN is that run's alone: run this script again
             # the whole process tree (driver, JVM, Python workers) pinned to the first ``cores`` CPUs,
             # so "one core" is one CPU for everything, not one Spark task slot beside a busy JVM
             cmd = [
-                "taskset",
-                "-c",
-                ",".join(str(c) for c in range(cores)),
+                *_pinned(cores),
                 sys.executable,
                 __file__,
                 "one",
@@ -220,6 +231,88 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
             )
             print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
             results.append(r)
+    return results
+
+
+def _connect_server(cores: int, work: Path) -> tuple[subprocess.Popen, str]:
+    """A Spark Connect server (``local[cores]`` inside) pinned to the first ``cores`` CPUs, as the tests start one."""
+    import socket
+
+    import pyspark
+
+    spark_home = Path(pyspark.__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = work / f"connect-{cores}.log"
+    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                *_pinned(cores),
+                str(spark_home / "bin" / "spark-submit"),
+                "--class",
+                "org.apache.spark.sql.connect.service.SparkConnectServer",
+                "--master",
+                f"local[{cores}]",
+                "--conf",
+                f"spark.connect.grpc.binding.port={port}",
+                "--conf",
+                "spark.connect.grpc.binding.address=127.0.0.1",
+                "--conf",
+                "spark.ui.enabled=false",
+                "--conf",
+                "spark.python.daemon.module=fhir_plugin._population._daemon",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 180
+    while "Spark Connect server started" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the Spark Connect server did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return proc, f"sc://127.0.0.1:{port}"
+
+
+def _pinned(cores: int) -> list[str]:
+    return ["taskset", "-c", ",".join(str(c) for c in range(cores))]
+
+
+def bench_connect(args: argparse.Namespace) -> list[dict]:
+    """The same job on a running Spark Connect server: its start and its JVM's warm-up paid before, once."""
+    results = []
+    work = Path(args.work or tempfile.mkdtemp(prefix="population-bench-"))
+    folders = {size: _population_folder(work, size) for size in args.sizes}
+    for cores in args.cores:
+        server, url = _connect_server(cores, work)
+        try:
+            # a long-lived server has run jobs before: one run of the first size warms its JVM and workers
+            runs = [("warm-up", args.sizes[0])] + [("measured", size) for size in args.sizes]
+            for what, size in runs:
+                out = work / f"out-connect-{size}-{cores}"
+                cmd = [*_pinned(cores), sys.executable, __file__, "one", "--", *CLI, "population"]
+                cmd += ["--ndjson", str(folders[size]), "--out", str(out), "--remote", url]
+                cmd += ["--today", TODAY.isoformat()]
+                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+                r.update(
+                    run=what,
+                    size=size,
+                    cores=cores,
+                    server_jvm_hwm_kb=_status_kb(server.pid, "VmHWM"),
+                    server_jvm_rss_kb=_status_kb(server.pid, "VmRSS"),
+                    patients_per_s=round(size / r["wall_s"], 1),
+                    **_phases(r["stdout"]),
+                )
+                print(json.dumps({k: v for k, v in r.items() if k not in ("stdout", "stderr_tail")}), file=sys.stderr)
+                if what == "measured":
+                    results.append(r)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     return results
 
 
@@ -368,13 +461,19 @@ def main() -> None:
         "--rate-limit", type=int, metavar="N", help="both paths through the sandbox EHR metered at N calls a minute"
     )
     hp.add_argument("--out", help="results JSON file")
+    sc = sub.add_parser("connect")
+    sc.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    sc.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    sc.add_argument("--work", help="folder for the NDJSON and outputs (reused between runs)")
+    sc.add_argument("--out", help="results JSON file")
     one = sub.add_parser("one")
     one.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.what == "one":
         print(json.dumps(timed([c for c in args.cmd if c != "--"])))
         return
-    results = bench_ndjson(args) if args.what == "ndjson" else bench_hapi(args)
+    bench = {"ndjson": bench_ndjson, "connect": bench_connect, "hapi": bench_hapi}[args.what]
+    results = bench(args)
     text = json.dumps({"cpu_count": os.cpu_count(), "results": results}, indent=1)
     if args.out:
         Path(args.out).write_text(text)
