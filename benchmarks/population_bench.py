@@ -234,61 +234,19 @@ def bench_ndjson(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def _connect_server(cores: int, work: Path) -> tuple[subprocess.Popen, str]:
-    """A Spark Connect server (``local[cores]`` inside) pinned to the first ``cores`` CPUs, as the tests start one."""
-    import socket
-
-    import pyspark
-
-    spark_home = Path(pyspark.__file__).parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = work / f"connect-{cores}.log"
-    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [
-                *_pinned(cores),
-                str(spark_home / "bin" / "spark-submit"),
-                "--class",
-                "org.apache.spark.sql.connect.service.SparkConnectServer",
-                "--master",
-                f"local[{cores}]",
-                "--conf",
-                f"spark.connect.grpc.binding.port={port}",
-                "--conf",
-                "spark.connect.grpc.binding.address=127.0.0.1",
-                "--conf",
-                "spark.ui.enabled=false",
-                "--conf",
-                "spark.python.daemon.module=fhir_plugin._population._daemon",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    deadline = time.monotonic() + 180
-    while "Spark Connect server started" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the Spark Connect server did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.5)
-    return proc, f"sc://127.0.0.1:{port}"
-
-
 def _pinned(cores: int) -> list[str]:
     return ["taskset", "-c", ",".join(str(c) for c in range(cores))]
 
 
 def bench_connect(args: argparse.Namespace) -> list[dict]:
     """The same job on a running Spark Connect server: its start and its JVM's warm-up paid before, once."""
+    from sandbox.spark import start_spark_connect, stop
+
     results = []
     work = Path(args.work or tempfile.mkdtemp(prefix="population-bench-"))
     folders = {size: _population_folder(work, size) for size in args.sizes}
     for cores in args.cores:
-        server, url = _connect_server(cores, work)
+        server, url = start_spark_connect(f"local[{cores}]", work / f"connect-{cores}.log", prefix=_pinned(cores))
         try:
             # a long-lived server has run jobs before: one run of the first size warms its JVM and workers
             runs = [("warm-up", args.sizes[0])] + [("measured", size) for size in args.sizes]
@@ -311,8 +269,7 @@ def bench_connect(args: argparse.Namespace) -> list[dict]:
                 if what == "measured":
                     results.append(r)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server)
     return results
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pytest
 
 from fhir_plugin._population._job import ndjson_files, run_population
 from sandbox.population import write_ndjson
+from sandbox.spark import start_spark_connect, stop
+from sandbox.testing import free_port
 
 pytestmark = pytest.mark.spark
 
@@ -128,27 +129,12 @@ def test_parquet_holds_the_same_rows(local_run):
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _population_cli(folder: Path, out: Path, *where: str) -> subprocess.CompletedProcess:
@@ -182,7 +168,7 @@ def standalone_cluster(tmp_path_factory):
         SPARK_LOCAL_IP="127.0.0.1",
         SPARK_WORKER_DIR=str(logs / "work"),
     )
-    port = _free_port()
+    port = free_port()
     master_url = f"spark://127.0.0.1:{port}"
     procs = []
 
@@ -206,7 +192,7 @@ def standalone_cluster(tmp_path_factory):
             "--port",
             str(port),
             "--webui-port",
-            str(_free_port()),
+            str(free_port()),
         )
         _wait_for(lambda: "I have been elected leader" in (logs / "master.log").read_text(), 120, "the master")
         for i in (1, 2):
@@ -221,7 +207,7 @@ def standalone_cluster(tmp_path_factory):
                 "--memory",
                 "1g",
                 "--webui-port",
-                str(_free_port()),
+                str(free_port()),
             )
         _wait_for(
             lambda: all("Successfully registered with master" in (logs / f"worker{i}.log").read_text() for i in (1, 2)),
@@ -231,7 +217,7 @@ def standalone_cluster(tmp_path_factory):
         yield master_url, logs
     finally:
         for proc, log in reversed(procs):
-            _stop(proc)
+            stop(proc)
             log.close()
 
 
@@ -248,44 +234,12 @@ def test_a_standalone_cluster_gives_the_same_rows_as_local_mode(standalone_clust
 @pytest.fixture(scope="module")
 def spark_connect_server(tmp_path_factory):
     """A Spark Connect server (local[2] inside) from the PySpark distribution, on loopback; stopped at the end."""
-    spark_home = Path(pyspark.__file__).parent
     logs = tmp_path_factory.mktemp("connect-logs")
-    port = _free_port()
-    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
-    log = open(logs / "connect.log", "w")  # noqa: SIM115 - closed when the server stops
-    proc = subprocess.Popen(
-        [
-            str(spark_home / "bin" / "spark-submit"),
-            "--class",
-            "org.apache.spark.sql.connect.service.SparkConnectServer",
-            "--master",
-            "local[2]",
-            "--conf",
-            f"spark.connect.grpc.binding.port={port}",
-            "--conf",
-            "spark.connect.grpc.binding.address=127.0.0.1",
-            "--conf",
-            "spark.ui.enabled=false",
-            # the server's Python workers run the check: forked with it loaded, as in local mode
-            "--conf",
-            "spark.python.daemon.module=fhir_plugin._population._daemon",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc, url = start_spark_connect("local[2]", logs / "connect.log")
     try:
-        _wait_for(
-            lambda: "Spark Connect server started" in (logs / "connect.log").read_text() or proc.poll() is not None,
-            180,
-            "the Spark Connect server",
-        )
-        assert proc.poll() is None, (logs / "connect.log").read_text()[-3000:]
-        yield f"sc://127.0.0.1:{port}", logs
+        yield url, logs
     finally:
-        _stop(proc)
-        log.close()
+        stop(proc)
 
 
 def test_spark_connect_gives_the_same_rows_as_local_mode(spark_connect_server, local_run, population, tmp_path):
