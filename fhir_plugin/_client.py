@@ -18,10 +18,10 @@ Every request goes through ``FhirClient._send``, where these rules hold:
   whose ``Retry-After`` is usable, no thread sends until it has passed (EHRs meter
   the app, not the request: threads waiting out their own 429s apart would
   spend their retries together);
-- 429 is always retried (the server says it did not act); 502/503/504,
-  timeouts and dropped connections are retried only when repeating the request
-  is harmless (GET, or a Bundle whose entries are all reads, PUTs, deletes or
-  conditional creates).  The wait honours ``Retry-After``, else bounded
+- 429 is always retried (the server says it did not act); 502/503/504, a 409
+  (a concurrent writer's conflict), timeouts and dropped connections are retried
+  only when repeating the request is harmless (GET, or a Bundle whose entries
+  are all reads, PUTs, deletes or conditional creates).  The wait honours ``Retry-After``, else bounded
   exponential backoff with jitter, never more than ``max_retry_after``;
 - logs carry the method, the path with query names but no values, the status
   and the time: ids only, never a token or a body.
@@ -92,9 +92,11 @@ _SAFE_METHODS = frozenset({"GET", "HEAD"})
 _REPEATABLE_ENTRY_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})  # idempotent by http.html
 # Statuses that mean "try again later": 429 says the request was not acted on, so it is
 # retried whatever the method; a gateway's 502/504 (or a 503) may follow a request that
-# was carried out, so those are retried only when repeating is harmless.
+# was carried out, so those are retried only when repeating is harmless.  So is a 409: a
+# concurrent writer's identical conditional create won (HAPI refuses the second of two such
+# transactions at once), and sent again, the conditional creates find what it wrote.
 _RETRY_ALWAYS = frozenset({429})
-_RETRY_IF_SAFE = frozenset({502, 503, 504})
+_RETRY_IF_SAFE = frozenset({409, 502, 503, 504})
 #: statuses whose Retry-After speaks for the whole server, so every thread waits it out (RFC 9110 §10.2.3)
 _HOLD_ALL = frozenset({429, 503})
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)

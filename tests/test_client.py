@@ -557,6 +557,36 @@ def test_a_transaction_of_conditional_creates_is_retried_on_503_and_timeouts(moc
     assert sent_json(mock.calls[0]) == bundle
 
 
+def test_a_conflict_with_a_concurrent_writer_is_sent_again_only_when_repeating_is_harmless(mock, client):
+    """HAPI answers the second of two identical transactions of conditional creates sent at once with 409
+    (measured: six ``propose --write`` runs at once, five written, one refused; no duplicate).  Sent again,
+    its conditional creates find what the first wrote; a plain create is not sent again."""
+    conditional = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|1"},
+                "resource": condition("x"),
+            }
+        ],
+    }
+    matched = {"resourceType": "Bundle", "type": "transaction-response", "entry": [{"response": {"status": "200 OK"}}]}
+    conflict = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "conflict", "diagnostics": "conditional constraint failure"}],
+    }
+    mock.post(BASE, status=409, json=conflict)
+    mock.post(BASE, json=matched)
+    assert client.transaction(conditional) == matched and client.round_trips == 2
+
+    plain = {**conditional, "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}]}
+    mock.replace(responses.POST, BASE, status=409, json=conflict)
+    with pytest.raises(ServerError) as caught:
+        client.transaction(plain)
+    assert caught.value.status == 409 and client.round_trips == 3  # one more try: not repeated
+
+
 def test_the_safe_to_retry_flag_overrides_the_guess(mock, client):
     bundle = {
         "resourceType": "Bundle",

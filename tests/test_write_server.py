@@ -184,3 +184,45 @@ def test_a_mismatched_record_gets_no_drafts(fhir_base_url, capsys):
         assert code == 2
         assert "M62.830" in captured.err and "no drafts were made" in captured.err
         assert _counts(client, case.patient_id) == before
+
+
+def test_six_writers_at_once_make_one_set_of_drafts_and_all_succeed(fhir_base_url):
+    """Two jobs, or a job beside the app, may write one patient's drafts at the same moment. HAPI refuses
+    the second of two identical transactions of conditional creates with 409; the client sends it again
+    (it is harmless to repeat) and its conditional creates find the first's drafts (SPEC §7). Six threads,
+    each with its own client, send the same drafts on one signal."""
+    import dataclasses
+    import threading
+    from datetime import UTC, datetime
+
+    from fhir_plugin import TransactionWriter, load_profile, review
+    from sandbox.testing import needing_drafts
+
+    original = _case("missing-onset")
+    [case] = fresh_cases([dataclasses.replace(original, resources=needing_drafts(original.resources))])
+    load_into_server(fhir_base_url, [case])
+    with FhirClient(fhir_base_url) as client:
+        before = _counts(client, case.patient_id)
+        record = client.read_patient_record(case.patient_id)
+    drafts = review(record, load_profile("M62.561"), today=TODAY, now=datetime.now(UTC)).drafts
+    assert drafts is not None
+    go = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        with FhirClient(fhir_base_url, sleep=lambda s: None) as client:
+            go.wait(timeout=60)
+            try:
+                TransactionWriter(client).write(drafts)
+            except Exception as exc:  # collected and asserted below
+                failures.append(exc)
+
+    writers = [threading.Thread(target=write) for _ in range(6)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=180)
+    assert failures == []
+    with FhirClient(fhir_base_url) as client:
+        after = _counts(client, case.patient_id)
+    assert {k: after[k] - before[k] for k in after} == {"Condition": 1, "CarePlan": 1, "Goal": 4, "Provenance": 1}
