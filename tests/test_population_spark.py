@@ -112,6 +112,38 @@ def test_a_rerun_leaves_only_its_own_problems_beside_its_results(spark, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.jsonl", "results.parquet"]
 
 
+def test_a_file_too_large_to_read_whole_is_read_in_pieces_with_the_same_rows_and_lines(spark, tmp_path):
+    """A gigabyte NDJSON file (one per type, as Synthea writes) ran the local JVM out of memory when read
+    whole. Files past the piece size are cut at line ends: the rows, and each problem's file and line, are
+    those of the same files read whole."""
+    import shutil
+
+    folder = tmp_path / "ndjson"
+    patients = write_ndjson(folder, TODAY, 12, file_patients=12)
+    # 3,000 lines of a type the check skips, then a line that is not JSON and one with no patient
+    skipped = '{"resourceType":"Medication","id":"m1"}\n' * 3000
+    bad = '{"resourceType": "Observation", "id": \n{"resourceType":"Condition","id":"orphan"}\n'
+    (folder / "Extra.ndjson").write_text(skipped + bad, encoding="utf-8")
+    files = ndjson_files(folder)
+    largest = max(f.stat().st_size for f in files)
+
+    def run(name: str, piece_bytes: int):
+        out = tmp_path / name
+        result = run_population(
+            spark, files, out, profile_code="M62.561", today=TODAY, now=NOW, piece_bytes=piece_bytes
+        )
+        return result, _rows(result.jsonl), out
+
+    whole, whole_rows, _ = run("whole", largest)
+    cut, cut_rows, out = run("cut", 16_000)  # the Observation and Extra files in pieces of 16 kB
+    assert largest > 16_000 * 3
+    assert cut_rows == whole_rows and len(cut_rows) == len(patients)
+    assert [(p["file"], p["line"]) for p in cut.problems] == [("Extra.ndjson", 3001), ("Extra.ndjson", 3002)]
+    assert cut.problems == whole.problems
+    assert not (out / ".pieces").exists()  # the pieces are removed with the run
+    shutil.rmtree(folder)
+
+
 def test_parquet_holds_the_same_rows(local_run):
     import pyarrow.parquet as pq
 

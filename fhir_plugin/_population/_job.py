@@ -10,8 +10,9 @@ local mode (the default), on a standalone or YARN/Kubernetes master, and through
 Spark Connect.
 
 Line numbers: each file is read whole (``wholetext``) and split with its positions,
-so a problem names its file and line; bulk servers split their output into files of
-bounded size, and ``sandbox.population`` writes files of 1,000 patients.
+so a problem names its file and line; a file larger than ``_pieces.PIECE_BYTES`` is
+first cut at line ends into pieces (in ``OUT/.pieces``, removed after), read under
+their source's name and numbered from their first line.
 
 Nothing half-written: Parquet goes to a temporary folder renamed into place at the
 end, JSON lines likewise; a job that dies leaves the previous results or none.
@@ -33,6 +34,7 @@ from .._errors import UsageError
 from .._vocab import DRAFT_TAG
 from ._daemon import WARM_R4
 from ._jvm_cds import cds_options
+from ._pieces import PIECE_BYTES, Piece, cut_large_files
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
 __all__ = [
@@ -288,6 +290,18 @@ def _partitions(paths: Sequence[str], cores: int) -> int:
     return max(2 * cores, -(-size // _PARTITION_BYTES))
 
 
+def _source_columns(pieces: Sequence[Piece]) -> tuple[Any, Any]:
+    """The ``file`` and first-line columns of a read file: a piece's are its source's (``_pieces``)."""
+    from pyspark.sql import functions as F
+
+    name = F.col("name")
+    if not pieces:
+        return name, F.lit(1)
+    sources = F.create_map(*[F.lit(v) for p in pieces for v in (p.path.name, p.source_name)])
+    firsts = F.create_map(*[F.lit(v) for p in pieces for v in (p.path.name, p.first_line)])
+    return F.coalesce(sources[name], name), F.coalesce(firsts[name], F.lit(1))
+
+
 def _recover_dir(final: Path) -> None:
     """Put back the previous results if a run was killed between ``_replace_dir``'s two renames."""
     old = final.with_name(final.name + ".old")
@@ -316,6 +330,7 @@ def run_population(
     now: datetime,
     keep_drafts: bool = False,
     strict_r4: bool = False,
+    piece_bytes: int = PIECE_BYTES,
 ) -> PopulationResult:
     """Check every patient in ``files``; write ``out/results.parquet`` and ``out/results.jsonl``.
 
@@ -325,19 +340,66 @@ def run_population(
     reviewed in Python (``_reviewer``).  The rows are kept (small: no resource
     text) while the problems are collected and the rows are sorted and written.
     """
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     out.mkdir(parents=True, exist_ok=True)
     _recover_dir(out / "results.parquet")
-    paths = [str(Path(p).resolve()) for p in files]
+    # beside the results, so executors that write them read the pieces too (a cluster's shared folder)
+    staging = out / ".pieces"
+    try:
+        read, pieces = cut_large_files([Path(p) for p in files], staging, piece_bytes)
+        reviewed = _reviewed(spark, read, pieces, profile_code, today, now, keep_drafts, strict_r4)
+        try:
+            problems = [
+                {"file": r["file"], "line": r["line"], "problem": r["problem"]}
+                for r in reviewed.where(F.col("patient").isNull()).orderBy("file", "line").collect()
+            ]
+            tmp = out / ".results.parquet.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            rows = reviewed.where(F.col("patient").isNotNull()).select(*ROW_COLUMNS)
+            # files and row groups of bounded size, so whoever reads the results back a batch at a time
+            # (the report, the JSON lines, write-back) holds a bounded part of them, however many patients
+            (
+                rows.orderBy("patient")
+                .write.mode("overwrite")
+                .option("maxRecordsPerFile", _FILE_ROWS)
+                .option("parquet.block.size", _ROW_GROUP_BYTES)
+                .parquet(str(tmp))
+            )
+        finally:
+            reviewed.unpersist()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    parquet = out / "results.parquet"
+    _replace_dir(tmp, parquet)
+    jsonl = out / "results.jsonl"
+    patients = write_jsonl(parquet, jsonl)
+    return PopulationResult(parquet, jsonl, patients, problems)
+
+
+def _reviewed(
+    spark: Any,
+    read: Sequence[Path],
+    pieces: Sequence[Piece],
+    profile_code: str,
+    today: date,
+    now: datetime,
+    keep_drafts: bool,
+    strict_r4: bool,
+) -> Any:
+    """The reviewed rows and problem rows as a DataFrame kept on disk: ``run_population``'s one pass."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    paths = [str(p.resolve()) for p in read]
     raw = spark.read.text(paths, wholetext=True).select(
-        F.regexp_extract(F.input_file_name(), r"([^/]+)$", 1).alias("file"), "value"
+        F.regexp_extract(F.input_file_name(), r"([^/]+)$", 1).alias("name"), "value"
     )
+    source, first_line = _source_columns(pieces)
     lines = (
-        raw.select("file", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
+        raw.select("name", F.posexplode(F.split("value", "\n")).alias("pos", "text"))
         .where(F.length("text") > 0)  # a line of spaces is left to key_line, which skips it
-        .select("file", (F.col("pos") + 1).alias("line"), "text")
+        .select(source.alias("file"), (F.col("pos") + first_line).alias("line"), "text")
     )
     # the parsed fields as a column: used inline in several branches, the line was parsed once per use
     parsed = lines.select("file", "line", "text", F.from_json("text", _KEY_FIELDS).alias("k"))
@@ -359,37 +421,13 @@ def run_population(
     keyed = parsed.select("file", "line", key.alias("patient"), "text").where(
         F.col("patient").isNull() | (F.col("patient") != "")
     )
-    reviewed = (
+    return (
         keyed.repartition(_partitions(paths, _cores(spark)), "patient")
         .sortWithinPartitions("patient", "file", "line")
         .mapInArrow(_reviewer(profile_code, today, now, keep_drafts, strict_r4), _struct(_OUT_SCHEMA))
         # on disk only: kept in memory, the rows made the driver's JVM grow with the population
         .persist(StorageLevel.DISK_ONLY)
     )
-    try:
-        problems = [
-            {"file": r["file"], "line": r["line"], "problem": r["problem"]}
-            for r in reviewed.where(F.col("patient").isNull()).orderBy("file", "line").collect()
-        ]
-        tmp = out / ".results.parquet.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        rows = reviewed.where(F.col("patient").isNotNull()).select(*ROW_COLUMNS)
-        # files and row groups of bounded size, so whoever reads the results back a batch at a time
-        # (the report, the JSON lines, write-back) holds a bounded part of them, however many patients
-        (
-            rows.orderBy("patient")
-            .write.mode("overwrite")
-            .option("maxRecordsPerFile", _FILE_ROWS)
-            .option("parquet.block.size", _ROW_GROUP_BYTES)
-            .parquet(str(tmp))
-        )
-    finally:
-        reviewed.unpersist()
-    parquet = out / "results.parquet"
-    _replace_dir(tmp, parquet)
-    jsonl = out / "results.jsonl"
-    patients = write_jsonl(parquet, jsonl)
-    return PopulationResult(parquet, jsonl, patients, problems)
 
 
 def iter_rows(parquet: Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
