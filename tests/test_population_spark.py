@@ -120,10 +120,12 @@ def test_a_file_too_large_to_read_whole_is_read_in_pieces_with_the_same_rows_and
 
     folder = tmp_path / "ndjson"
     patients = write_ndjson(folder, TODAY, 12, file_patients=12)
-    # 3,000 lines of a type the check skips, then a line that is not JSON and one with no patient
+    # 3,000 lines of a type the check skips, one of them longer than a piece; then a line that is not JSON
+    # and one with no patient
     skipped = '{"resourceType":"Medication","id":"m1"}\n' * 3000
+    long_line = '{"resourceType":"Binary","id":"b1","data":"' + "x" * 20_000 + '"}\n'
     bad = '{"resourceType": "Observation", "id": \n{"resourceType":"Condition","id":"orphan"}\n'
-    (folder / "Extra.ndjson").write_text(skipped + bad, encoding="utf-8")
+    (folder / "Extra.ndjson").write_text(skipped + long_line + bad, encoding="utf-8")
     files = ndjson_files(folder)
     largest = max(f.stat().st_size for f in files)
 
@@ -138,10 +140,39 @@ def test_a_file_too_large_to_read_whole_is_read_in_pieces_with_the_same_rows_and
     cut, cut_rows, out = run("cut", 16_000)  # the Observation and Extra files in pieces of 16 kB
     assert largest > 16_000 * 3
     assert cut_rows == whole_rows and len(cut_rows) == len(patients)
-    assert [(p["file"], p["line"]) for p in cut.problems] == [("Extra.ndjson", 3001), ("Extra.ndjson", 3002)]
-    assert cut.problems == whole.problems
+    assert [(p["file"], p["line"]) for p in whole.problems] == [("Extra.ndjson", 3002), ("Extra.ndjson", 3003)]
+    # in pieces of 16 kB the line of 20 kB is not read, and is reported; the other problems are the same
+    assert cut.problems[1:] == whole.problems
+    assert (cut.problems[0]["file"], cut.problems[0]["line"]) == ("Extra.ndjson", 3001)
+    assert cut.problems[0]["problem"] == "a line of 20.0 kB, longer than the 16.0 kB one resource may be; not read"
     assert not (out / ".pieces").exists()  # the pieces are removed with the run
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("Job aborted: java.lang.OutOfMemoryError: Java heap space"),  # a task's, Py4J's words
+        ConnectionRefusedError(111, "Connection refused"),  # the local JVM died of it under the job
+    ],
+)
+def test_spark_out_of_memory_is_one_sentence_that_says_what_to_do(spark, tmp_path, capsys, monkeypatch, failure):
+    """Before, "internal error (Py4JJavaError)" or "(ConnectionRefusedError)". Spark prints its own log; the
+    command says what happened and what to change, and the earlier results are left as they were."""
+    from fhir_plugin._cli import main
+    from fhir_plugin._population import _job
+
+    folder, out = tmp_path / "ndjson", tmp_path / "out"
+    write_ndjson(folder, TODAY, 3)
+
+    def out_of_memory(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(_job, "run_population", out_of_memory)
+    assert main(["population", "--ndjson", str(folder), "--out", str(out), "--today", TODAY.isoformat()]) == 11
+    err = capsys.readouterr().err
+    assert "the check on Spark ran out of memory or its JVM stopped" in err and "--driver-memory" in err
+    assert not (out / "results.parquet").exists()
 
 
 def test_parquet_holds_the_same_rows(local_run):

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from .._errors import UsageError
+from .._errors import PluginError, UsageError
 from .._pace import RateLimiter
 from .._profile import DEFAULT_PROFILE, load_profile
 from ._common import add_auth_options, authenticate_job, parse_today, subparser, write_allowed_by
@@ -228,16 +228,27 @@ def run(args: argparse.Namespace) -> int:
 
     spark = spark_start.result() if spark_start is not None else start_spark()
     spark_ready = time.monotonic()
-    result = run_population(
-        spark,
-        files,
-        out,
-        profile_code=args.profile,
-        today=today,
-        now=now,
-        keep_drafts=args.write,
-        strict_r4=args.strict_r4,
-    )
+    try:
+        result = run_population(
+            spark,
+            files,
+            out,
+            profile_code=args.profile,
+            today=today,
+            now=now,
+            keep_drafts=args.write,
+            strict_r4=args.strict_r4,
+        )
+    except Exception as exc:
+        # out of memory: a task's (Py4J's or Spark Connect's error says so), or the local JVM's, which then
+        # went away under the job (PySpark's socket to it refused or cut); anything else is a bug
+        if not isinstance(exc, ConnectionError | EOFError) and "OutOfMemoryError" not in str(exc):
+            raise
+        raise PluginError(
+            "the check on Spark ran out of memory or its JVM stopped (Spark's log above says which); give the "
+            "local JVM more with --driver-memory, e.g. 4g (on a cluster: its executors' memory); the previous "
+            "results in --out are as they were"
+        ) from exc
     checked = time.monotonic()
     summary = summarize(iter_rows(result.parquet, WORKLIST_COLUMNS))
     page = render_html(

@@ -34,7 +34,7 @@ from .._errors import UsageError
 from .._vocab import DRAFT_TAG
 from ._daemon import WARM_R4
 from ._jvm_cds import cds_options
-from ._pieces import PIECE_BYTES, Piece, cut_large_files
+from ._pieces import PIECE_BYTES, Oversized, Piece, cut_large_files
 from ._rows import READ_TYPES, ROW_COLUMNS, key_line, patient_row, problem_row
 
 __all__ = [
@@ -290,6 +290,29 @@ def _partitions(paths: Sequence[str], cores: int) -> int:
     return max(2 * cores, -(-size // _PARTITION_BYTES))
 
 
+def _oversized_problems(lines: Sequence[Oversized], limit: int) -> list[dict[str, Any]]:
+    """The lines too long to read (``_pieces``), as problems naming their file and line."""
+    return [
+        {
+            "file": o.source_name,
+            "line": o.line,
+            "problem": f"a line of {_size(o.size)}, longer than the {_size(limit)} one resource may be; not read",
+        }
+        for o in lines
+    ]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _file_line(problem: dict[str, Any]) -> tuple[str, int]:
+    return str(problem["file"]), int(problem["line"] or 0)
+
+
 def _source_columns(pieces: Sequence[Piece]) -> tuple[Any, Any]:
     """The ``file`` and first-line columns of a read file: a piece's are its source's (``_pieces``)."""
     from pyspark.sql import functions as F
@@ -347,13 +370,15 @@ def run_population(
     # beside the results, so executors that write them read the pieces too (a cluster's shared folder)
     staging = out / ".pieces"
     try:
-        read, pieces = cut_large_files([Path(p) for p in files], staging, piece_bytes)
+        read, pieces, oversized = cut_large_files([Path(p) for p in files], staging, piece_bytes)
         reviewed = _reviewed(spark, read, pieces, profile_code, today, now, keep_drafts, strict_r4)
         try:
             problems = [
                 {"file": r["file"], "line": r["line"], "problem": r["problem"]}
                 for r in reviewed.where(F.col("patient").isNull()).orderBy("file", "line").collect()
             ]
+            if oversized:
+                problems = sorted(problems + _oversized_problems(oversized, piece_bytes), key=_file_line)
             tmp = out / ".results.parquet.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             rows = reviewed.where(F.col("patient").isNotNull()).select(*ROW_COLUMNS)
