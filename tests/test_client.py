@@ -154,6 +154,18 @@ def client(sleeps):
         yield c
 
 
+def transaction(*entries: dict) -> dict:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+def conditional_create(resource: dict, identifier: str) -> dict:
+    """A transaction entry that creates ``resource`` unless one with ``identifier`` exists (SPEC §7)."""
+    return {
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": f"identifier={identifier}"},
+        "resource": resource,
+    }
+
+
 def sent_json(call) -> dict:
     return json.loads(call.request.body)
 
@@ -532,17 +544,10 @@ def test_a_503_on_a_plain_create_is_not_repeated_since_it_may_have_been_carried_
 
 
 def test_a_transaction_of_conditional_creates_is_retried_on_503_and_timeouts(mock, client):
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|1"},
-                "resource": condition("x"),
-            },
-            {"request": {"method": "PUT", "url": "CarePlan?identifier=urn:x|2"}, "resource": careplan("y")},
-        ],
-    }
+    bundle = transaction(
+        conditional_create(condition("x"), "urn:x|1"),
+        {"request": {"method": "PUT", "url": "CarePlan?identifier=urn:x|2"}, "resource": careplan("y")},
+    )
     answer = {
         "resourceType": "Bundle",
         "type": "transaction-response",
@@ -561,16 +566,7 @@ def test_a_conflict_with_a_concurrent_writer_is_sent_again_only_when_repeating_i
     """HAPI answers the second of two identical transactions of conditional creates sent at once with 409
     (measured: six ``propose --write`` runs at once, five written, one refused; no duplicate).  Sent again,
     its conditional creates find what the first wrote; a plain create is not sent again."""
-    conditional = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "request": {"method": "POST", "url": "Condition", "ifNoneExist": "identifier=urn:x|1"},
-                "resource": condition("x"),
-            }
-        ],
-    }
+    conditional = transaction(conditional_create(condition("x"), "urn:x|1"))
     matched = {"resourceType": "Bundle", "type": "transaction-response", "entry": [{"response": {"status": "200 OK"}}]}
     conflict = {
         "resourceType": "OperationOutcome",
@@ -580,7 +576,7 @@ def test_a_conflict_with_a_concurrent_writer_is_sent_again_only_when_repeating_i
     mock.post(BASE, json=matched)
     assert client.transaction(conditional) == matched and client.round_trips == 2
 
-    plain = {**conditional, "entry": [{"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")}]}
+    plain = transaction({"request": {"method": "POST", "url": "Condition"}, "resource": condition("x")})
     mock.replace(responses.POST, BASE, status=409, json=conflict)
     with pytest.raises(ServerError) as caught:
         client.transaction(plain)
